@@ -1,0 +1,286 @@
+"""`cycles`: budgets, balances, reservations and the event log from the command line.
+
+The store comes from `--store`, else `CYCLES_STORE`, else `sqlite:///cycles.db`. Exit status: 0 done,
+1 a reservation was denied, 2 the request failed (the message says why).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from .config import load_budgets, store_url
+from .errors import CyclesError
+from .ledger import Ledger, open_ledger
+from .models import Amount, Balance, LedgerEvent, Reservation, Unit, format_amount
+
+__all__ = ["main"]
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _ts(ms: int | None) -> str:
+    if ms is None:
+        return ""
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+def _balances_table(rows: list[Balance]) -> str:
+    return _table(
+        ["scope", "unit", "allocated", "spent", "reserved", "debt", "remaining", "status"],
+        [
+            [
+                b.scope,
+                b.unit.value,
+                format_amount(b.allocated, b.unit),
+                format_amount(b.spent, b.unit),
+                format_amount(b.reserved, b.unit),
+                format_amount(b.debt, b.unit),
+                format_amount(b.remaining, b.unit),
+                b.status.value + (" OVER-LIMIT" if b.is_over_limit else ""),
+            ]
+            for b in rows
+        ],
+    )
+
+
+def _reservations_table(rows: list[Reservation]) -> str:
+    return _table(
+        ["reservation", "status", "scope", "action", "reserved", "committed", "created", "expires"],
+        [
+            [
+                r.reservation_id,
+                r.status.value,
+                r.scope_path,
+                f"{r.action.kind}:{r.action.name}",
+                str(r.reserved),
+                str(r.committed) if r.committed else "",
+                _ts(r.created_at_ms),
+                _ts(r.expires_at_ms),
+            ]
+            for r in rows
+        ],
+    )
+
+
+def _event_rows(rows: list[LedgerEvent]) -> list[list[Any]]:
+    return [
+        [
+            e.event_id,
+            _ts(e.ts_ms),
+            e.type,
+            e.scope,
+            format_amount(e.amount, e.unit) if e.amount is not None and e.unit else "",
+            e.reservation_id or "",
+            e.reason_code or "",
+        ]
+        for e in rows
+    ]
+
+
+_EVENT_HEADERS = ["id", "time", "type", "scope", "amount", "reservation", "reason"]
+
+
+async def _apply(ledger: Ledger, args: argparse.Namespace) -> int:
+    entries = load_budgets(args.file)
+    for e in entries:
+        await ledger.set_budget(e.scope, e.allocated, overdraft_limit=e.overdraft_limit, caps=e.caps)
+    print(f"applied {len(entries)} budgets from {args.file}")
+    print(_balances_table(await ledger.balances()))
+    return 0
+
+
+async def _budget(ledger: Ledger, args: argparse.Namespace) -> int:
+    if args.op == "set":
+        bal = await ledger.set_budget(args.scope, args.amount, overdraft_limit=args.overdraft)
+    elif args.op == "fund":
+        bal = await ledger.fund(args.scope, args.amount)
+    else:
+        op = {"freeze": ledger.freeze, "unfreeze": ledger.unfreeze, "close": ledger.close}[args.op]
+        bal = await op(args.scope, args.unit)
+    print(_balances_table([bal]))
+    return 0
+
+
+async def _balances(ledger: Ledger, args: argparse.Namespace) -> int:
+    rows = await ledger.balances(args.scope, unit=args.unit)
+    print(json.dumps([b.model_dump(mode="json") for b in rows], indent=2) if args.json else _balances_table(rows))
+    return 0
+
+
+async def _reservations(ledger: Ledger, args: argparse.Namespace) -> int:
+    rows = await ledger.list_reservations(status=args.status, scope=args.scope, limit=args.limit)
+    print(json.dumps([r.model_dump(mode="json") for r in rows], indent=2) if args.json else _reservations_table(rows))
+    return 0
+
+
+async def _events(ledger: Ledger, args: argparse.Namespace) -> int:
+    rows = await ledger.events(after=args.after, limit=args.limit, scope=args.scope, reservation_id=args.reservation)
+    if args.json:
+        for e in rows:
+            print(json.dumps(e.model_dump(mode="json")))
+    else:
+        print(_table(_EVENT_HEADERS, _event_rows(rows)))
+    last = rows[-1].event_id if rows else args.after
+    while args.follow:
+        await asyncio.sleep(0.5)
+        rows = await ledger.events(after=last, limit=1000, scope=args.scope, reservation_id=args.reservation)
+        for e in rows:
+            print(json.dumps(e.model_dump(mode="json")) if args.json else "  ".join(map(str, _event_rows([e])[0])))
+            last = e.event_id
+        sys.stdout.flush()
+    return 0
+
+
+async def _reserve(ledger: Ledger, args: argparse.Namespace) -> int:
+    r = await ledger.reserve(
+        args.subject,
+        {"kind": args.kind, "name": args.name},
+        args.amount,
+        ttl_ms=args.ttl_ms,
+        dry_run=args.dry_run,
+        idempotency_key=args.key,
+    )
+    if args.json:
+        print(json.dumps(r.model_dump(mode="json"), indent=2))
+    elif r.allowed:
+        what = "would be allowed" if r.dry_run else f"reserved {r.reserved} as {r.reservation_id}"
+        print(f"{r.decision.value}: {what}")
+    else:
+        unit = Amount.parse(args.amount).unit
+        left = format_amount(r.remaining, unit) if r.remaining is not None else "?"
+        print(f"{'dry run, would ' if r.dry_run else ''}DENY: {r.reason_code} at {r.scope} (remaining {left})")
+    return 0 if r.allowed else 1
+
+
+async def _commit(ledger: Ledger, args: argparse.Namespace) -> int:
+    c = await ledger.commit(args.reservation_id, args.amount)
+    print(f"COMMITTED {c.charged}" + (f", released {c.released}" if c.released else ""))
+    return 0
+
+
+async def _release(ledger: Ledger, args: argparse.Namespace) -> int:
+    r = await ledger.release(args.reservation_id, reason=args.reason)
+    print(f"RELEASED {r.released}")
+    return 0
+
+
+async def _sweep(ledger: Ledger, args: argparse.Namespace) -> int:
+    print(f"expired {await ledger.sweep()} reservations")
+    return 0
+
+
+async def _verify(ledger: Ledger, args: argparse.Namespace) -> int:
+    problems = await ledger.verify()
+    for p in problems:
+        print(p)
+    print("books agree" if not problems else f"{len(problems)} discrepancies")
+    return 0 if not problems else 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cycles", description="Budget authority ledger for AI agents.")
+    p.add_argument("--store", help="store URL (default: $CYCLES_STORE or sqlite:///cycles.db)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    units = [u.value for u in Unit]
+
+    budgets = sub.add_parser("budgets", help="apply a budgets file").add_subparsers(dest="op", required=True)
+    ap = budgets.add_parser("apply", help="create or update every budget in a YAML file")
+    ap.add_argument("file")
+    ap.set_defaults(fn=_apply)
+
+    budget = sub.add_parser("budget", help="change one budget").add_subparsers(dest="op", required=True)
+    s = budget.add_parser("set", help="set the allocation, e.g. `cycles budget set tenant:acme 25usd`")
+    s.add_argument("scope")
+    s.add_argument("amount")
+    s.add_argument("--overdraft", help="overdraft limit, e.g. 5usd")
+    s.set_defaults(fn=_budget)
+    f = budget.add_parser("fund", help="add to the allocation (repays debt first)")
+    f.add_argument("scope")
+    f.add_argument("amount")
+    f.set_defaults(fn=_budget)
+    for op in ("freeze", "unfreeze", "close"):
+        x = budget.add_parser(op, help=f"{op} a budget")
+        x.add_argument("scope")
+        x.add_argument("--unit", default="USD_MICROCENTS", choices=units)
+        x.set_defaults(fn=_budget)
+
+    b = sub.add_parser("balances", help="show budgets at a scope and below")
+    b.add_argument("scope", nargs="?")
+    b.add_argument("--unit", choices=units)
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(fn=_balances)
+
+    r = sub.add_parser("reservations", help="list reservations, newest first")
+    r.add_argument("--status", choices=["ACTIVE", "COMMITTED", "RELEASED", "EXPIRED"])
+    r.add_argument("--scope")
+    r.add_argument("--limit", type=int, default=50)
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(fn=_reservations)
+
+    e = sub.add_parser("events", help="the audit log")
+    e.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    e.add_argument("--after", type=int, default=0)
+    e.add_argument("--limit", type=int, default=100)
+    e.add_argument("--scope")
+    e.add_argument("--reservation")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(fn=_events)
+
+    rv = sub.add_parser("reserve", help="reserve an amount for a subject, e.g. tenant:acme/workflow:docs 0.5usd")
+    rv.add_argument("subject")
+    rv.add_argument("amount")
+    rv.add_argument("--kind", default="cli.manual")
+    rv.add_argument("--name", default="cycles-cli")
+    rv.add_argument("--ttl-ms", type=int)
+    rv.add_argument("--key", help="idempotency key")
+    rv.add_argument("--dry-run", action="store_true")
+    rv.add_argument("--json", action="store_true")
+    rv.set_defaults(fn=_reserve)
+
+    c = sub.add_parser("commit", help="commit the actual amount of a reservation")
+    c.add_argument("reservation_id")
+    c.add_argument("amount")
+    c.set_defaults(fn=_commit)
+
+    rl = sub.add_parser("release", help="release a reservation")
+    rl.add_argument("reservation_id")
+    rl.add_argument("--reason")
+    rl.set_defaults(fn=_release)
+
+    sub.add_parser("sweep", help="expire overdue reservations now").set_defaults(fn=_sweep)
+    sub.add_parser("verify", help="reconcile balances with reservations and events").set_defaults(fn=_verify)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    fn: Callable[[Ledger, argparse.Namespace], Awaitable[int]] = args.fn
+
+    async def run() -> int:
+        async with open_ledger(store_url(args.store)) as ledger:
+            return await fn(ledger, args)
+
+    try:
+        return asyncio.run(run())
+    except CyclesError as exc:
+        print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

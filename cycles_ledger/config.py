@@ -1,0 +1,141 @@
+"""Budgets from a YAML file (`configs/budgets.yaml`), with errors that name the file and line.
+
+budgets:
+  - scope: tenant:acme
+    allocated: 100usd
+    overdraft_limit: 5usd
+  - scope: tenant:acme/workflow:doc-processing
+    allocated: 30usd
+    caps: {tool_denylist: [deploy]}
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError, CyclesError
+from .models import Amount, Caps, Unit, parse_scope
+
+__all__ = ["DEFAULT_STORE_URL", "BudgetEntry", "load_budgets", "store_url"]
+
+DEFAULT_STORE_URL = "sqlite:///cycles.db"
+_ENTRY_KEYS = {"scope", "allocated", "unit", "overdraft_limit", "caps"}
+
+
+def store_url(explicit: str | None = None) -> str:
+    """The store URL: an explicit value, else `CYCLES_STORE`, else a SQLite file in the working directory."""
+    return explicit or os.environ.get("CYCLES_STORE") or DEFAULT_STORE_URL
+
+
+@dataclass(frozen=True)
+class BudgetEntry:
+    scope: str
+    allocated: Amount
+    overdraft_limit: int | None
+    caps: Caps | None
+    line: int
+
+
+class _LineLoader(yaml.SafeLoader):
+    """SafeLoader that remembers the line of every mapping as `__line__`."""
+
+
+def _mapping_with_line(loader: _LineLoader, node: yaml.MappingNode) -> dict[str, Any]:
+    mapping = loader.construct_mapping(node, deep=True)
+    mapping["__line__"] = node.start_mark.line + 1
+    return mapping  # type: ignore[return-value]
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_with_line)
+
+
+def _amount(value: Any, unit: Unit | None, where: str, field: str) -> Amount:
+    if isinstance(value, (bool, float)):
+        raise ConfigError(f"{where}: {field} {value!r} must be text like '25usd' or a whole number with `unit`")
+    if isinstance(value, int):
+        if unit is None:
+            raise ConfigError(f"{where}: {field} {value} has no unit; write e.g. '25usd' or add `unit: TOKENS`")
+        if value < 0:
+            raise ConfigError(f"{where}: {field} must not be negative, got {value}")
+        return Amount(unit=unit, amount=value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: {field} must be an amount such as '25usd', got {type(value).__name__}")
+    try:
+        return Amount.parse(value, default_unit=unit)
+    except CyclesError as exc:
+        raise ConfigError(f"{where}: {field}: {exc.message}") from None
+
+
+def load_budgets(path: str | Path) -> list[BudgetEntry]:
+    """Read and check a budgets file; the first problem raises ConfigError naming `file:line`."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read budgets file {path}: {exc.strerror}") from None
+    try:
+        doc = yaml.load(text, Loader=_LineLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{line}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("budgets"), list):
+        raise ConfigError(f"{path}:1: expected a top-level `budgets:` list")
+    entries: list[BudgetEntry] = []
+    seen: dict[tuple[str, Unit], int] = {}
+    for item in doc["budgets"]:
+        if not isinstance(item, dict):
+            raise ConfigError(f"{path}: each entry under `budgets:` must be a mapping with scope and allocated")
+        line = item.pop("__line__", 0)
+        where = f"{path}:{line}"
+        unknown = set(item) - _ENTRY_KEYS
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(_ENTRY_KEYS))}"
+            )
+        for required in ("scope", "allocated"):
+            if required not in item:
+                raise ConfigError(f"{where}: missing `{required}`")
+        scope = item["scope"]
+        try:
+            parse_scope(scope)
+        except CyclesError as exc:
+            raise ConfigError(f"{where}: {exc.message}") from None
+        unit = None
+        if "unit" in item:
+            try:
+                unit = Unit(str(item["unit"]).upper())
+            except ValueError:
+                raise ConfigError(
+                    f"{where}: unknown unit {item['unit']!r}; known: {', '.join(u.value for u in Unit)}"
+                ) from None
+        allocated = _amount(item["allocated"], unit, where, "allocated")
+        limit = None
+        if item.get("overdraft_limit") is not None:
+            lim = _amount(item["overdraft_limit"], allocated.unit, where, "overdraft_limit")
+            if lim.unit is not allocated.unit:
+                raise ConfigError(
+                    f"{where}: overdraft_limit is in {lim.unit.value}, allocated in {allocated.unit.value}"
+                )
+            limit = lim.amount
+        caps = None
+        if item.get("caps") is not None:
+            raw = item["caps"]
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{where}: caps must be a mapping")
+            raw.pop("__line__", None)
+            try:
+                caps = Caps.model_validate(raw)
+            except ValueError as exc:
+                raise ConfigError(f"{where}: invalid caps: {exc}") from None
+        key = (scope, allocated.unit)
+        if key in seen:
+            raise ConfigError(f"{where}: {scope} in {allocated.unit.value} is already defined at line {seen[key]}")
+        seen[key] = line
+        entries.append(BudgetEntry(scope, allocated, limit, caps, line))
+    return entries

@@ -1,0 +1,548 @@
+"""The async Ledger: validates requests, derives scopes, fingerprints payloads, calls the store once.
+
+Validation happens here, before the store is touched, so bad input raises a typed error and changes
+nothing. Everything that must be atomic (checks, holds, charges, idempotency, events) happens in the
+store's single call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import uuid
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from .errors import ConfigError, InvalidRequestError, NotFoundError
+from .models import (
+    INT64_MAX,
+    Action,
+    Amount,
+    Balance,
+    Caps,
+    CommitResult,
+    DecideResult,
+    EventResult,
+    ExtendResult,
+    LedgerEvent,
+    OveragePolicy,
+    ReleaseResult,
+    Reservation,
+    ReservationStatus,
+    ReserveResult,
+    SoftLanding,
+    Subject,
+    Unit,
+    parse_scope,
+)
+from .stores import Store, SupportsSweep, store_from_url
+from .stores.base import (
+    BudgetCommand,
+    CommitCommand,
+    EventCommand,
+    ExtendCommand,
+    ReleaseCommand,
+    ReserveCommand,
+)
+
+__all__ = ["Ledger", "open_ledger"]
+
+log = logging.getLogger("cycles_ledger")
+
+M = TypeVar("M", bound=BaseModel)
+
+SubjectLike = Subject | Mapping[str, Any] | str
+ActionLike = Action | Mapping[str, Any]
+AmountLike = Amount | Mapping[str, Any] | str
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "value"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def _build(cls: type[M], value: Any, what: str) -> M:
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, Mapping):
+        raise InvalidRequestError(f"{what} must be a {cls.__name__} or a mapping, got {type(value).__name__}")
+    try:
+        return cls.model_validate(dict(value))
+    except ValidationError as exc:
+        raise InvalidRequestError(f"invalid {what}: {_describe(exc)}") from None
+
+
+def _subject(value: SubjectLike) -> Subject:
+    if isinstance(value, str):
+        return Subject.parse(value)
+    return _build(Subject, value, "subject")
+
+
+def _amount(value: AmountLike, what: str) -> Amount:
+    if isinstance(value, str):
+        return Amount.parse(value)
+    if isinstance(value, (bool, int | float)):
+        raise InvalidRequestError(
+            f"{what} needs a unit: pass an Amount, a mapping {{unit, amount}} or text like '0.25usd'"
+        )
+    return _build(Amount, value, what)
+
+
+def _int(value: Any, what: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequestError(f"{what} must be an integer, got {value!r}")
+    if not lo <= value <= hi:
+        raise InvalidRequestError(f"{what} must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def _key(value: str | None, default: str | None = None) -> str:
+    if value is None:
+        return default or uuid.uuid4().hex
+    if not isinstance(value, str) or not 1 <= len(value) <= 256:
+        raise InvalidRequestError("idempotency_key must be a string of 1-256 characters")
+    return value
+
+
+def _jsonable(value: Mapping[str, Any] | None, what: str) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequestError(f"{what} must be JSON-serialisable: {exc}") from None
+    return dict(value)
+
+
+def _fingerprint(payload: dict[str, Any]) -> str:
+    """Stable hash of a request body (key order does not matter) for idempotency comparisons."""
+    raw = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def _unit(value: Unit | str) -> Unit:
+    try:
+        return Unit(value)
+    except ValueError:
+        raise InvalidRequestError(f"unknown unit {value!r}; known: {', '.join(u.value for u in Unit)}") from None
+
+
+def _scope(value: str) -> str:
+    parse_scope(value)
+    return value
+
+
+class Ledger:
+    """Budget authority over one store. Use `open_ledger(url)`; close with `aclose()` or `async with`."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        allow_unbudgeted: bool = False,
+        default_ttl_ms: int = 60_000,
+        default_grace_period_ms: int = 5_000,
+        default_overage_policy: OveragePolicy | str = OveragePolicy.ALLOW_IF_AVAILABLE,
+        max_extensions: int | None = 10,
+    ) -> None:
+        self.store = store
+        self.allow_unbudgeted = allow_unbudgeted
+        self.default_ttl_ms = _int(default_ttl_ms, "default_ttl_ms", 1_000, 86_400_000)
+        self.default_grace_period_ms = _int(default_grace_period_ms, "default_grace_period_ms", 0, 60_000)
+        self.default_overage_policy = OveragePolicy(default_overage_policy)
+        self.max_extensions = max_extensions
+        self._sweeper: asyncio.Task[None] | None = None
+
+    # --- runtime operations -------------------------------------------------------------------
+
+    async def reserve(
+        self,
+        subject: SubjectLike,
+        action: ActionLike,
+        estimate: AmountLike,
+        *,
+        ttl_ms: int | None = None,
+        grace_period_ms: int | None = None,
+        overage_policy: OveragePolicy | str | None = None,
+        idempotency_key: str | None = None,
+        dry_run: bool = False,
+        metadata: Mapping[str, Any] | None = None,
+        soft_landing: SoftLanding | Mapping[str, Any] | None = None,
+    ) -> ReserveResult:
+        """Hold `estimate` on every budgeted scope of `subject`, all or none. A DENY is a result."""
+        cmd = self._reserve_command(
+            subject,
+            action,
+            estimate,
+            ttl_ms,
+            grace_period_ms,
+            overage_policy,
+            idempotency_key,
+            dry_run,
+            metadata,
+            soft_landing,
+        )
+        body = await self.store.reserve(cmd)
+        return ReserveResult.model_validate(body)
+
+    async def decide(
+        self,
+        subject: SubjectLike,
+        action: ActionLike,
+        estimate: AmountLike,
+        *,
+        soft_landing: SoftLanding | Mapping[str, Any] | None = None,
+    ) -> DecideResult:
+        """What `reserve` would answer now, without holding anything (not a guarantee)."""
+        cmd = self._reserve_command(subject, action, estimate, None, None, None, None, False, None, soft_landing)
+        body = await self.store.decide(cmd)
+        return DecideResult.model_validate(body)
+
+    def _reserve_command(
+        self,
+        subject: SubjectLike,
+        action: ActionLike,
+        estimate: AmountLike,
+        ttl_ms: int | None,
+        grace_period_ms: int | None,
+        overage_policy: OveragePolicy | str | None,
+        idempotency_key: str | None,
+        dry_run: bool,
+        metadata: Mapping[str, Any] | None,
+        soft_landing: SoftLanding | Mapping[str, Any] | None,
+    ) -> ReserveCommand:
+        subj = _subject(subject)
+        act = _build(Action, action, "action")
+        est = _amount(estimate, "estimate")
+        ttl = _int(self.default_ttl_ms if ttl_ms is None else ttl_ms, "ttl_ms", 1_000, 86_400_000)
+        grace = _int(
+            self.default_grace_period_ms if grace_period_ms is None else grace_period_ms, "grace_period_ms", 0, 60_000
+        )
+        policy = self._policy(overage_policy)
+        soft = None if soft_landing is None else _build(SoftLanding, soft_landing, "soft_landing")
+        if not isinstance(dry_run, bool):
+            raise InvalidRequestError("dry_run must be a bool")
+        payload: dict[str, Any] = {
+            "subject": subj.model_dump(exclude_none=True),
+            "action": act.model_dump(exclude_none=True),
+            "estimate": {"unit": est.unit.value, "amount": est.amount},
+            "ttl_ms": ttl,
+            "grace_period_ms": grace,
+            "overage_policy": policy.value,
+            "dry_run": dry_run,
+            "metadata": _jsonable(metadata, "metadata"),
+            "soft_landing": soft.model_dump() if soft else None,
+        }
+        return ReserveCommand(
+            idempotency_key=_key(idempotency_key),
+            payload_hash=_fingerprint(payload),
+            subject=payload["subject"],
+            action=payload["action"],
+            scopes=subj.scopes(),
+            unit=est.unit.value,
+            estimate=est.amount,
+            ttl_ms=ttl,
+            grace_period_ms=grace,
+            overage_policy=policy.value,
+            dry_run=dry_run,
+            allow_unbudgeted=self.allow_unbudgeted,
+            metadata=payload["metadata"],
+            soft_landing=payload["soft_landing"],
+        )
+
+    def _policy(self, value: OveragePolicy | str | None) -> OveragePolicy:
+        if value is None:
+            return self.default_overage_policy
+        try:
+            return OveragePolicy(value)
+        except ValueError:
+            raise InvalidRequestError(
+                f"unknown overage_policy {value!r}; known: {', '.join(p.value for p in OveragePolicy)}"
+            ) from None
+
+    async def commit(
+        self,
+        reservation_id: str,
+        actual: AmountLike,
+        *,
+        idempotency_key: str | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> CommitResult:
+        """Charge `actual` and return the rest of the hold. The default key makes a retried commit safe."""
+        rid = _reservation_id(reservation_id)
+        amt = _amount(actual, "actual")
+        payload: dict[str, Any] = {
+            "reservation_id": rid,
+            "actual": {"unit": amt.unit.value, "amount": amt.amount},
+            "metrics": _jsonable(metrics, "metrics"),
+            "metadata": _jsonable(metadata, "metadata"),
+        }
+        cmd = CommitCommand(
+            reservation_id=rid,
+            idempotency_key=_key(idempotency_key, f"commit:{rid}"),
+            payload_hash=_fingerprint(payload),
+            unit=amt.unit.value,
+            actual=amt.amount,
+            metrics=payload["metrics"],
+            metadata=payload["metadata"],
+        )
+        return CommitResult.model_validate(await self.store.commit(cmd))
+
+    async def release(
+        self, reservation_id: str, *, reason: str | None = None, idempotency_key: str | None = None
+    ) -> ReleaseResult:
+        """Give the whole hold back (the action did not happen)."""
+        rid = _reservation_id(reservation_id)
+        if reason is not None and (not isinstance(reason, str) or len(reason) > 256):
+            raise InvalidRequestError("reason must be a string of at most 256 characters")
+        cmd = ReleaseCommand(
+            reservation_id=rid,
+            idempotency_key=_key(idempotency_key, f"release:{rid}"),
+            payload_hash=_fingerprint({"reservation_id": rid, "reason": reason}),
+            reason=reason,
+        )
+        return ReleaseResult.model_validate(await self.store.release(cmd))
+
+    async def extend(
+        self, reservation_id: str, extend_by_ms: int, *, idempotency_key: str | None = None
+    ) -> ExtendResult:
+        """Push the expiry of a live reservation (a heartbeat); counts from the current expiry, not now."""
+        rid = _reservation_id(reservation_id)
+        by = _int(extend_by_ms, "extend_by_ms", 1, 86_400_000)
+        cmd = ExtendCommand(
+            reservation_id=rid,
+            idempotency_key=_key(idempotency_key),
+            payload_hash=_fingerprint({"reservation_id": rid, "extend_by_ms": by}),
+            extend_by_ms=by,
+            max_extensions=self.max_extensions,
+        )
+        return ExtendResult.model_validate(await self.store.extend(cmd))
+
+    async def record_event(
+        self,
+        subject: SubjectLike,
+        action: ActionLike,
+        actual: AmountLike,
+        *,
+        overage_policy: OveragePolicy | str | None = None,
+        idempotency_key: str | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> EventResult:
+        """Direct debit without a reservation (spend known only afterwards), atomic across scopes."""
+        subj = _subject(subject)
+        act = _build(Action, action, "action")
+        amt = _amount(actual, "actual")
+        policy = self._policy(overage_policy)
+        payload: dict[str, Any] = {
+            "subject": subj.model_dump(exclude_none=True),
+            "action": act.model_dump(exclude_none=True),
+            "actual": {"unit": amt.unit.value, "amount": amt.amount},
+            "overage_policy": policy.value,
+            "metrics": _jsonable(metrics, "metrics"),
+            "metadata": _jsonable(metadata, "metadata"),
+        }
+        cmd = EventCommand(
+            idempotency_key=_key(idempotency_key),
+            payload_hash=_fingerprint(payload),
+            subject=payload["subject"],
+            action=payload["action"],
+            scopes=subj.scopes(),
+            unit=amt.unit.value,
+            actual=amt.amount,
+            overage_policy=policy.value,
+            allow_unbudgeted=self.allow_unbudgeted,
+            metrics=payload["metrics"],
+            metadata=payload["metadata"],
+        )
+        return EventResult.model_validate(await self.store.record_event(cmd))
+
+    # --- reads ---------------------------------------------------------------------------------
+
+    async def balances(self, scope: str | None = None, *, unit: Unit | str | None = None) -> list[Balance]:
+        """Budgets at `scope` and below it (every budget when None)."""
+        prefix = None if scope is None else _scope(scope)
+        rows = await self.store.balances(prefix, None if unit is None else _unit(unit).value)
+        return [Balance.model_validate(r) for r in rows]
+
+    async def balance(self, scope: str, unit: Unit | str = Unit.USD_MICROCENTS) -> Balance:
+        """The one budget at exactly (scope, unit)."""
+        u = _unit(unit)
+        for b in await self.balances(scope, unit=u):
+            if b.scope == scope:
+                return b
+        raise NotFoundError(f"no {u.value} budget at {scope}", scope=scope)
+
+    async def get_reservation(self, reservation_id: str) -> Reservation:
+        rid = _reservation_id(reservation_id)
+        row = await self.store.get_reservation(rid)
+        if row is None:
+            raise NotFoundError(f"reservation {rid!r} not found", reservation_id=rid)
+        return Reservation.model_validate(row)
+
+    async def list_reservations(
+        self,
+        *,
+        status: ReservationStatus | str | None = None,
+        scope: str | None = None,
+        idempotency_key: str | None = None,
+        limit: int = 100,
+    ) -> list[Reservation]:
+        """Newest first; `idempotency_key` recovers the id of a reservation whose answer was lost."""
+        st = None
+        if status is not None:
+            try:
+                st = ReservationStatus(status).value
+            except ValueError:
+                raise InvalidRequestError(f"unknown reservation status {status!r}") from None
+        rows = await self.store.list_reservations(
+            status=st,
+            scope_prefix=None if scope is None else _scope(scope),
+            idempotency_key=idempotency_key,
+            limit=_int(limit, "limit", 1, 100_000),
+        )
+        return [Reservation.model_validate(r) for r in rows]
+
+    async def events(
+        self, *, after: int = 0, limit: int = 100, reservation_id: str | None = None, scope: str | None = None
+    ) -> list[LedgerEvent]:
+        """The audit log, oldest first, from `event_id > after` (page with the last id you saw)."""
+        rows = await self.store.events(
+            after=_int(after, "after", 0, INT64_MAX),
+            limit=_int(limit, "limit", 1, 100_000),
+            reservation_id=reservation_id,
+            scope_prefix=None if scope is None else _scope(scope),
+        )
+        return [LedgerEvent.model_validate(r) for r in rows]
+
+    # --- admin ---------------------------------------------------------------------------------
+
+    async def set_budget(
+        self,
+        scope: str,
+        allocated: AmountLike,
+        *,
+        overdraft_limit: AmountLike | int | None = None,
+        caps: Caps | Mapping[str, Any] | None = None,
+    ) -> Balance:
+        """Create a budget or change its allocation (spent, reserved and debt are kept)."""
+        amt = _amount(allocated, "allocated")
+        limit = None
+        if overdraft_limit is not None:
+            if isinstance(overdraft_limit, int):
+                limit = _int(overdraft_limit, "overdraft_limit", 0, INT64_MAX)
+            else:
+                lim = _amount(overdraft_limit, "overdraft_limit")
+                if lim.unit is not amt.unit:
+                    raise InvalidRequestError(f"overdraft_limit is in {lim.unit.value}, the budget in {amt.unit.value}")
+                limit = lim.amount
+        cap_dict = None
+        if caps is not None:
+            cap_dict = _build(Caps, caps, "caps").model_dump(exclude_none=True)
+        cmd = BudgetCommand("set", _scope(scope), amt.unit.value, amt.amount, limit, cap_dict)
+        return Balance.model_validate(await self.store.change_budget(cmd))
+
+    async def fund(self, scope: str, amount: AmountLike) -> Balance:
+        """Add to a budget's allocation; outstanding debt is repaid first."""
+        amt = _amount(amount, "amount")
+        cmd = BudgetCommand("fund", _scope(scope), amt.unit.value, amt.amount)
+        return Balance.model_validate(await self.store.change_budget(cmd))
+
+    async def freeze(self, scope: str, unit: Unit | str = Unit.USD_MICROCENTS) -> Balance:
+        """Block new reservations and events on a budget; live reservations can still settle."""
+        return await self._status("freeze", scope, unit)
+
+    async def unfreeze(self, scope: str, unit: Unit | str = Unit.USD_MICROCENTS) -> Balance:
+        return await self._status("unfreeze", scope, unit)
+
+    async def close(self, scope: str, unit: Unit | str = Unit.USD_MICROCENTS) -> Balance:
+        """Close a budget for good (it can no longer be funded or unfrozen)."""
+        return await self._status("close", scope, unit)
+
+    async def _status(self, op: str, scope: str, unit: Unit | str) -> Balance:
+        cmd = BudgetCommand(op, _scope(scope), _unit(unit).value)
+        return Balance.model_validate(await self.store.change_budget(cmd))
+
+    # --- maintenance ---------------------------------------------------------------------------
+
+    async def sweep(self, limit: int = 1000) -> int:
+        """Expire overdue reservations now (their holds return); returns how many."""
+        if not isinstance(self.store, SupportsSweep):
+            return 0
+        return await self.store.expire_due(limit)
+
+    async def verify(self) -> list[str]:
+        """Reconcile budgets against reservations and the event log; an empty list means the books agree."""
+        if not isinstance(self.store, SupportsSweep):
+            raise ConfigError(f"{type(self.store).__name__} cannot verify its books")
+        return await self.store.verify()
+
+    def start_sweeper(self, interval_s: float = 1.0) -> asyncio.Task[None]:
+        """Run `sweep` every `interval_s` on the running loop until `aclose()`."""
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever(interval_s))
+        return self._sweeper
+
+    async def _sweep_forever(self, interval_s: float) -> None:
+        while True:
+            try:
+                await self.sweep()
+            except Exception:
+                log.exception("cycles sweeper failed; retrying in %.1fs", interval_s)
+            await asyncio.sleep(interval_s)
+
+    async def aclose(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        await self.store.aclose()
+
+    async def __aenter__(self) -> Ledger:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+
+def _reservation_id(value: Any) -> str:
+    if not isinstance(value, str) or not 1 <= len(value) <= 128:
+        raise InvalidRequestError(f"reservation_id must be a non-empty string, got {value!r}")
+    return value
+
+
+_LEDGER_SETTINGS = {
+    "allow_unbudgeted",
+    "default_ttl_ms",
+    "default_grace_period_ms",
+    "default_overage_policy",
+    "max_extensions",
+}
+
+
+def open_ledger(url: str, **settings: Any) -> Ledger:
+    """Open a ledger on the store `url` names (`sqlite:///budgets.db`, `sqlite:///:memory:`).
+
+    Ledger settings (`allow_unbudgeted`, `default_ttl_ms`, …) go to the Ledger; the rest (e.g. `clock`,
+    `batch_size`) to the store. Usable as `async with open_ledger(url) as ledger:`.
+    """
+    ledger_kw = {k: v for k, v in settings.items() if k in _LEDGER_SETTINGS}
+    store_kw = {k: v for k, v in settings.items() if k not in _LEDGER_SETTINGS}
+    try:
+        store = store_from_url(url, **store_kw)
+    except TypeError as exc:
+        raise ConfigError(f"unknown setting for {url!r}: {exc}") from None
+    return Ledger(store, **ledger_kw)

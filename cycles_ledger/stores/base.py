@@ -1,0 +1,179 @@
+"""The store interface: one atomic call per protocol operation.
+
+The ledger validates and normalises a request into a command, then hands it to the store in ONE call.
+The store does the idempotency check, the rule evaluation (`cycles_ledger.rules`) and every write as a
+single atomic unit, on its own clock — a SQLite transaction, a Redis Lua script, or one HTTP request
+to a Cycles server. Results come back as plain JSON-able dicts shaped like the result models.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+__all__ = [
+    "BudgetCommand",
+    "CommitCommand",
+    "EventCommand",
+    "ExtendCommand",
+    "ReleaseCommand",
+    "ReserveCommand",
+    "Store",
+    "SupportsSweep",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveCommand:
+    idempotency_key: str
+    payload_hash: str
+    subject: dict[str, Any]
+    action: dict[str, Any]
+    scopes: list[str]  # derived scope ids, canonical order
+    unit: str
+    estimate: int
+    ttl_ms: int
+    grace_period_ms: int
+    overage_policy: str
+    dry_run: bool
+    allow_unbudgeted: bool
+    metadata: dict[str, Any] | None = None
+    soft_landing: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CommitCommand:
+    reservation_id: str
+    idempotency_key: str
+    payload_hash: str
+    unit: str
+    actual: int
+    metrics: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseCommand:
+    reservation_id: str
+    idempotency_key: str
+    payload_hash: str
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ExtendCommand:
+    reservation_id: str
+    idempotency_key: str
+    payload_hash: str
+    extend_by_ms: int
+    max_extensions: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class EventCommand:
+    idempotency_key: str
+    payload_hash: str
+    subject: dict[str, Any]
+    action: dict[str, Any]
+    scopes: list[str]
+    unit: str
+    actual: int
+    overage_policy: str
+    allow_unbudgeted: bool
+    metrics: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetCommand:
+    """Admin change to one (scope, unit) budget: `op` is set, fund, freeze, unfreeze or close."""
+
+    op: str
+    scope: str
+    unit: str
+    amount: int | None = None
+    overdraft_limit: int | None = None
+    caps: dict[str, Any] | None = None
+
+
+class Store(ABC):
+    """Where budgets, reservations, idempotency records and events live.
+
+    Every mutating method is atomic: either all of its effects (balances, reservation row, idempotency
+    record, events) become visible together, or none do. A typed `CyclesError` means nothing changed,
+    except `ReservationExpiredError`, which may come after the store expired the reservation it found.
+    """
+
+    schemes: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    @abstractmethod
+    def from_url(cls, url: str, **settings: Any) -> Store: ...
+
+    @abstractmethod
+    async def reserve(self, cmd: ReserveCommand) -> dict[str, Any]:
+        """Hold `estimate` on every derived scope with a budget in the unit, all or none; a dry run or a
+        denial changes no balance but is logged. Replays the first answer for a known key."""
+
+    @abstractmethod
+    async def decide(self, cmd: ReserveCommand) -> dict[str, Any]:
+        """Evaluate like `reserve` without holding or writing anything."""
+
+    @abstractmethod
+    async def commit(self, cmd: CommitCommand) -> dict[str, Any]:
+        """Charge `actual` for an ACTIVE reservation (until expiry + grace) under its overage policy."""
+
+    @abstractmethod
+    async def release(self, cmd: ReleaseCommand) -> dict[str, Any]:
+        """Return the whole hold of an ACTIVE reservation (until expiry + grace)."""
+
+    @abstractmethod
+    async def extend(self, cmd: ExtendCommand) -> dict[str, Any]:
+        """Push `expires_at_ms` of an unexpired ACTIVE reservation by `extend_by_ms`."""
+
+    @abstractmethod
+    async def record_event(self, cmd: EventCommand) -> dict[str, Any]:
+        """Direct debit of `actual` on every budgeted derived scope, all or none."""
+
+    @abstractmethod
+    async def change_budget(self, cmd: BudgetCommand) -> dict[str, Any]:
+        """Apply one admin change to a budget and log it; returns the new balance."""
+
+    @abstractmethod
+    async def balances(self, scope_prefix: str | None = None, unit: str | None = None) -> list[dict[str, Any]]:
+        """Budgets whose scope equals `scope_prefix` or lies under it (all when None)."""
+
+    @abstractmethod
+    async def get_reservation(self, reservation_id: str) -> dict[str, Any] | None: ...
+
+    @abstractmethod
+    async def list_reservations(
+        self,
+        *,
+        status: str | None = None,
+        scope_prefix: str | None = None,
+        idempotency_key: str | None = None,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    async def events(
+        self, *, after: int = 0, limit: int = 100, reservation_id: str | None = None, scope_prefix: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Events with `event_id > after`, oldest first."""
+
+    @abstractmethod
+    async def aclose(self) -> None: ...
+
+
+class SupportsSweep(ABC):
+    """Optional ability: expire overdue reservations in bulk (the sweeper) and check the books."""
+
+    @abstractmethod
+    async def expire_due(self, limit: int = 1000) -> int:
+        """Expire up to `limit` ACTIVE reservations past expires_at + grace; returns how many."""
+
+    @abstractmethod
+    async def verify(self) -> list[str]:
+        """Reconcile every budget with reservations and events; returns the discrepancies found."""

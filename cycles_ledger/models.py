@@ -354,6 +354,7 @@ class ReserveResult(_Model):
 
 class DecideResult(_Model):
     decision: Decision
+    scope_path: str
     caps: Caps | None = None
     reason_code: str | None = None
     scope: str | None = None

@@ -1,0 +1,120 @@
+"""budgets.yaml loading (errors name the line) and the `cycles` command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cycles_ledger import ConfigError, Unit, open_ledger_sync
+from cycles_ledger.cli import main
+from cycles_ledger.config import load_budgets
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "budgets.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_shipped_budgets_file_loads() -> None:
+    """configs/budgets.yaml is valid as shipped."""
+    entries = load_budgets(ROOT / "configs/budgets.yaml")
+    assert entries[0].scope == "tenant:acme" and entries[0].allocated.amount == 100 * 10**8
+    assert entries[0].overdraft_limit == 5 * 10**8
+    assert any(e.allocated.unit is Unit.TOKENS for e in entries)
+
+
+@pytest.mark.parametrize(
+    ("body", "line", "needle"),
+    [
+        ("budgets:\n  - scope: tenant:a\n    allocated: 5usd\n  - scope: tenant:b c\n    allocated: 1usd\n", 4, "b c"),
+        ("budgets:\n  - scope: tenant:a\n    allocated: -5usd\n", 2, "allocated"),
+        ("budgets:\n  - scope: tenant:a\n    allocated: 1.5\n", 2, "allocated"),
+        ("budgets:\n  - scope: tenant:a\n    allocated: 5\n", 2, "no unit"),
+        ("budgets:\n  - scope: tenant:a\n    allocated: 5parsecs\n", 2, "unknown unit"),
+        ("budgets:\n  - scope: tenant:a\n", 2, "missing `allocated`"),
+        ("budgets:\n  - scope: tenant:a\n    allocated: 5usd\n    colour: red\n", 2, "colour"),
+        (
+            "budgets:\n  - scope: tenant:a\n    allocated: 5usd\n  - scope: tenant:a\n    allocated: 6usd\n",
+            4,
+            "already",
+        ),
+        ("budgets:\n  - scope: tenant:a\n    allocated: 5usd\n    overdraft_limit: 3tokens\n", 2, "overdraft"),
+        ("budgets:\n  - scope: tenant:a\n    allocated: 5usd\n    unit: EUR\n", 2, "unknown unit"),
+        ("budgets:\n  - scope: tenant:a\n    allocated: [5usd\n", 4, "YAML"),
+        ("budget:\n  - scope: tenant:a\n", 1, "budgets"),
+    ],
+)
+def test_config_errors_name_the_line(tmp_path: Path, body: str, line: int, needle: str) -> None:
+    """Each mistake in a budgets file is a ConfigError that names file:line and the problem."""
+    p = write(tmp_path, body)
+    with pytest.raises(ConfigError) as info:
+        load_budgets(p)
+    assert f"{p}:{line}" in str(info.value)
+    assert needle in str(info.value)
+
+
+def test_unit_key_allows_plain_numbers(tmp_path: Path) -> None:
+    """With `unit:` given, a bare whole number is read in that unit."""
+    p = write(tmp_path, "budgets:\n  - scope: tenant:a\n    unit: tokens\n    allocated: 5000\n")
+    [e] = load_budgets(p)
+    assert (e.allocated.unit, e.allocated.amount) == (Unit.TOKENS, 5000)
+
+
+def cli(store: str, *args: str) -> int:
+    return main(["--store", store, *args])
+
+
+def test_cli_walkthrough(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """apply, reserve, commit, deny, balances and events work end to end on one SQLite file."""
+    store = f"sqlite:///{tmp_path / 'c.db'}"
+    assert cli(store, "budgets", "apply", str(ROOT / "configs/budgets.yaml")) == 0
+    capsys.readouterr()
+    assert cli(store, "reserve", "tenant:acme/workflow:doc-processing", "12usd", "--json") == 0
+    rid = json.loads(capsys.readouterr().out)["reservation_id"]
+    assert cli(store, "commit", rid, "10usd") == 0
+    assert "COMMITTED $10.00, released $2.00" in capsys.readouterr().out
+    assert cli(store, "reserve", "tenant:acme/workflow:doc-processing", "25usd") == 1
+    assert "BUDGET_EXCEEDED at tenant:acme/workflow:doc-processing (remaining $20.00)" in capsys.readouterr().out
+    assert cli(store, "balances", "tenant:acme/workflow:doc-processing", "--json") == 0
+    rows = json.loads(capsys.readouterr().out)
+    usd = next(r for r in rows if r["unit"] == "USD_MICROCENTS")
+    assert (usd["spent"], usd["remaining"]) == (10 * 10**8, 20 * 10**8)
+    assert cli(store, "events", "--json") == 0
+    types = [json.loads(line)["type"] for line in capsys.readouterr().out.splitlines()]
+    assert types[-3:] == ["reserved", "committed", "denied"]
+    assert cli(store, "verify") == 0
+
+
+def test_cli_budget_ops_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """budget set/fund/freeze change the ledger; bad input exits 2 with the error code and changes nothing."""
+    store = f"sqlite:///{tmp_path / 'c.db'}"
+    assert cli(store, "budget", "set", "tenant:x", "25usd", "--overdraft", "5usd") == 0
+    assert cli(store, "budget", "fund", "tenant:x", "5usd") == 0
+    assert cli(store, "budget", "freeze", "tenant:x") == 0
+    capsys.readouterr()
+    assert cli(store, "budget", "set", "tenant:x y", "25usd") == 2
+    assert "INVALID_REQUEST" in capsys.readouterr().err
+    assert cli(store, "budget", "set", "tenant:x", "--", "-3usd") == 2
+    assert cli(store, "commit", "rsv_missing", "1usd") == 2
+    assert "NOT_FOUND" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("budgets:\n  - scope: tenant:z\n    allocated: lots\n")
+    assert cli(store, "budgets", "apply", str(bad)) == 2
+    assert f"{bad}:2" in capsys.readouterr().err
+    with open_ledger_sync(store) as led:
+        [b] = led.balances()
+        assert (b.scope, b.allocated, b.status.value) == ("tenant:x", 30 * 10**8, "FROZEN")
+
+
+def test_cli_store_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --store the CLI uses CYCLES_STORE."""
+    url = f"sqlite:///{tmp_path / 'env.db'}"
+    monkeypatch.setenv("CYCLES_STORE", url)
+    assert main(["budget", "set", "tenant:e", "1usd"]) == 0
+    with open_ledger_sync(url) as led:
+        assert led.balance("tenant:e").allocated == 10**8

@@ -410,6 +410,7 @@ class Reservation(_Model):
     affected_scopes: list[str]
     budgeted_scopes: list[str]
     extension_count: int = 0
+    caps: Caps | None = None
     metadata: dict[str, Any] | None = None
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import itertools
 import json
 import os
 import queue
@@ -72,7 +73,7 @@ CREATE TABLE IF NOT EXISTS budgets (
     PRIMARY KEY (scope, unit)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS reservations (
-    id TEXT PRIMARY KEY,
+    id TEXT NOT NULL PRIMARY KEY,
     status TEXT NOT NULL,
     idempotency_key TEXT NOT NULL,
     subject TEXT NOT NULL,
@@ -90,11 +91,14 @@ CREATE TABLE IF NOT EXISTS reservations (
     affected_scopes TEXT NOT NULL,
     budgeted_scopes TEXT NOT NULL,
     extension_count INTEGER NOT NULL DEFAULT 0,
-    metadata TEXT
-);
+    metadata TEXT,
+    caps TEXT,
+    settle_op TEXT,
+    settle_key TEXT,
+    settle_hash TEXT,
+    settle_response TEXT
+) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS reservations_due ON reservations (deadline_ms) WHERE status = 'ACTIVE';
-CREATE INDEX IF NOT EXISTS reservations_status ON reservations (status, created_at_ms);
-CREATE INDEX IF NOT EXISTS reservations_key ON reservations (idempotency_key);
 CREATE TABLE IF NOT EXISTS idempotency (
     op TEXT NOT NULL,
     key TEXT NOT NULL,
@@ -103,7 +107,6 @@ CREATE TABLE IF NOT EXISTS idempotency (
     created_at_ms INTEGER NOT NULL,
     PRIMARY KEY (op, key)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS idempotency_age ON idempotency (created_at_ms);
 CREATE TABLE IF NOT EXISTS events (
     event_id INTEGER PRIMARY KEY AUTOINCREMENT,
     ts_ms INTEGER NOT NULL,
@@ -115,15 +118,16 @@ CREATE TABLE IF NOT EXISTS events (
     reason_code TEXT,
     data TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS events_reservation ON events (reservation_id) WHERE reservation_id IS NOT NULL;
 """
 
 _BUDGET_COLS = "scope, unit, allocated, spent, reserved, debt, overdraft_limit, is_over_limit, status, caps"
 _RES_COLS = (
     "id, status, idempotency_key, subject, action, unit, estimate, charged, overage_policy, created_at_ms,"
     " expires_at_ms, grace_ms, deadline_ms, finalized_at_ms, scope_path, affected_scopes, budgeted_scopes,"
-    " extension_count, metadata"
+    " extension_count, metadata, caps, settle_op, settle_key, settle_hash, settle_response"
 )
+_RES_INSERT = f"INSERT INTO reservations ({_RES_COLS}) VALUES ({','.join('?' * len(_RES_COLS.split(',')))})"
+Row = sqlite3.Row
 
 
 def _wall_clock_ms() -> int:
@@ -143,13 +147,27 @@ _STOP = object()
 
 
 class _Job:
-    __slots__ = ("args", "fn", "future", "readonly")
+    """One queued operation and the asyncio future (on its caller's loop) that receives the outcome."""
+
+    __slots__ = ("args", "fn", "future", "loop", "readonly")
 
     def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], readonly: bool) -> None:
         self.fn = fn
         self.args = args
         self.readonly = readonly
-        self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self.loop = asyncio.get_running_loop()
+        self.future: asyncio.Future[Any] = self.loop.create_future()
+
+
+def _deliver(outcomes: list[tuple[_Job, Any, BaseException | None]]) -> None:
+    """Runs on the caller's loop: settle every future of one batch in one wake-up."""
+    for job, result, error in outcomes:
+        if job.future.cancelled():
+            continue
+        if error is not None:
+            job.future.set_exception(error)
+        else:
+            job.future.set_result(result)
 
 
 class _Writer(threading.Thread):
@@ -172,6 +190,7 @@ class _Writer(threading.Thread):
             )
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
+            conn.row_factory = sqlite3.Row
             conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
         except sqlite3.Error as exc:
             self.ready.set_exception(StoreUnavailableError(f"cannot open SQLite ledger {self.path!r}: {exc}"))
@@ -207,13 +226,7 @@ class _Writer(threading.Thread):
         outcomes: list[tuple[_Job, Any, BaseException | None]] = []
         try:
             conn.execute("BEGIN" if readonly else "BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            err = StoreUnavailableError(f"SQLite ledger unavailable: {exc}")
-            for j in batch:
-                j.future.set_exception(err)
-            return
-        now = self.clock()
-        try:
+            now = self.clock()
             swept = _expire_due(conn, now, self.sweep_per_batch) if not readonly and self.sweep_per_batch else 0
             for j in batch:
                 conn.execute("SAVEPOINT op")
@@ -235,18 +248,18 @@ class _Writer(threading.Thread):
                     outcomes.append((j, result, None))
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            err = StoreUnavailableError(f"SQLite transaction failed: {exc}")
-            for j in batch:
-                if not j.future.done():
-                    j.future.set_exception(err)
-            return
-        for j, result, error in outcomes:
-            if error is not None:
-                j.future.set_exception(error)
-            else:
-                j.future.set_result(result)
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            err = StoreUnavailableError(f"SQLite ledger unavailable: {exc}")
+            outcomes = [(j, None, err) for j in batch]
+        # Answer only after COMMIT returned, and wake each caller loop once per batch.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Job, Any, BaseException | None]]] = {}
+        for outcome in outcomes:
+            by_loop.setdefault(outcome[0].loop, []).append(outcome)
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the caller's loop is already closed
+                loop.call_soon_threadsafe(_deliver, items)
 
 
 class SqliteStore(Store, SupportsSweep):
@@ -275,6 +288,7 @@ class SqliteStore(Store, SupportsSweep):
         self._writer.start()
         self._writer.ready.result()
         self._closed = False
+        self._last_prune = 0.0
 
     @classmethod
     def from_url(cls, url: str, **settings: Any) -> SqliteStore:
@@ -283,15 +297,12 @@ class SqliteStore(Store, SupportsSweep):
             raise ConfigError(f"SQLite URL must look like sqlite:///path/to/budgets.db, got {url!r}")
         return cls(url[len(prefix) :], **settings)
 
-    def _submit(self, fn: Callable[..., Any], *args: Any, readonly: bool = False) -> concurrent.futures.Future[Any]:
+    async def _call(self, fn: Callable[..., Any], *args: Any, readonly: bool = False) -> Any:
         if self._closed:
             raise StoreUnavailableError("the SQLite store is closed")
         job = _Job(fn, args, readonly)
         self._writer.jobs.put(job)
-        return job.future
-
-    async def _call(self, fn: Callable[..., Any], *args: Any, readonly: bool = False) -> Any:
-        return await asyncio.wrap_future(self._submit(fn, *args, readonly=readonly))
+        return await job.future
 
     async def reserve(self, cmd: ReserveCommand) -> dict[str, Any]:
         return await self._call(_op_reserve, cmd)  # type: ignore[no-any-return]
@@ -340,7 +351,11 @@ class SqliteStore(Store, SupportsSweep):
         )
 
     async def expire_due(self, limit: int = 1000) -> int:
-        return await self._call(_op_sweep, limit, self.idempotency_retention_ms)  # type: ignore[no-any-return]
+        prune = None
+        if time.monotonic() - self._last_prune > 300:
+            self._last_prune = time.monotonic()
+            prune = self.idempotency_retention_ms
+        return await self._call(_op_sweep, limit, prune)  # type: ignore[no-any-return]
 
     async def verify(self) -> list[str]:
         return await self._call(_op_verify, readonly=True)  # type: ignore[no-any-return]
@@ -356,8 +371,13 @@ class SqliteStore(Store, SupportsSweep):
 # --- helpers run on the writer thread, inside the transaction ---------------------------------------
 
 
-def _new_id() -> str:
-    return "rsv_" + secrets.token_hex(12)
+_ID_PREFIX = secrets.token_hex(4)
+_ID_COUNTER = itertools.count()
+
+
+def _new_id(now: int) -> str:
+    """Time-ordered and unique across processes: inserts land on the B-tree's last page."""
+    return f"rsv_{now:012x}{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFF:06x}"
 
 
 def _load_budgets(conn: sqlite3.Connection, scopes: list[str], unit: str | None = None) -> list[rules.BudgetState]:
@@ -436,39 +456,37 @@ def _replay(conn: sqlite3.Connection, op: str, key: str, payload_hash: str) -> d
 def _remember(
     conn: sqlite3.Connection, op: str, key: str, payload_hash: str, response: dict[str, Any], now: int
 ) -> None:
+    """Keep the answer without balances (they are re-read on replay), so records stay small."""
+    slim = {k: v for k, v in response.items() if k != "balances"}
     conn.execute(
         "INSERT INTO idempotency (op, key, payload_hash, response, created_at_ms) VALUES (?,?,?,?,?)",
-        (op, key, payload_hash, _JSON(response), now),
+        (op, key, payload_hash, _JSON(slim), now),
     )
+
+
+def _with_balances(conn: sqlite3.Connection, body: dict[str, Any], scopes: list[str], unit: str) -> dict[str, Any]:
+    body["balances"] = [b.as_balance() for b in _load_budgets(conn, scopes, unit)]
+    return body
 
 
 def _amount(unit: str, n: int) -> dict[str, Any]:
     return {"unit": unit, "amount": n}
 
 
-def _res_row(conn: sqlite3.Connection, reservation_id: str) -> tuple[Any, ...]:
-    row = conn.execute(f"SELECT {_RES_COLS} FROM reservations WHERE id=?", (reservation_id,)).fetchone()
+def _res_row(conn: sqlite3.Connection, reservation_id: str) -> Row:
+    row: Row | None = conn.execute(f"SELECT {_RES_COLS} FROM reservations WHERE id=?", (reservation_id,)).fetchone()
     if row is None:
         raise NotFoundError(f"reservation {reservation_id!r} not found", reservation_id=reservation_id)
-    return tuple(row)
+    return row
 
 
-def _expire_row(conn: sqlite3.Connection, now: int, row: tuple[Any, ...]) -> None:
-    rid, unit, estimate, scopes = row[0], row[5], row[6], json.loads(row[16])
-    budgets = _load_budgets(conn, scopes, unit)
+def _expire_row(conn: sqlite3.Connection, now: int, row: Row) -> None:
+    rid, unit, estimate = row["id"], row["unit"], row["estimate"]
+    budgets = _load_budgets(conn, json.loads(row["budgeted_scopes"]), unit)
     rules.unhold(budgets, estimate)
     _save_budgets(conn, budgets, now)
     conn.execute("UPDATE reservations SET status='EXPIRED', finalized_at_ms=? WHERE id=?", (now, rid))
-    _event(
-        conn,
-        now,
-        "expired",
-        scope=row[14],
-        unit=unit,
-        amount=estimate,
-        reservation_id=rid,
-        data={"scopes": scopes, "released": estimate},
-    )
+    _event(conn, now, "expired", scope=row["scope_path"], unit=unit, amount=estimate, reservation_id=rid)
 
 
 def _expire_due(conn: sqlite3.Connection, now: int, limit: int) -> int:
@@ -477,29 +495,62 @@ def _expire_due(conn: sqlite3.Connection, now: int, limit: int) -> int:
         (now, limit),
     ).fetchall()
     for row in rows:
-        _expire_row(conn, now, tuple(row))
+        _expire_row(conn, now, row)
     return len(rows)
 
 
-def _active_row(conn: sqlite3.Connection, now: int, reservation_id: str) -> tuple[Any, ...] | _Fail:
-    """Load a reservation that may still be settled; expire it lazily if its grace is over."""
+def _settle_target(
+    conn: sqlite3.Connection, now: int, op: str, reservation_id: str, key: str, payload_hash: str
+) -> Row | dict[str, Any] | _Fail:
+    """Load a reservation to commit or release: a replay answer, the live row, or an error.
+
+    Settlement idempotency lives on the reservation row itself (one settle per reservation).
+    A row whose grace is over is expired here, lazily, and the caller gets RESERVATION_EXPIRED.
+    """
     row = _res_row(conn, reservation_id)
-    status = row[1]
+    if row["settle_key"] is not None and row["settle_key"] == key:
+        if row["settle_op"] != op or row["settle_hash"] != payload_hash:
+            raise IdempotencyMismatchError(
+                f"idempotency key {key!r} was already used for a different {row['settle_op']} request",
+                idempotency_key=key,
+            )
+        body: dict[str, Any] = json.loads(row["settle_response"])
+        return _with_balances(conn, body, json.loads(row["budgeted_scopes"]), row["unit"])
+    status = row["status"]
     if status == "EXPIRED":
         raise ReservationExpiredError(f"reservation {reservation_id} expired", reservation_id=reservation_id)
     if status != "ACTIVE":
         raise ReservationFinalizedError(
             f"reservation {reservation_id} is already {status}", reservation_id=reservation_id, status=status
         )
-    if now > row[12]:
+    if now > row["deadline_ms"]:
         _expire_row(conn, now, row)
         return _Fail(
             ReservationExpiredError(
-                f"reservation {reservation_id} expired at {row[10]} (+{row[11]} ms grace)",
+                f"reservation {reservation_id} expired at {row['expires_at_ms']} (+{row['grace_ms']} ms grace)",
                 reservation_id=reservation_id,
             )
         )
     return row
+
+
+def _finalize(
+    conn: sqlite3.Connection,
+    now: int,
+    row: Row,
+    status: str,
+    charged: int | None,
+    op: str,
+    key: str,
+    h: str,
+    body: dict[str, Any],
+) -> None:
+    slim = {k: v for k, v in body.items() if k != "balances"}
+    conn.execute(
+        "UPDATE reservations SET status=?, charged=?, finalized_at_ms=?, settle_op=?, settle_key=?, settle_hash=?,"
+        " settle_response=? WHERE id=?",
+        (status, charged, now, op, key, h, _JSON(slim), row["id"]),
+    )
 
 
 def _scope_details(
@@ -549,14 +600,16 @@ def _op_reserve(conn: sqlite3.Connection, now: int, cmd: ReserveCommand) -> dict
     if prior is not None:
         if prior.get("expires_at_ms") is not None:
             prior["remaining_ttl_ms"] = max(0, prior["expires_at_ms"] - now)
-        return prior
+        return _with_balances(conn, prior, prior.pop("budgeted_scopes", []), cmd.unit)
     ev, budgets = _evaluate(conn, cmd)
     body = _decision_body(cmd, ev, budgets)
     body["dry_run"] = cmd.dry_run
-    denied = ev.decision is Decision.DENY
-    info = {"subject": cmd.subject, "action": cmd.action, "estimate": cmd.estimate, "key": cmd.idempotency_key}
-    if cmd.dry_run or denied:
+    if cmd.dry_run or ev.decision is Decision.DENY:
+        denied = ev.decision is Decision.DENY
         kind = ("would_deny" if denied else "would_allow") if cmd.dry_run else "denied"
+        info = {"subject": cmd.subject, "action": cmd.action, "key": cmd.idempotency_key, "remaining": ev.remaining}
+        if ev.caps:
+            info["caps"] = ev.caps
         _event(
             conn,
             now,
@@ -565,18 +618,18 @@ def _op_reserve(conn: sqlite3.Connection, now: int, cmd: ReserveCommand) -> dict
             unit=cmd.unit,
             amount=cmd.estimate,
             reason_code=ev.reason_code,
-            data={**info, "remaining": ev.remaining, "caps": ev.caps},
+            data=info,
         )
         if cmd.dry_run:
             _remember(conn, "reserve", cmd.idempotency_key, cmd.payload_hash, body, now)
         return body
     rules.hold(budgets, ev.amount)
     _save_budgets(conn, budgets, now)
-    rid = _new_id()
+    rid = _new_id(now)
     expires = now + cmd.ttl_ms
     budgeted = [b.scope for b in budgets]
     conn.execute(
-        f"INSERT INTO reservations ({_RES_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        _RES_INSERT,
         (
             rid,
             "ACTIVE",
@@ -597,70 +650,36 @@ def _op_reserve(conn: sqlite3.Connection, now: int, cmd: ReserveCommand) -> dict
             _JSON(budgeted),
             0,
             _JSON(cmd.metadata) if cmd.metadata else None,
+            _JSON(ev.caps) if ev.caps else None,
+            None,
+            None,
+            None,
+            None,
         ),
     )
-    _event(
-        conn,
-        now,
-        "reserved",
-        scope=cmd.scopes[-1],
-        unit=cmd.unit,
-        amount=ev.amount,
-        reservation_id=rid,
-        reason_code=None,
-        data={**info, "scopes": budgeted, "decision": ev.decision.value, "caps": ev.caps},
-    )
+    # The reservation row holds subject, action and scopes; the event only adds what it decided.
+    data = {"decision": ev.decision.value, "caps": ev.caps} if ev.caps else None
+    _event(conn, now, "reserved", scope=cmd.scopes[-1], unit=cmd.unit, amount=ev.amount, reservation_id=rid, data=data)
     body["balances"] = [b.as_balance() for b in budgets]
-    body.update(
-        reservation_id=rid,
-        reserved=_amount(cmd.unit, ev.amount),
-        expires_at_ms=expires,
-        remaining_ttl_ms=cmd.ttl_ms,
-    )
-    _remember(conn, "reserve", cmd.idempotency_key, cmd.payload_hash, body, now)
+    body.update(reservation_id=rid, reserved=_amount(cmd.unit, ev.amount), expires_at_ms=expires)
+    body["remaining_ttl_ms"] = cmd.ttl_ms
+    _remember(conn, "reserve", cmd.idempotency_key, cmd.payload_hash, {**body, "budgeted_scopes": budgeted}, now)
     return body
 
 
 def _op_commit(conn: sqlite3.Connection, now: int, cmd: CommitCommand) -> dict[str, Any] | _Fail:
-    prior = _replay(conn, "commit", cmd.idempotency_key, cmd.payload_hash)
-    if prior is not None:
-        return prior
-    row = _active_row(conn, now, cmd.reservation_id)
-    if isinstance(row, _Fail):
+    row = _settle_target(conn, now, "commit", cmd.reservation_id, cmd.idempotency_key, cmd.payload_hash)
+    if not isinstance(row, Row):
         return row
-    unit, estimate, policy, scopes = row[5], row[6], OveragePolicy(row[8]), json.loads(row[16])
+    unit, estimate, policy = row["unit"], row["estimate"], OveragePolicy(row["overage_policy"])
     if cmd.unit != unit:
         raise UnitMismatchError(
             f"commit in {cmd.unit} for a reservation in {unit}", requested_unit=cmd.unit, expected_units=[unit]
         )
-    budgets = _load_budgets(conn, scopes, unit)
+    budgets = _load_budgets(conn, json.loads(row["budgeted_scopes"]), unit)
     charged, flagged = rules.settle(budgets, estimate, cmd.actual, policy)
     _save_budgets(conn, budgets, now)
-    conn.execute(
-        "UPDATE reservations SET status='COMMITTED', charged=?, finalized_at_ms=? WHERE id=?",
-        (charged, now, cmd.reservation_id),
-    )
     released = max(estimate - cmd.actual, 0)
-    _event(
-        conn,
-        now,
-        "committed",
-        scope=row[14],
-        unit=unit,
-        amount=charged,
-        reservation_id=cmd.reservation_id,
-        data={
-            "scopes": scopes,
-            "estimate": estimate,
-            "actual": cmd.actual,
-            "released": released,
-            "over_limit": flagged,
-            "metrics": cmd.metrics,
-            "metadata": cmd.metadata,
-        },
-    )
-    for scope in flagged:
-        _event(conn, now, "over_limit", scope=scope, unit=unit, reservation_id=cmd.reservation_id)
     body: dict[str, Any] = {
         "reservation_id": cmd.reservation_id,
         "status": "COMMITTED",
@@ -668,40 +687,47 @@ def _op_commit(conn: sqlite3.Connection, now: int, cmd: CommitCommand) -> dict[s
         "released": _amount(unit, released) if released else None,
         "balances": [b.as_balance() for b in budgets],
     }
-    _remember(conn, "commit", cmd.idempotency_key, cmd.payload_hash, body, now)
+    _finalize(conn, now, row, "COMMITTED", charged, "commit", cmd.idempotency_key, cmd.payload_hash, body)
+    data: dict[str, Any] = {"actual": cmd.actual, "released": released}
+    if flagged:
+        data["over_limit"] = flagged
+    if cmd.metrics:
+        data["metrics"] = cmd.metrics
+    if cmd.metadata:
+        data["metadata"] = cmd.metadata
+    _event(
+        conn, now, "committed", scope=row["scope_path"], unit=unit, amount=charged, reservation_id=row["id"], data=data
+    )
+    for scope in flagged:
+        _event(conn, now, "over_limit", scope=scope, unit=unit, reservation_id=row["id"])
     return body
 
 
 def _op_release(conn: sqlite3.Connection, now: int, cmd: ReleaseCommand) -> dict[str, Any] | _Fail:
-    prior = _replay(conn, "release", cmd.idempotency_key, cmd.payload_hash)
-    if prior is not None:
-        return prior
-    row = _active_row(conn, now, cmd.reservation_id)
-    if isinstance(row, _Fail):
+    row = _settle_target(conn, now, "release", cmd.reservation_id, cmd.idempotency_key, cmd.payload_hash)
+    if not isinstance(row, Row):
         return row
-    unit, estimate, scopes = row[5], row[6], json.loads(row[16])
-    budgets = _load_budgets(conn, scopes, unit)
+    unit, estimate = row["unit"], row["estimate"]
+    budgets = _load_budgets(conn, json.loads(row["budgeted_scopes"]), unit)
     rules.unhold(budgets, estimate)
     _save_budgets(conn, budgets, now)
-    conn.execute("UPDATE reservations SET status='RELEASED', finalized_at_ms=? WHERE id=?", (now, cmd.reservation_id))
-    _event(
-        conn,
-        now,
-        "released",
-        scope=row[14],
-        unit=unit,
-        amount=estimate,
-        reservation_id=cmd.reservation_id,
-        reason_code=None,
-        data={"scopes": scopes, "reason": cmd.reason},
-    )
     body = {
         "reservation_id": cmd.reservation_id,
         "status": "RELEASED",
         "released": _amount(unit, estimate),
         "balances": [b.as_balance() for b in budgets],
     }
-    _remember(conn, "release", cmd.idempotency_key, cmd.payload_hash, body, now)
+    _finalize(conn, now, row, "RELEASED", None, "release", cmd.idempotency_key, cmd.payload_hash, body)
+    _event(
+        conn,
+        now,
+        "released",
+        scope=row["scope_path"],
+        unit=unit,
+        amount=estimate,
+        reservation_id=row["id"],
+        data={"reason": cmd.reason} if cmd.reason else None,
+    )
     return body
 
 
@@ -709,50 +735,55 @@ def _op_extend(conn: sqlite3.Connection, now: int, cmd: ExtendCommand) -> dict[s
     prior = _replay(conn, "extend", cmd.idempotency_key, cmd.payload_hash)
     if prior is not None:
         prior["remaining_ttl_ms"] = max(0, prior["expires_at_ms"] - now)
-        return prior
-    row = _active_row(conn, now, cmd.reservation_id)
-    if isinstance(row, _Fail):
-        return row
-    expires_at, grace, count = row[10], row[11], row[17]
-    if now > expires_at:
+        row = _res_row(conn, cmd.reservation_id)
+        return _with_balances(conn, prior, json.loads(row["budgeted_scopes"]), row["unit"])
+    row = _res_row(conn, cmd.reservation_id)
+    status = row["status"]
+    if status == "EXPIRED" or (status == "ACTIVE" and now > row["expires_at_ms"]):
+        if status == "ACTIVE" and now > row["deadline_ms"]:
+            _expire_row(conn, now, row)
+            return _Fail(ReservationExpiredError(f"reservation {cmd.reservation_id} expired"))
         raise ReservationExpiredError(
             f"reservation {cmd.reservation_id} passed its expiry; in the grace period only commit or release",
             reservation_id=cmd.reservation_id,
         )
+    if status != "ACTIVE":
+        raise ReservationFinalizedError(
+            f"reservation {cmd.reservation_id} is already {status}", reservation_id=cmd.reservation_id, status=status
+        )
+    count = row["extension_count"]
     if cmd.max_extensions is not None and count >= cmd.max_extensions:
         raise MaxExtensionsExceededError(
             f"reservation {cmd.reservation_id} was already extended {count} times", reservation_id=cmd.reservation_id
         )
-    new_expiry = expires_at + cmd.extend_by_ms
+    new_expiry = row["expires_at_ms"] + cmd.extend_by_ms
     conn.execute(
         "UPDATE reservations SET expires_at_ms=?, deadline_ms=?, extension_count=? WHERE id=?",
-        (new_expiry, new_expiry + grace, count + 1, cmd.reservation_id),
+        (new_expiry, new_expiry + row["grace_ms"], count + 1, cmd.reservation_id),
     )
     _event(
         conn,
         now,
         "extended",
-        scope=row[14],
-        unit=row[5],
+        scope=row["scope_path"],
+        unit=row["unit"],
         reservation_id=cmd.reservation_id,
         data={"expires_at_ms": new_expiry, "extend_by_ms": cmd.extend_by_ms},
     )
-    budgets = _load_budgets(conn, json.loads(row[16]), row[5])
     body = {
         "reservation_id": cmd.reservation_id,
         "status": "ACTIVE",
         "expires_at_ms": new_expiry,
         "remaining_ttl_ms": new_expiry - now,
-        "balances": [b.as_balance() for b in budgets],
     }
     _remember(conn, "extend", cmd.idempotency_key, cmd.payload_hash, body, now)
-    return body
+    return _with_balances(conn, body, json.loads(row["budgeted_scopes"]), row["unit"])
 
 
 def _op_event(conn: sqlite3.Connection, now: int, cmd: EventCommand) -> dict[str, Any]:
     prior = _replay(conn, "event", cmd.idempotency_key, cmd.payload_hash)
     if prior is not None:
-        return prior
+        return _with_balances(conn, prior, prior.pop("budgeted_scopes", []), cmd.unit)
     all_budgets = _load_budgets(conn, cmd.scopes)
     budgets = [b for b in all_budgets if b.unit == cmd.unit]
     if not all_budgets and not cmd.allow_unbudgeted:
@@ -792,7 +823,7 @@ def _op_event(conn: sqlite3.Connection, now: int, cmd: EventCommand) -> dict[str
         "charged": _amount(cmd.unit, charged),
         "balances": [b.as_balance() for b in budgets],
     }
-    _remember(conn, "event", cmd.idempotency_key, cmd.payload_hash, body, now)
+    _remember(conn, "event", cmd.idempotency_key, cmd.payload_hash, {**body, "budgeted_scopes": scopes}, now)
     return body
 
 
@@ -860,31 +891,33 @@ def _op_balances(
     ]
 
 
-def _reservation_dict(row: tuple[Any, ...]) -> dict[str, Any]:
+def _reservation_dict(row: Row) -> dict[str, Any]:
+    unit = row["unit"]
     return {
-        "reservation_id": row[0],
-        "status": row[1],
-        "idempotency_key": row[2],
-        "subject": json.loads(row[3]),
-        "action": json.loads(row[4]),
-        "reserved": _amount(row[5], row[6]),
-        "committed": _amount(row[5], row[7]) if row[7] is not None else None,
-        "overage_policy": row[8],
-        "created_at_ms": row[9],
-        "expires_at_ms": row[10],
-        "grace_period_ms": row[11],
-        "finalized_at_ms": row[13],
-        "scope_path": row[14],
-        "affected_scopes": json.loads(row[15]),
-        "budgeted_scopes": json.loads(row[16]),
-        "extension_count": row[17],
-        "metadata": json.loads(row[18]) if row[18] else None,
+        "reservation_id": row["id"],
+        "status": row["status"],
+        "idempotency_key": row["idempotency_key"],
+        "subject": json.loads(row["subject"]),
+        "action": json.loads(row["action"]),
+        "reserved": _amount(unit, row["estimate"]),
+        "committed": _amount(unit, row["charged"]) if row["charged"] is not None else None,
+        "overage_policy": row["overage_policy"],
+        "created_at_ms": row["created_at_ms"],
+        "expires_at_ms": row["expires_at_ms"],
+        "grace_period_ms": row["grace_ms"],
+        "finalized_at_ms": row["finalized_at_ms"],
+        "scope_path": row["scope_path"],
+        "affected_scopes": json.loads(row["affected_scopes"]),
+        "budgeted_scopes": json.loads(row["budgeted_scopes"]),
+        "extension_count": row["extension_count"],
+        "caps": json.loads(row["caps"]) if row["caps"] else None,
+        "metadata": json.loads(row["metadata"]) if row["metadata"] else None,
     }
 
 
 def _op_get_reservation(conn: sqlite3.Connection, now: int, reservation_id: str) -> dict[str, Any] | None:
     row = conn.execute(f"SELECT {_RES_COLS} FROM reservations WHERE id=?", (reservation_id,)).fetchone()
-    return _reservation_dict(tuple(row)) if row else None
+    return _reservation_dict(row) if row else None
 
 
 def _op_list_reservations(
@@ -898,12 +931,13 @@ def _op_list_reservations(
     if scope_prefix:
         sql += " AND (scope_path = ? OR scope_path GLOB ?)"
         params += [scope_prefix, scope_prefix + "/*"]
-    if key:
-        sql += " AND idempotency_key = ?"
-        params.append(key)
-    sql += " ORDER BY created_at_ms DESC, id LIMIT ?"
+    if key:  # the reserve's idempotency record names the reservation it created
+        row = conn.execute("SELECT response FROM idempotency WHERE op='reserve' AND key=?", (key,)).fetchone()
+        sql += " AND id = ?"
+        params.append(json.loads(row[0]).get("reservation_id") if row else None)
+    sql += " ORDER BY id DESC LIMIT ?"
     params.append(limit)
-    return [_reservation_dict(tuple(r)) for r in conn.execute(sql, params)]
+    return [_reservation_dict(r) for r in conn.execute(sql, params)]
 
 
 def _op_events(
@@ -931,9 +965,10 @@ def _op_events(
     return out
 
 
-def _op_sweep(conn: sqlite3.Connection, now: int, limit: int, retention_ms: int) -> int:
+def _op_sweep(conn: sqlite3.Connection, now: int, limit: int, retention_ms: int | None) -> int:
     n = _expire_due(conn, now, limit)
-    conn.execute("DELETE FROM idempotency WHERE created_at_ms < ?", (now - retention_ms,))
+    if retention_ms is not None:  # a full scan, so the store asks for it only every few minutes
+        conn.execute("DELETE FROM idempotency WHERE created_at_ms < ?", (now - retention_ms,))
     return n
 
 
@@ -946,10 +981,12 @@ def _op_verify(conn: sqlite3.Connection, now: int) -> list[str]:
         for s in json.loads(scopes):
             held[(s, unit)] = held.get((s, unit), 0) + estimate
     charged: dict[tuple[str, str], int] = {}
-    for unit, amount, data in conn.execute(
-        "SELECT unit, amount, data FROM events WHERE type IN ('committed','debited')"
+    for unit, amount, scopes in conn.execute(
+        "SELECT e.unit, e.amount, r.budgeted_scopes FROM events e JOIN reservations r ON r.id = e.reservation_id"
+        " WHERE e.type = 'committed'"
+        " UNION ALL SELECT unit, amount, json_extract(data, '$.scopes') FROM events WHERE type = 'debited'"
     ):
-        for s in json.loads(data).get("scopes", []):
+        for s in json.loads(scopes):
             charged[(s, unit)] = charged.get((s, unit), 0) + amount
     problems = []
     for r in conn.execute(f"SELECT {_BUDGET_COLS} FROM budgets"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import uuid
@@ -105,9 +106,18 @@ def _int(value: Any, what: str, lo: int, hi: int) -> int:
     return value
 
 
+_KEY_PREFIX = f"auto-{uuid.uuid4().hex[:16]}-"
+_KEY_COUNTER = itertools.count()
+
+
+def _fresh_key() -> str:
+    """A key no other call can have used: a random per-process prefix plus a counter."""
+    return f"{_KEY_PREFIX}{next(_KEY_COUNTER)}"
+
+
 def _key(value: str | None, default: str | None = None) -> str:
     if value is None:
-        return default or uuid.uuid4().hex
+        return default or _fresh_key()
     if not isinstance(value, str) or not 1 <= len(value) <= 256:
         raise InvalidRequestError("idempotency_key must be a string of 1-256 characters")
     return value
@@ -244,7 +254,7 @@ class Ledger:
         }
         return ReserveCommand(
             idempotency_key=_key(idempotency_key),
-            payload_hash=_fingerprint(payload),
+            payload_hash=_fingerprint(payload) if idempotency_key is not None else "",
             subject=payload["subject"],
             action=payload["action"],
             scopes=subj.scopes(),

@@ -13,6 +13,7 @@ import hashlib
 import itertools
 import json
 import logging
+import os
 import uuid
 from collections.abc import Mapping
 from types import TracebackType
@@ -108,6 +109,16 @@ def _int(value: Any, what: str, lo: int, hi: int) -> int:
 
 _KEY_PREFIX = f"auto-{uuid.uuid4().hex[:16]}-"
 _KEY_COUNTER = itertools.count()
+
+
+def _reseed_keys() -> None:
+    """A forked child must not hand out its parent's keys (a replay would skip its hold)."""
+    global _KEY_PREFIX, _KEY_COUNTER
+    _KEY_PREFIX = f"auto-{uuid.uuid4().hex[:16]}-"
+    _KEY_COUNTER = itertools.count()
+
+
+os.register_at_fork(after_in_child=_reseed_keys)
 
 
 def _fresh_key() -> str:

@@ -375,6 +375,16 @@ _ID_PREFIX = secrets.token_hex(4)
 _ID_COUNTER = itertools.count()
 
 
+def _reseed_ids() -> None:
+    """A forked child draws its own id prefix, or two processes could mint the same id in one ms."""
+    global _ID_PREFIX, _ID_COUNTER
+    _ID_PREFIX = secrets.token_hex(4)
+    _ID_COUNTER = itertools.count()
+
+
+os.register_at_fork(after_in_child=_reseed_ids)
+
+
 def _new_id(now: int) -> str:
     """Time-ordered and unique across processes: inserts land on the B-tree's last page."""
     return f"rsv_{now:012x}{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFF:06x}"

@@ -27,7 +27,7 @@ __all__ = [
 @dataclass(frozen=True, slots=True)
 class ReserveCommand:
     idempotency_key: str
-    payload_hash: str
+    payload_hash: str  # "" when the ledger minted the key itself: it can never be replayed
     subject: dict[str, Any]
     action: dict[str, Any]
     scopes: list[str]  # derived scope ids, canonical order

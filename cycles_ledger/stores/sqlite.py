@@ -108,7 +108,7 @@ CREATE TABLE IF NOT EXISTS idempotency (
     PRIMARY KEY (op, key)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS events (
-    event_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id INTEGER PRIMARY KEY,  -- rowid: increasing, since the log is never deleted from
     ts_ms INTEGER NOT NULL,
     type TEXT NOT NULL,
     scope TEXT,
@@ -116,7 +116,7 @@ CREATE TABLE IF NOT EXISTS events (
     amount INTEGER,
     reservation_id TEXT,
     reason_code TEXT,
-    data TEXT NOT NULL
+    data TEXT
 );
 """
 
@@ -180,6 +180,10 @@ class _Writer(threading.Thread):
         self.batch_size = batch_size
         self.busy_timeout_s = busy_timeout_s
         self.sweep_per_batch = sweep_per_batch
+        # Overdue holds are expired by the first write batch after each interval (store clock), and
+        # at once whenever they would turn a reservation into a denial.
+        self.lazy_sweep_interval_ms = 100
+        self.next_lazy_sweep = 0
         self.jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.ready: concurrent.futures.Future[None] = concurrent.futures.Future()
 
@@ -227,7 +231,10 @@ class _Writer(threading.Thread):
         try:
             conn.execute("BEGIN" if readonly else "BEGIN IMMEDIATE")
             now = self.clock()
-            swept = _expire_due(conn, now, self.sweep_per_batch) if not readonly and self.sweep_per_batch else 0
+            swept = 0
+            if not readonly and self.sweep_per_batch and now >= self.next_lazy_sweep:
+                swept = _expire_due(conn, now, self.sweep_per_batch)
+                self.next_lazy_sweep = now + self.lazy_sweep_interval_ms
             for j in batch:
                 conn.execute("SAVEPOINT op")
                 try:
@@ -447,7 +454,7 @@ def _event(
     cur = conn.execute(
         "INSERT INTO events (ts_ms, type, scope, unit, amount, reservation_id, reason_code, data)"
         " VALUES (?,?,?,?,?,?,?,?)",
-        (now, type_, scope, unit, amount, reservation_id, reason_code, _JSON(data or {})),
+        (now, type_, scope, unit, amount, reservation_id, reason_code, _JSON(data) if data else None),
     )
     return int(cur.lastrowid or 0)
 
@@ -587,8 +594,10 @@ def _evaluate(conn: sqlite3.Connection, cmd: ReserveCommand) -> tuple[rules.Eval
     return rules.evaluate_reserve(in_unit, cmd.estimate, soft), in_unit
 
 
-def _decision_body(cmd: ReserveCommand, ev: rules.Evaluation, budgets: list[rules.BudgetState]) -> dict[str, Any]:
-    return {
+def _decision_body(
+    cmd: ReserveCommand, ev: rules.Evaluation, budgets: list[rules.BudgetState], with_balances: bool = True
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
         "decision": ev.decision.value,
         "scope_path": cmd.scopes[-1],
         "affected_scopes": cmd.scopes,
@@ -596,8 +605,10 @@ def _decision_body(cmd: ReserveCommand, ev: rules.Evaluation, budgets: list[rule
         "reason_code": ev.reason_code,
         "scope": ev.scope,
         "remaining": ev.remaining,
-        "balances": [b.as_balance() for b in budgets],
     }
+    if with_balances:
+        body["balances"] = [b.as_balance() for b in budgets]
+    return body
 
 
 def _op_decide(conn: sqlite3.Connection, now: int, cmd: ReserveCommand) -> dict[str, Any]:
@@ -606,15 +617,19 @@ def _op_decide(conn: sqlite3.Connection, now: int, cmd: ReserveCommand) -> dict[
 
 
 def _op_reserve(conn: sqlite3.Connection, now: int, cmd: ReserveCommand) -> dict[str, Any]:
-    prior = _replay(conn, "reserve", cmd.idempotency_key, cmd.payload_hash)
+    # An empty payload_hash marks a fresh key nobody can repeat: no replay lookup, no record.
+    prior = _replay(conn, "reserve", cmd.idempotency_key, cmd.payload_hash) if cmd.payload_hash else None
     if prior is not None:
         if prior.get("expires_at_ms") is not None:
             prior["remaining_ttl_ms"] = max(0, prior["expires_at_ms"] - now)
         return _with_balances(conn, prior, prior.pop("budgeted_scopes", []), cmd.unit)
     ev, budgets = _evaluate(conn, cmd)
-    body = _decision_body(cmd, ev, budgets)
+    if ev.reason_code == "BUDGET_EXCEEDED" and _expire_due(conn, now, 1000):
+        ev, budgets = _evaluate(conn, cmd)  # overdue holds were still counted; look again without them
+    body = _decision_body(cmd, ev, budgets, with_balances=False)
     body["dry_run"] = cmd.dry_run
     if cmd.dry_run or ev.decision is Decision.DENY:
+        body["balances"] = [b.as_balance() for b in budgets]
         denied = ev.decision is Decision.DENY
         kind = ("would_deny" if denied else "would_allow") if cmd.dry_run else "denied"
         info = {"subject": cmd.subject, "action": cmd.action, "key": cmd.idempotency_key, "remaining": ev.remaining}
@@ -630,7 +645,7 @@ def _op_reserve(conn: sqlite3.Connection, now: int, cmd: ReserveCommand) -> dict
             reason_code=ev.reason_code,
             data=info,
         )
-        if cmd.dry_run:
+        if cmd.dry_run and cmd.payload_hash:
             _remember(conn, "reserve", cmd.idempotency_key, cmd.payload_hash, body, now)
         return body
     rules.hold(budgets, ev.amount)
@@ -673,7 +688,8 @@ def _op_reserve(conn: sqlite3.Connection, now: int, cmd: ReserveCommand) -> dict
     body["balances"] = [b.as_balance() for b in budgets]
     body.update(reservation_id=rid, reserved=_amount(cmd.unit, ev.amount), expires_at_ms=expires)
     body["remaining_ttl_ms"] = cmd.ttl_ms
-    _remember(conn, "reserve", cmd.idempotency_key, cmd.payload_hash, {**body, "budgeted_scopes": budgeted}, now)
+    if cmd.payload_hash:
+        _remember(conn, "reserve", cmd.idempotency_key, cmd.payload_hash, {**body, "budgeted_scopes": budgeted}, now)
     return body
 
 
@@ -721,7 +737,7 @@ def _op_release(conn: sqlite3.Connection, now: int, cmd: ReleaseCommand) -> dict
     budgets = _load_budgets(conn, json.loads(row["budgeted_scopes"]), unit)
     rules.unhold(budgets, estimate)
     _save_budgets(conn, budgets, now)
-    body = {
+    body: dict[str, Any] = {
         "reservation_id": cmd.reservation_id,
         "status": "RELEASED",
         "released": _amount(unit, estimate),
@@ -780,7 +796,7 @@ def _op_extend(conn: sqlite3.Connection, now: int, cmd: ExtendCommand) -> dict[s
         reservation_id=cmd.reservation_id,
         data={"expires_at_ms": new_expiry, "extend_by_ms": cmd.extend_by_ms},
     )
-    body = {
+    body: dict[str, Any] = {
         "reservation_id": cmd.reservation_id,
         "status": "ACTIVE",
         "expires_at_ms": new_expiry,
@@ -827,7 +843,7 @@ def _op_event(conn: sqlite3.Connection, now: int, cmd: EventCommand) -> dict[str
     )
     for scope in flagged:
         _event(conn, now, "over_limit", scope=scope, unit=cmd.unit)
-    body = {
+    body: dict[str, Any] = {
         "status": "APPLIED",
         "event_id": event_id,
         "charged": _amount(cmd.unit, charged),
@@ -857,7 +873,9 @@ def _op_budget(conn: sqlite3.Connection, now: int, cmd: BudgetCommand) -> dict[s
                 b.overdraft_limit = cmd.overdraft_limit
             if cmd.caps is not None:
                 b.caps = cmd.caps or None
-            if b.debt <= b.overdraft_limit and b.remaining >= 0:
+            if b.debt > b.overdraft_limit:  # a lowered limit can leave existing debt above it
+                b.is_over_limit = True
+            elif b.remaining >= 0:
                 b.is_over_limit = False
             _save_budgets(conn, [b], now)
         _event(conn, now, "budget_set", scope=cmd.scope, unit=cmd.unit, amount=cmd.amount, data=data)
@@ -941,10 +959,9 @@ def _op_list_reservations(
     if scope_prefix:
         sql += " AND (scope_path = ? OR scope_path GLOB ?)"
         params += [scope_prefix, scope_prefix + "/*"]
-    if key:  # the reserve's idempotency record names the reservation it created
-        row = conn.execute("SELECT response FROM idempotency WHERE op='reserve' AND key=?", (key,)).fetchone()
-        sql += " AND id = ?"
-        params.append(json.loads(row[0]).get("reservation_id") if row else None)
+    if key:
+        sql += " AND idempotency_key = ?"
+        params.append(key)
     sql += " ORDER BY id DESC LIMIT ?"
     params.append(limit)
     return [_reservation_dict(r) for r in conn.execute(sql, params)]
@@ -970,7 +987,7 @@ def _op_events(
     out = []
     for r in conn.execute(sql, params):
         d = dict(zip(keys, r[:8], strict=True))
-        d["data"] = json.loads(r[8])
+        d["data"] = json.loads(r[8]) if r[8] else {}
         out.append(d)
     return out
 

@@ -1,0 +1,341 @@
+"""Ledger benchmark: reserve+commit pairs per second and reserve/commit latency.
+
+What it measures: each worker loops `reserve(subject, action, "0.01usd")` then `commit(id, "0.008usd")`
+through the public async `Ledger` API (validation, store call, result models included), against a
+subject with three budgeted scopes (`tenant:b`, `tenant:b/workspace:w`, `tenant:b/workspace:w/agent:a`)
+whose allocations never deny. Scenarios:
+
+    1 task        one coroutine, sequential (pure per-operation latency)
+    64 tasks      64 concurrent asyncio tasks in one process (group commit at work)
+    4 processes   4 spawned processes x 16 tasks each, started together on a Barrier
+
+Each scenario warms up first, then runs for `--duration` seconds. pairs/s = pairs / wall time (for
+processes: first start to last finish across all of them); latencies come from `time.perf_counter_ns`
+around each await and are merged across tasks and processes for the percentiles. Afterwards the books
+are checked: `ledger.verify() == []`, nothing left reserved, and spent equals pairs x actual.
+
+Each scenario gets a fresh temporary SQLite file unless `--store URL` names one store for all of them
+(e.g. `sqlite:///bench.db`, or a later `redis://...`; a non-sqlite URL is used as given).
+
+    .venv/bin/python bench/ledger.py                  # ~3 s per scenario, prints a table
+    .venv/bin/python bench/ledger.py --duration 10 --json > bench.json   # table on stderr, JSON on stdout
+    .venv/bin/python bench/ledger.py --scenarios 1task,64tasks --store sqlite:///bench.db
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+from cycles_ledger import Amount, open_ledger
+
+SUBJECT = {"tenant": "b", "workspace": "w", "agent": "a"}
+SCOPES = ("tenant:b", "tenant:b/workspace:w", "tenant:b/workspace:w/agent:a")
+ACTION = {"kind": "llm.completion", "name": "openai:gpt-4o"}
+ESTIMATE = "0.01usd"
+ACTUAL = "0.008usd"
+ALLOCATION = "1000000000usd"  # 10^17 microcents: ~10^10 pairs before anything could deny
+GOAL_PAIRS_PER_S = 5_000
+GOAL_RESERVE_P50_MS = 1.0
+GOAL_LINE = "goal: >= 5,000 pairs/s and reserve p50 < 1 ms"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    key: str
+    label: str
+    processes: int  # 0 = run in this process
+    tasks: int  # per process
+
+
+SCENARIOS = (
+    Scenario("1task", "1 task (sequential)", 0, 1),
+    Scenario("64tasks", "64 tasks, 1 process", 0, 64),
+    Scenario("4procs", "4 procs x 16 tasks", 4, 16),
+)
+
+
+@dataclass
+class Samples:
+    """What one process measured: pair count, its own wall window, per-operation latencies in ns."""
+
+    pairs: int = 0
+    warmup_pairs: int = 0
+    start_ns: int = 0
+    end_ns: int = 0
+    reserve_ns: list[int] = field(default_factory=list)
+    commit_ns: list[int] = field(default_factory=list)
+
+
+# --- the measured loop --------------------------------------------------------------------------------
+
+
+async def _worker(ledger: Any, deadline_ns: int, out: Samples | None) -> int:
+    """reserve+commit until the deadline; records latencies into `out` (None while warming up)."""
+    pairs = 0
+    clock = time.perf_counter_ns
+    while clock() < deadline_ns:
+        t0 = clock()
+        r = await ledger.reserve(SUBJECT, ACTION, ESTIMATE)
+        t1 = clock()
+        if not r.allowed:
+            raise RuntimeError(f"reserve denied: {r.reason_code} on {r.scope} (remaining {r.remaining})")
+        await ledger.commit(r.reservation_id, ACTUAL)
+        t2 = clock()
+        if out is not None:
+            out.reserve_ns.append(t1 - t0)
+            out.commit_ns.append(t2 - t1)
+        pairs += 1
+    return pairs
+
+
+async def _run_tasks(ledger: Any, tasks: int, seconds: float, out: Samples | None) -> int:
+    deadline = time.perf_counter_ns() + int(seconds * 1e9)
+    counts = await asyncio.gather(*(_worker(ledger, deadline, out) for _ in range(tasks)))
+    return sum(counts)
+
+
+async def _measure(url: str, tasks: int, warmup: float, duration: float, barrier: Any = None) -> Samples:
+    """Open the ledger, warm up, (wait for the other processes,) then measure for `duration` seconds."""
+    samples = Samples()
+    ledger = open_ledger(url)
+    try:
+        samples.warmup_pairs = await _run_tasks(ledger, tasks, warmup, None)
+        if barrier is not None:
+            await asyncio.get_running_loop().run_in_executor(None, barrier.wait)
+        samples.start_ns = time.monotonic_ns()
+        samples.pairs = await _run_tasks(ledger, tasks, duration, samples)
+        samples.end_ns = time.monotonic_ns()
+    finally:
+        await ledger.aclose()
+    return samples
+
+
+def _child(url: str, tasks: int, warmup: float, duration: float, barrier: Any, results: Any) -> None:
+    """Entry point of a spawned process: report Samples, or the traceback if anything failed."""
+    try:
+        results.put(("ok", asyncio.run(_measure(url, tasks, warmup, duration, barrier))))
+    except BaseException:  # noqa: BLE001 - the parent re-raises it with the child's traceback
+        barrier.abort()
+        results.put(("error", traceback.format_exc()))
+
+
+def _run_processes(url: str, sc: Scenario, warmup: float, duration: float) -> list[Samples]:
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(sc.processes, timeout=120)
+    results = ctx.Queue()
+    procs = [
+        ctx.Process(
+            target=_child, args=(url, sc.tasks, warmup, duration, barrier, results), name=f"bench-{i}", daemon=True
+        )
+        for i in range(sc.processes)
+    ]
+    for p in procs:
+        p.start()
+    out: list[Samples] = []
+    errors: list[str] = []
+    for _ in procs:
+        status, payload = results.get(timeout=120 + 2 * (warmup + duration))
+        if status == "ok":
+            out.append(payload)
+        else:
+            errors.append(payload)
+    for p in procs:
+        p.join(timeout=30)
+    if errors:
+        raise RuntimeError("benchmark process failed:\n" + "\n".join(errors))
+    return out
+
+
+# --- setup and the books --------------------------------------------------------------------------------
+
+
+async def _spent(url: str) -> dict[str, int]:
+    async with open_ledger(url) as ledger:
+        return {b.scope: b.spent for b in await ledger.balances("tenant:b") if b.scope in SCOPES}
+
+
+async def _setup(url: str) -> dict[str, int]:
+    """Budget the three scopes (idempotent on a reused store) and return spent before the run."""
+    async with open_ledger(url) as ledger:
+        for scope in SCOPES:
+            await ledger.set_budget(scope, ALLOCATION)
+    return await _spent(url)
+
+
+async def _check_books(url: str, spent_before: dict[str, int], pairs: int) -> None:
+    per_pair = Amount.parse(ACTUAL).amount
+    async with open_ledger(url) as ledger:
+        problems = await ledger.verify()
+        assert problems == [], f"verify found problems: {problems}"
+        balances = {b.scope: b for b in await ledger.balances("tenant:b")}
+        for scope in SCOPES:
+            b = balances[scope]
+            assert b.reserved == 0, f"{scope}: {b.reserved} still reserved after the run"
+            charged = b.spent - spent_before.get(scope, 0)
+            assert charged == pairs * per_pair, f"{scope}: spent grew by {charged}, expected {pairs} x {per_pair}"
+
+
+# --- reporting ------------------------------------------------------------------------------------------
+
+
+def _pct(sorted_ns: list[int], q: float) -> float:
+    """Nearest-rank percentile, in milliseconds."""
+    if not sorted_ns:
+        return float("nan")
+    idx = min(len(sorted_ns) - 1, max(0, int(q * len(sorted_ns) + 0.5) - 1))
+    return sorted_ns[idx] / 1e6
+
+
+def _summarise(sc: Scenario, parts: list[Samples]) -> dict[str, Any]:
+    pairs = sum(p.pairs for p in parts)
+    wall_s = (max(p.end_ns for p in parts) - min(p.start_ns for p in parts)) / 1e9
+    reserve = sorted(x for p in parts for x in p.reserve_ns)
+    commit = sorted(x for p in parts for x in p.commit_ns)
+    row: dict[str, Any] = {
+        "scenario": sc.key,
+        "label": sc.label,
+        "processes": max(sc.processes, 1),
+        "tasks_per_process": sc.tasks,
+        "pairs": pairs,
+        "warmup_pairs": sum(p.warmup_pairs for p in parts),
+        "wall_s": round(wall_s, 3),
+        "pairs_per_s": round(pairs / wall_s, 1) if wall_s > 0 else 0.0,
+        "reserve_p50_ms": round(_pct(reserve, 0.50), 3),
+        "reserve_p99_ms": round(_pct(reserve, 0.99), 3),
+        "commit_p50_ms": round(_pct(commit, 0.50), 3),
+        "commit_p99_ms": round(_pct(commit, 0.99), 3),
+    }
+    row["meets_pairs_goal"] = row["pairs_per_s"] >= GOAL_PAIRS_PER_S
+    row["meets_p50_goal"] = row["reserve_p50_ms"] < GOAL_RESERVE_P50_MS
+    row["meets_goal"] = row["meets_pairs_goal"] and row["meets_p50_goal"]
+    return row
+
+
+def _goal_cell(r: dict[str, Any]) -> str:
+    if r["meets_goal"]:
+        return "met"
+    if r["meets_pairs_goal"]:
+        return "pairs/s only"
+    return "p50 only" if r["meets_p50_goal"] else "neither"
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    head = ("workload", "pairs/s", "reserve p50", "reserve p99", "commit p50", "commit p99", "pairs", "goal")
+    body = [
+        (
+            r["label"],
+            f"{r['pairs_per_s']:,.0f}",
+            f"{r['reserve_p50_ms']:.3f} ms",
+            f"{r['reserve_p99_ms']:.3f} ms",
+            f"{r['commit_p50_ms']:.3f} ms",
+            f"{r['commit_p99_ms']:.3f} ms",
+            f"{r['pairs']:,}",
+            _goal_cell(r),
+        )
+        for r in rows
+    ]
+    widths = [max(len(str(line[i])) for line in (head, *body)) for i in range(len(head))]
+    fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    lines = [fmt.format(*head), "  ".join("-" * w for w in widths), *(fmt.format(*line) for line in body)]
+    return "\n".join(lines)
+
+
+# --- main -----------------------------------------------------------------------------------------------
+
+
+def _scenario_url(store: str | None, tmp: str, sc: Scenario) -> str:
+    if store is None:
+        return f"sqlite:///{os.path.join(tmp, f'bench-{sc.key}.db')}"
+    return store
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("--store", help="store URL used for every scenario (default: a fresh temp SQLite file each)")
+    ap.add_argument("--duration", type=float, default=3.0, help="measured seconds per scenario (default 3)")
+    ap.add_argument("--warmup", type=float, default=0.5, help="unmeasured warm-up seconds per scenario (default 0.5)")
+    ap.add_argument(
+        "--scenarios",
+        default=",".join(s.key for s in SCENARIOS),
+        help=f"comma-separated subset of {', '.join(s.key for s in SCENARIOS)}",
+    )
+    ap.add_argument("--json", action="store_true", help="print a JSON summary on stdout (the table goes to stderr)")
+    args = ap.parse_args(argv)
+    known = {s.key for s in SCENARIOS}
+    chosen = [k.strip() for k in args.scenarios.split(",") if k.strip()]
+    unknown = [k for k in chosen if k not in known]
+    if unknown or not chosen:
+        ap.error(f"unknown scenario(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(sorted(known))}")
+    args.chosen = [s for s in SCENARIOS if s.key in chosen]
+    if args.store is not None and ":memory:" in args.store:
+        ap.error(
+            "--store must outlive one connection (the scenarios reopen it, the 4 processes share it): not :memory:"
+        )
+    if args.duration <= 0 or args.warmup < 0:
+        ap.error("--duration must be > 0 and --warmup >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    say = sys.stderr if args.json else sys.stdout
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="cycles-bench-") as tmp:
+        for sc in args.chosen:
+            url = _scenario_url(args.store, tmp, sc)
+            print(
+                f"{sc.label}: warm-up {args.warmup:g} s, measuring {args.duration:g} s on {url}", file=say, flush=True
+            )
+            spent_before = asyncio.run(_setup(url))
+            if sc.processes:
+                parts = _run_processes(url, sc, args.warmup, args.duration)
+            else:
+                parts = [asyncio.run(_measure(url, sc.tasks, args.warmup, args.duration))]
+            row = _summarise(sc, parts)
+            row["store"] = url
+            rows.append(row)
+            asyncio.run(_check_books(url, spent_before, row["pairs"] + row["warmup_pairs"]))
+            print(
+                f"  {row['pairs_per_s']:,.0f} pairs/s, reserve p50 {row['reserve_p50_ms']:.3f} ms"
+                f" p99 {row['reserve_p99_ms']:.3f} ms, commit p50 {row['commit_p50_ms']:.3f} ms; books agree",
+                file=say,
+                flush=True,
+            )
+    print(file=say)
+    print(_table(rows), file=say)
+    print(GOAL_LINE, file=say)
+    met = [r["label"] for r in rows if r["meets_goal"]]
+    print(f"  met by: {', '.join(met) if met else 'none'}", file=say)
+    print(
+        "  (with N requests in flight, latency ~ N / throughput: p50 < 1 ms at 10,000 ops/s allows ~10 in flight)",
+        file=say,
+    )
+    print("books agree", file=say)
+    if args.json:
+        summary = {
+            "store": args.store or "sqlite (fresh temp file per scenario)",
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+            "goal": {"pairs_per_s": GOAL_PAIRS_PER_S, "reserve_p50_ms": GOAL_RESERVE_P50_MS},
+            "scenarios": rows,
+            "books_agree": True,
+        }
+        json.dump(summary, sys.stdout, indent=2)
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
@@ -89,9 +90,49 @@ def _subject(value: SubjectLike) -> Subject:
     return _build(Subject, value, "subject")
 
 
+# Agents send the same subjects, actions and amounts over and over: validate each shape once.
+# Cached values are shared, so everything below treats them as read-only.
+@functools.lru_cache(maxsize=4096)
+def _subject_cached(items: tuple[tuple[str, Any], ...]) -> tuple[Subject, dict[str, Any], list[str]]:
+    subj = _build(Subject, dict(items), "subject")
+    return subj, subj.model_dump(exclude_none=True), subj.scopes()
+
+
+def _subject_parts(value: SubjectLike) -> tuple[Subject, dict[str, Any], list[str]]:
+    """The subject, its JSON form and its derived scopes."""
+    if isinstance(value, Mapping) and "dimensions" not in value:
+        try:
+            return _subject_cached(tuple(value.items()))
+        except TypeError:  # unhashable values: validate without the cache (and fail there)
+            pass
+    subj = _subject(value)
+    return subj, subj.model_dump(exclude_none=True), subj.scopes()
+
+
+@functools.lru_cache(maxsize=4096)
+def _action_cached(items: tuple[tuple[str, Any], ...]) -> tuple[Action, dict[str, Any]]:
+    act = _build(Action, dict(items), "action")
+    return act, act.model_dump(exclude_none=True)
+
+
+def _action_parts(value: ActionLike) -> tuple[Action, dict[str, Any]]:
+    if isinstance(value, Mapping) and not value.get("tags"):
+        try:
+            return _action_cached(tuple(value.items()))
+        except TypeError:
+            pass
+    act = _build(Action, value, "action")
+    return act, act.model_dump(exclude_none=True)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_amount(text: str) -> Amount:
+    return Amount.parse(text)
+
+
 def _amount(value: AmountLike, what: str) -> Amount:
     if isinstance(value, str):
-        return Amount.parse(value)
+        return _parse_amount(value)
     if isinstance(value, (bool, int | float)):
         raise InvalidRequestError(
             f"{what} needs a unit: pass an Amount, a mapping {{unit, amount}} or text like '0.25usd'"
@@ -241,8 +282,7 @@ class Ledger:
         metadata: Mapping[str, Any] | None,
         soft_landing: SoftLanding | Mapping[str, Any] | None,
     ) -> ReserveCommand:
-        subj = _subject(subject)
-        act = _build(Action, action, "action")
+        subj_json, act_json, scopes = self._subject_action(subject, action)
         est = _amount(estimate, "estimate")
         ttl = _int(self.default_ttl_ms if ttl_ms is None else ttl_ms, "ttl_ms", 1_000, 86_400_000)
         grace = _int(
@@ -253,8 +293,8 @@ class Ledger:
         if not isinstance(dry_run, bool):
             raise InvalidRequestError("dry_run must be a bool")
         payload: dict[str, Any] = {
-            "subject": subj.model_dump(exclude_none=True),
-            "action": act.model_dump(exclude_none=True),
+            "subject": subj_json,
+            "action": act_json,
             "estimate": {"unit": est.unit.value, "amount": est.amount},
             "ttl_ms": ttl,
             "grace_period_ms": grace,
@@ -268,7 +308,7 @@ class Ledger:
             payload_hash=_fingerprint(payload) if idempotency_key is not None else "",
             subject=payload["subject"],
             action=payload["action"],
-            scopes=subj.scopes(),
+            scopes=scopes,
             unit=est.unit.value,
             estimate=est.amount,
             ttl_ms=ttl,
@@ -279,6 +319,12 @@ class Ledger:
             metadata=payload["metadata"],
             soft_landing=payload["soft_landing"],
         )
+
+    @staticmethod
+    def _subject_action(subject: SubjectLike, action: ActionLike) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+        _, subj_json, scopes = _subject_parts(subject)
+        _, act_json = _action_parts(action)
+        return subj_json, act_json, scopes
 
     def _policy(self, value: OveragePolicy | str | None) -> OveragePolicy:
         if value is None:
@@ -308,10 +354,11 @@ class Ledger:
             "metrics": _jsonable(metrics, "metrics"),
             "metadata": _jsonable(metadata, "metadata"),
         }
+        plain = payload["metrics"] is None and payload["metadata"] is None
         cmd = CommitCommand(
             reservation_id=rid,
             idempotency_key=_key(idempotency_key, f"commit:{rid}"),
-            payload_hash=_fingerprint(payload),
+            payload_hash=f"{rid}|{amt.unit.value}|{amt.amount}" if plain else _fingerprint(payload),
             unit=amt.unit.value,
             actual=amt.amount,
             metrics=payload["metrics"],
@@ -361,13 +408,12 @@ class Ledger:
         metadata: Mapping[str, Any] | None = None,
     ) -> EventResult:
         """Direct debit without a reservation (spend known only afterwards), atomic across scopes."""
-        subj = _subject(subject)
-        act = _build(Action, action, "action")
+        subj_json, act_json, scopes = self._subject_action(subject, action)
         amt = _amount(actual, "actual")
         policy = self._policy(overage_policy)
         payload: dict[str, Any] = {
-            "subject": subj.model_dump(exclude_none=True),
-            "action": act.model_dump(exclude_none=True),
+            "subject": subj_json,
+            "action": act_json,
             "actual": {"unit": amt.unit.value, "amount": amt.amount},
             "overage_policy": policy.value,
             "metrics": _jsonable(metrics, "metrics"),
@@ -378,7 +424,7 @@ class Ledger:
             payload_hash=_fingerprint(payload),
             subject=payload["subject"],
             action=payload["action"],
-            scopes=subj.scopes(),
+            scopes=scopes,
             unit=amt.unit.value,
             actual=amt.amount,
             overage_policy=policy.value,

@@ -19,6 +19,7 @@ import itertools
 import json
 import os
 import queue
+import random
 import secrets
 import sqlite3
 import threading
@@ -196,6 +197,9 @@ class _Writer(threading.Thread):
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.row_factory = sqlite3.Row
             conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
+            # From here on we wait for the write lock ourselves (see _begin_write): SQLite's own busy
+            # handler sleeps up to 100 ms at a time, leaving the lock idle while processes doze.
+            conn.execute("PRAGMA busy_timeout=0")
         except sqlite3.Error as exc:
             self.ready.set_exception(StoreUnavailableError(f"cannot open SQLite ledger {self.path!r}: {exc}"))
             return
@@ -225,11 +229,30 @@ class _Writer(threading.Thread):
             if stop:
                 return
 
+    def _begin_write(self, conn: sqlite3.Connection) -> None:
+        """BEGIN IMMEDIATE, polling every 0.1-2 ms (with jitter) while another process holds the lock."""
+        deadline = time.monotonic() + self.busy_timeout_s
+        delay = 0.0001
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 1.5, 0.002)
+
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
         readonly = all(j.readonly for j in batch)
         outcomes: list[tuple[_Job, Any, BaseException | None]] = []
         try:
-            conn.execute("BEGIN" if readonly else "BEGIN IMMEDIATE")
+            if readonly:
+                conn.execute("BEGIN")
+            else:
+                self._begin_write(conn)
             now = self.clock()
             swept = 0
             if not readonly and self.sweep_per_batch and now >= self.next_lazy_sweep:

@@ -118,3 +118,50 @@ def test_cli_store_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert main(["budget", "set", "tenant:e", "1usd"]) == 0
     with open_ledger_sync(url) as led:
         assert led.balance("tenant:e").allocated == 10**8
+
+
+def test_cli_reservations_and_sweep(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`cycles reservations --status` lists what is held; release and sweep settle it."""
+    store = f"sqlite:///{tmp_path / 'c.db'}"
+    assert cli(store, "budget", "set", "tenant:r", "5usd") == 0
+    assert cli(store, "reserve", "tenant:r", "1usd", "--json") == 0
+    assert cli(store, "reserve", "tenant:r", "2usd", "--json", "--ttl-ms", "1000") == 0
+    capsys.readouterr()
+    assert cli(store, "reservations", "--status", "ACTIVE", "--json") == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert sorted(r["reserved"]["amount"] for r in rows) == [10**8, 2 * 10**8]
+    first = next(r["reservation_id"] for r in rows if r["reserved"]["amount"] == 10**8)
+    assert cli(store, "release", first, "--reason", "done") == 0
+    assert "RELEASED $1.00" in capsys.readouterr().out
+    assert cli(store, "reservations", "--status", "RELEASED") == 0
+    assert first in capsys.readouterr().out
+    assert cli(store, "sweep") == 0
+    assert "expired 0 reservations" in capsys.readouterr().out
+
+
+def test_cli_events_follow(tmp_path: Path) -> None:
+    """`cycles events --follow` keeps printing events written by another process."""
+    import select
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path / 'f.db'}"
+    with open_ledger_sync(url) as led:
+        led.set_budget("tenant:f", "1usd")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cycles_ledger.cli", "--store", url, "events", "--follow", "--json"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert json.loads(proc.stdout.readline())["type"] == "budget_set"
+        with open_ledger_sync(url) as led:
+            led.fund("tenant:f", "2usd")
+        ready, _, _ = select.select([proc.stdout], [], [], 20)
+        assert ready, "no new event printed within 20 s"
+        event = json.loads(proc.stdout.readline())
+        assert (event["type"], event["amount"], event["scope"]) == ("funded", 2 * 10**8, "tenant:f")
+    finally:
+        proc.kill()
+        proc.communicate()

@@ -522,3 +522,27 @@ async def test_reopen_keeps_everything(db_url: str, clock: FakeClock) -> None:
         await led.commit(r.reservation_id or "", "0.1usd")
         assert [r.reservation_id for r in await led.list_reservations(status="COMMITTED")] == [r.reservation_id]
         assert await led.verify() == []
+
+
+async def test_background_sweeper(db_url: str) -> None:
+    """start_sweeper expires idle reservations on the wall clock without any other call."""
+    import asyncio
+
+    async with open_ledger(db_url) as led:
+        await led.set_budget("tenant:t", "1usd")
+        await led.reserve(T, ACT, "0.5usd", ttl_ms=1_000, grace_period_ms=0)
+        led.start_sweeper(interval_s=0.05)
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if (await led.store.balances("tenant:t"))[0]["reserved"] == 0:
+                break
+        assert (await led.balance("tenant:t")).reserved == 0
+        assert [e.type for e in await led.events()][-1] == "expired"
+
+
+def test_open_ledger_rejects_unknown_settings(db_url: str) -> None:
+    """A misspelt setting is a ConfigError, not a silent default."""
+    from cycles_ledger import ConfigError
+
+    with pytest.raises(ConfigError, match="colour"):
+        open_ledger(db_url, colour="blue")

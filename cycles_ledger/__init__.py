@@ -9,6 +9,7 @@ async with open_ledger("sqlite:///budgets.db") as ledger:
 
 from .errors import (
     BudgetClosedError,
+    BudgetDenied,
     BudgetExceededError,
     BudgetFrozenError,
     ConfigError,
@@ -56,6 +57,7 @@ __all__ = [
     "Amount",
     "Balance",
     "BudgetClosedError",
+    "BudgetDenied",
     "BudgetExceededError",
     "BudgetFrozenError",
     "BudgetStatus",

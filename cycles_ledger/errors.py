@@ -12,6 +12,7 @@ status the protocol gives it, so an HTTP edge can map them without a table of it
     ├── NotFoundError                NOT_FOUND                404
     ├── ConflictError                (409 family)
     │   ├── BudgetExceededError      BUDGET_EXCEEDED
+    │   │   └── BudgetDenied             (raised by integrations for a DENY; `reason_code` says why)
     │   ├── OverdraftLimitExceededError OVERDRAFT_LIMIT_EXCEEDED
     │   ├── DebtOutstandingError     DEBT_OUTSTANDING
     │   ├── BudgetFrozenError        BUDGET_FROZEN
@@ -29,6 +30,7 @@ from typing import Any, ClassVar
 
 __all__ = [
     "BudgetClosedError",
+    "BudgetDenied",
     "BudgetExceededError",
     "BudgetFrozenError",
     "ConfigError",
@@ -94,6 +96,33 @@ class ConflictError(CyclesError):
 
 class BudgetExceededError(ConflictError):
     code = "BUDGET_EXCEEDED"
+
+
+class BudgetDenied(BudgetExceededError):
+    """An integration's way to stop an action the ledger denied (the Ledger itself returns DENY as data).
+
+    `reason_code` is the decision's reason (BUDGET_EXCEEDED, BUDGET_FROZEN, PRICE_UNKNOWN, ...), `scope`
+    the scope that refused, `remaining` what it had left, `estimate` what was asked.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason_code: str,
+        scope: str | None = None,
+        remaining: int | None = None,
+        estimate: int | None = None,
+        unit: str | None = None,
+        **details: Any,
+    ) -> None:
+        super().__init__(
+            message, scope=scope, reason_code=reason_code, remaining=remaining, estimate=estimate, unit=unit, **details
+        )
+        self.reason_code = reason_code
+        self.remaining = remaining
+        self.estimate = estimate
+        self.unit = unit
 
 
 class OverdraftLimitExceededError(ConflictError):

@@ -1,0 +1,381 @@
+"""The LiteLLM proxy callback: reserve before routing, commit real usage, release on failure.
+
+LiteLLM calls `async_pre_call_hook` only when it is defined on the registered class itself (not
+inherited), so every hook lives on `CyclesCallback` directly. Each client request is settled once:
+the pending reservation is popped by whichever settle path runs first (success, final failure,
+aborted stream); TTL expiry is the last resort.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+import uuid
+from collections.abc import AsyncGenerator, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from litellm.integrations.custom_logger import CustomLogger
+
+from cycles_ledger import (
+    Action,
+    Amount,
+    CyclesError,
+    Decision,
+    IdempotencyMismatchError,
+    InvalidRequestError,
+    Ledger,
+    NotFoundError,
+    ReservationExpiredError,
+    ReservationFinalizedError,
+    SoftLanding,
+    StoreUnavailableError,
+    Subject,
+    Unit,
+    format_amount,
+    open_ledger,
+)
+
+from .estimate import Estimate, PriceUnknown, cost_of_usage, estimate_call, price_of_group
+from .settings import Settings, load_settings
+from .subject import subject_from_request
+
+__all__ = ["CyclesCallback", "budget_error"]
+
+log = logging.getLogger("cycles_litellm")
+
+_USD = Unit.USD_MICROCENTS
+_FAILURE_GRACE_S = 30.0  # a failed attempt may still be retried or fall back inside the same request
+
+
+@dataclass
+class _Pending:
+    call_id: str
+    reservation_id: str | None  # None in shadow mode: nothing is held, spend is recorded as an event
+    subject: Subject
+    action: Action
+    estimate: Estimate
+    group: str
+    shadow: bool
+    streamed: list[str] = field(default_factory=list)
+
+
+def budget_error(
+    status: int, error_type: str, code: str, message: str, details: Mapping[str, Any] | None = None
+) -> Exception:
+    """An OpenAI-shaped error the proxy returns as is: {"error": {"type", "code", "message", ...}}."""
+    from litellm.proxy._types import ProxyException
+
+    return ProxyException(
+        message=message,
+        type=error_type,
+        param=None,
+        code=status,
+        openai_code=code,
+        # 402 is not retried by OpenAI SDKs; this header makes sure no client retries it.
+        headers={"x-should-retry": "false", **{f"x-cycles-{k}": str(v) for k, v in (details or {}).items()}},
+    )
+
+
+def _usd_to_microcents(value: Any) -> int:
+    """LiteLLM reports costs as float USD: convert once, rounding up (never under-charge)."""
+    if not value:
+        return 0
+    return math.ceil(Decimal(str(value)) * 10**8)
+
+
+def _action_kind(call_type: str) -> str:
+    if "embedding" in call_type:
+        return "llm.embedding"
+    if "image" in call_type:
+        return "llm.image"
+    return "llm.completion"
+
+
+def _action_name(model: str) -> str:
+    provider, sep, name = model.partition("/")
+    return f"{provider}:{name}" if sep else f"litellm:{model}"
+
+
+def _router() -> Any:
+    try:
+        from litellm.proxy.proxy_server import llm_router
+    except Exception:  # noqa: BLE001 - outside the proxy there is no router
+        return None
+    return llm_router
+
+
+class CyclesCallback(CustomLogger):
+    """Budget authority for the LiteLLM proxy. Register an instance: `callbacks: cycles_litellm.proxy_handler`."""
+
+    def __init__(self, settings: Settings | None = None, ledger: Ledger | None = None) -> None:
+        super().__init__()
+        self.settings = settings or load_settings()
+        self._ledger = ledger
+        self._ledger_lock = asyncio.Lock()
+        self._pending: dict[str, _Pending] = {}
+        self._headers: collections.OrderedDict[str, dict[str, str]] = collections.OrderedDict()
+        self.counters: collections.Counter[str] = collections.Counter()
+
+    async def ledger(self) -> Ledger:
+        if self._ledger is None:
+            async with self._ledger_lock:
+                if self._ledger is None:
+                    led = open_ledger(self.settings.store_url(), allow_unbudgeted=self.settings.allow_unbudgeted)
+                    led.start_sweeper(5.0)
+                    self._ledger = led
+        return self._ledger
+
+    # --- before routing ----------------------------------------------------------------------
+
+    async def async_pre_call_hook(
+        self, user_api_key_dict: Any, cache: Any, data: dict[str, Any], call_type: str
+    ) -> dict[str, Any]:
+        call_id = data.get("litellm_call_id") or uuid.uuid4().hex
+        data.setdefault("litellm_call_id", call_id)
+        try:
+            subject = subject_from_request(data, user_api_key_dict, self.settings.subject)
+        except InvalidRequestError as exc:
+            raise budget_error(400, "invalid_request_error", "cycles_subject_invalid", exc.message) from None
+        shadow = self.settings.is_shadow(subject.scopes())
+        group = str(data.get("model", ""))
+        try:
+            est = estimate_call(group, data, call_type, self.settings, _router())
+        except PriceUnknown as exc:
+            self.counters["price_unknown"] += 1
+            if shadow:
+                log.warning("cycles shadow: would deny %s (PRICE_UNKNOWN): %s", call_id, exc)
+                return data
+            raise budget_error(
+                402, "budget_exceeded", "PRICE_UNKNOWN", f"{exc}", {"reason": "PRICE_UNKNOWN", "model": group}
+            ) from None
+        action = Action(kind=_action_kind(call_type), name=_action_name(est.model))
+        soft = None
+        if est.output_per_million and not shadow:
+            minimum = est.input_cost + -(-self.settings.min_output_tokens * est.output_per_million // 10**6)
+            soft = SoftLanding(
+                min_amount=min(minimum, est.amount),
+                fixed_amount=est.input_cost,
+                amount_per_million_tokens=est.output_per_million,
+            )
+        try:
+            ledger = await self.ledger()
+            r = await ledger.reserve(
+                subject,
+                action,
+                Amount(unit=_USD, amount=est.amount),
+                idempotency_key=call_id,
+                ttl_ms=self.settings.ttl_ms,
+                overage_policy=self.settings.overage_policy,
+                dry_run=shadow,
+                soft_landing=soft,
+                metadata={"model_group": group, "call_type": call_type, "input_tokens": est.input_tokens},
+            )
+        except StoreUnavailableError as exc:
+            return self._unavailable(call_id, data, exc)
+        except CyclesError as exc:
+            raise budget_error(exc.http_status, "invalid_request_error", exc.code, exc.message) from None
+        headers = {"x-cycles-decision": r.decision.value, "x-cycles-scope": r.scope or subject.scope_path}
+        if r.remaining is not None:
+            headers["x-cycles-remaining"] = format_amount(r.remaining - (r.reserved.amount if r.reserved else 0), _USD)
+        if r.decision is Decision.DENY:
+            if shadow:
+                self.counters["shadow_would_deny"] += 1
+                log.info("cycles shadow: would deny %s (%s at %s)", call_id, r.reason_code, r.scope)
+            else:
+                self.counters["denied"] += 1
+                left = format_amount(r.remaining, _USD) if r.remaining is not None else "unknown"
+                raise budget_error(
+                    402,
+                    "budget_exceeded",
+                    r.reason_code or "BUDGET_EXCEEDED",
+                    f"Budget denied ({r.reason_code}) at scope {r.scope}: remaining {left}, "
+                    f"this call needs up to {format_amount(est.amount, _USD)}",
+                    {"reason": r.reason_code, "scope": r.scope, "remaining": r.remaining, "estimate": est.amount},
+                )
+        elif r.decision is Decision.ALLOW_WITH_CAPS and not shadow and r.caps and r.caps.max_tokens is not None:
+            key = "max_completion_tokens" if "max_completion_tokens" in data else "max_tokens"
+            data[key] = max(1, min(r.caps.max_tokens, est.output_cap))
+            headers["x-cycles-max-tokens"] = str(data[key])
+        self._remember_headers(
+            call_id, headers | ({"x-cycles-reservation-id": r.reservation_id} if r.reservation_id else {})
+        )
+        self._pending[call_id] = _Pending(call_id, r.reservation_id, subject, action, est, group, shadow)
+        return data
+
+    def _unavailable(self, call_id: str, data: dict[str, Any], exc: Exception) -> dict[str, Any]:
+        self.counters["ledger_unavailable"] += 1
+        if self.settings.fail_open():
+            self.counters["fail_open"] += 1
+            log.warning("cycles: ledger unavailable (%s); on_unavailable=fail_open lets %s through", exc, call_id)
+            return data
+        self.counters["fail_closed"] += 1
+        log.error("cycles: ledger unavailable (%s); on_unavailable=fail_closed refuses %s", exc, call_id)
+        raise budget_error(503, "cycles_unavailable", "LEDGER_UNAVAILABLE", f"budget ledger unavailable: {exc}")
+
+    def _remember_headers(self, call_id: str, headers: dict[str, str]) -> None:
+        self._headers[call_id] = headers
+        while len(self._headers) > 10_000:
+            self._headers.popitem(last=False)
+
+    async def async_post_call_response_headers_hook(
+        self,
+        data: dict[str, Any],
+        user_api_key_dict: Any,
+        response: Any,
+        request_headers: dict[str, str] | None = None,
+        litellm_call_info: dict[str, Any] | None = None,
+    ) -> dict[str, str] | None:
+        return self._headers.get(str(data.get("litellm_call_id")))
+
+    # --- after the call ------------------------------------------------------------------------
+
+    async def async_log_success_event(
+        self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
+    ) -> None:
+        pending = self._pending.pop(str(kwargs.get("litellm_call_id")), None)
+        if pending is None:
+            return
+        prompt, completion = _usage(kwargs, response_obj)
+        cost = kwargs.get("response_cost")
+        if cost:
+            actual = _usd_to_microcents(cost)
+        else:
+            try:
+                _, price = price_of_group(pending.group, self.settings, _router())
+                actual = cost_of_usage(prompt, completion, price)
+            except PriceUnknown:
+                actual = pending.estimate.amount
+        await self._settle(pending, actual, {"tokens_input": prompt, "tokens_output": completion})
+
+    async def async_post_call_failure_hook(
+        self,
+        request_data: dict[str, Any],
+        original_exception: Exception,
+        user_api_key_dict: Any,
+        traceback_str: str | None = None,
+    ) -> None:
+        """The whole request failed (after retries and fallbacks): give the hold back now."""
+        pending = self._pending.pop(str(request_data.get("litellm_call_id")), None)
+        if pending is not None:
+            await self._release(pending, f"call failed: {type(original_exception).__name__}")
+
+    async def async_log_failure_event(
+        self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
+    ) -> None:
+        """One attempt failed; a retry or fallback may still succeed, so release only if none does."""
+        call_id = str(kwargs.get("litellm_call_id"))
+        if call_id in self._pending:
+            asyncio.get_running_loop().call_later(
+                _FAILURE_GRACE_S, lambda: asyncio.ensure_future(self._release_if_pending(call_id))
+            )
+
+    async def _release_if_pending(self, call_id: str) -> None:
+        pending = self._pending.pop(call_id, None)
+        if pending is not None:
+            await self._release(pending, "call failed")
+
+    async def async_post_call_streaming_iterator_hook(
+        self, user_api_key_dict: Any, response: Any, request_data: dict[str, Any]
+    ) -> AsyncGenerator[Any, None]:
+        """Pass the stream through, remembering the text; if the client goes away before the end,
+        commit the prompt plus the output generated so far (no success event comes then)."""
+        call_id = str(request_data.get("litellm_call_id"))
+        pending = self._pending.get(call_id)
+        finished = False
+        try:
+            async for chunk in response:
+                if pending is not None:
+                    pending.streamed.append(_chunk_text(chunk))
+                yield chunk
+            finished = True
+        finally:
+            if not finished and pending is not None and self._pending.pop(call_id, None) is not None:
+                asyncio.get_running_loop().create_task(self._settle_aborted(pending))
+
+    async def _settle_aborted(self, pending: _Pending) -> None:
+        import litellm
+
+        text = "".join(pending.streamed)
+        out_tokens = int(litellm.token_counter(model=pending.estimate.model, text=text)) if text else 0
+        actual = pending.estimate.input_cost + -(-out_tokens * pending.estimate.output_per_million // 10**6)
+        self.counters["aborted_streams"] += 1
+        await self._settle(
+            pending, actual, {"tokens_input": pending.estimate.input_tokens, "tokens_output": out_tokens}
+        )
+
+    async def _settle(self, pending: _Pending, actual: int, metrics: dict[str, Any]) -> None:
+        """Commit (or, in shadow mode, record) the actual cost, retrying while the ledger is away."""
+        amount = Amount(unit=_USD, amount=actual)
+        for attempt in range(self.settings.settle_retries + 1):
+            try:
+                ledger = await self.ledger()
+                if pending.reservation_id is None:
+                    await ledger.record_event(
+                        pending.subject,
+                        pending.action,
+                        amount,
+                        idempotency_key=f"actual:{pending.call_id}",
+                        metrics=metrics,
+                    )
+                else:
+                    await ledger.commit(pending.reservation_id, amount, metrics=metrics)
+                return
+            except (ReservationFinalizedError, IdempotencyMismatchError):
+                return  # another path settled it first
+            except ReservationExpiredError:
+                # The hold is gone but the spend happened: record it as a direct debit.
+                pending = _Pending(
+                    pending.call_id, None, pending.subject, pending.action, pending.estimate, pending.group, True
+                )
+            except NotFoundError:
+                log.info("cycles: no budget for %s; spend of %s not recorded", pending.subject.scope_path, amount)
+                return
+            except StoreUnavailableError as exc:
+                self.counters["settle_retries"] += 1
+                log.warning("cycles: settle of %s failed (%s), attempt %d", pending.call_id, exc, attempt + 1)
+                await asyncio.sleep(0.2 * 2**attempt)
+        self.counters["settle_failures"] += 1
+        log.error("cycles: could not settle %s; its hold expires with the reservation TTL", pending.call_id)
+
+    async def _release(self, pending: _Pending, reason: str) -> None:
+        if pending.reservation_id is None:
+            return
+        for attempt in range(self.settings.settle_retries + 1):
+            try:
+                await (await self.ledger()).release(pending.reservation_id, reason=reason[:256])
+                return
+            except (ReservationFinalizedError, ReservationExpiredError, IdempotencyMismatchError):
+                return
+            except StoreUnavailableError as exc:
+                self.counters["settle_retries"] += 1
+                log.warning("cycles: release of %s failed (%s), attempt %d", pending.call_id, exc, attempt + 1)
+                await asyncio.sleep(0.2 * 2**attempt)
+        self.counters["settle_failures"] += 1
+
+
+def _usage(kwargs: Mapping[str, Any], response_obj: Any) -> tuple[int, int]:
+    slo = kwargs.get("standard_logging_object") or {}
+    prompt, completion = slo.get("prompt_tokens"), slo.get("completion_tokens")
+    if prompt is None:
+        usage = getattr(response_obj, "usage", None) or {}
+        get = usage.get if isinstance(usage, Mapping) else lambda k, d=None: getattr(usage, k, d)
+        prompt, completion = get("prompt_tokens", 0), get("completion_tokens", 0)
+    return int(prompt or 0), int(completion or 0)
+
+
+def _chunk_text(chunk: Any) -> str:
+    try:
+        choices = chunk.choices if not isinstance(chunk, Mapping) else chunk.get("choices", [])
+        parts = []
+        for choice in choices or []:
+            delta = choice.delta if not isinstance(choice, Mapping) else choice.get("delta", {})
+            content = delta.content if not isinstance(delta, Mapping) else delta.get("content")
+            if content:
+                parts.append(content)
+        return "".join(parts)
+    except AttributeError:
+        return ""

@@ -66,17 +66,24 @@ class _Pending:
 def budget_error(
     status: int, error_type: str, code: str, message: str, details: Mapping[str, Any] | None = None
 ) -> Exception:
-    """An OpenAI-shaped error the proxy returns as is: {"error": {"type", "code", "message", ...}}."""
+    """An OpenAI-shaped error the proxy returns as is:
+    {"error": {"type": "budget_exceeded", "code": "<reason>", "message": ..., "cycles": {scope, remaining, ...}}}."""
     from litellm.proxy._types import ProxyException
 
-    return ProxyException(
+    class CyclesProxyError(ProxyException):
+        def to_dict(self) -> dict[str, Any]:
+            body: dict[str, Any] = {"message": self.message, "type": self.type, "param": None, "code": code}
+            if details:
+                body["cycles"] = dict(details)
+            return body
+
+    return CyclesProxyError(
         message=message,
         type=error_type,
         param=None,
         code=status,
-        openai_code=code,
         # 402 is not retried by OpenAI SDKs; this header makes sure no client retries it.
-        headers={"x-should-retry": "false", **{f"x-cycles-{k}": str(v) for k, v in (details or {}).items()}},
+        headers={"x-should-retry": "false"},
     )
 
 

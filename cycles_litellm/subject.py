@@ -12,6 +12,8 @@ from .settings import SubjectMapping
 __all__ = ["LEVELS", "subject_from_request"]
 
 LEVELS = ("tenant", "workspace", "app", "workflow", "agent", "toolset")
+# What LiteLLM fills in for the master key or keyless calls: not anyone's identity.
+_PLACEHOLDERS = frozenset({"default_user_id", "litellm_proxy_master_key", "litellm-proxy-master-key"})
 
 
 def _lower_keys(headers: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -47,6 +49,8 @@ def subject_from_request(data: Mapping[str, Any], key_info: Any, mapping: Subjec
         if value is None:
             for name in mapping.key_fields.get(level, []):
                 value = meta.get(name) or getattr(key_info, name.removeprefix("user_api_key_"), None)
+                if value in _PLACEHOLDERS:
+                    value = None
                 if value:
                     break
         if value is None:

@@ -1,0 +1,118 @@
+"""Estimates from LiteLLM's prices (exact integers, dearest deployment), subjects from requests, settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import litellm
+import pytest
+
+from cycles_ledger import ConfigError, InvalidRequestError
+from cycles_litellm.estimate import PriceUnknown, estimate_call, price_of_group
+from cycles_litellm.settings import Settings, SubjectMapping, load_settings
+from cycles_litellm.subject import subject_from_request
+
+MSGS = [{"role": "user", "content": "hello there"}]
+
+
+def test_price_is_exact_integer_per_million() -> None:
+    """gpt-4o-mini's $0.15 / $0.60 per million tokens become exact USD_MICROCENTS per million."""
+    _, price = price_of_group("gpt-4o-mini", Settings())
+    assert (price.input_per_million, price.output_per_million) == (15_000_000, 60_000_000)
+    assert price.max_output_tokens == 16384
+
+
+def test_worst_case_uses_max_tokens_or_model_ceiling() -> None:
+    """Worst case = counted prompt tokens x input price + output cap x output price."""
+    tokens = litellm.token_counter(model="gpt-4o-mini", messages=MSGS)
+    capped = estimate_call("gpt-4o-mini", {"messages": MSGS, "max_tokens": 100}, "acompletion", Settings())
+    assert capped.input_tokens == tokens
+    assert capped.amount == -(-tokens * 15_000_000 // 10**6) + 100 * 60
+    uncapped = estimate_call("gpt-4o-mini", {"messages": MSGS}, "acompletion", Settings())
+    assert uncapped.output_cap == 16384
+    assert uncapped.amount == uncapped.input_cost + 16384 * 60
+
+
+def test_embedding_estimate_is_input_only() -> None:
+    """Embeddings cost their input tokens only."""
+    est = estimate_call("text-embedding-3-small", {"input": ["a b c", "d e"]}, "aembedding", Settings())
+    assert est.output_cap == 0 and est.amount == est.input_cost > 0
+
+
+def test_unknown_price_is_not_free() -> None:
+    """A model missing from the price map is unknown (never $0) unless configured."""
+    with pytest.raises(PriceUnknown):
+        estimate_call("openai/private-model", {"messages": MSGS}, "acompletion", Settings())
+    priced = Settings.model_validate(
+        {"prices": {"openai/private-model": {"input_per_million": "1usd", "output_per_million": "2usd"}}}
+    )
+    est = estimate_call("openai/private-model", {"messages": MSGS, "max_tokens": 10}, "acompletion", priced)
+    assert est.output_per_million == 2 * 10**8
+    free = Settings.model_validate({"free_models": ["openai/private-model"]})
+    assert estimate_call("openai/private-model", {"messages": MSGS}, "acompletion", free).amount == 0
+
+
+def test_group_priced_by_dearest_deployment_and_fallback() -> None:
+    """A model group is priced by its dearest deployment, fallbacks included."""
+    router = litellm.Router(
+        model_list=[
+            {"model_name": "smart", "litellm_params": {"model": "openai/gpt-4o-mini", "api_key": "x"}},
+            {"model_name": "smart", "litellm_params": {"model": "openai/gpt-4o-mini", "api_key": "y"}},
+            {"model_name": "big", "litellm_params": {"model": "openai/gpt-4o", "api_key": "x"}},
+        ],
+        fallbacks=[{"smart": ["big"]}],
+    )
+    model, price = price_of_group("smart", Settings(), router)
+    assert model == "openai/gpt-4o"
+    assert price.output_per_million == 10 * 10**8
+
+
+def _req(meta: dict[str, object] | None = None, headers: dict[str, str] | None = None) -> dict[str, object]:
+    return {"metadata": meta or {}, "proxy_server_request": {"headers": headers or {}}}
+
+
+def test_subject_sources_in_order() -> None:
+    """Metadata wins over headers, headers over key fields, key fields over defaults."""
+    mapping = SubjectMapping(defaults={"tenant": "fallback", "workspace": "dflt"})
+    s = subject_from_request(
+        _req(
+            {"cycles": {"tenant": "meta", "dimensions": {"run": "7"}}, "user_api_key_team_id": "team-1"},
+            {"X-Cycles-Tenant": "hdr", "x-cycles-workflow": "wf"},
+        ),
+        None,
+        mapping,
+    )
+    assert (s.tenant, s.workflow, s.workspace, s.dimensions) == ("meta", "wf", "dflt", {"run": "7"})
+    key = SimpleNamespace(team_id="team-9", user_id="default_user_id", end_user_id=None, key_alias=None, org_id=None)
+    s2 = subject_from_request(_req(), key, SubjectMapping())
+    assert s2.scopes() == ["tenant:team-9"]
+
+
+@pytest.mark.parametrize(
+    "req",
+    [_req(), _req({"cycles": "acme"}), _req(headers={"x-cycles-tenant": "a b"}), _req({"cycles": {"agent": "x/y"}})],
+)
+def test_subject_errors(req: dict[str, object]) -> None:
+    """No identity, malformed metadata or bad values are InvalidRequestError (the proxy answers 400)."""
+    with pytest.raises(InvalidRequestError):
+        subject_from_request(req, None, SubjectMapping())
+
+
+def test_settings_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shipped settings load; broken files are ConfigErrors naming the file; shadow scopes apply below."""
+    assert load_settings("configs/cycles.yaml").mode == "enforce"
+    bad = tmp_path / "c.yaml"
+    bad.write_text("mode: sometimes\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml"):
+        load_settings(bad)
+    bad.write_text("mode: [enforce\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:2"):
+        load_settings(bad)
+    monkeypatch.setenv("CYCLES_CONFIG", str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings()
+    s = Settings(shadow_scopes=["tenant:trial"])
+    assert s.is_shadow(["tenant:trial", "tenant:trial/agent:a"]) and not s.is_shadow(["tenant:trialx"])
+    assert not s.fail_open() and Settings(mode="shadow").fail_open()
+    assert Settings(on_unavailable="fail_open").fail_open()

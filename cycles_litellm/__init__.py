@@ -14,9 +14,23 @@ from typing import Any
 from cycles_ledger import BudgetDenied
 
 from .handler import CyclesCallback, budget_error
+from .sdk import CyclesGate, Guard, acompletion, aembedding, completion, configure
 from .settings import Settings, load_settings
 
-__all__ = ["BudgetDenied", "CyclesCallback", "Settings", "budget_error", "load_settings", "proxy_handler"]
+__all__ = [
+    "BudgetDenied",
+    "CyclesCallback",
+    "CyclesGate",
+    "Guard",
+    "Settings",
+    "acompletion",
+    "aembedding",
+    "budget_error",
+    "completion",
+    "configure",
+    "load_settings",
+    "proxy_handler",
+]
 
 _handler: CyclesCallback | None = None
 

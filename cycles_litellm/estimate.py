@@ -16,9 +16,11 @@ from typing import Any
 
 import litellm
 
+from cycles_ledger import SoftLanding
+
 from .settings import Settings
 
-__all__ = ["Estimate", "Price", "PriceUnknown", "cost_of_usage", "estimate_call", "price_of_group"]
+__all__ = ["Estimate", "Price", "PriceUnknown", "cost_of_usage", "estimate_call", "price_of_group", "soft_landing"]
 
 _MICROCENTS_PER_USD = 10**8
 _PER_MILLION = 10**6
@@ -165,4 +167,17 @@ def cost_of_usage(prompt_tokens: int, completion_tokens: int, price: Price) -> i
     """Exact integer cost of known usage at a price (used when LiteLLM reports no response_cost)."""
     return _tokens_cost(prompt_tokens, price.input_per_million) + _tokens_cost(
         completion_tokens, price.output_per_million
+    )
+
+
+def soft_landing(est: Estimate, min_output_tokens: int) -> SoftLanding | None:
+    """Let a completion that does not fit run smaller: reserve what is left if it pays for the prompt
+    plus `min_output_tokens`, and cap max_tokens to what it pays for."""
+    if not est.output_per_million:
+        return None
+    minimum = est.input_cost + _tokens_cost(min_output_tokens, est.output_per_million)
+    return SoftLanding(
+        min_amount=min(minimum, est.amount),
+        fixed_amount=est.input_cost,
+        amount_per_million_tokens=est.output_per_million,
     )

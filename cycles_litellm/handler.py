@@ -31,7 +31,6 @@ from cycles_ledger import (
     NotFoundError,
     ReservationExpiredError,
     ReservationFinalizedError,
-    SoftLanding,
     StoreUnavailableError,
     Subject,
     Unit,
@@ -39,7 +38,7 @@ from cycles_ledger import (
     open_ledger,
 )
 
-from .estimate import Estimate, PriceUnknown, cost_of_usage, estimate_call, price_of_group
+from .estimate import Estimate, PriceUnknown, cost_of_usage, estimate_call, price_of_group, soft_landing
 from .settings import Settings, load_settings
 from .subject import subject_from_request
 
@@ -160,14 +159,7 @@ class CyclesCallback(CustomLogger):
                 402, "budget_exceeded", "PRICE_UNKNOWN", f"{exc}", {"reason": "PRICE_UNKNOWN", "model": group}
             ) from None
         action = Action(kind=_action_kind(call_type), name=_action_name(est.model))
-        soft = None
-        if est.output_per_million and not shadow:
-            minimum = est.input_cost + -(-self.settings.min_output_tokens * est.output_per_million // 10**6)
-            soft = SoftLanding(
-                min_amount=min(minimum, est.amount),
-                fixed_amount=est.input_cost,
-                amount_per_million_tokens=est.output_per_million,
-            )
+        soft = None if shadow else soft_landing(est, self.settings.min_output_tokens)
         try:
             ledger = await self.ledger()
             r = await ledger.reserve(

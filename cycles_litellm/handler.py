@@ -130,7 +130,12 @@ class CyclesCallback(CustomLogger):
         if self._ledger is None:
             async with self._ledger_lock:
                 if self._ledger is None:
-                    led = open_ledger(self.settings.store_url(), allow_unbudgeted=self.settings.allow_unbudgeted)
+                    try:
+                        led = open_ledger(self.settings.store_url(), allow_unbudgeted=self.settings.allow_unbudgeted)
+                    except CyclesError as exc:  # a store we cannot open is an unavailable ledger
+                        raise StoreUnavailableError(
+                            f"cannot open the ledger {self.settings.store_url()}: {exc}"
+                        ) from exc
                     led.start_sweeper(5.0)
                     self._ledger = led
         return self._ledger

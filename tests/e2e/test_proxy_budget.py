@@ -50,6 +50,11 @@ def settled(proxy: LiteLLMProxy, scope: str) -> Any:
         return led.balance(scope)
 
 
+def wait_for_debits(proxy: LiteLLMProxy, scope: str, n: int) -> None:
+    with proxy.ledger() as led:
+        wait_until(lambda: sum(e.type == "debited" for e in led.events(scope=scope, limit=1000)) == n)
+
+
 @pytest.fixture(scope="module")
 def proxy(proxy_factory: ProxyFactory) -> LiteLLMProxy:
     return proxy_factory(SHADOW)
@@ -191,11 +196,7 @@ def test_shadow_never_blocks_and_records_the_would_be_denial(proxy: LiteLLMProxy
         r = post(proxy, chat("e2e-shadow", max_tokens=40), "e2e-shadow")
         assert r.status_code == 200, r.text
         ids.append(r.headers["x-litellm-call-id"])
-        with proxy.ledger() as led:  # settle before the next call, as a sequential agent would
-            done = len(ids)
-            wait_until(lambda: sum(e.type == "debited" for e in led.events(scope="tenant:e2e-shadow")) == done)
-                lambda n=len(ids): len([e for e in led.events(scope="tenant:e2e-shadow") if e.type == "debited"]) == n
-            )
+        wait_for_debits(proxy, "tenant:e2e-shadow", len(ids))  # settle first, as a sequential agent would
     with proxy.ledger() as led:
         events = led.events(scope="tenant:e2e-shadow", limit=1000)
         verdicts = [(e.type, e.data.get("key")) for e in events if e.type.startswith("would_")]

@@ -102,8 +102,17 @@ def _action_kind(call_type: str) -> str:
 
 
 def _action_name(model: str) -> str:
+    """`<provider>:<model>`, e.g. `openai:gpt-4o-mini`, as LiteLLM resolves the provider."""
     provider, sep, name = model.partition("/")
-    return f"{provider}:{name}" if sep else f"litellm:{model}"
+    if sep:
+        return f"{provider}:{name}"
+    try:
+        import litellm
+
+        name, provider, _, _ = litellm.get_llm_provider(model)
+        return f"{provider}:{name}"
+    except Exception:  # noqa: BLE001 - an unknown provider is still a valid action name
+        return f"litellm:{model}"
 
 
 def _router() -> Any:

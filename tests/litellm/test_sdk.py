@@ -124,3 +124,34 @@ def test_sync_completion(store: str) -> None:
     with pytest.raises(BudgetDenied) as info:
         guard.call("completion", litellm.completion, {"model": "gpt-4o-mini", "messages": MSGS})
     assert info.value.reason_code == "SUBJECT_MISSING"
+
+
+async def test_gate_meters_third_party_calls(store: str) -> None:
+    """CyclesGate in litellm.callbacks reserves before a plain litellm.acompletion, commits after, and blocks DENY."""
+    import asyncio
+
+    from cycles_litellm import CyclesGate
+
+    gate = CyclesGate(Guard(Settings(), store=store))
+    saved = list(litellm.callbacks)
+    litellm.callbacks = [gate]
+    try:
+        await litellm.acompletion(
+            model="gpt-4o-mini", messages=MSGS, mock_response="yo", metadata={"cycles": {"tenant": "sdk"}}
+        )
+        for _ in range(100):
+            if balance(store)[0] > 0:
+                break
+            await asyncio.sleep(0.05)
+        spent, reserved = balance(store)
+        assert spent > 0 and reserved == 0
+        with open_ledger_sync(store) as led:
+            [r] = led.list_reservations()
+            assert (r.status.value, r.action.name) == ("COMMITTED", "openai:gpt-4o-mini")
+            led.set_budget("tenant:sdk", {"unit": "USD_MICROCENTS", "amount": spent + 10})
+        with pytest.raises(BudgetDenied):
+            await litellm.acompletion(
+                model="gpt-4o-mini", messages=MSGS, mock_response="yo", metadata={"cycles": {"tenant": "sdk"}}
+            )
+    finally:
+        litellm.callbacks = saved

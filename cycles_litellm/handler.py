@@ -90,7 +90,8 @@ def _usd_to_microcents(value: Any) -> int:
     """LiteLLM reports costs as float USD: convert once, rounding up (never under-charge)."""
     if not value:
         return 0
-    return math.ceil(Decimal(str(value)) * 10**8)
+    # Drop float noise (0.00026250000000000004) below 1e-12 USD before rounding up to a microcent.
+    return math.ceil(Decimal(str(value)).quantize(Decimal("1e-12")) * 10**8)
 
 
 def _action_kind(call_type: str) -> str:

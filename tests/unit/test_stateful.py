@@ -144,16 +144,26 @@ class Model:
         self.event_keys: dict[str, tuple[Any, Any]] = {}
         self.extend_keys: dict[str, tuple[Any, int]] = {}  # key -> ((rid, by), expires_at_ms)
 
-    def expire_due(self) -> int:
-        """Every write starts by expiring reservations whose grace is over; their holds return."""
-        n = 0
-        for r in self.res.values():
-            if r.status == "ACTIVE" and r.deadline < self.clock.now:
-                r.status = "EXPIRED"
-                for s in r.budgeted:
-                    self.budgets[s].reserved -= r.amount
-                n += 1
-        return n
+    def expire_overdue(self) -> int:
+        """Expire every reservation whose grace is over (now > expiry + grace); their holds return."""
+        overdue = [r for r in self.res.values() if r.status == "ACTIVE" and r.deadline < self.clock.now]
+        for r in overdue:
+            self.expire(r)
+        return len(overdue)
+
+    def expire(self, r: MReservation) -> None:
+        r.status = "EXPIRED"
+        for s in r.budgeted:
+            self.budgets[s].reserved -= r.amount
+
+    def touch(self, r: MReservation) -> None:
+        """Settling or extending a reservation past its expiry + grace expires it (and then refuses)."""
+        if r.status == "ACTIVE" and self.clock.now > r.deadline:
+            self.expire(r)
+
+    def before_write(self) -> None:
+        """README: overdue reservations expire lazily in every write transaction (reads never expire anything)."""
+        self.expire_overdue()
 
     def evaluate(self, scopes: list[str], estimate: int, soft_min: int | None) -> Evaluation:
         present = [s for s in scopes if s in self.budgets]
@@ -251,12 +261,13 @@ class LedgerMachine(RuleBasedStateMachine):
 
     def pick(self, data: st.DataObject) -> str:
         """A reservation id: usually a live one, sometimes any (for replays and refusals), rarely an unknown one."""
-        live = [rid for rid, r in self.model.res.items() if r.status == "ACTIVE"]
-        choice = data.draw(st.integers(0, 9), label="which kind")
+        ids = list(self.model.res)
+        live = [n for n, rid in enumerate(ids) if self.model.res[rid].status == "ACTIVE"]
+        choice = data.draw(st.integers(0, 9), label="0 unknown, 1-2 any, else live")
         if choice == 0:
             return "rsv_unknown"
-        pool = live if live and choice > 2 else list(self.model.res)
-        return data.draw(st.sampled_from(pool), label="reservation")
+        pool = live if live and choice > 2 else list(range(len(ids)))
+        return ids[data.draw(st.sampled_from(pool), label="reservation number")]
 
     # setup
 
@@ -291,7 +302,7 @@ class LedgerMachine(RuleBasedStateMachine):
 
     def set_budget(self, scope: str, allocated: int, limit: int | None) -> None:
         """set_budget creates a budget or changes its allocation and overdraft limit, keeping what was used."""
-        self.model.expire_due()
+        self.model.before_write()
         b = self.model.budgets.get(scope)
         if b is None:
             b = self.model.budgets[scope] = MBudget(allocated, overdraft_limit=limit or 0)
@@ -310,7 +321,7 @@ class LedgerMachine(RuleBasedStateMachine):
 
     def fund(self, scope: str, amount: int) -> None:
         """fund repays debt first (it becomes spend), then the rest is new allocation."""
-        self.model.expire_due()
+        self.model.before_write()
         b = self.model.budgets.get(scope)
         if b is None:
             self.raises(NotFoundError, self.ledger.fund, scope, usd(amount))
@@ -325,7 +336,7 @@ class LedgerMachine(RuleBasedStateMachine):
 
     def freeze_or_unfreeze(self, scope: str, frozen: bool) -> None:
         """freeze blocks new holds and events on a budget; unfreeze lifts it."""
-        self.model.expire_due()
+        self.model.before_write()
         op = self.ledger.freeze if frozen else self.ledger.unfreeze
         b = self.model.budgets.get(scope)
         if b is None:
@@ -374,7 +385,7 @@ class LedgerMachine(RuleBasedStateMachine):
             ev.scope,
             ev.remaining,
         )
-        self.model.expire_due()
+        self.model.before_write()
         payload = (subject, estimate, policy, ttl, grace, dry_run, soft_min)
 
         def call() -> Any:
@@ -435,7 +446,7 @@ class LedgerMachine(RuleBasedStateMachine):
     def commit(self, data: st.DataObject, actual: int, key: str | None, retry: bool) -> None:
         """commit charges exactly what the overage policy allows, or raises its typed error and changes nothing."""
         rid = self.pick(data)
-        self.model.expire_due()
+        self.model.before_write()
         r0 = self.model.res.get(rid)
         if retry and r0 is not None and r0.settle is not None and r0.settle[0] == "commit":
             actual, key = r0.settle[2], (None if r0.settle[1] == f"commit:{rid}" else r0.settle[1])
@@ -454,6 +465,7 @@ class LedgerMachine(RuleBasedStateMachine):
             assert (got.charged.amount, got.released.amount if got.released else 0) == r.settle[3]
             self.check_returned(got.balances)
             return
+        self.model.touch(r)
         if r.status != "ACTIVE":
             err = ReservationExpiredError if r.status == "EXPIRED" else ReservationFinalizedError
             self.raises(err, *call, **kwargs)
@@ -474,7 +486,7 @@ class LedgerMachine(RuleBasedStateMachine):
     def release(self, data: st.DataObject, key: str | None) -> None:
         """release returns the whole hold; a retry answers the same, a finalized reservation refuses."""
         rid = self.pick(data)
-        self.model.expire_due()
+        self.model.before_write()
         if rid not in self.model.res:
             self.raises(NotFoundError, self.ledger.release, rid, idempotency_key=key)
             return
@@ -488,6 +500,7 @@ class LedgerMachine(RuleBasedStateMachine):
             assert got.released.amount == r.amount
             self.check_returned(got.balances)
             return
+        self.model.touch(r)
         if r.status != "ACTIVE":
             err = ReservationExpiredError if r.status == "EXPIRED" else ReservationFinalizedError
             self.raises(err, self.ledger.release, rid, idempotency_key=key)
@@ -509,7 +522,7 @@ class LedgerMachine(RuleBasedStateMachine):
     def extend(self, data: st.DataObject, by: int, key: str | None, retry: bool) -> None:
         """extend pushes the expiry of a live reservation, only before it expires and at most MAX_EXTENSIONS times."""
         rid = self.pick(data)
-        self.model.expire_due()
+        self.model.before_write()
         if retry and key in self.model.extend_keys:
             rid, by = self.model.extend_keys[key][0]
         call = (self.ledger.extend, rid, by)
@@ -527,6 +540,7 @@ class LedgerMachine(RuleBasedStateMachine):
             self.raises(NotFoundError, *call, **kwargs)
             return
         r = self.model.res[rid]
+        self.model.touch(r)
         if r.status == "EXPIRED" or (r.status == "ACTIVE" and self.clock.now > r.expires):
             self.raises(ReservationExpiredError, *call, **kwargs)
             return
@@ -553,7 +567,7 @@ class LedgerMachine(RuleBasedStateMachine):
     )
     def record_event(self, subject: int, actual: int, policy: str, key: str | None, retry: bool) -> None:
         """record_event debits directly under the overage policy; a replayed key charges once."""
-        self.model.expire_due()
+        self.model.before_write()
         if retry and key in self.model.event_keys:
             subject, actual, policy = self.model.event_keys[key][0]
         subj = SUBJECTS[subject]
@@ -592,7 +606,17 @@ class LedgerMachine(RuleBasedStateMachine):
         """Time passes; holds past expiry + grace return on sweep or lazily on the next write, never on a read."""
         self.clock.now += ms
         if sweep:
-            assert self.ledger.sweep() == self.model.expire_due()
+            assert self.ledger.sweep() == self.model.expire_overdue()
+
+    @precondition(lambda self: any(r.status == "ACTIVE" for r in self.model.res.values()))
+    @rule(data=st.data(), edge=st.sampled_from(("expiry", "deadline")), offset=st.sampled_from((-60, 0, 1, 60)))
+    def advance_to_edge(self, data: st.DataObject, edge: str, offset: int) -> None:
+        """Time moves to just before, onto or just past a live reservation's expiry or its expiry + grace."""
+        ids = list(self.model.res)
+        live = [n for n, rid in enumerate(ids) if self.model.res[rid].status == "ACTIVE"]
+        r = self.model.res[ids[data.draw(st.sampled_from(live), label="reservation number")]]
+        target = (r.expires if edge == "expiry" else r.deadline) + offset
+        self.clock.now = max(self.clock.now, target)
 
     # checks after every step
 
@@ -632,7 +656,7 @@ def test_ledger_matches_model_under_random_operations() -> None:
     """Random reserve/commit/release/extend/expiry/fund/freeze/event/replay runs keep the ledger equal to the model."""
     run_state_machine_as_test(
         LedgerMachine,
-        settings=settings(max_examples=60, stateful_step_count=40, deadline=None),
+        settings=settings(max_examples=60, stateful_step_count=40, deadline=None, report_multiple_bugs=False),
     )
 
 
@@ -649,3 +673,23 @@ def test_lowering_overdraft_limit_below_debt_marks_budget_over_limit(tmp_path: P
         assert b.is_over_limit, "debt 1 is above the new overdraft limit 0, so the budget must be over-limit"
         assert led.verify() == []
         assert led.reserve(SUBJECTS[0], ACTION, usd(0)).reason_code == "OVERDRAFT_LIMIT_EXCEEDED"
+
+
+def test_debit_just_after_a_hold_expires_finds_the_hold_returned(tmp_path: Path) -> None:
+    """A debit 1 ms after a hold's expiry + grace is charged in full, as every write first expires overdue holds."""
+    # The machine's shortest failing run (lazy expiry skipped within 100 ms of the previous lazy pass):
+    # create_budgets(tenant=0, workflow=None, limits=(0, 0)); reserve(estimate=0, ttl=None, grace=0, ...);
+    # advance_to_edge(edge='expiry', offset=-60); extend(<unknown id>)  # a write: lazy pass, hold not yet due
+    # advance_to_edge(edge='expiry', offset=1); commit(<unknown id>)  # a write: the overdue hold is still ACTIVE
+    clock = Clock()
+    with open_ledger_sync(f"sqlite:///{tmp_path / 'x.db'}", clock=clock) as led:
+        led.set_budget(T, usd(10))
+        led.reserve(SUBJECTS[0], ACTION, usd(10), ttl_ms=1_000, grace_period_ms=0)
+        clock.now += 999
+        led.fund(T, usd(0))  # a write while the hold is still live
+        clock.now += 2  # now 1 ms past expiry + grace: the hold is overdue and must not count any more
+        got = led.record_event(SUBJECTS[0], ACTION, usd(5), overage_policy="ALLOW_IF_AVAILABLE")
+        b = led.balance(T)
+        assert (got.charged.amount, b.reserved, b.spent, b.is_over_limit) == (5, 0, 5, False)
+        assert led.reserve(SUBJECTS[0], ACTION, usd(1)).allowed
+        assert led.verify() == []

@@ -181,10 +181,6 @@ class _Writer(threading.Thread):
         self.batch_size = batch_size
         self.busy_timeout_s = busy_timeout_s
         self.sweep_per_batch = sweep_per_batch
-        # Overdue holds are expired by the first write batch after each interval (store clock), and
-        # at once whenever they would turn a reservation into a denial.
-        self.lazy_sweep_interval_ms = 100
-        self.next_lazy_sweep = 0
         self.jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.ready: concurrent.futures.Future[None] = concurrent.futures.Future()
 
@@ -254,10 +250,9 @@ class _Writer(threading.Thread):
             else:
                 self._begin_write(conn)
             now = self.clock()
-            swept = 0
-            if not readonly and self.sweep_per_batch and now >= self.next_lazy_sweep:
-                swept = _expire_due(conn, now, self.sweep_per_batch)
-                self.next_lazy_sweep = now + self.lazy_sweep_interval_ms
+            # Every write first expires overdue holds (one lookup on a partial index), so no write
+            # ever counts budget that a crashed caller no longer holds.
+            swept = _expire_due(conn, now, self.sweep_per_batch) if not readonly and self.sweep_per_batch else 0
             for j in batch:
                 conn.execute("SAVEPOINT op")
                 try:

@@ -662,9 +662,9 @@ def test_ledger_matches_model_under_random_operations() -> None:
 
 def test_lowering_overdraft_limit_below_debt_marks_budget_over_limit(tmp_path: Path) -> None:
     """Lowering a budget's overdraft limit below its debt leaves it over-limit and the books still verify."""
-    # The machine's shortest failing run: create_budgets(tenant=0, workflow=None, limits=(1, 0));
-    # record_event(subject=0, actual=1, policy='ALLOW_WITH_OVERDRAFT');
-    # operator(op='set', scope=T, allocated=0, limit=0).
+    # Found by the machine before ac9e19e (set_budget then left is_over_limit False, and verify() complained):
+    # create_budgets(tenant=0, workflow=None, limits=(1, 0));
+    # record_event(subject=0, actual=1, policy='ALLOW_WITH_OVERDRAFT'); operator(op='set', scope=T, limit=0).
     with open_ledger_sync(f"sqlite:///{tmp_path / 'x.db'}", clock=Clock()) as led:
         led.set_budget(T, usd(0), overdraft_limit=1)
         led.record_event(SUBJECTS[0], ACTION, usd(1), overage_policy="ALLOW_WITH_OVERDRAFT")

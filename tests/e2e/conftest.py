@@ -199,6 +199,8 @@ def start_proxy(
         }
     )
     proc_env.update(env or {})
+    if env and "CYCLES_STORE" in env:  # the test overrode the store: report the one the plugin really uses
+        store_url = env["CYCLES_STORE"]
     config_path = Path(litellm_config).resolve()
     log_path = workdir / "proxy.log"
     log_file = log_path.open("wb")

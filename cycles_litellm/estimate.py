@@ -9,6 +9,7 @@ lists it as free.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
@@ -97,8 +98,31 @@ def _deployments(group: str, router: Any) -> list[tuple[str, Mapping[str, Any]]]
     return out or [(group, {})]
 
 
+_PRICE_TTL_S = 60.0  # deployments can change at runtime (proxy admin API): re-read them every minute
+_price_cache: dict[tuple[str, int, int], tuple[float, tuple[str, Price] | PriceUnknown]] = {}
+
+
 def price_of_group(group: str, settings: Settings, router: Any = None) -> tuple[str, Price]:
-    """The dearest price over the group's deployments and fallbacks; PriceUnknown if any is unpriced."""
+    """The dearest price over the group's deployments and fallbacks; PriceUnknown if any is unpriced.
+
+    Cached for a minute per (group, settings, router): pricing sits on every request's path."""
+    key = (group, id(settings), id(router))
+    hit = _price_cache.get(key)
+    now = time.monotonic()
+    if hit is None or now - hit[0] > _PRICE_TTL_S:
+        try:
+            value: tuple[str, Price] | PriceUnknown = _price_of_group(group, settings, router)
+        except PriceUnknown as exc:
+            value = exc
+        if len(_price_cache) > 4096:
+            _price_cache.clear()
+        hit = _price_cache[key] = (now, value)
+    if isinstance(hit[1], PriceUnknown):
+        raise hit[1]
+    return hit[1]
+
+
+def _price_of_group(group: str, settings: Settings, router: Any = None) -> tuple[str, Price]:
     if group in settings.free_models:
         return group, Price(0, 0)
     if group in settings.prices:

@@ -135,6 +135,7 @@ class CyclesCallback(CustomLogger):
         self._pending: dict[str, _Pending] = {}
         self._headers: collections.OrderedDict[str, dict[str, str]] = collections.OrderedDict()
         self.counters: collections.Counter[str] = collections.Counter()
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     async def ledger(self) -> Ledger:
         if self._ledger is None:
@@ -220,6 +221,11 @@ class CyclesCallback(CustomLogger):
         self._pending[call_id] = _Pending(call_id, r.reservation_id, subject, action, est, group, shadow)
         return data
 
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)  # keep a reference until done, or the task may be collected mid-flight
+        task.add_done_callback(self._tasks.discard)
+
     def _unavailable(self, call_id: str, data: dict[str, Any], exc: Exception) -> dict[str, Any]:
         self.counters["ledger_unavailable"] += 1
         if self.settings.fail_open():
@@ -263,7 +269,8 @@ class CyclesCallback(CustomLogger):
                 actual = cost_of_usage(prompt, completion, price)
             except PriceUnknown:
                 actual = pending.estimate.amount
-        await self._settle(pending, actual, {"tokens_input": prompt, "tokens_output": completion})
+        # Settle in the background: the client's answer never waits for the ledger's write.
+        self._spawn(self._settle(pending, actual, {"tokens_input": prompt, "tokens_output": completion}))
 
     async def async_post_call_failure_hook(
         self,
@@ -308,7 +315,7 @@ class CyclesCallback(CustomLogger):
             finished = True
         finally:
             if not finished and pending is not None and self._pending.pop(call_id, None) is not None:
-                asyncio.get_running_loop().create_task(self._settle_aborted(pending))
+                self._spawn(self._settle_aborted(pending))
 
     async def _settle_aborted(self, pending: _Pending) -> None:
         import litellm

@@ -238,3 +238,16 @@ def test_ledger_unreachable(proxy_factory: ProxyFactory, fake_upstream: FakeUpst
     if status == 503:
         assert r.json()["error"]["code"] == "LEDGER_UNAVAILABLE"
     assert "ledger unavailable" in broken.logs()
+
+
+def test_embeddings_are_reserved_and_committed(proxy: LiteLLMProxy, fake_upstream: FakeUpstream) -> None:
+    """Embedding calls are estimated (input only), reserved and committed at their real usage."""
+    fund(proxy, "tenant:e2e-emb", "1usd")
+    client = proxy.openai_client(default_headers={"x-cycles-tenant": "e2e-emb"})
+    out = client.embeddings.create(model="text-embedding-3-small", input=["alpha beta", "gamma"])
+    assert len(out.data) == 2
+    b = settled(proxy, "tenant:e2e-emb")
+    assert b.spent == 2 * 8 * 2  # 8 prompt tokens per input at 2 USD_MICROCENTS per token
+    with proxy.ledger() as led:
+        [res] = led.list_reservations(scope="tenant:e2e-emb")
+        assert (res.action.kind, res.status.value) == ("llm.embedding", "COMMITTED")

@@ -1,0 +1,97 @@
+"""The proxy callback's hooks called directly (no proxy): subjects, denials, settle retries."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cycles_ledger import open_ledger, open_ledger_sync
+from cycles_litellm import CyclesCallback, Settings
+
+MSGS = [{"role": "user", "content": "hello there"}]
+
+
+def request(call_id: str, tenant: str = "h", **extra: Any) -> dict[str, Any]:
+    return {
+        "model": "gpt-4o-mini",
+        "messages": MSGS,
+        "max_tokens": 20,
+        "litellm_call_id": call_id,
+        "proxy_server_request": {"headers": {"x-cycles-tenant": tenant}},
+        **extra,
+    }
+
+
+async def test_pre_call_hook_is_defined_on_the_class() -> None:
+    """LiteLLM only calls hooks defined on the registered class itself, so none may be inherited."""
+    for hook in (
+        "async_pre_call_hook",
+        "async_post_call_streaming_iterator_hook",
+        "async_post_call_failure_hook",
+        "async_post_call_response_headers_hook",
+    ):
+        assert hook in vars(CyclesCallback), hook
+
+
+async def test_settle_is_retried_then_counted_when_the_ledger_is_gone(tmp_path: Path) -> None:
+    """A commit that cannot reach the ledger is retried with back-off, logged and counted; the hold stays
+    for TTL expiry instead of being lost silently."""
+    url = f"sqlite:///{tmp_path / 'h.db'}"
+    with open_ledger_sync(url) as led:
+        led.set_budget("tenant:h", "1usd")
+    ledger = open_ledger(url)
+    cb = CyclesCallback(Settings(settle_retries=2), ledger=ledger)
+    data = await cb.async_pre_call_hook(None, None, request("call-1"), "acompletion")
+    assert data["max_tokens"] == 20
+    await ledger.aclose()  # the store goes away between the call and its settlement
+    await cb.async_log_success_event({"litellm_call_id": "call-1", "response_cost": 0.00001}, None, None, None)
+    for _ in range(100):
+        if cb.counters["settle_failures"]:
+            break
+        await asyncio.sleep(0.05)
+    assert (cb.counters["settle_retries"], cb.counters["settle_failures"]) == (3, 1)
+    with open_ledger_sync(url) as led:
+        [res] = led.list_reservations()
+        assert res.status.value == "ACTIVE" and res.idempotency_key == "call-1"
+
+
+async def test_success_commits_the_reported_cost(tmp_path: Path) -> None:
+    """LiteLLM's float response_cost becomes exact microcents (float noise removed, rounded up)."""
+    url = f"sqlite:///{tmp_path / 'h.db'}"
+    with open_ledger_sync(url) as led:
+        led.set_budget("tenant:h", "1usd")
+    async with open_ledger(url) as ledger:
+        cb = CyclesCallback(Settings(), ledger=ledger)
+        await cb.async_pre_call_hook(None, None, request("call-2"), "acompletion")
+        await cb.async_log_success_event(
+            {"litellm_call_id": "call-2", "response_cost": 0.00026250000000000004}, None, None, None
+        )
+        for _ in range(100):
+            if (await ledger.balance("tenant:h")).reserved == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert (await ledger.balance("tenant:h")).spent == 26_250
+        # a second success event for the same call (LiteLLM retries logging) changes nothing
+        await cb.async_log_success_event({"litellm_call_id": "call-2", "response_cost": 1.0}, None, None, None)
+        await asyncio.sleep(0.1)
+        assert (await ledger.balance("tenant:h")).spent == 26_250
+
+
+@pytest.mark.parametrize("mode", ["enforce", "shadow"])
+async def test_unavailable_store_policy(tmp_path: Path, mode: str) -> None:
+    """A store that cannot be opened follows on_unavailable: enforce refuses (503), shadow passes; both counted."""
+    from litellm.proxy._types import ProxyException
+
+    cb = CyclesCallback(Settings(mode=mode, store="sqlite:////no-such-dir/x.db"))
+    if mode == "enforce":
+        with pytest.raises(ProxyException) as info:
+            await cb.async_pre_call_hook(None, None, request("call-3"), "acompletion")
+        assert info.value.code == "503"
+        assert cb.counters["fail_closed"] == 1
+    else:
+        data = await cb.async_pre_call_hook(None, None, request("call-3"), "acompletion")
+        assert data["max_tokens"] == 20
+        assert cb.counters["fail_open"] == 1

@@ -12,6 +12,7 @@ import asyncio
 import collections
 import logging
 import math
+import time
 import uuid
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
@@ -156,6 +157,7 @@ class CyclesCallback(CustomLogger):
     async def async_pre_call_hook(
         self, user_api_key_dict: Any, cache: Any, data: dict[str, Any], call_type: str
     ) -> dict[str, Any]:
+        started = time.perf_counter()
         call_id = data.get("litellm_call_id") or uuid.uuid4().hex
         data.setdefault("litellm_call_id", call_id)
         try:
@@ -215,6 +217,7 @@ class CyclesCallback(CustomLogger):
             key = "max_completion_tokens" if "max_completion_tokens" in data else "max_tokens"
             data[key] = max(1, min(r.caps.max_tokens, est.output_cap))
             headers["x-cycles-max-tokens"] = str(data[key])
+        headers["x-cycles-hook-ms"] = f"{(time.perf_counter() - started) * 1000:.3f}"
         self._remember_headers(
             call_id, headers | ({"x-cycles-reservation-id": r.reservation_id} if r.reservation_id else {})
         )

@@ -30,6 +30,7 @@ from cycles_ledger import (
     IdempotencyMismatchError,
     InvalidRequestError,
     Ledger,
+    ReservationExpiredError,
     ReservationFinalizedError,
     ReserveResult,
     Subject,
@@ -207,7 +208,13 @@ async def _run_async(
         _caps_var.reset(token)
         if beat is not None:
             beat.cancel()
-    await _commit_async(ledger, meter, rid, subject, action, meter.actual_amount(result, estimate), key)
+    try:
+        actual = meter.actual_amount(result, estimate)
+    except BaseException:
+        # The body ran, so its cost is real: charge the estimate, then surface the broken `actual`.
+        await _commit_async(ledger, meter, rid, subject, action, estimate, key)
+        raise
+    await _commit_async(ledger, meter, rid, subject, action, actual, key)
     return result
 
 
@@ -237,9 +244,9 @@ async def _commit_async(
         await ledger.commit(rid, actual)
     except IdempotencyMismatchError:
         pass  # a retry of a call already committed (same idempotency key): charged once
-    except ReservationFinalizedError:
-        # The reservation behind a reused key was released by an earlier failed attempt: this success
-        # still has to be paid, once, as a direct debit under the same key.
+    except (ReservationFinalizedError, ReservationExpiredError):
+        # The hold is gone (released by an earlier failed attempt under a reused key, or expired while
+        # the body ran) but the work happened: pay for it once, as a direct debit under the same key.
         await ledger.record_event(subject, action, actual, idempotency_key=f"{key or rid}:late")
 
 
@@ -270,14 +277,24 @@ def _run_sync(meter: _Meter, fn: Callable[..., Any], args: tuple[Any, ...], kwar
     finally:
         _caps_var.reset(token)
         stop.set()
-    actual = meter.actual_amount(result, estimate)
+    try:
+        actual = meter.actual_amount(result, estimate)
+    except BaseException:
+        _commit_sync(ledger, rid, subject, action, estimate, key)
+        raise
+    _commit_sync(ledger, rid, subject, action, actual, key)
+    return result
+
+
+def _commit_sync(
+    ledger: SyncLedger, rid: str, subject: Subject, action: Action, actual: Amount, key: str | None
+) -> None:
     try:
         ledger.commit(rid, actual)
     except IdempotencyMismatchError:
         pass
-    except ReservationFinalizedError:
+    except (ReservationFinalizedError, ReservationExpiredError):
         ledger.record_event(subject, action, actual, idempotency_key=f"{key or rid}:late")
-    return result
 
 
 def _beat_sync(ledger: SyncLedger, rid: str, interval_s: float, stop: threading.Event) -> None:

@@ -328,6 +328,7 @@ class SqliteStore(Store, SupportsSweep):
         self._inline: sqlite3.Connection | None = None
         self._inline_lock = threading.Lock()
         self._arrivals = 0
+        self._last_end = 0.0
         if inline and path != ":memory:":
             conn = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA synchronous=NORMAL")
@@ -350,6 +351,7 @@ class SqliteStore(Store, SupportsSweep):
                 outcome = self._run_inline(self._inline, fn, args, readonly)
             finally:
                 self._inline_lock.release()
+            self._last_end = time.monotonic()
             if outcome is not None:
                 result, error = outcome
                 if error is not None:
@@ -357,13 +359,21 @@ class SqliteStore(Store, SupportsSweep):
                 return result
         job = _Job(fn, args, readonly)
         self._writer.jobs.put(job)
-        return await job.future
+        try:
+            return await job.future
+        finally:
+            self._last_end = time.monotonic()
 
     async def _alone(self) -> bool:
-        """True when no other operation arrived in the same loop tick and the writer is idle: then the
-        inline path is fastest. Under concurrency, operations go to the writer and commit as a group."""
+        """True when this operation has the store to itself: then the inline path is fastest. Under
+        concurrency, operations go to the writer and commit as a group.
+
+        After a quiet spell (the usual case for a proxy or an agent) that is decided at once; right
+        after another operation, one loop tick tells whether others are arriving alongside."""
         self._arrivals += 1
         mine = self._arrivals
+        if time.monotonic() - self._last_end > 0.0005:
+            return self._writer.idle()
         await asyncio.sleep(0)
         return self._arrivals == mine and self._writer.idle()
 

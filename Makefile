@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo walkthrough test lint bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -12,7 +12,13 @@ $(BIN)/python:
 setup: $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev]'
 
+# The runaway agent stopped by its budget (a real LiteLLM proxy on loopback; no key, no network).
+# Options: make demo ARGS="--mode shadow" (or --quick, --budget 50usd, --max-iterations N).
 demo: setup
+	$(BIN)/python examples/runaway_agent.py $(ARGS)
+
+# The ledger step by step with the `cycles` CLI on a fresh SQLite file.
+walkthrough: setup
 	$(BIN)/python examples/ledger_walkthrough.py
 
 test: setup

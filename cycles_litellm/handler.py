@@ -177,7 +177,8 @@ class CyclesCallback(CustomLogger):
                 402, "budget_exceeded", "PRICE_UNKNOWN", f"{exc}", {"reason": "PRICE_UNKNOWN", "model": group}
             ) from None
         action = Action(kind=_action_kind(call_type), name=_action_name(est.model))
-        soft = None if shadow else soft_landing(est, self.settings.min_output_tokens)
+        # Shadow evaluates the soft landing too (so its would-be decision is enforce's), but never clamps.
+        soft = soft_landing(est, self.settings.min_output_tokens)
         try:
             ledger = await self.ledger()
             r = await ledger.reserve(

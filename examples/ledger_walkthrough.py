@@ -1,6 +1,6 @@
 """A five-minute walk through the ledger with the `cycles` CLI on a fresh SQLite file.
 
-Run: `make demo` (or `python examples/ledger_walkthrough.py [--store sqlite:///my.db]`).
+Run: `make walkthrough` (or `python examples/ledger_walkthrough.py [--store sqlite:///my.db]`).
 Each step prints the command it runs and what the CLI answered.
 """
 

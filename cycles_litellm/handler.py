@@ -11,12 +11,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import math
 import time
 import uuid
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal
 from typing import Any
 
 from litellm.integrations.custom_logger import CustomLogger
@@ -39,6 +37,7 @@ from cycles_ledger import (
     open_ledger,
 )
 
+from .calls import action_kind, action_name, chunk_text, usd_to_microcents
 from .estimate import Estimate, PriceUnknown, cost_of_usage, estimate_call, price_of_group, soft_landing
 from .settings import Settings, load_settings
 from .subject import subject_from_request
@@ -85,36 +84,6 @@ def budget_error(
         # 402 is not retried by OpenAI SDKs; this header makes sure no client retries it.
         headers={"x-should-retry": "false"},
     )
-
-
-def _usd_to_microcents(value: Any) -> int:
-    """LiteLLM reports costs as float USD: convert once, rounding up (never under-charge)."""
-    if not value:
-        return 0
-    # Drop float noise (0.00026250000000000004) below 1e-12 USD before rounding up to a microcent.
-    return math.ceil(Decimal(str(value)).quantize(Decimal("1e-12")) * 10**8)
-
-
-def _action_kind(call_type: str) -> str:
-    if "embedding" in call_type:
-        return "llm.embedding"
-    if "image" in call_type:
-        return "llm.image"
-    return "llm.completion"
-
-
-def _action_name(model: str) -> str:
-    """`<provider>:<model>`, e.g. `openai:gpt-4o-mini`, as LiteLLM resolves the provider."""
-    provider, sep, name = model.partition("/")
-    if sep:
-        return f"{provider}:{name}"
-    try:
-        import litellm
-
-        name, provider, _, _ = litellm.get_llm_provider(model)
-        return f"{provider}:{name}"
-    except Exception:  # noqa: BLE001 - an unknown provider is still a valid action name
-        return f"litellm:{model}"
 
 
 def _router() -> Any:
@@ -176,7 +145,7 @@ class CyclesCallback(CustomLogger):
             raise budget_error(
                 402, "budget_exceeded", "PRICE_UNKNOWN", f"{exc}", {"reason": "PRICE_UNKNOWN", "model": group}
             ) from None
-        action = Action(kind=_action_kind(call_type), name=_action_name(est.model))
+        action = Action(kind=action_kind(call_type), name=action_name(est.model))
         # Shadow evaluates the soft landing too (so its would-be decision is enforce's), but never clamps.
         soft = soft_landing(est, self.settings.min_output_tokens)
         try:
@@ -266,7 +235,7 @@ class CyclesCallback(CustomLogger):
         prompt, completion = _usage(kwargs, response_obj)
         cost = kwargs.get("response_cost")
         if cost:
-            actual = _usd_to_microcents(cost)
+            actual = usd_to_microcents(cost)
         else:
             try:
                 _, price = price_of_group(pending.group, self.settings, _router())
@@ -314,7 +283,7 @@ class CyclesCallback(CustomLogger):
         try:
             async for chunk in response:
                 if pending is not None:
-                    pending.streamed.append(_chunk_text(chunk))
+                    pending.streamed.append(chunk_text(chunk))
                 yield chunk
             finished = True
         finally:
@@ -390,17 +359,3 @@ def _usage(kwargs: Mapping[str, Any], response_obj: Any) -> tuple[int, int]:
         get = usage.get if isinstance(usage, Mapping) else lambda k, d=None: getattr(usage, k, d)
         prompt, completion = get("prompt_tokens", 0), get("completion_tokens", 0)
     return int(prompt or 0), int(completion or 0)
-
-
-def _chunk_text(chunk: Any) -> str:
-    try:
-        choices = chunk.choices if not isinstance(chunk, Mapping) else chunk.get("choices", [])
-        parts = []
-        for choice in choices or []:
-            delta = choice.delta if not isinstance(choice, Mapping) else choice.get("delta", {})
-            content = delta.content if not isinstance(delta, Mapping) else delta.get("content")
-            if content:
-                parts.append(content)
-        return "".join(parts)
-    except AttributeError:
-        return ""

@@ -40,8 +40,8 @@ from cycles_ledger import (
 )
 from cycles_ledger.context import current_subject
 
+from .calls import action_kind, action_name, chunk_text, usd_to_microcents
 from .estimate import Estimate, PriceUnknown, cost_of_usage, estimate_call, price_of_group, soft_landing
-from .handler import _action_kind, _action_name, _chunk_text, _usd_to_microcents
 from .settings import Settings, load_settings
 
 __all__ = ["CyclesGate", "Guard", "acompletion", "aembedding", "completion", "configure"]
@@ -88,7 +88,7 @@ def _actual(response: Any, est: Estimate, group: str, settings: Settings) -> int
     except Exception:  # noqa: BLE001 - unpriced models raise; fall back to usage x our price
         cost = None
     if cost:
-        return _usd_to_microcents(cost)
+        return usd_to_microcents(cost)
     usage = getattr(response, "usage", None)
     prompt = int(getattr(usage, "prompt_tokens", 0) or 0)
     completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
@@ -129,7 +129,7 @@ class Guard:
             est = estimate_call(group, kwargs, call_type, self.settings)
         except PriceUnknown as exc:
             raise BudgetDenied(str(exc), reason_code="PRICE_UNKNOWN", scope=subj.scope_path) from None
-        action = Action(kind=_action_kind(call_type), name=_action_name(est.model))
+        action = Action(kind=action_kind(call_type), name=action_name(est.model))
         return subj, action, est, group, {"idempotency_key": f"sdk:{uuid.uuid4().hex}", "ttl_ms": self.settings.ttl_ms}
 
     def _apply(self, r: ReserveResult, est: Estimate, kwargs: dict[str, Any]) -> None:
@@ -164,7 +164,7 @@ class Guard:
         usage = None
         try:
             async for chunk in stream:
-                parts.append(_chunk_text(chunk))
+                parts.append(chunk_text(chunk))
                 usage = getattr(chunk, "usage", None) or usage
                 yield chunk
         finally:
@@ -254,7 +254,7 @@ class CyclesGate(CustomLogger):
         if held is not None:
             rid, est, group = held
             cost = kwargs.get("response_cost")
-            actual = _usd_to_microcents(cost) if cost else _actual(response_obj, est, group, self.guard.settings)
+            actual = usd_to_microcents(cost) if cost else _actual(response_obj, est, group, self.guard.settings)
             await self.guard.ledger().commit(rid, Amount(unit=_USD, amount=actual))
 
     async def async_log_failure_event(

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -304,9 +305,11 @@ class CyclesCallback(CustomLogger):
     async def _settle(self, pending: _Pending, actual: int, metrics: dict[str, Any]) -> None:
         """Commit (or, in shadow mode, record) the actual cost, retrying while the ledger is away."""
         amount = Amount(unit=_USD, amount=actual)
-        for attempt in range(self.settings.settle_retries + 1):
+
+        async def attempt() -> bool:
+            nonlocal pending
+            ledger = await self.ledger()
             try:
-                ledger = await self.ledger()
                 if pending.reservation_id is None:
                     await ledger.record_event(
                         pending.subject,
@@ -317,38 +320,46 @@ class CyclesCallback(CustomLogger):
                     )
                 else:
                     await ledger.commit(pending.reservation_id, amount, metrics=metrics)
-                return
             except (ReservationFinalizedError, IdempotencyMismatchError):
-                return  # another path settled it first
+                pass  # another path settled it first
             except ReservationExpiredError:
-                # The hold is gone but the spend happened: record it as a direct debit.
+                # The hold is gone but the spend happened: record it as a direct debit next.
                 pending = _Pending(
                     pending.call_id, None, pending.subject, pending.action, pending.estimate, pending.group, True
                 )
+                return False
             except NotFoundError:
                 log.info("cycles: no budget for %s; spend of %s not recorded", pending.subject.scope_path, amount)
-                return
-            except StoreUnavailableError as exc:
-                self.counters["settle_retries"] += 1
-                log.warning("cycles: settle of %s failed (%s), attempt %d", pending.call_id, exc, attempt + 1)
-                await asyncio.sleep(0.2 * 2**attempt)
-        self.counters["settle_failures"] += 1
-        log.error("cycles: could not settle %s; its hold expires with the reservation TTL", pending.call_id)
+            return True
+
+        if not await self._retrying("settle", pending.call_id, attempt):
+            log.error("cycles: could not settle %s; its hold expires with the reservation TTL", pending.call_id)
 
     async def _release(self, pending: _Pending, reason: str) -> None:
-        if pending.reservation_id is None:
+        rid = pending.reservation_id
+        if rid is None:
             return
-        for attempt in range(self.settings.settle_retries + 1):
+
+        async def attempt() -> bool:
+            # Already settled, or expired: either way nothing is held any more.
+            with contextlib.suppress(ReservationFinalizedError, ReservationExpiredError, IdempotencyMismatchError):
+                await (await self.ledger()).release(rid, reason=reason[:256])
+            return True
+
+        await self._retrying("release", pending.call_id, attempt)
+
+    async def _retrying(self, what: str, call_id: str, attempt: Callable[[], Awaitable[bool]]) -> bool:
+        """Run `attempt` until it reports done, backing off while the ledger is unreachable; count both."""
+        for n in range(self.settings.settle_retries + 1):
             try:
-                await (await self.ledger()).release(pending.reservation_id, reason=reason[:256])
-                return
-            except (ReservationFinalizedError, ReservationExpiredError, IdempotencyMismatchError):
-                return
+                if await attempt():
+                    return True
             except StoreUnavailableError as exc:
                 self.counters["settle_retries"] += 1
-                log.warning("cycles: release of %s failed (%s), attempt %d", pending.call_id, exc, attempt + 1)
-                await asyncio.sleep(0.2 * 2**attempt)
+                log.warning("cycles: %s of %s failed (%s), attempt %d", what, call_id, exc, n + 1)
+                await asyncio.sleep(0.2 * 2**n)
         self.counters["settle_failures"] += 1
+        return False
 
 
 def _usage(kwargs: Mapping[str, Any], response_obj: Any) -> tuple[int, int]:

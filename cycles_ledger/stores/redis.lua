@@ -581,15 +581,14 @@ end
 --@@ extend
 OPS.extend = function()
   expire_due(SWEEP)
-  local prior, bad = replay(CMD.hash)
-  if bad then return bad end
   local rec = load_rec(CMD.rid)
-  if prior then
-    if not rec then return fail('NOT_FOUND', 'reservation ' .. CMD.rid .. ' not found', {reservation_id = CMD.rid}) end
-    return enc({replay = raw(prior), now = NOW, balances = balances(load_budgets(rec.bs, rec.u))})
-  end
   if not rec then
     return fail('NOT_FOUND', 'reservation ' .. cjson.encode(CMD.rid) .. ' not found', {reservation_id = CMD.rid})
+  end
+  local prior, bad = replay(CMD.hash)
+  if bad then return bad end
+  if prior then
+    return enc({replay = raw(prior), now = NOW, balances = balances(load_budgets(rec.bs, rec.u))})
   end
   if rec.st == 'EXPIRED' or (rec.st == 'ACTIVE' and NOW > rec.x) then
     if rec.st == 'ACTIVE' and NOW > rec.dl then

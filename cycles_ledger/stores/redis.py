@@ -216,9 +216,7 @@ class RedisStore(Store, SupportsSweep):
             import redis.asyncio as aioredis
             from redis.asyncio.cluster import RedisCluster
         except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise ConfigError(
-                "the Redis store needs the redis driver: pip install 'cycles-litellm[redis]'"
-            ) from exc
+            raise ConfigError("the Redis store needs the redis driver: pip install 'cycles-litellm[redis]'") from exc
         parts = urlsplit(url)
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         known = {"prefix", "timeout", "retention_ms", "event_retention", "sweep_per_call"}
@@ -244,15 +242,15 @@ class RedisStore(Store, SupportsSweep):
             "socket_connect_timeout": timeout,
             "decode_responses": True,
         }
-        try:
-            if cluster:
-                client = RedisCluster.from_url(base, **common)
-            else:
-                from redis.asyncio.retry import Retry
-                from redis.backoff import NoBackoff
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
 
-                # No silent retries: a reserve whose reply was lost must not run twice under a fresh key.
-                client = aioredis.from_url(base, retry=Retry(NoBackoff(), 0), **common)
+        # No silent retries on a lost connection: a reserve whose reply was lost must not run twice
+        # under a fresh key. The caller sees "unavailable" and may retry with the same key.
+        common["retry"] = Retry(NoBackoff(), 0)
+        client: Any
+        try:
+            client = RedisCluster.from_url(base, **common) if cluster else aioredis.from_url(base, **common)
         except ValueError as exc:
             raise ConfigError(f"bad Redis URL {url!r}: {exc}") from exc
         return cls(client, **settings)
@@ -451,9 +449,7 @@ class RedisStore(Store, SupportsSweep):
         tag = _tag_of_rid(reservation_id)
         if tag is None:
             return None
-        rec, static = await self._redis(
-            self._client.hmget(self._keys(tag)[1], [reservation_id, reservation_id + "|s"])
-        )
+        rec, static = await self._redis(self._client.hmget(self._keys(tag)[1], [reservation_id, reservation_id + "|s"]))
         if rec is None or static is None:
             return None
         return _reservation(json.loads(rec), json.loads(static))
@@ -559,7 +555,7 @@ class RedisStore(Store, SupportsSweep):
             complete = await self._stream_complete(keys[3])
             charged: dict[tuple[str, str], int] = {}
             if complete:
-                async for sid, fields in self._stream(keys[3]):
+                async for _sid, fields in self._stream(keys[3]):
                     if fields["type"] == "committed":
                         scopes: Iterable[str] = scopes_of.get(fields.get("rid", ""), [])
                     elif fields["type"] == "debited":

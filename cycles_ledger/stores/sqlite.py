@@ -563,8 +563,15 @@ def _event(
     return int(cur.lastrowid or 0)
 
 
-def _replay(conn: sqlite3.Connection, op: str, key: str, payload_hash: str) -> dict[str, Any] | None:
-    row = conn.execute("SELECT payload_hash, response FROM idempotency WHERE op=? AND key=?", (op, key)).fetchone()
+def _tenant(scope: str) -> str:
+    """The effective tenant of a request: its top-level scope. Idempotency keys are per tenant (protocol)."""
+    return scope.split("/", 1)[0]
+
+
+def _replay(conn: sqlite3.Connection, op: str, tenant: str, key: str, payload_hash: str) -> dict[str, Any] | None:
+    row = conn.execute(
+        "SELECT payload_hash, response FROM idempotency WHERE op=? AND key=?", (op, f"{tenant}|{key}")
+    ).fetchone()
     if row is None:
         return None
     if row[0] != payload_hash:
@@ -575,13 +582,13 @@ def _replay(conn: sqlite3.Connection, op: str, key: str, payload_hash: str) -> d
 
 
 def _remember(
-    conn: sqlite3.Connection, op: str, key: str, payload_hash: str, response: dict[str, Any], now: int
+    conn: sqlite3.Connection, op: str, tenant: str, key: str, payload_hash: str, response: dict[str, Any], now: int
 ) -> None:
     """Keep the answer without balances (they are re-read on replay), so records stay small."""
     slim = {k: v for k, v in response.items() if k != "balances"}
     conn.execute(
         "INSERT INTO idempotency (op, key, payload_hash, response, created_at_ms) VALUES (?,?,?,?,?)",
-        (op, key, payload_hash, _JSON(slim), now),
+        (op, f"{tenant}|{key}", payload_hash, _JSON(slim), now),
     )
 
 
@@ -722,7 +729,11 @@ def _op_decide(conn: sqlite3.Connection, now: int, cmd: ReserveCommand) -> dict[
 
 def _op_reserve(conn: sqlite3.Connection, now: int, cmd: ReserveCommand) -> dict[str, Any]:
     # An empty payload_hash marks a fresh key nobody can repeat: no replay lookup, no record.
-    prior = _replay(conn, "reserve", cmd.idempotency_key, cmd.payload_hash) if cmd.payload_hash else None
+    prior = (
+        _replay(conn, "reserve", _tenant(cmd.scopes[0]), cmd.idempotency_key, cmd.payload_hash)
+        if cmd.payload_hash
+        else None
+    )
     if prior is not None:
         if prior.get("expires_at_ms") is not None:
             prior["remaining_ttl_ms"] = max(0, prior["expires_at_ms"] - now)
@@ -750,7 +761,7 @@ def _op_reserve(conn: sqlite3.Connection, now: int, cmd: ReserveCommand) -> dict
             data=info,
         )
         if cmd.dry_run and cmd.payload_hash:
-            _remember(conn, "reserve", cmd.idempotency_key, cmd.payload_hash, body, now)
+            _remember(conn, "reserve", _tenant(cmd.scopes[0]), cmd.idempotency_key, cmd.payload_hash, body, now)
         return body
     rules.hold(budgets, ev.amount)
     _save_budgets(conn, budgets, now)
@@ -793,7 +804,15 @@ def _op_reserve(conn: sqlite3.Connection, now: int, cmd: ReserveCommand) -> dict
     body.update(reservation_id=rid, reserved=_amount(cmd.unit, ev.amount), expires_at_ms=expires)
     body["remaining_ttl_ms"] = cmd.ttl_ms
     if cmd.payload_hash:
-        _remember(conn, "reserve", cmd.idempotency_key, cmd.payload_hash, {**body, "budgeted_scopes": budgeted}, now)
+        _remember(
+            conn,
+            "reserve",
+            _tenant(cmd.scopes[0]),
+            cmd.idempotency_key,
+            cmd.payload_hash,
+            {**body, "budgeted_scopes": budgeted},
+            now,
+        )
     return body
 
 
@@ -862,12 +881,12 @@ def _op_release(conn: sqlite3.Connection, now: int, cmd: ReleaseCommand) -> dict
 
 
 def _op_extend(conn: sqlite3.Connection, now: int, cmd: ExtendCommand) -> dict[str, Any] | _Fail:
-    prior = _replay(conn, "extend", cmd.idempotency_key, cmd.payload_hash)
+    row = _res_row(conn, cmd.reservation_id)
+    tenant = _tenant(row["scope_path"])
+    prior = _replay(conn, "extend", tenant, cmd.idempotency_key, cmd.payload_hash)
     if prior is not None:
         prior["remaining_ttl_ms"] = max(0, prior["expires_at_ms"] - now)
-        row = _res_row(conn, cmd.reservation_id)
         return _with_balances(conn, prior, json.loads(row["budgeted_scopes"]), row["unit"])
-    row = _res_row(conn, cmd.reservation_id)
     status = row["status"]
     if status == "EXPIRED" or (status == "ACTIVE" and now > row["expires_at_ms"]):
         if status == "ACTIVE" and now > row["deadline_ms"]:
@@ -906,12 +925,12 @@ def _op_extend(conn: sqlite3.Connection, now: int, cmd: ExtendCommand) -> dict[s
         "expires_at_ms": new_expiry,
         "remaining_ttl_ms": new_expiry - now,
     }
-    _remember(conn, "extend", cmd.idempotency_key, cmd.payload_hash, body, now)
+    _remember(conn, "extend", tenant, cmd.idempotency_key, cmd.payload_hash, body, now)
     return _with_balances(conn, body, json.loads(row["budgeted_scopes"]), row["unit"])
 
 
 def _op_event(conn: sqlite3.Connection, now: int, cmd: EventCommand) -> dict[str, Any]:
-    prior = _replay(conn, "event", cmd.idempotency_key, cmd.payload_hash)
+    prior = _replay(conn, "event", _tenant(cmd.scopes[0]), cmd.idempotency_key, cmd.payload_hash)
     if prior is not None:
         return _with_balances(conn, prior, prior.pop("budgeted_scopes", []), cmd.unit)
     all_budgets = _load_budgets(conn, cmd.scopes)
@@ -953,7 +972,15 @@ def _op_event(conn: sqlite3.Connection, now: int, cmd: EventCommand) -> dict[str
         "charged": _amount(cmd.unit, charged),
         "balances": [b.as_balance() for b in budgets],
     }
-    _remember(conn, "event", cmd.idempotency_key, cmd.payload_hash, {**body, "budgeted_scopes": scopes}, now)
+    _remember(
+        conn,
+        "event",
+        _tenant(cmd.scopes[0]),
+        cmd.idempotency_key,
+        cmd.payload_hash,
+        {**body, "budgeted_scopes": scopes},
+        now,
+    )
     return body
 
 

@@ -140,9 +140,10 @@ class Model:
         self.clock = clock
         self.budgets: dict[str, MBudget] = {}
         self.res: dict[str, MReservation] = {}
-        self.reserve_keys: dict[str, tuple[Any, Any]] = {}  # key -> (payload, first answer)
-        self.event_keys: dict[str, tuple[Any, Any]] = {}
-        self.extend_keys: dict[str, tuple[Any, int]] = {}  # key -> ((rid, by), expires_at_ms)
+        # Idempotency keys are per (tenant, operation), the tenant being the top-level scope.
+        self.reserve_keys: dict[tuple[str, str], tuple[Any, Any]] = {}  # (tenant, key) -> (payload, first answer)
+        self.event_keys: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self.extend_keys: dict[tuple[str, str], tuple[Any, int]] = {}  # -> ((rid, by), expires_at_ms)
 
     def expire_overdue(self) -> int:
         """Expire every reservation whose grace is over (now > expiry + grace); their holds return."""
@@ -225,6 +226,11 @@ class Model:
 
 
 # --- the machine -----------------------------------------------------------------------------------
+
+
+def used(keys: dict[tuple[str, str], Any], key: str | None) -> Any:
+    """The first recorded use of `key` under any tenant, to replay its payload."""
+    return next((v for (_, k), v in keys.items() if k == key), None) if key is not None else None
 
 
 def has_reservations(machine: LedgerMachine) -> bool:
@@ -371,9 +377,10 @@ class LedgerMachine(RuleBasedStateMachine):
         retry: bool,
     ) -> None:
         """reserve holds the estimate on every budgeted scope or denies with the first failing scope."""
-        if retry and key in self.model.reserve_keys:
-            subject, estimate, policy, ttl, grace, dry_run, soft_min = self.model.reserve_keys[key][0]
+        if retry and (first_use := used(self.model.reserve_keys, key)):
+            subject, estimate, policy, ttl, grace, dry_run, soft_min = first_use[0]
         subj = SUBJECTS[subject]
+        tkey = (scopes_of(subj)[0], key or "")
         scopes = scopes_of(subj)
         soft = None if soft_min is None else {"min_amount": soft_min}
         # decide first: it answers what reserve would, but writes nothing, so it does not expire overdue holds.
@@ -401,8 +408,8 @@ class LedgerMachine(RuleBasedStateMachine):
                 soft_landing=soft,
             )
 
-        if key is not None and key in self.model.reserve_keys:
-            first_payload, first = self.model.reserve_keys[key]
+        if key is not None and tkey in self.model.reserve_keys:
+            first_payload, first = self.model.reserve_keys[tkey]
             if first_payload != payload:
                 self.raises(IdempotencyMismatchError, call)
                 return
@@ -424,7 +431,7 @@ class LedgerMachine(RuleBasedStateMachine):
             assert got.reservation_id is None
             self.check_returned(got.balances)
             if dry_run and key is not None:
-                self.model.reserve_keys[key] = (payload, got)
+                self.model.reserve_keys[tkey] = (payload, got)
             return
         assert got.reservation_id is not None
         assert got.reserved is not None
@@ -439,7 +446,7 @@ class LedgerMachine(RuleBasedStateMachine):
             ev.amount, policy, budgeted, expires, DEFAULT_GRACE_MS if grace is None else grace
         )
         if key is not None:
-            self.model.reserve_keys[key] = (payload, got)
+            self.model.reserve_keys[tkey] = (payload, got)
 
     @precondition(has_reservations)
     @rule(data=st.data(), actual=small, key=st.sampled_from((None, None, "s1")), retry=retries)
@@ -523,12 +530,16 @@ class LedgerMachine(RuleBasedStateMachine):
         """extend pushes the expiry of a live reservation, only before it expires and at most MAX_EXTENSIONS times."""
         rid = self.pick(data)
         self.model.before_write()
-        if retry and key in self.model.extend_keys:
-            rid, by = self.model.extend_keys[key][0]
+        if retry and (first_use := used(self.model.extend_keys, key)):
+            rid, by = first_use[0]
         call = (self.ledger.extend, rid, by)
         kwargs = {"idempotency_key": key}
-        if key is not None and key in self.model.extend_keys:
-            first, expires = self.model.extend_keys[key]
+        if rid not in self.model.res:
+            self.raises(NotFoundError, *call, **kwargs)
+            return
+        tkey = (self.model.res[rid].budgeted[0].split("/")[0] if self.model.res[rid].budgeted else "", key or "")
+        if key is not None and tkey in self.model.extend_keys:
+            first, expires = self.model.extend_keys[tkey]
             if first != (rid, by):
                 self.raises(IdempotencyMismatchError, *call, **kwargs)
                 return
@@ -556,7 +567,7 @@ class LedgerMachine(RuleBasedStateMachine):
         assert got.expires_at_ms == r.expires
         assert got.remaining_ttl_ms == r.expires - self.clock.now
         if key is not None:
-            self.model.extend_keys[key] = ((rid, by), r.expires)
+            self.model.extend_keys[tkey] = ((rid, by), r.expires)
 
     @rule(
         subject=subjects,
@@ -568,15 +579,16 @@ class LedgerMachine(RuleBasedStateMachine):
     def record_event(self, subject: int, actual: int, policy: str, key: str | None, retry: bool) -> None:
         """record_event debits directly under the overage policy; a replayed key charges once."""
         self.model.before_write()
-        if retry and key in self.model.event_keys:
-            subject, actual, policy = self.model.event_keys[key][0]
+        if retry and (first_use := used(self.model.event_keys, key)):
+            subject, actual, policy = first_use[0]
         subj = SUBJECTS[subject]
         scopes = scopes_of(subj)
+        tkey = (scopes[0], key or "")
         payload = (subject, actual, policy)
         call = (self.ledger.record_event, subj, ACTION, usd(actual))
         kwargs = {"overage_policy": policy, "idempotency_key": key}
-        if key is not None and key in self.model.event_keys:
-            first_payload, first = self.model.event_keys[key]
+        if key is not None and tkey in self.model.event_keys:
+            first_payload, first = self.model.event_keys[tkey]
             if first_payload != payload:
                 self.raises(IdempotencyMismatchError, *call, **kwargs)
                 return
@@ -599,7 +611,7 @@ class LedgerMachine(RuleBasedStateMachine):
         assert got.charged.amount == out
         self.check_returned(got.balances)
         if key is not None:
-            self.model.event_keys[key] = (payload, got)
+            self.model.event_keys[tkey] = (payload, got)
 
     @rule(ms=st.sampled_from((0, 1, 60, 500, 1_000, 1_001, 2_500, 6_001, 70_000)), sweep=st.booleans())
     def advance_clock(self, ms: int, sweep: bool) -> None:

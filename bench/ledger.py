@@ -43,7 +43,7 @@ SCOPES = ("tenant:b", "tenant:b/workspace:w", "tenant:b/workspace:w/agent:a")
 ACTION = {"kind": "llm.completion", "name": "openai:gpt-4o"}
 ESTIMATE = "0.01usd"
 ACTUAL = "0.008usd"
-ALLOCATION = "1000000000usd"  # 10^17 microcents: ~10^10 pairs before anything could deny
+ALLOCATION = "50000000usd"  # 5x10^15 microcents (Redis keeps integers exact to 2^53): 5x10^9 pairs before a deny
 GOAL_PAIRS_PER_S = 5_000
 GOAL_RESERVE_P50_MS = 1.0
 GOAL_LINE = "goal: >= 5,000 pairs/s and reserve p50 < 1 ms"

@@ -1,29 +1,27 @@
 -- Cycles ledger on Redis: one script per protocol operation, applying the rules of cycles_ledger/rules.py.
 --
 -- Every script works on the keys of ONE top-level scope (its hash tag), all passed in KEYS:
---   KEYS[1] budgets hash      field "<scope>|<unit>" -> budget JSON {a,s,r,d,o,x,st,c}
---   KEYS[2] reservations hash field "<rid>" -> live record JSON, "<rid>|s" -> static JSON (from the client)
---   KEYS[3] due zset          rid scored by deadline (expires_at + grace), ACTIVE only
---   KEYS[4] events stream     one entry per event, trimmed to about ARGV[3] entries
---   KEYS[5] finalized zset    rid scored by finalization time (for pruning after the retention)
---   KEYS[6] ids zset          every rid scored by creation time (for listing)
---   KEYS[7] idempotency key   string "<payload hash>\n<response JSON>" with a TTL (reserve, extend, event)
+--   KEYS[1] budgets hash       "<scope>|<unit>" -> "allocated spent reserved debt overdraft over(0|1) STATUS [caps JSON]"
+--   KEYS[2] reservations hash  "<rid>"   -> "STATUS unit estimate policy created expires grace deadline
+--                                            extensions charged(-1) finalized(-1) scope_path scope,scope,…"
+--                              "<rid>|s" -> static JSON from the client (subject, action, key, metadata)
+--                              "<rid>|c" -> caps JSON (when the decision had caps)
+--                              "<rid>|k" -> "op\nhash\n<key length>\n<key><answer>" once settled
+--   KEYS[3] due zset           rid scored by deadline (expires_at + grace), ACTIVE only
+--   KEYS[4] events stream      one entry per event, trimmed to about ARGV[3] entries
+--   KEYS[5] finalized zset     rid scored by finalization time (pruned after the retention)
+--   KEYS[6] ids zset           every rid scored by creation time (for listing)
+--   KEYS[7] idempotency key    "<payload hash>\n<answer>" with a TTL (reserve, extend, event)
 -- ARGV: [1] now in ms, or "" for Redis TIME; [2] overdue holds to expire first; [3] event stream length;
---       [4] retention of idempotency records and finalized reservations, ms; [5] the command as JSON.
+--       [4] retention of idempotency records and finalized reservations, ms; [5…] the operation's fields.
 --
--- Lua numbers are doubles: the client refuses amounts above 2^53 - 1, and every integer leaves this
--- script through `enc`, which prints integers exactly (cjson would round them to 14 digits).
--- A script never raises after its first write: a refusal is returned as {"err": CODE, ...} so that the
--- writes it made on purpose (expiring overdue holds) stay, and nothing else was written.
+-- Replies are flat arrays the client turns into the same dicts the SQLite store returns; answers kept
+-- for replay are those arrays joined by \31. Lua numbers are doubles: the client refuses amounts above
+-- 2^53 - 1 and integers are printed with %d. A script never raises after its first write: a refusal
+-- is the reply {"err", CODE, message, details JSON}, so the writes made on purpose (expiring overdue
+-- holds) stay and nothing else was written.
 
 local KB, KR, KDUE, KE, KFIN, KIDS, KI = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
-local SWEEP = tonumber(ARGV[2])
-local MAXLEN = ARGV[3]
-local RETAIN = tonumber(ARGV[4])
-local CMD = cjson.decode(ARGV[5])
-local NULL = cjson.null
-local MAX_EXACT = 9007199254740991
-
 local NOW
 if ARGV[1] ~= '' then
   NOW = tonumber(ARGV[1])
@@ -31,60 +29,51 @@ else
   local t = redis.call('TIME')
   NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-
+local SWEEP, MAXLEN, RETAIN = tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+local MAX_EXACT = 9007199254740991
 local UNITS = {'CREDITS', 'RISK_POINTS', 'TOKENS', 'USD_MICROCENTS'} -- sorted, like the SQLite store's order
-local LIST_CAPS = {tool_denylist = true, tool_allowlist = true}
+local SEP = '\31'
+local fmt, concat, find, sub = string.format, table.concat, string.find, string.sub
 
--- --- JSON out, with exact integers ---------------------------------------------------------------
-local RAW, ARR = {}, {}
-local function raw(s) return setmetatable({s}, RAW) end
-local function arr(t) return setmetatable(t, ARR) end
+local function I(n) return fmt('%d', n) end
+local function opt(s) if s == '' then return nil end return s end
+local function num(s) if s == nil or s == '' then return nil end return tonumber(s) end
+local function q(s) return cjson.encode(s) end
 
-local enc
-enc = function(v)
-  if v == nil or v == NULL then return 'null' end
-  local t = type(v)
-  if t == 'number' then
-    if v == math.floor(v) then return string.format('%d', v) end
-    return string.format('%.17g', v)
-  elseif t == 'boolean' then
-    return v and 'true' or 'false'
-  elseif t == 'string' then
-    return cjson.encode(v)
-  end
-  local mt = getmetatable(v)
-  if mt == RAW then return v[1] end
+local function fail(code, message, details)
   local parts = {}
-  if mt == ARR or #v > 0 then
-    for i = 1, #v do parts[i] = enc(v[i]) end
-    return '[' .. table.concat(parts, ',') .. ']'
+  for k, v in pairs(details or {}) do
+    local text
+    if type(v) == 'number' then text = I(v) elseif type(v) == 'table' then text = v[1] else text = q(v) end
+    parts[#parts + 1] = q(k) .. ':' .. text
   end
-  for k, x in pairs(v) do parts[#parts + 1] = cjson.encode(k) .. ':' .. enc(x) end
-  return '{' .. table.concat(parts, ',') .. '}'
+  return {'err', code, message, '{' .. concat(parts, ',') .. '}'}
 end
 
-local function I(n) return string.format('%d', n) end
-local function present(v) return v ~= nil and v ~= NULL end
-local function nonempty(t) return t ~= nil and t ~= NULL and next(t) ~= nil end
-local function fail(code, message, details)
-  return enc({err = code, message = message, details = details or {}})
+local function split(s, sep)
+  local out, i = {}, 1
+  while true do
+    local j = find(s, sep, i, true)
+    if not j then out[#out + 1] = sub(s, i); return out end
+    out[#out + 1] = sub(s, i, j - 1)
+    i = j + #sep
+  end
 end
 
 -- --- budgets --------------------------------------------------------------------------------------
 local function rem(b) return b.a - b.s - b.r - b.d end
 
-local function caps_of(c)
-  if not present(c) then return nil end
-  for k, v in pairs(c) do
-    if LIST_CAPS[k] and type(v) == 'table' then arr(v) end
-  end
-  return c
+local function decode_budget(scope, unit, text)
+  local a, s, r, d, o, x, st, c = string.match(text, '^(%-?%d+) (%-?%d+) (%-?%d+) (%-?%d+) (%-?%d+) (%d) (%u+) ?(.*)$')
+  return {scope = scope, unit = unit, a = tonumber(a), s = tonumber(s), r = tonumber(r), d = tonumber(d),
+          o = tonumber(o), x = x == '1', st = st, c = c}
 end
 
-local function decode_budget(scope, unit, text)
-  local j = cjson.decode(text)
-  return {scope = scope, unit = unit, a = j.a, s = j.s, r = j.r, d = j.d, o = j.o, x = j.x == 1,
-          st = j.st, c = caps_of(j.c)}
+local function encode_budget(b)
+  local text = fmt('%d %d %d %d %d %d %s', b.a, b.s, b.r, b.d, b.o, b.x and 1 or 0, b.st)
+  if b.c ~= '' then text = text .. ' ' .. b.c end
+  b.text = text
+  return text
 end
 
 -- Budgets at `scopes` in `unit` (or in every unit), in scope order then unit order.
@@ -93,11 +82,11 @@ local function load_budgets(scopes, unit)
   for _, s in ipairs(scopes) do
     if unit then
       fields[#fields + 1] = s .. '|' .. unit
-      meta[#meta + 1] = {s, unit}
+      meta[#meta + 1] = s
     else
       for _, u in ipairs(UNITS) do
         fields[#fields + 1] = s .. '|' .. u
-        meta[#meta + 1] = {s, u}
+        meta[#meta + 1] = s
       end
     end
   end
@@ -105,32 +94,35 @@ local function load_budgets(scopes, unit)
   local vals = redis.call('HMGET', KB, unpack(fields))
   local out = {}
   for i = 1, #fields do
-    if vals[i] then out[#out + 1] = decode_budget(meta[i][1], meta[i][2], vals[i]) end
+    if vals[i] then
+      local b = decode_budget(meta[i], sub(fields[i], #meta[i] + 2), vals[i])
+      b.text = vals[i]
+      out[#out + 1] = b
+    end
   end
   return out
 end
 
 local function save_budgets(budgets)
+  if #budgets == 0 then return end
   local args = {}
   for _, b in ipairs(budgets) do
     args[#args + 1] = b.scope .. '|' .. b.unit
-    args[#args + 1] = enc({a = b.a, s = b.s, r = b.r, d = b.d, o = b.o, x = b.x and 1 or 0, st = b.st, c = b.c})
+    args[#args + 1] = encode_budget(b)
   end
-  if #args > 0 then redis.call('HSET', KB, unpack(args)) end
+  redis.call('HSET', KB, unpack(args))
 end
 
-local function balance(b)
-  return {scope = b.scope, unit = b.unit, allocated = b.a, spent = b.s, reserved = b.r, debt = b.d,
-          overdraft_limit = b.o, remaining = rem(b), is_over_limit = b.x, status = b.st, caps = b.c or NULL}
-end
-
-local function balances(budgets)
-  local out = arr({})
-  for i, b in ipairs(budgets) do out[i] = balance(b) end
+-- Balances go back as pairs of field and stored text; the client parses them like HGETALL output.
+local function push_balances(out, budgets)
+  for _, b in ipairs(budgets) do
+    out[#out + 1] = b.scope .. '|' .. b.unit
+    out[#out + 1] = b.text
+  end
   return out
 end
 
--- --- events and records ---------------------------------------------------------------------------
+-- --- events ----------------------------------------------------------------------------------------
 local function emit(typ, scope, unit, amount, rid, reason, data)
   local f = {'ts', I(NOW), 'type', typ}
   if scope then f[#f + 1] = 'scope'; f[#f + 1] = scope end
@@ -138,20 +130,26 @@ local function emit(typ, scope, unit, amount, rid, reason, data)
   if amount then f[#f + 1] = 'amount'; f[#f + 1] = I(amount) end
   if rid then f[#f + 1] = 'rid'; f[#f + 1] = rid end
   if reason then f[#f + 1] = 'reason'; f[#f + 1] = reason end
-  if data then f[#f + 1] = 'data'; f[#f + 1] = enc(data) end
+  if data then f[#f + 1] = 'data'; f[#f + 1] = data end
   return redis.call('XADD', KE, 'MAXLEN', '~', MAXLEN, '*', unpack(f))
 end
 
+-- --- reservations ----------------------------------------------------------------------------------
 local function load_rec(rid)
   local text = redis.call('HGET', KR, rid)
   if not text then return nil end
-  local rec = cjson.decode(text)
-  arr(rec.bs)
-  rec.caps = caps_of(rec.caps)
-  return rec
+  local st, u, e, op, c0, x, g, dl, n, ch, fin, sp, bs = string.match(text,
+    '^(%u+) (%S+) (%d+) (%S+) (%d+) (%d+) (%d+) (%d+) (%d+) (%-?%d+) (%-?%d+) (%S+) ?(.*)$')
+  local scopes = {}
+  if bs ~= '' then scopes = split(bs, ',') end
+  return {id = rid, st = st, u = u, e = tonumber(e), op = op, c0 = c0, x = tonumber(x), g = tonumber(g),
+          dl = tonumber(dl), n = tonumber(n), ch = tonumber(ch), fin = tonumber(fin), sp = sp, bs = scopes}
 end
 
-local function save_rec(rec) redis.call('HSET', KR, rec.id, enc(rec)) end
+local function save_rec(rec)
+  redis.call('HSET', KR, rec.id, fmt('%s %s %d %s %s %d %d %d %d %d %d %s %s', rec.st, rec.u, rec.e, rec.op, rec.c0,
+    rec.x, rec.g, rec.dl, rec.n, rec.ch, rec.fin, rec.sp, concat(rec.bs, ',')))
+end
 
 local function finalize(rec, status)
   rec.st = status
@@ -186,20 +184,31 @@ local function expire_due(limit)
   return n
 end
 
--- The stored answer for an idempotency key: nil, the response text, or a mismatch failure.
-local function replay(hash)
+-- --- idempotency ------------------------------------------------------------------------------------
+-- The stored answer for this key: nil, its text, or a mismatch failure.
+local function replay(op, key, hash)
   local stored = redis.call('GET', KI)
   if not stored then return nil end
-  local nl = string.find(stored, '\n', 1, true)
-  if string.sub(stored, 1, nl - 1) ~= hash then
-    return nil, fail('IDEMPOTENCY_MISMATCH', 'idempotency key ' .. cjson.encode(CMD.key) ..
-      ' was already used for a different ' .. CMD.op .. ' request', {idempotency_key = CMD.key})
+  local nl = find(stored, '\n', 1, true)
+  if sub(stored, 1, nl - 1) ~= hash then
+    return nil, fail('IDEMPOTENCY_MISMATCH', 'idempotency key ' .. q(key) .. ' was already used for a different ' ..
+      op .. ' request', {idempotency_key = key})
   end
-  return string.sub(stored, nl + 1)
+  return sub(stored, nl + 1)
 end
 
-local function remember(hash, body)
-  redis.call('SET', KI, hash .. '\n' .. enc(body), 'PX', RETAIN)
+local function joined(reply, from, to)
+  local parts = {}
+  for i = from, to do
+    local v = reply[i]
+    if v == false then v = '' end
+    parts[#parts + 1] = v
+  end
+  return concat(parts, SEP)
+end
+
+local function remember(hash, answer)
+  redis.call('SET', KI, hash .. '\n' .. answer, 'PX', RETAIN)
 end
 
 -- --- rules (mirror cycles_ledger/rules.py) ----------------------------------------------------------
@@ -215,18 +224,22 @@ local function sorted_keys(set)
   local out = {}
   for k in pairs(set) do out[#out + 1] = k end
   table.sort(out)
-  return arr(out)
+  return out
 end
 
+local LIST_CAPS = {tool_denylist = true, tool_allowlist = true}
+
+-- Operator caps of several scopes combined (strictest number, deny lists add up, allow lists intersect),
+-- as a Lua table, or nil when no scope has caps.
 local function merge_caps(budgets)
   local m, any = {}, false
   for _, b in ipairs(budgets) do
-    if b.c then
-      for k, v in pairs(b.c) do
-        if present(v) then
+    if b.c ~= '' then
+      for k, v in pairs(cjson.decode(b.c)) do
+        if v ~= cjson.null then
           if m[k] == nil then
             if LIST_CAPS[k] then
-              local copy = arr({})
+              local copy = {}
               for i = 1, #v do copy[i] = v[i] end
               m[k] = copy
             else
@@ -256,25 +269,45 @@ local function merge_caps(budgets)
   return nil
 end
 
+local function caps_json(caps)
+  if caps == nil then return false end
+  local parts = {}
+  for k, v in pairs(caps) do
+    local text
+    if LIST_CAPS[k] then
+      local items = {}
+      for i, x in ipairs(v) do items[i] = q(x) end
+      text = '[' .. concat(items, ',') .. ']'
+    elseif type(v) == 'number' and v == math.floor(v) then
+      text = I(v)
+    else
+      text = cjson.encode(v)
+    end
+    parts[#parts + 1] = q(k) .. ':' .. text
+  end
+  return '{' .. concat(parts, ',') .. '}'
+end
+
 -- floor(x * 10^6 / d) exactly, keeping every intermediate below 2^53 (d > 0).
 local function per_million(x, d)
   local neg = x < 0
   if neg then x = -x end
-  local q = math.floor(x / d)
-  local r = x - q * d
+  local quot = math.floor(x / d)
+  local r = x - quot * d
   for _ = 1, 6 do
     r = r * 10
     local digit = math.floor(r / d)
-    q = q * 10 + digit
+    quot = quot * 10 + digit
     r = r - digit * d
   end
   if neg then
-    if r > 0 then return -(q + 1) end
-    return -q
+    if r > 0 then return -(quot + 1) end
+    return -quot
   end
-  return q
+  return quot
 end
 
+-- soft: nil or {min, fixed, apm|nil}
 local function evaluate(budgets, estimate, soft)
   for _, b in ipairs(budgets) do
     local reason = hard_denial(b)
@@ -291,11 +324,10 @@ local function evaluate(budgets, estimate, soft)
     return {decision = caps and 'ALLOW_WITH_CAPS' or 'ALLOW', amount = estimate, scope = tight.scope,
             remaining = left, caps = caps}
   end
-  if soft and left >= math.max(soft.min_amount, 1) then
+  if soft and left >= math.max(soft[1], 1) then
     caps = caps or {}
-    local apm = soft.amount_per_million_tokens
-    if present(apm) and apm > 0 then
-      local tokens = per_million(left - (soft.fixed_amount or 0), apm)
+    if soft[3] then
+      local tokens = per_million(left - soft[2], soft[3])
       if caps.max_tokens == nil or tokens < caps.max_tokens then caps.max_tokens = tokens end
     end
     return {decision = 'ALLOW_WITH_CAPS', amount = left, scope = tight.scope, remaining = left, caps = caps}
@@ -303,7 +335,7 @@ local function evaluate(budgets, estimate, soft)
   return {decision = 'DENY', reason = 'BUDGET_EXCEEDED', scope = tight.scope, remaining = left}
 end
 
--- Turn a hold of `held` into a charge of `actual`; returns charged, flagged scopes, or nil, failure.
+-- Turn a hold of `held` into a charge of `actual`; returns charged and flagged scopes, or nil and a failure.
 local function settle(budgets, held, actual, policy, is_commit)
   local delta = actual - held
   if delta <= 0 then
@@ -326,8 +358,9 @@ local function settle(budgets, held, actual, policy, is_commit)
       else
         message = 'actual ' .. I(actual) .. ' exceeds the remaining ' .. I(worst and rem(worst) or 0)
       end
-      return nil, fail('BUDGET_EXCEEDED', message,
-        {scope = worst and worst.scope or NULL, remaining = worst and rem(worst) or NULL})
+      local details = {}
+      if worst then details = {scope = worst.scope, remaining = rem(worst)} end
+      return nil, fail('BUDGET_EXCEEDED', message, details)
     end
     for _, b in ipairs(budgets) do
       b.r = b.r - held
@@ -337,12 +370,9 @@ local function settle(budgets, held, actual, policy, is_commit)
   end
   if policy == 'ALLOW_IF_AVAILABLE' then
     local available = delta
-    if #budgets > 0 then
-      available = nil
-      for _, b in ipairs(budgets) do
-        local r = math.max(rem(b), 0)
-        if available == nil or r < available then available = r end
-      end
+    for i, b in ipairs(budgets) do
+      local r = math.max(rem(b), 0)
+      if i == 1 or r < available then available = r end
     end
     local extra = math.min(delta, available)
     local flagged = {}
@@ -375,86 +405,68 @@ local function settle(budgets, held, actual, policy, is_commit)
   return actual, {}
 end
 
-local function fund(b, amount)
-  local repaid = math.min(b.d, amount)
-  b.d = b.d - repaid
-  b.s = b.s + repaid
-  b.a = b.a + amount
-  if b.d == 0 and rem(b) >= 0 then b.x = false end
-  return repaid
+-- --- shared by reserve, decide and event ------------------------------------------------------------
+local function in_unit(all, unit)
+  local out = {}
+  for _, b in ipairs(all) do
+    if b.unit == unit then out[#out + 1] = b end
+  end
+  return out
 end
 
--- --- shared by reserve, decide and event ------------------------------------------------------------
-local function unit_mismatch(all, in_unit)
-  if #all > 0 and #in_unit == 0 and not CMD.allow_unbudgeted then
+local function unit_mismatch(all, mine, unit, scopes, allow_unbudgeted)
+  if #all > 0 and #mine == 0 and not allow_unbudgeted then
     local set = {}
     for _, b in ipairs(all) do set[b.unit] = true end
     local units = sorted_keys(set)
-    return fail('UNIT_MISMATCH', 'no budget in ' .. CMD.unit .. ' for ' .. CMD.scopes[#CMD.scopes] ..
-      '; budgets there are in ' .. table.concat(units, ', '),
-      {scope = all[#all].scope, requested_unit = CMD.unit, expected_units = units})
+    local quoted = {}
+    for i, u in ipairs(units) do quoted[i] = q(u) end
+    return fail('UNIT_MISMATCH', 'no budget in ' .. unit .. ' for ' .. scopes[#scopes] ..
+      '; budgets there are in ' .. concat(units, ', '),
+      {scope = all[#all].scope, requested_unit = unit, expected_units = {'[' .. concat(quoted, ',') .. ']'}})
   end
   return nil
 end
 
-local function split_units(all)
-  local in_unit = {}
-  for _, b in ipairs(all) do
-    if b.unit == CMD.unit then in_unit[#in_unit + 1] = b end
-  end
-  return in_unit
-end
-
-local function evaluate_cmd()
-  local all = load_budgets(CMD.scopes, nil)
-  local in_unit = split_units(all)
-  if #all == 0 and not CMD.allow_unbudgeted then
-    return {decision = 'DENY', reason = 'BUDGET_NOT_FOUND', scope = CMD.scopes[#CMD.scopes]}, {}
-  end
-  local bad = unit_mismatch(all, in_unit)
-  if bad then return nil, nil, bad end
-  local soft = nil
-  if present(CMD.soft_landing) then soft = CMD.soft_landing end
-  return evaluate(in_unit, CMD.estimate, soft), in_unit
-end
-
-local function decision_body(ev)
-  return {decision = ev.decision, scope_path = CMD.scopes[#CMD.scopes], affected_scopes = arr(CMD.scopes),
-          caps = ev.caps or NULL, reason_code = ev.reason or NULL, scope = ev.scope or NULL,
-          remaining = ev.remaining or NULL}
-end
-
-local function settle_target(op)
-  local rec = load_rec(CMD.rid)
+-- Settlement target: the live reservation, or nil and the reply (a replay or a failure).
+local function settle_target(op, rid, key, hash)
+  local rec = load_rec(rid)
   if not rec then
-    return nil, fail('NOT_FOUND', 'reservation ' .. cjson.encode(CMD.rid) .. ' not found', {reservation_id = CMD.rid})
+    return nil, fail('NOT_FOUND', 'reservation ' .. q(rid) .. ' not found', {reservation_id = rid})
   end
-  if rec.sk and rec.sk == CMD.key then
-    if rec.so ~= op or rec.sh ~= CMD.hash then
-      return nil, fail('IDEMPOTENCY_MISMATCH', 'idempotency key ' .. cjson.encode(CMD.key) ..
-        ' was already used for a different ' .. rec.so .. ' request', {idempotency_key = CMD.key})
+  if rec.st ~= 'ACTIVE' and rec.st ~= 'EXPIRED' then
+    local stored = redis.call('HGET', KR, rid .. '|k')
+    if stored then
+      -- "op\nhash\n<key length>\n<key><answer>": the key may hold any character
+      local sop, shash, len, rest = string.match(stored, '^(%a+)\n([^\n]*)\n(%d+)\n(.*)$')
+      len = tonumber(len)
+      if sub(rest, 1, len) == key then
+        if sop ~= op or shash ~= hash then
+          return nil, fail('IDEMPOTENCY_MISMATCH', 'idempotency key ' .. q(key) ..
+            ' was already used for a different ' .. sop .. ' request', {idempotency_key = key})
+        end
+        return nil, push_balances({'replay', sub(rest, len + 1), I(NOW)}, load_budgets(rec.bs, rec.u))
+      end
     end
-    return nil, enc({replay = raw(rec.sr), now = NOW, balances = balances(load_budgets(rec.bs, rec.u))})
   end
   if rec.st == 'EXPIRED' then
-    return nil, fail('RESERVATION_EXPIRED', 'reservation ' .. CMD.rid .. ' expired', {reservation_id = CMD.rid})
+    return nil, fail('RESERVATION_EXPIRED', 'reservation ' .. rid .. ' expired', {reservation_id = rid})
   end
   if rec.st ~= 'ACTIVE' then
-    return nil, fail('RESERVATION_FINALIZED', 'reservation ' .. CMD.rid .. ' is already ' .. rec.st,
-      {reservation_id = CMD.rid, status = rec.st})
+    return nil, fail('RESERVATION_FINALIZED', 'reservation ' .. rid .. ' is already ' .. rec.st,
+      {reservation_id = rid, status = rec.st})
   end
   if NOW > rec.dl then
     expire_rec(rec)
-    return nil, fail('RESERVATION_EXPIRED', 'reservation ' .. CMD.rid .. ' expired at ' .. I(rec.x) ..
-      ' (+' .. I(rec.g) .. ' ms grace)', {reservation_id = CMD.rid})
+    return nil, fail('RESERVATION_EXPIRED', 'reservation ' .. rid .. ' expired at ' .. I(rec.x) ..
+      ' (+' .. I(rec.g) .. ' ms grace)', {reservation_id = rid})
   end
   return rec
 end
 
-local function settled(rec, status, charged, op, body)
+local function settled(rec, status, charged, op, key, hash, answer)
   rec.ch = charged
-  rec.so, rec.sk, rec.sh = op, CMD.key, CMD.hash
-  rec.sr = enc(body)
+  redis.call('HSET', KR, rec.id .. '|k', op .. '\n' .. hash .. '\n' .. I(#key) .. '\n' .. key .. answer)
   finalize(rec, status)
 end
 
@@ -462,261 +474,286 @@ local OPS = {}
 --@@ prelude-end
 
 --@@ reserve
-OPS.reserve = function()
-  expire_due(SWEEP)
-  if CMD.hash ~= '' then
-    local prior, bad = replay(CMD.hash)
-    if bad then return bad end
-    if prior then
-      local j = cjson.decode(prior)
-      local scopes = j.budgeted_scopes or {}
-      return enc({replay = raw(prior), now = NOW, balances = balances(load_budgets(scopes, CMD.unit))})
+-- ARGV[5..]: key, hash, rid, unit, estimate, ttl, grace, policy, dry_run, allow_unbudgeted, soft_min,
+-- soft_fixed, soft_apm, subject JSON, action JSON, static JSON, scopes…
+-- Reply: {"reserve", decision, reason, scope, remaining, caps JSON, dry_run, rid, amount, expires_at,
+--         ttl, budgeted scopes, balances…}; a replay: {"replay", stored reply, now, balances…}.
+OPS.reserve = function(decide_only)
+  local key, hash, rid, unit = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+  local estimate, ttl, grace, policy = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11]), ARGV[12]
+  local dry_run, allow_unbudgeted = ARGV[13] == '1', ARGV[14] == '1'
+  local soft = nil
+  if ARGV[15] ~= '' then soft = {tonumber(ARGV[15]), tonumber(ARGV[16]), num(ARGV[17])} end
+  local scopes = {}
+  for i = 21, #ARGV do scopes[#scopes + 1] = ARGV[i] end
+  local path = scopes[#scopes]
+
+  if not decide_only then
+    expire_due(SWEEP)
+    if hash ~= '' then
+      local prior, bad = replay('reserve', key, hash)
+      if bad then return bad end
+      if prior then
+        local budgeted = string.match(prior, '([^\31]*)$')
+        local list = {}
+        if budgeted ~= '' then list = split(budgeted, ',') end
+        return push_balances({'replay', prior, I(NOW)}, load_budgets(list, unit))
+      end
     end
   end
-  local ev, budgets, bad = evaluate_cmd()
+
+  local function look()
+    local all = load_budgets(scopes, nil)
+    local mine = in_unit(all, unit)
+    if #all == 0 and not allow_unbudgeted then
+      return {decision = 'DENY', reason = 'BUDGET_NOT_FOUND', scope = path}, {}
+    end
+    local bad = unit_mismatch(all, mine, unit, scopes, allow_unbudgeted)
+    if bad then return nil, nil, bad end
+    return evaluate(mine, estimate, soft), mine
+  end
+  local ev, budgets, bad = look()
   if bad then return bad end
-  if ev.reason == 'BUDGET_EXCEEDED' and expire_due(1000) > 0 then
-    ev, budgets, bad = evaluate_cmd()  -- overdue holds were still counted; look again without them
+  if not decide_only and ev.reason == 'BUDGET_EXCEEDED' and expire_due(1000) > 0 then
+    ev, budgets, bad = look() -- overdue holds were still counted; look again without them
     if bad then return bad end
   end
-  local body = decision_body(ev)
-  body.dry_run = CMD.dry_run
-  if CMD.dry_run or ev.decision == 'DENY' then
-    body.balances = balances(budgets)
+  local caps = caps_json(ev.caps)
+  local reply = {'reserve', ev.decision, ev.reason or false, ev.scope or false, ev.remaining and I(ev.remaining) or false,
+                 caps, dry_run and '1' or '0', false, false, false, false, ''}
+  if decide_only then return push_balances(reply, budgets) end
+  if dry_run or ev.decision == 'DENY' then
     local kind = 'denied'
-    if CMD.dry_run then kind = (ev.decision == 'DENY') and 'would_deny' or 'would_allow' end
-    local info = {subject = raw(CMD.subject), action = raw(CMD.action), key = CMD.key,
-                  remaining = ev.remaining or NULL}
-    if nonempty(ev.caps) then info.caps = ev.caps end
-    emit(kind, ev.scope or CMD.scopes[#CMD.scopes], CMD.unit, CMD.estimate, nil, ev.reason, info)
-    if CMD.dry_run and CMD.hash ~= '' then
-      local slim = {}
-      for k, v in pairs(body) do if k ~= 'balances' then slim[k] = v end end
-      remember(CMD.hash, slim)
-    end
-    return enc(body)
+    if dry_run then kind = (ev.decision == 'DENY') and 'would_deny' or 'would_allow' end
+    local info = '{"subject":' .. ARGV[18] .. ',"action":' .. ARGV[19] .. ',"key":' .. q(key) .. ',"remaining":' ..
+      (ev.remaining and I(ev.remaining) or 'null')
+    if caps and caps ~= '{}' then info = info .. ',"caps":' .. caps end
+    emit(kind, ev.scope or path, unit, estimate, nil, ev.reason, info .. '}')
+    if dry_run and hash ~= '' then remember(hash, joined(reply, 2, #reply)) end
+    return push_balances(reply, budgets)
   end
   for _, b in ipairs(budgets) do b.r = b.r + ev.amount end
   save_budgets(budgets)
-  local rid = CMD.rid
-  local expires = NOW + CMD.ttl_ms
-  local budgeted = arr({})
+  local expires = NOW + ttl
+  local budgeted = {}
   for i, b in ipairs(budgets) do budgeted[i] = b.scope end
-  local rec = {id = rid, st = 'ACTIVE', u = CMD.unit, e = ev.amount, op = CMD.policy, c0 = NOW, x = expires,
-               g = CMD.grace_ms, dl = expires + CMD.grace_ms, sp = CMD.scopes[#CMD.scopes], bs = budgeted, n = 0,
-               caps = nonempty(ev.caps) and ev.caps or nil}
+  local rec = {id = rid, st = 'ACTIVE', u = unit, e = ev.amount, op = policy, c0 = I(NOW), x = expires, g = grace,
+               dl = expires + grace, n = 0, ch = -1, fin = -1, sp = path, bs = budgeted}
   save_rec(rec)
-  redis.call('HSET', KR, rid .. '|s', CMD.static)
+  redis.call('HSET', KR, rid .. '|s', ARGV[20])
+  local data = nil
+  if caps and caps ~= '{}' then
+    redis.call('HSET', KR, rid .. '|c', caps)
+    data = '{"decision":' .. q(ev.decision) .. ',"caps":' .. caps .. '}'
+  end
   redis.call('ZADD', KDUE, rec.dl, rid)
   redis.call('ZADD', KIDS, NOW, rid)
-  local data = nil
-  if nonempty(ev.caps) then data = {decision = ev.decision, caps = ev.caps} end
-  emit('reserved', CMD.scopes[#CMD.scopes], CMD.unit, ev.amount, rid, nil, data)
-  body.reservation_id = rid
-  body.reserved = {unit = CMD.unit, amount = ev.amount}
-  body.expires_at_ms = expires
-  body.remaining_ttl_ms = CMD.ttl_ms
-  if CMD.hash ~= '' then
-    local slim = {budgeted_scopes = budgeted}
-    for k, v in pairs(body) do slim[k] = v end
-    remember(CMD.hash, slim)
-  end
-  body.balances = balances(budgets)
-  return enc(body)
+  emit('reserved', path, unit, ev.amount, rid, nil, data)
+  reply[8], reply[9], reply[10], reply[11], reply[12] = rid, I(ev.amount), I(expires), I(ttl), concat(budgeted, ',')
+  if hash ~= '' then remember(hash, joined(reply, 2, #reply)) end
+  return push_balances(reply, budgets)
 end
 
 --@@ decide
-OPS.decide = function()
-  local ev, budgets, bad = evaluate_cmd()
-  if bad then return bad end
-  local body = decision_body(ev)
-  body.balances = balances(budgets)
-  return enc(body)
-end
+--@include reserve
+OPS.decide = function() return OPS.reserve(true) end
 
 --@@ commit
+-- ARGV[5..]: rid, key, hash, unit, actual, metrics JSON, metadata JSON.
+-- Reply: {"commit", charged, released, balances…}; a replay: {"replay", stored reply, now, balances…}.
 OPS.commit = function()
+  local rid, key, hash, unit, actual = ARGV[5], ARGV[6], ARGV[7], ARGV[8], tonumber(ARGV[9])
   expire_due(SWEEP)
-  local rec, out = settle_target('commit')
+  local rec, out = settle_target('commit', rid, key, hash)
   if not rec then return out end
-  if CMD.unit ~= rec.u then
-    return fail('UNIT_MISMATCH', 'commit in ' .. CMD.unit .. ' for a reservation in ' .. rec.u,
-      {requested_unit = CMD.unit, expected_units = arr({rec.u})})
+  if unit ~= rec.u then
+    return fail('UNIT_MISMATCH', 'commit in ' .. unit .. ' for a reservation in ' .. rec.u,
+      {requested_unit = unit, expected_units = {'[' .. q(rec.u) .. ']'}})
   end
   local budgets = load_budgets(rec.bs, rec.u)
-  local charged, flagged = settle(budgets, rec.e, CMD.actual, rec.op, true)
+  local charged, flagged = settle(budgets, rec.e, actual, rec.op, true)
   if not charged then return flagged end
   save_budgets(budgets)
-  local released = math.max(rec.e - CMD.actual, 0)
-  local body = {reservation_id = CMD.rid, status = 'COMMITTED', charged = {unit = rec.u, amount = charged}}
-  if released > 0 then body.released = {unit = rec.u, amount = released} else body.released = NULL end
-  settled(rec, 'COMMITTED', charged, 'commit', body)
-  local data = {actual = CMD.actual, released = released}
-  if #flagged > 0 then data.over_limit = arr(flagged) end
-  if present(CMD.metrics) then data.metrics = raw(CMD.metrics) end
-  if present(CMD.metadata) then data.metadata = raw(CMD.metadata) end
-  emit('committed', rec.sp, rec.u, charged, rec.id, nil, data)
-  for _, scope in ipairs(flagged) do emit('over_limit', scope, rec.u, nil, rec.id) end
-  body.balances = balances(budgets)
-  return enc(body)
+  local released = math.max(rec.e - actual, 0)
+  local reply = {'commit', I(charged), I(released)}
+  settled(rec, 'COMMITTED', charged, 'commit', key, hash, joined(reply, 2, 3))
+  local data = '{"actual":' .. I(actual) .. ',"released":' .. I(released)
+  if #flagged > 0 then
+    local quoted = {}
+    for i, s in ipairs(flagged) do quoted[i] = q(s) end
+    data = data .. ',"over_limit":[' .. concat(quoted, ',') .. ']'
+  end
+  if ARGV[10] ~= '' then data = data .. ',"metrics":' .. ARGV[10] end
+  if ARGV[11] ~= '' then data = data .. ',"metadata":' .. ARGV[11] end
+  emit('committed', rec.sp, rec.u, charged, rid, nil, data .. '}')
+  for _, scope in ipairs(flagged) do emit('over_limit', scope, rec.u, nil, rid) end
+  return push_balances(reply, budgets)
 end
 
 --@@ release
+-- ARGV[5..]: rid, key, hash, reason. Reply: {"release", released, balances…} or a replay.
 OPS.release = function()
+  local rid, key, hash, reason = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
   expire_due(SWEEP)
-  local rec, out = settle_target('release')
+  local rec, out = settle_target('release', rid, key, hash)
   if not rec then return out end
   local budgets = load_budgets(rec.bs, rec.u)
   for _, b in ipairs(budgets) do b.r = b.r - rec.e end
   save_budgets(budgets)
-  local body = {reservation_id = CMD.rid, status = 'RELEASED', released = {unit = rec.u, amount = rec.e}}
-  settled(rec, 'RELEASED', nil, 'release', body)
+  local reply = {'release', I(rec.e)}
+  settled(rec, 'RELEASED', -1, 'release', key, hash, reply[2])
   local data = nil
-  if present(CMD.reason) then data = {reason = CMD.reason} end
-  emit('released', rec.sp, rec.u, rec.e, rec.id, nil, data)
-  body.balances = balances(budgets)
-  return enc(body)
+  if reason ~= '' then data = '{"reason":' .. q(reason) .. '}' end
+  emit('released', rec.sp, rec.u, rec.e, rid, nil, data)
+  return push_balances(reply, budgets)
 end
 
 --@@ extend
+-- ARGV[5..]: rid, key, hash, extend_by_ms, max_extensions.
+-- Reply: {"extend", expires_at, now, balances…}; a replay: {"replay", expires_at, now, balances…}.
 OPS.extend = function()
+  local rid, key, hash, by, max_ext = ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[8]), num(ARGV[9])
   expire_due(SWEEP)
-  local rec = load_rec(CMD.rid)
+  local rec = load_rec(rid)
   if not rec then
-    return fail('NOT_FOUND', 'reservation ' .. cjson.encode(CMD.rid) .. ' not found', {reservation_id = CMD.rid})
+    return fail('NOT_FOUND', 'reservation ' .. q(rid) .. ' not found', {reservation_id = rid})
   end
-  local prior, bad = replay(CMD.hash)
+  local prior, bad = replay('extend', key, hash)
   if bad then return bad end
-  if prior then
-    return enc({replay = raw(prior), now = NOW, balances = balances(load_budgets(rec.bs, rec.u))})
-  end
+  if prior then return push_balances({'replay', prior, I(NOW)}, load_budgets(rec.bs, rec.u)) end
   if rec.st == 'EXPIRED' or (rec.st == 'ACTIVE' and NOW > rec.x) then
     if rec.st == 'ACTIVE' and NOW > rec.dl then
       expire_rec(rec)
-      return fail('RESERVATION_EXPIRED', 'reservation ' .. CMD.rid .. ' expired', {})
+      return fail('RESERVATION_EXPIRED', 'reservation ' .. rid .. ' expired')
     end
-    return fail('RESERVATION_EXPIRED', 'reservation ' .. CMD.rid ..
-      ' passed its expiry; in the grace period only commit or release', {reservation_id = CMD.rid})
+    return fail('RESERVATION_EXPIRED', 'reservation ' .. rid ..
+      ' passed its expiry; in the grace period only commit or release', {reservation_id = rid})
   end
   if rec.st ~= 'ACTIVE' then
-    return fail('RESERVATION_FINALIZED', 'reservation ' .. CMD.rid .. ' is already ' .. rec.st,
-      {reservation_id = CMD.rid, status = rec.st})
+    return fail('RESERVATION_FINALIZED', 'reservation ' .. rid .. ' is already ' .. rec.st,
+      {reservation_id = rid, status = rec.st})
   end
-  if present(CMD.max_extensions) and rec.n >= CMD.max_extensions then
-    return fail('MAX_EXTENSIONS_EXCEEDED', 'reservation ' .. CMD.rid .. ' was already extended ' .. I(rec.n) ..
-      ' times', {reservation_id = CMD.rid})
+  if max_ext and rec.n >= max_ext then
+    return fail('MAX_EXTENSIONS_EXCEEDED', 'reservation ' .. rid .. ' was already extended ' .. I(rec.n) .. ' times',
+      {reservation_id = rid})
   end
-  rec.x = rec.x + CMD.extend_by_ms
+  rec.x = rec.x + by
   rec.dl = rec.x + rec.g
   rec.n = rec.n + 1
   save_rec(rec)
-  redis.call('ZADD', KDUE, rec.dl, rec.id)
-  emit('extended', rec.sp, rec.u, nil, rec.id, nil, {expires_at_ms = rec.x, extend_by_ms = CMD.extend_by_ms})
-  local body = {reservation_id = CMD.rid, status = 'ACTIVE', expires_at_ms = rec.x, remaining_ttl_ms = rec.x - NOW}
-  remember(CMD.hash, body)
-  body.balances = balances(load_budgets(rec.bs, rec.u))
-  return enc(body)
+  redis.call('ZADD', KDUE, rec.dl, rid)
+  emit('extended', rec.sp, rec.u, nil, rid, nil, '{"expires_at_ms":' .. I(rec.x) .. ',"extend_by_ms":' .. I(by) .. '}')
+  local reply = {'extend', I(rec.x), I(NOW)}
+  remember(hash, reply[2])
+  return push_balances(reply, load_budgets(rec.bs, rec.u))
 end
 
 --@@ event
+-- ARGV[5..]: key, hash, unit, actual, policy, allow_unbudgeted, subject, action, metrics, metadata, scopes…
+-- Reply: {"event", stream id, charged, budgeted scopes, balances…} or a replay.
 OPS.event = function()
+  local key, hash, unit, actual, policy = ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[8]), ARGV[9]
+  local allow_unbudgeted = ARGV[10] == '1'
+  local scopes = {}
+  for i = 15, #ARGV do scopes[#scopes + 1] = ARGV[i] end
+  local path = scopes[#scopes]
   expire_due(SWEEP)
-  local prior, bad = replay(CMD.hash)
+  local prior, bad = replay('event', key, hash)
   if bad then return bad end
   if prior then
-    local j = cjson.decode(prior)
-    return enc({replay = raw(prior), now = NOW, balances = balances(load_budgets(j.budgeted_scopes or {}, CMD.unit))})
+    local budgeted = string.match(prior, '([^\31]*)$')
+    local list = {}
+    if budgeted ~= '' then list = split(budgeted, ',') end
+    return push_balances({'replay', prior, I(NOW)}, load_budgets(list, unit))
   end
-  local all = load_budgets(CMD.scopes, nil)
-  local budgets = split_units(all)
-  if #all == 0 and not CMD.allow_unbudgeted then
-    return fail('NOT_FOUND', 'no budget for ' .. CMD.scopes[#CMD.scopes] .. ' or its parents',
-      {scope = CMD.scopes[#CMD.scopes]})
+  local all = load_budgets(scopes, nil)
+  local budgets = in_unit(all, unit)
+  if #all == 0 and not allow_unbudgeted then
+    return fail('NOT_FOUND', 'no budget for ' .. path .. ' or its parents', {scope = path})
   end
-  bad = unit_mismatch(all, budgets)
+  bad = unit_mismatch(all, budgets, unit, scopes, allow_unbudgeted)
   if bad then return bad end
   for _, b in ipairs(budgets) do
     if b.st == 'CLOSED' then return fail('BUDGET_CLOSED', 'budget ' .. b.scope .. ' is closed', {scope = b.scope}) end
     if b.st == 'FROZEN' then return fail('BUDGET_FROZEN', 'budget ' .. b.scope .. ' is frozen', {scope = b.scope}) end
   end
-  local charged, flagged = settle(budgets, 0, CMD.actual, CMD.policy, false)
+  local charged, flagged = settle(budgets, 0, actual, policy, false)
   if not charged then return flagged end
   save_budgets(budgets)
-  local scopes = arr({})
-  for i, b in ipairs(budgets) do scopes[i] = b.scope end
-  local data = {scopes = scopes, actual = CMD.actual, subject = raw(CMD.subject), action = raw(CMD.action),
-                over_limit = arr(flagged), metrics = present(CMD.metrics) and raw(CMD.metrics) or NULL,
-                metadata = present(CMD.metadata) and raw(CMD.metadata) or NULL, key = CMD.key}
-  local id = emit('debited', CMD.scopes[#CMD.scopes], CMD.unit, charged, nil, nil, data)
-  for _, scope in ipairs(flagged) do emit('over_limit', scope, CMD.unit) end
-  local body = {status = 'APPLIED', event_id = id, charged = {unit = CMD.unit, amount = charged}}
-  local slim = {budgeted_scopes = scopes}
-  for k, v in pairs(body) do slim[k] = v end
-  remember(CMD.hash, slim)
-  body.balances = balances(budgets)
-  return enc(body)
+  local names, quoted, flags = {}, {}, {}
+  for i, b in ipairs(budgets) do names[i] = b.scope; quoted[i] = q(b.scope) end
+  for i, s in ipairs(flagged) do flags[i] = q(s) end
+  local data = '{"scopes":[' .. concat(quoted, ',') .. '],"actual":' .. I(actual) .. ',"subject":' .. ARGV[11] ..
+    ',"action":' .. ARGV[12] .. ',"over_limit":[' .. concat(flags, ',') .. '],"metrics":' ..
+    (ARGV[13] ~= '' and ARGV[13] or 'null') .. ',"metadata":' .. (ARGV[14] ~= '' and ARGV[14] or 'null') ..
+    ',"key":' .. q(key) .. '}'
+  local id = emit('debited', path, unit, charged, nil, nil, data)
+  for _, scope in ipairs(flagged) do emit('over_limit', scope, unit) end
+  local reply = {'event', id, I(charged), concat(names, ',')}
+  remember(hash, joined(reply, 2, 4))
+  return push_balances(reply, budgets)
 end
 
 --@@ budget
+-- ARGV[5..]: op, scope, unit, amount, overdraft_limit, caps JSON ("" = not given). Reply: {"budget", field, text}.
 OPS.budget = function()
+  local op, scope, unit = ARGV[5], ARGV[6], ARGV[7]
+  local amount, overdraft, caps = num(ARGV[8]), num(ARGV[9]), opt(ARGV[10])
   expire_due(SWEEP)
-  local found = load_budgets({CMD.scope}, CMD.unit)
-  local b = found[1]
-  local data = {}
-  if CMD.op == 'set' then
+  local b = load_budgets({scope}, unit)[1]
+  local data = '{}'
+  if op == 'set' then
     if not b then
-      b = {scope = CMD.scope, unit = CMD.unit, a = CMD.amount, s = 0, r = 0, d = 0, o = CMD.overdraft_limit or 0,
-           x = false, st = 'ACTIVE', c = nil}
-      if present(CMD.caps) and next(CMD.caps) ~= nil then b.c = caps_of(CMD.caps) end
+      b = {scope = scope, unit = unit, a = amount, s = 0, r = 0, d = 0, o = overdraft or 0, x = false, st = 'ACTIVE',
+           c = (caps and caps ~= '{}') and caps or ''}
     else
-      data.previous_allocated = b.a
-      b.a = CMD.amount
-      if present(CMD.overdraft_limit) then b.o = CMD.overdraft_limit end
-      if present(CMD.caps) then
-        if next(CMD.caps) ~= nil then b.c = caps_of(CMD.caps) else b.c = nil end
-      end
+      data = '{"previous_allocated":' .. I(b.a) .. '}'
+      b.a = amount
+      if overdraft then b.o = overdraft end
+      if caps then b.c = (caps ~= '{}') and caps or '' end
       if b.d > b.o then
         b.x = true
       elseif rem(b) >= 0 then
         b.x = false
       end
     end
-    if b.a > MAX_EXACT or b.a < 0 then
-      return fail('INVALID_REQUEST', 'allocation ' .. I(b.a) .. ' is beyond what the Redis store keeps exactly (2^53 - 1)')
-    end
     save_budgets({b})
-    emit('budget_set', CMD.scope, CMD.unit, CMD.amount, nil, nil, data)
-    return enc(balance(b))
+    emit('budget_set', scope, unit, amount, nil, nil, data)
+    return {'budget', scope .. '|' .. unit, b.text}
   end
-  if not b then
-    return fail('NOT_FOUND', 'no ' .. CMD.unit .. ' budget at ' .. CMD.scope, {scope = CMD.scope})
-  end
+  if not b then return fail('NOT_FOUND', 'no ' .. unit .. ' budget at ' .. scope, {scope = scope}) end
   if b.st == 'CLOSED' then return fail('BUDGET_CLOSED', 'budget ' .. b.scope .. ' is closed', {scope = b.scope}) end
-  local kind, amount
-  if CMD.op == 'fund' then
-    if b.a + CMD.amount > MAX_EXACT then
-      return fail('INVALID_REQUEST', 'allocation would pass what the Redis store keeps exactly (2^53 - 1)')
+  local kind, amt = nil, nil
+  if op == 'fund' then
+    if b.a + amount > MAX_EXACT then
+      return fail('INVALID_REQUEST', 'the allocation would pass what the Redis store keeps exactly (2^53 - 1)')
     end
-    data.debt_repaid = fund(b, CMD.amount)
-    kind, amount = 'funded', CMD.amount
+    local repaid = math.min(b.d, amount)
+    b.d = b.d - repaid
+    b.s = b.s + repaid
+    b.a = b.a + amount
+    if b.d == 0 and rem(b) >= 0 then b.x = false end
+    data = '{"debt_repaid":' .. I(repaid) .. '}'
+    kind, amt = 'funded', amount
   else
-    b.st = ({freeze = 'FROZEN', unfreeze = 'ACTIVE', close = 'CLOSED'})[CMD.op]
-    kind = ({freeze = 'frozen', unfreeze = 'unfrozen', close = 'closed'})[CMD.op]
+    b.st = ({freeze = 'FROZEN', unfreeze = 'ACTIVE', close = 'CLOSED'})[op]
+    kind = ({freeze = 'frozen', unfreeze = 'unfrozen', close = 'closed'})[op]
   end
   save_budgets({b})
-  emit(kind, CMD.scope, CMD.unit, amount, nil, nil, data)
-  return enc(balance(b))
+  emit(kind, scope, unit, amt, nil, nil, data)
+  return {'budget', scope .. '|' .. unit, b.text}
 end
 
 --@@ sweep
+-- ARGV[5]: limit. Reply: {"sweep", expired, pruned}.
 OPS.sweep = function()
-  local n = expire_due(CMD.limit)
-  -- Finalized reservations older than the retention go, with their static part and listing entry.
+  local n = expire_due(tonumber(ARGV[5]))
+  -- Finalized reservations older than the retention go, with all their fields and their listing entry.
   local old = redis.call('ZRANGEBYSCORE', KFIN, '-inf', '(' .. I(NOW - RETAIN), 'LIMIT', 0, 1000)
   for _, rid in ipairs(old) do
-    redis.call('HDEL', KR, rid, rid .. '|s')
+    redis.call('HDEL', KR, rid, rid .. '|s', rid .. '|c', rid .. '|k')
     redis.call('ZREM', KIDS, rid)
     redis.call('ZREM', KFIN, rid)
   end
-  return enc({expired = n, pruned = #old})
+  return {'sweep', n, #old}
 end

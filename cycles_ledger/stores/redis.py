@@ -16,6 +16,8 @@ a crash of the server.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import itertools
 import json
 import os
@@ -26,7 +28,14 @@ from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
-from ..errors import ConfigError, CyclesError, InvalidRequestError, StoreUnavailableError, error_from_code
+from ..errors import (
+    ConfigError,
+    CyclesError,
+    InvalidRequestError,
+    NotFoundError,
+    StoreUnavailableError,
+    error_from_code,
+)
 from ..models import Unit, parse_scope
 from .base import (
     BudgetCommand,
@@ -46,17 +55,24 @@ _UNITS = ("CREDITS", "RISK_POINTS", "TOKENS", "USD_MICROCENTS")  # must match UN
 assert set(_UNITS) == {u.value for u in Unit}, "redis.lua's unit list is out of date"
 _OPS = ("reserve", "decide", "commit", "release", "extend", "event", "budget", "sweep")
 _JSON = json.JSONEncoder(separators=(",", ":")).encode
+_SEP = "\x1f"  # joins the reply fields kept for idempotent replays
 Clock = Callable[[], int]
 
 
 def _scripts() -> dict[str, str]:
-    """Split redis.lua into one script per operation: the shared prelude + the operation's section."""
+    """Split redis.lua into one script per operation: the shared prelude + the operation's section
+    (+ the sections it `--@include`s)."""
     text = resources.files("cycles_ledger.stores").joinpath("redis.lua").read_text(encoding="utf-8")
     prelude, _, rest = text.partition("--@@ prelude-end")
-    out: dict[str, str] = {}
+    sections: dict[str, str] = {}
     for chunk in rest.split("--@@ ")[1:]:
         name, _, body = chunk.partition("\n")
-        out[name.strip()] = f"{prelude}\n{body}\nreturn OPS.{name.strip()}()\n"
+        sections[name.strip()] = body
+    out: dict[str, str] = {}
+    for name, body in sections.items():
+        includes = [line.split()[1] for line in body.splitlines() if line.startswith("--@include ")]
+        parts = [prelude, *(sections[i] for i in includes), body, f"return OPS.{name}()"]
+        out[name] = "\n".join(parts)
     missing = set(_OPS) - set(out)
     if missing:
         raise RuntimeError(f"redis.lua lacks the scripts {sorted(missing)}")
@@ -116,54 +132,83 @@ def _under(scope: str | None, prefix: str | None) -> bool:
     return prefix is None or scope == prefix or (scope is not None and scope.startswith(prefix + "/"))
 
 
-def _raw(value: Any) -> str | None:
-    return _JSON(value) if value else None
+def _raw(value: Any) -> str:
+    return _JSON(value) if value else ""
+
+
+def _int(text: str | None) -> int | None:
+    return int(text) if text not in (None, "") else None
 
 
 def _balance(field: str, text: str) -> dict[str, Any]:
+    """One budget from its hash field `scope|unit` and text `a s r d o x STATUS [caps JSON]`."""
     scope, _, unit = field.rpartition("|")
-    j = json.loads(text)
+    parts = text.split(" ", 7)
+    a, s, r, d, o = (int(v) for v in parts[:5])
     return {
         "scope": scope,
         "unit": unit,
-        "allocated": j["a"],
-        "spent": j["s"],
-        "reserved": j["r"],
-        "debt": j["d"],
-        "overdraft_limit": j["o"],
-        "remaining": j["a"] - j["s"] - j["r"] - j["d"],
-        "is_over_limit": j["x"] == 1,
-        "status": j["st"],
-        "caps": j.get("c"),
+        "allocated": a,
+        "spent": s,
+        "reserved": r,
+        "debt": d,
+        "overdraft_limit": o,
+        "remaining": a - s - r - d,
+        "is_over_limit": parts[5] == "1",
+        "status": parts[6],
+        "caps": json.loads(parts[7]) if len(parts) > 7 else None,
     }
 
 
-def _reservation(rec: dict[str, Any], static: dict[str, Any]) -> dict[str, Any]:
-    unit = rec["u"]
+def _balances(flat: list[Any], start: int) -> list[dict[str, Any]]:
+    return [_balance(flat[i], flat[i + 1]) for i in range(start, len(flat), 2)]
+
+
+def _record(rid: str, text: str) -> dict[str, Any]:
+    st, u, e, op, c0, x, g, dl, n, ch, fin, sp, *bs = text.split(" ")
+    return {
+        "id": rid,
+        "status": st,
+        "unit": u,
+        "estimate": int(e),
+        "policy": op,
+        "created": int(c0),
+        "expires": int(x),
+        "grace": int(g),
+        "deadline": int(dl),
+        "extensions": int(n),
+        "charged": int(ch) if ch != "-1" else None,
+        "finalized": int(fin) if fin != "-1" else None,
+        "scope_path": sp,
+        "budgeted": bs[0].split(",") if bs and bs[0] else [],
+    }
+
+
+def _reservation(rec: dict[str, Any], static: dict[str, Any], caps: str | None) -> dict[str, Any]:
+    unit = rec["unit"]
     return {
         "reservation_id": rec["id"],
-        "status": rec["st"],
+        "status": rec["status"],
         "idempotency_key": static["idempotency_key"],
         "subject": static["subject"],
         "action": static["action"],
-        "reserved": {"unit": unit, "amount": rec["e"]},
-        "committed": {"unit": unit, "amount": rec["ch"]} if rec.get("ch") is not None else None,
-        "overage_policy": rec["op"],
-        "created_at_ms": rec["c0"],
-        "expires_at_ms": rec["x"],
-        "grace_period_ms": rec["g"],
-        "finalized_at_ms": rec.get("fin"),
-        "scope_path": rec["sp"],
+        "reserved": {"unit": unit, "amount": rec["estimate"]},
+        "committed": {"unit": unit, "amount": rec["charged"]} if rec["charged"] is not None else None,
+        "overage_policy": rec["policy"],
+        "created_at_ms": rec["created"],
+        "expires_at_ms": rec["expires"],
+        "grace_period_ms": rec["grace"],
+        "finalized_at_ms": rec["finalized"],
+        "scope_path": rec["scope_path"],
         "affected_scopes": static["affected_scopes"],
-        "budgeted_scopes": rec["bs"],
-        "extension_count": rec["n"],
-        "caps": rec.get("caps") or None,
+        "budgeted_scopes": rec["budgeted"],
+        "extension_count": rec["extensions"],
+        "caps": json.loads(caps) if caps else None,
         "metadata": static.get("metadata"),
     }
 
 
 def _event(stream_id: str, fields: dict[str, str]) -> dict[str, Any]:
-    amount = fields.get("amount")
     data = fields.get("data")
     return {
         "event_id": _event_id(stream_id),
@@ -171,19 +216,31 @@ def _event(stream_id: str, fields: dict[str, str]) -> dict[str, Any]:
         "type": fields["type"],
         "scope": fields.get("scope"),
         "unit": fields.get("unit"),
-        "amount": int(amount) if amount is not None else None,
+        "amount": _int(fields.get("amount")),
         "reservation_id": fields.get("rid"),
         "reason_code": fields.get("reason"),
         "data": json.loads(data) if data else {},
     }
 
 
+class _Batch:
+    """Calls issued in the same loop tick go to Redis in one pipeline: one round trip and one wake-up
+    for all of them instead of one each. The first caller of a tick leads: it yields once so the others
+    can join, sends the batch, and hands every caller its own reply or error."""
+
+    __slots__ = ("calls", "done")
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, list[str]]] = []
+        self.done: asyncio.Future[list[Any]] | None = None
+
+
 class RedisStore(Store, SupportsSweep):
     """`redis://[:password@]host:6379/0`, `rediss://…` (TLS) or `redis+cluster://host:7000` (Redis Cluster).
 
     URL query parameters: `prefix` (key prefix, default `cycles`), `timeout` (seconds per command,
-    default 2), `retention_ms`, `event_retention`. A lost connection or a timeout is a
-    `StoreUnavailableError`; nothing is retried behind the caller's back, and a retry with the same
+    default 2), `retention_ms`, `event_retention`, `sweep_per_call`. A lost connection or a timeout is
+    a `StoreUnavailableError`; nothing is retried behind the caller's back, and a retry with the same
     idempotency key is safe.
     """
 
@@ -198,6 +255,7 @@ class RedisStore(Store, SupportsSweep):
         sweep_per_call: int = 64,
         event_retention: int = 1_000_000,
         retention_ms: int = 7 * 24 * 3600 * 1000,
+        cluster: bool = False,
     ) -> None:
         if not prefix or "{" in prefix or "}" in prefix:
             raise ConfigError(f"Redis key prefix {prefix!r} must be non-empty and free of braces")
@@ -205,16 +263,22 @@ class RedisStore(Store, SupportsSweep):
         self._prefix = prefix
         self._clock = clock  # tests only: replaces Redis TIME so a test can move time by hand
         self._config = [str(sweep_per_call), str(event_retention), str(retention_ms)]
-        self._scripts = {name: client.register_script(src) for name, src in _scripts().items()}
+        self._sources = _scripts()
+        self._shas = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in self._sources.items()}
+        self._by_sha = {sha: self._sources[name] for name, sha in self._shas.items()}
         self._tops_key = f"{prefix}:tops"
         self._known_tops: set[str] = set()
         self._closed = False
+        self._batch: _Batch | None = None
+        self._pipelined = not cluster  # a cluster splits pipelines by node; there each call goes alone
 
     @classmethod
     def from_url(cls, url: str, **settings: Any) -> RedisStore:
         try:
             import redis.asyncio as aioredis
             from redis.asyncio.cluster import RedisCluster
+            from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
         except ImportError as exc:  # pragma: no cover - depends on the environment
             raise ConfigError("the Redis store needs the redis driver: pip install 'cycles-litellm[redis]'") from exc
         parts = urlsplit(url)
@@ -234,26 +298,23 @@ class RedisStore(Store, SupportsSweep):
             settings.setdefault("prefix", query.pop("prefix"))
         scheme = parts.scheme.lower()
         cluster = scheme.endswith("+cluster")
-        base = urlunsplit((scheme.replace("+cluster", ""), parts.netloc, parts.path, "", ""))
         if not parts.hostname:
             raise ConfigError(f"Redis URL needs a host, like redis://127.0.0.1:6379/0; got {url!r}")
+        base = urlunsplit((scheme.replace("+cluster", ""), parts.netloc, parts.path, "", ""))
+        # No silent retries on a lost connection: a reserve whose reply was lost must not run twice
+        # under a fresh key. The caller sees "unavailable" and may retry with the same key.
         common: dict[str, Any] = {
             "socket_timeout": timeout,
             "socket_connect_timeout": timeout,
             "decode_responses": True,
+            "retry": Retry(NoBackoff(), 0),
         }
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-
-        # No silent retries on a lost connection: a reserve whose reply was lost must not run twice
-        # under a fresh key. The caller sees "unavailable" and may retry with the same key.
-        common["retry"] = Retry(NoBackoff(), 0)
         client: Any
         try:
             client = RedisCluster.from_url(base, **common) if cluster else aioredis.from_url(base, **common)
         except ValueError as exc:
             raise ConfigError(f"bad Redis URL {url!r}: {exc}") from exc
-        return cls(client, **settings)
+        return cls(client, cluster=cluster, **settings)
 
     # --- plumbing -----------------------------------------------------------------------------
 
@@ -274,13 +335,70 @@ class RedisStore(Store, SupportsSweep):
         except (OSError, TimeoutError) as exc:
             raise StoreUnavailableError(f"Redis ledger unavailable: {exc!r}") from exc
 
-    async def _run(self, op: str, tag: str, cmd: dict[str, Any], idem: str | None = None) -> dict[str, Any]:
+    async def _evalsha(self, sha: str, args: list[str]) -> Any:
+        from redis.exceptions import NoScriptError
+
+        try:
+            return await self._client.evalsha(sha, 7, *args)
+        except NoScriptError:  # a restarted or new server: load the script, then run it (it did not run)
+            await self._client.script_load(self._by_sha[sha])
+            return await self._client.evalsha(sha, 7, *args)
+
+    async def _pipeline(self, calls: list[tuple[str, str, list[str]]]) -> list[Any]:
+        from redis.exceptions import NoScriptError
+
+        pipe = self._client.pipeline(transaction=False)
+        for _, sha, args in calls:
+            pipe.evalsha(sha, 7, *args)
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+        for i, res in enumerate(results):
+            if isinstance(res, NoScriptError):
+                results[i] = await self._evalsha(calls[i][1], calls[i][2])
+            elif isinstance(res, BaseException):
+                results[i] = res
+        return results
+
+    async def _call(self, op: str, args: list[str]) -> Any:
+        sha = self._shas[op]
+        if not self._pipelined:
+            return await self._redis(self._evalsha(sha, args))
+        batch = self._batch
+        if batch is not None:  # join this tick's batch; its leader sends it
+            index = len(batch.calls)
+            batch.calls.append((op, sha, args))
+            assert batch.done is not None
+            results = await asyncio.shield(batch.done)
+            return self._unwrap(results[index])
+        batch = self._batch = _Batch()
+        batch.done = asyncio.get_running_loop().create_future()
+        batch.calls.append((op, sha, args))
+        await asyncio.sleep(0)  # let the other callers of this tick join
+        self._batch = None
+        try:
+            if len(batch.calls) == 1:
+                results = [await self._redis(self._evalsha(sha, args))]
+            else:
+                results = await self._redis(self._pipeline(batch.calls))
+        except BaseException as exc:
+            batch.done.set_exception(exc)
+            batch.done.exception()  # retrieved: followers re-raise it, the leader too
+            raise
+        batch.done.set_result(results)
+        return self._unwrap(results[0])
+
+    @staticmethod
+    def _unwrap(result: Any) -> Any:
+        if isinstance(result, BaseException):
+            raise StoreUnavailableError(f"Redis ledger unavailable: {type(result).__name__}: {result}")
+        return result
+
+    async def _run(self, op: str, tag: str, fields: list[Any], idem: str | None = None) -> list[Any]:
         now = "" if self._clock is None else str(self._clock())
-        out = await self._redis(self._scripts[op](keys=self._keys(tag, idem), args=[now, *self._config, _JSON(cmd)]))
-        body: dict[str, Any] = json.loads(out)
-        if "err" in body:
-            raise error_from_code(body["err"], body["message"], body.get("details"))
-        return body
+        args = [*self._keys(tag, idem), now, *self._config, *("" if f is None else str(f) for f in fields)]
+        reply: list[Any] = await self._call(op, args)
+        if reply[0] == "err":
+            raise error_from_code(reply[1], reply[2], json.loads(reply[3]))
+        return reply
 
     async def _register(self, tag: str) -> None:
         """Remember a tag in the (unslotted) set of tags, so listings and the sweeper can find it."""
@@ -294,25 +412,13 @@ class RedisStore(Store, SupportsSweep):
         members = await self._redis(self._client.smembers(self._tops_key))
         return sorted(members)
 
-    @staticmethod
-    def _replayed(body: dict[str, Any]) -> dict[str, Any]:
-        """A stored answer, brought up to date: remaining TTL and balances as they are now."""
-        if "replay" not in body:
-            return body
-        prior: dict[str, Any] = body["replay"]  # the stored JSON, spliced in by the script
-        prior.pop("budgeted_scopes", None)
-        if prior.get("expires_at_ms") is not None:
-            prior["remaining_ttl_ms"] = max(0, prior["expires_at_ms"] - body["now"])
-        prior["balances"] = body["balances"]
-        return prior
-
     # --- protocol operations ------------------------------------------------------------------
 
-    def _reserve_cmd(self, cmd: ReserveCommand, rid: str) -> dict[str, Any]:
+    def _reserve_fields(self, cmd: ReserveCommand, rid: str) -> list[Any]:
         _exact(cmd.estimate, "estimate")
-        if cmd.soft_landing:
-            for name in ("min_amount", "fixed_amount", "amount_per_million_tokens"):
-                _exact(cmd.soft_landing.get(name), f"soft_landing.{name}")
+        soft = cmd.soft_landing or {}
+        for name in ("min_amount", "fixed_amount", "amount_per_million_tokens"):
+            _exact(soft.get(name), f"soft_landing.{name}")
         static = {
             "idempotency_key": cmd.idempotency_key,
             "subject": cmd.subject,
@@ -320,39 +426,73 @@ class RedisStore(Store, SupportsSweep):
             "affected_scopes": cmd.scopes,
             "metadata": cmd.metadata or None,
         }
-        return {
-            "op": "reserve",
-            "key": cmd.idempotency_key,
-            "hash": cmd.payload_hash,
-            "rid": rid,
-            "subject": _JSON(cmd.subject),
-            "action": _JSON(cmd.action),
-            "static": _JSON(static),
-            "scopes": cmd.scopes,
-            "unit": cmd.unit,
-            "estimate": cmd.estimate,
-            "ttl_ms": cmd.ttl_ms,
-            "grace_ms": cmd.grace_period_ms,
-            "policy": cmd.overage_policy,
-            "dry_run": cmd.dry_run,
-            "allow_unbudgeted": cmd.allow_unbudgeted,
-            "soft_landing": cmd.soft_landing,
+        return [
+            cmd.idempotency_key,
+            cmd.payload_hash,
+            rid,
+            cmd.unit,
+            cmd.estimate,
+            cmd.ttl_ms,
+            cmd.grace_period_ms,
+            cmd.overage_policy,
+            "1" if cmd.dry_run else "0",
+            "1" if cmd.allow_unbudgeted else "0",
+            soft.get("min_amount") if cmd.soft_landing else None,
+            soft.get("fixed_amount", 0) if cmd.soft_landing else None,
+            soft.get("amount_per_million_tokens"),
+            _JSON(cmd.subject),
+            _JSON(cmd.action),
+            _JSON(static),
+            *cmd.scopes,
+        ]
+
+    @staticmethod
+    def _decision(cmd: ReserveCommand, f: list[Any]) -> dict[str, Any]:
+        """A reserve answer from its reply fields (decision … budgeted scopes), shaped like SQLite's."""
+        body: dict[str, Any] = {
+            "decision": f[0],
+            "scope_path": cmd.scopes[-1],
+            "affected_scopes": cmd.scopes,
+            "caps": json.loads(f[4]) if f[4] else None,
+            "reason_code": f[1] or None,
+            "scope": f[2] or None,
+            "remaining": _int(f[3]),
+            "dry_run": f[5] == "1",
         }
+        if f[6]:
+            body.update(
+                reservation_id=f[6],
+                reserved={"unit": cmd.unit, "amount": int(f[7])},
+                expires_at_ms=int(f[8]),
+                remaining_ttl_ms=int(f[9]),
+            )
+        return body
 
     async def reserve(self, cmd: ReserveCommand) -> dict[str, Any]:
         tag = _tag_of_scope(cmd.scopes[0])
         await self._register(tag)
         idem = f"i:reserve:{cmd.idempotency_key}" if cmd.payload_hash else None
-        body = await self._run("reserve", tag, self._reserve_cmd(cmd, _new_rid(tag)), idem)
-        return self._replayed(body)
+        reply = await self._run("reserve", tag, self._reserve_fields(cmd, _new_rid(tag)), idem)
+        if reply[0] == "replay":
+            body = self._decision(cmd, reply[1].split(_SEP))
+            if body.get("expires_at_ms") is not None:
+                body["remaining_ttl_ms"] = max(0, body["expires_at_ms"] - int(reply[2]))
+            body["balances"] = _balances(reply, 3)
+            return body
+        body = self._decision(cmd, reply[1:12])
+        body["balances"] = _balances(reply, 12)
+        return body
 
     async def decide(self, cmd: ReserveCommand) -> dict[str, Any]:
         tag = _tag_of_scope(cmd.scopes[0])
-        return await self._run("decide", tag, self._reserve_cmd(cmd, ""))
+        reply = await self._run("decide", tag, self._reserve_fields(cmd, ""))
+        body = self._decision(cmd, reply[1:12])
+        del body["dry_run"]
+        body["balances"] = _balances(reply, 12)
+        return body
 
-    def _settle_tag(self, reservation_id: str) -> str:
-        from ..errors import NotFoundError
-
+    @staticmethod
+    def _settle_tag(reservation_id: str) -> str:
         tag = _tag_of_rid(reservation_id)
         if tag is None:
             raise NotFoundError(f"reservation {reservation_id!r} not found", reservation_id=reservation_id)
@@ -361,77 +501,92 @@ class RedisStore(Store, SupportsSweep):
     async def commit(self, cmd: CommitCommand) -> dict[str, Any]:
         _exact(cmd.actual, "actual")
         tag = self._settle_tag(cmd.reservation_id)
-        payload = {
-            "op": "commit",
-            "rid": cmd.reservation_id,
-            "key": cmd.idempotency_key,
-            "hash": cmd.payload_hash,
-            "unit": cmd.unit,
-            "actual": cmd.actual,
-            "metrics": _raw(cmd.metrics),
-            "metadata": _raw(cmd.metadata),
+        fields = [
+            cmd.reservation_id,
+            cmd.idempotency_key,
+            cmd.payload_hash,
+            cmd.unit,
+            cmd.actual,
+            _raw(cmd.metrics),
+            _raw(cmd.metadata),
+        ]
+        reply = await self._run("commit", tag, fields)
+        f, start = (reply[1].split(_SEP), 3) if reply[0] == "replay" else (reply[1:3], 3)
+        charged, released = int(f[0]), int(f[1])
+        return {
+            "reservation_id": cmd.reservation_id,
+            "status": "COMMITTED",
+            "charged": {"unit": cmd.unit, "amount": charged},
+            "released": {"unit": cmd.unit, "amount": released} if released else None,
+            "balances": _balances(reply, start),
         }
-        return self._replayed(await self._run("commit", tag, payload))
 
     async def release(self, cmd: ReleaseCommand) -> dict[str, Any]:
         tag = self._settle_tag(cmd.reservation_id)
-        payload = {
-            "op": "release",
-            "rid": cmd.reservation_id,
-            "key": cmd.idempotency_key,
-            "hash": cmd.payload_hash,
-            "reason": cmd.reason,
+        fields = [cmd.reservation_id, cmd.idempotency_key, cmd.payload_hash, cmd.reason]
+        reply = await self._run("release", tag, fields)
+        released, start = (reply[1], 3) if reply[0] == "replay" else (reply[1], 2)
+        balances = _balances(reply, start)
+        unit = balances[0]["unit"] if balances else await self._unit_of(tag, cmd.reservation_id)
+        return {
+            "reservation_id": cmd.reservation_id,
+            "status": "RELEASED",
+            "released": {"unit": unit, "amount": int(released)},
+            "balances": balances,
         }
-        return self._replayed(await self._run("release", tag, payload))
+
+    async def _unit_of(self, tag: str, reservation_id: str) -> str:
+        text = await self._redis(self._client.hget(self._keys(tag)[1], reservation_id))
+        return str(text.split(" ", 2)[1]) if text else Unit.USD_MICROCENTS.value
 
     async def extend(self, cmd: ExtendCommand) -> dict[str, Any]:
         tag = self._settle_tag(cmd.reservation_id)
-        payload = {
-            "op": "extend",
-            "rid": cmd.reservation_id,
-            "key": cmd.idempotency_key,
-            "hash": cmd.payload_hash,
-            "extend_by_ms": cmd.extend_by_ms,
-            "max_extensions": cmd.max_extensions,
+        fields = [cmd.reservation_id, cmd.idempotency_key, cmd.payload_hash, cmd.extend_by_ms, cmd.max_extensions]
+        reply = await self._run("extend", tag, fields, f"i:extend:{cmd.idempotency_key}")
+        expires, now = int(reply[1]), int(reply[2])
+        return {
+            "reservation_id": cmd.reservation_id,
+            "status": "ACTIVE",
+            "expires_at_ms": expires,
+            "remaining_ttl_ms": max(0, expires - now),
+            "balances": _balances(reply, 3),
         }
-        return self._replayed(await self._run("extend", tag, payload, f"i:extend:{cmd.idempotency_key}"))
 
     async def record_event(self, cmd: EventCommand) -> dict[str, Any]:
         _exact(cmd.actual, "actual")
         tag = _tag_of_scope(cmd.scopes[0])
         await self._register(tag)
-        payload = {
-            "op": "event",
-            "key": cmd.idempotency_key,
-            "hash": cmd.payload_hash,
-            "subject": _JSON(cmd.subject),
-            "action": _JSON(cmd.action),
-            "scopes": cmd.scopes,
-            "unit": cmd.unit,
-            "actual": cmd.actual,
-            "policy": cmd.overage_policy,
-            "allow_unbudgeted": cmd.allow_unbudgeted,
-            "metrics": _raw(cmd.metrics),
-            "metadata": _raw(cmd.metadata),
+        fields = [
+            cmd.idempotency_key,
+            cmd.payload_hash,
+            cmd.unit,
+            cmd.actual,
+            cmd.overage_policy,
+            "1" if cmd.allow_unbudgeted else "0",
+            _JSON(cmd.subject),
+            _JSON(cmd.action),
+            _raw(cmd.metrics),
+            _raw(cmd.metadata),
+            *cmd.scopes,
+        ]
+        reply = await self._run("event", tag, fields, f"i:event:{cmd.idempotency_key}")
+        f, start = (reply[1].split(_SEP), 3) if reply[0] == "replay" else (reply[1:4], 4)
+        return {
+            "status": "APPLIED",
+            "event_id": _event_id(f[0]),
+            "charged": {"unit": cmd.unit, "amount": int(f[1])},
+            "balances": _balances(reply, start),
         }
-        body = self._replayed(await self._run("event", tag, payload, f"i:event:{cmd.idempotency_key}"))
-        body["event_id"] = _event_id(body["event_id"])
-        return body
 
     async def change_budget(self, cmd: BudgetCommand) -> dict[str, Any]:
         _exact(cmd.amount, "amount")
         _exact(cmd.overdraft_limit, "overdraft_limit")
         tag = _tag_of_scope(cmd.scope)
         await self._register(tag)
-        payload = {
-            "op": cmd.op,
-            "scope": cmd.scope,
-            "unit": cmd.unit,
-            "amount": cmd.amount,
-            "overdraft_limit": cmd.overdraft_limit,
-            "caps": cmd.caps,
-        }
-        return await self._run("budget", tag, {k: v for k, v in payload.items() if v is not None})
+        caps = None if cmd.caps is None else _JSON(cmd.caps)
+        fields = [cmd.op, cmd.scope, cmd.unit, cmd.amount, cmd.overdraft_limit, caps]
+        reply = await self._run("budget", tag, fields)
+        return _balance(reply[1], reply[2])
 
     # --- reads --------------------------------------------------------------------------------
 
@@ -445,14 +600,22 @@ class RedisStore(Store, SupportsSweep):
                     out.append(b)
         return sorted(out, key=lambda b: (b["scope"], b["unit"]))
 
+    async def _reservations(self, tag: str, ids: list[str]) -> list[dict[str, Any]]:
+        fields = [f for rid in ids for f in (rid, rid + "|s", rid + "|c")]
+        values = await self._redis(self._client.hmget(self._keys(tag)[1], fields))
+        out = []
+        for i, rid in enumerate(ids):
+            rec, static, caps = values[3 * i : 3 * i + 3]
+            if rec is not None and static is not None:
+                out.append(_reservation(_record(rid, rec), json.loads(static), caps))
+        return out
+
     async def get_reservation(self, reservation_id: str) -> dict[str, Any] | None:
         tag = _tag_of_rid(reservation_id)
         if tag is None:
             return None
-        rec, static = await self._redis(self._client.hmget(self._keys(tag)[1], [reservation_id, reservation_id + "|s"]))
-        if rec is None or static is None:
-            return None
-        return _reservation(json.loads(rec), json.loads(static))
+        found = await self._reservations(tag, [reservation_id])
+        return found[0] if found else None
 
     async def list_reservations(
         self,
@@ -464,20 +627,13 @@ class RedisStore(Store, SupportsSweep):
     ) -> list[dict[str, Any]]:
         found: list[dict[str, Any]] = []
         for tag in await self._tags(scope_prefix):
-            keys = self._keys(tag)
             start, page, mine = 0, 256, 0
             while mine < limit:
-                ids = await self._redis(self._client.zrevrange(keys[5], start, start + page - 1))
+                ids = await self._redis(self._client.zrevrange(self._keys(tag)[5], start, start + page - 1))
                 if not ids:
                     break
                 start += page
-                fields = [f for rid in ids for f in (rid, rid + "|s")]
-                values = await self._redis(self._client.hmget(keys[1], fields))
-                for i in range(len(ids)):
-                    rec, static = values[2 * i], values[2 * i + 1]
-                    if rec is None or static is None:
-                        continue
-                    r = _reservation(json.loads(rec), json.loads(static))
+                for r in await self._reservations(tag, ids):
                     if status and r["status"] != status:
                         continue
                     if not _under(r["scope_path"], scope_prefix):
@@ -526,12 +682,12 @@ class RedisStore(Store, SupportsSweep):
     # --- sweeping and checking ----------------------------------------------------------------
 
     async def expire_due(self, limit: int = 1000) -> int:
-        """Expire overdue holds in every tag. Safe to run on many replicas at once: each expiry is one
-        atomic script that re-checks the reservation is still ACTIVE."""
+        """Expire overdue holds in every tag. Safe on many replicas at once: each expiry is one atomic
+        script that re-checks the reservation is still ACTIVE, so none is released twice."""
         total = 0
         for tag in await self._tags():
-            body = await self._run("sweep", tag, {"op": "sweep", "limit": limit})
-            total += int(body["expired"])
+            reply = await self._run("sweep", tag, [limit])
+            total += int(reply[1])
         return total
 
     async def verify(self) -> list[str]:
@@ -545,13 +701,13 @@ class RedisStore(Store, SupportsSweep):
             held: dict[tuple[str, str], int] = {}
             scopes_of: dict[str, list[str]] = {}
             for field, text in records.items():
-                if field.endswith("|s"):
+                if "|" in field:
                     continue
-                rec = json.loads(text)
-                scopes_of[rec["id"]] = rec["bs"]
-                if rec["st"] == "ACTIVE":
-                    for s in rec["bs"]:
-                        held[(s, rec["u"])] = held.get((s, rec["u"]), 0) + rec["e"]
+                rec = _record(field, text)
+                scopes_of[field] = rec["budgeted"]
+                if rec["status"] == "ACTIVE":
+                    for s in rec["budgeted"]:
+                        held[(s, rec["unit"])] = held.get((s, rec["unit"]), 0) + rec["estimate"]
             complete = await self._stream_complete(keys[3])
             charged: dict[tuple[str, str], int] = {}
             if complete:
@@ -586,7 +742,7 @@ class RedisStore(Store, SupportsSweep):
         return problems
 
     async def _stream_complete(self, key: str) -> bool:
-        """True when the stream was never trimmed (and committed reservations are all still kept)."""
+        """True when the stream was never trimmed and no committed reservation was pruned."""
         try:
             info = await self._redis(self._client.xinfo_stream(key))
         except StoreUnavailableError as exc:

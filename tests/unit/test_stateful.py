@@ -44,6 +44,7 @@ UNIT = "USD_MICROCENTS"
 T = "tenant:t"
 W = "tenant:t/workflow:w"
 LEVELS = ("tenant", "workspace", "app", "workflow", "agent", "toolset")
+TENANT_TAG = "tenant:t"  # the top-level scope every budget of this test lives under
 SUBJECTS: tuple[dict[str, str], ...] = (
     {"tenant": "t"},
     {"tenant": "t", "workflow": "w"},
@@ -140,6 +141,7 @@ class Model:
         self.clock = clock
         self.budgets: dict[str, MBudget] = {}
         self.res: dict[str, MReservation] = {}
+        self.per_tenant = False  # lazy expiry per top-level scope (Redis) instead of global (SQLite)
         # Idempotency keys are per (tenant, operation), the tenant being the top-level scope.
         self.reserve_keys: dict[tuple[str, str], tuple[Any, Any]] = {}  # (tenant, key) -> (payload, first answer)
         self.event_keys: dict[tuple[str, str], tuple[Any, Any]] = {}
@@ -162,8 +164,12 @@ class Model:
         if r.status == "ACTIVE" and self.clock.now > r.deadline:
             self.expire(r)
 
-    def before_write(self) -> None:
-        """README: overdue reservations expire lazily in every write transaction (reads never expire anything)."""
+    def before_write(self, tag: str | None) -> None:
+        """README: overdue reservations expire lazily in every write (reads never expire anything). On SQLite
+        that is any write; on Redis a write to the same top-level scope (`tag`), since each script runs in
+        one tag's slot; a write that names no tag (an unknown reservation id) expires nothing there."""
+        if self.per_tenant and tag != TENANT_TAG:
+            return
         self.expire_overdue()
 
     def evaluate(self, scopes: list[str], estimate: int, soft_min: int | None) -> Evaluation:
@@ -245,6 +251,7 @@ class LedgerMachine(RuleBasedStateMachine):
         url = f"sqlite:///{self.dir}/x.db"
         self.ledger = open_ledger_sync(url, clock=self.clock, max_extensions=MAX_EXTENSIONS)
         self.model = Model(self.clock)
+        self.model.per_tenant = url.startswith("redis")
 
     def teardown(self) -> None:
         self.ledger.close()
@@ -308,7 +315,7 @@ class LedgerMachine(RuleBasedStateMachine):
 
     def set_budget(self, scope: str, allocated: int, limit: int | None) -> None:
         """set_budget creates a budget or changes its allocation and overdraft limit, keeping what was used."""
-        self.model.before_write()
+        self.model.before_write(scope.split("/")[0])
         b = self.model.budgets.get(scope)
         if b is None:
             b = self.model.budgets[scope] = MBudget(allocated, overdraft_limit=limit or 0)
@@ -327,7 +334,7 @@ class LedgerMachine(RuleBasedStateMachine):
 
     def fund(self, scope: str, amount: int) -> None:
         """fund repays debt first (it becomes spend), then the rest is new allocation."""
-        self.model.before_write()
+        self.model.before_write(scope.split("/")[0])
         b = self.model.budgets.get(scope)
         if b is None:
             self.raises(NotFoundError, self.ledger.fund, scope, usd(amount))
@@ -342,7 +349,7 @@ class LedgerMachine(RuleBasedStateMachine):
 
     def freeze_or_unfreeze(self, scope: str, frozen: bool) -> None:
         """freeze blocks new holds and events on a budget; unfreeze lifts it."""
-        self.model.before_write()
+        self.model.before_write(scope.split("/")[0])
         op = self.ledger.freeze if frozen else self.ledger.unfreeze
         b = self.model.budgets.get(scope)
         if b is None:
@@ -392,7 +399,7 @@ class LedgerMachine(RuleBasedStateMachine):
             ev.scope,
             ev.remaining,
         )
-        self.model.before_write()
+        self.model.before_write(scopes[0])
         payload = (subject, estimate, policy, ttl, grace, dry_run, soft_min)
 
         def call() -> Any:
@@ -453,7 +460,7 @@ class LedgerMachine(RuleBasedStateMachine):
     def commit(self, data: st.DataObject, actual: int, key: str | None, retry: bool) -> None:
         """commit charges exactly what the overage policy allows, or raises its typed error and changes nothing."""
         rid = self.pick(data)
-        self.model.before_write()
+        self.model.before_write(TENANT_TAG if rid in self.model.res else None)
         r0 = self.model.res.get(rid)
         if retry and r0 is not None and r0.settle is not None and r0.settle[0] == "commit":
             actual, key = r0.settle[2], (None if r0.settle[1] == f"commit:{rid}" else r0.settle[1])
@@ -493,7 +500,7 @@ class LedgerMachine(RuleBasedStateMachine):
     def release(self, data: st.DataObject, key: str | None) -> None:
         """release returns the whole hold; a retry answers the same, a finalized reservation refuses."""
         rid = self.pick(data)
-        self.model.before_write()
+        self.model.before_write(TENANT_TAG if rid in self.model.res else None)
         if rid not in self.model.res:
             self.raises(NotFoundError, self.ledger.release, rid, idempotency_key=key)
             return
@@ -529,9 +536,9 @@ class LedgerMachine(RuleBasedStateMachine):
     def extend(self, data: st.DataObject, by: int, key: str | None, retry: bool) -> None:
         """extend pushes the expiry of a live reservation, only before it expires and at most MAX_EXTENSIONS times."""
         rid = self.pick(data)
-        self.model.before_write()
         if retry and (first_use := used(self.model.extend_keys, key)):
             rid, by = first_use[0]
+        self.model.before_write(TENANT_TAG if rid in self.model.res else None)
         call = (self.ledger.extend, rid, by)
         kwargs = {"idempotency_key": key}
         if rid not in self.model.res:
@@ -578,11 +585,11 @@ class LedgerMachine(RuleBasedStateMachine):
     )
     def record_event(self, subject: int, actual: int, policy: str, key: str | None, retry: bool) -> None:
         """record_event debits directly under the overage policy; a replayed key charges once."""
-        self.model.before_write()
         if retry and (first_use := used(self.model.event_keys, key)):
             subject, actual, policy = first_use[0]
         subj = SUBJECTS[subject]
         scopes = scopes_of(subj)
+        self.model.before_write(scopes[0])
         tkey = (scopes[0], key or "")
         payload = (subject, actual, policy)
         call = (self.ledger.record_event, subj, ACTION, usd(actual))

@@ -8,12 +8,14 @@
 --                              "<rid>|c" -> caps JSON (when the decision had caps)
 --                              "<rid>|k" -> "op\nhash\n<key length>\n<key><answer>" once settled
 --   KEYS[3] due zset           rid scored by deadline (expires_at + grace), ACTIVE only
---   KEYS[4] events stream      one entry per event, trimmed to about ARGV[3] entries
+--   KEYS[4] events stream      one entry per event, trimmed to about the configured length
 --   KEYS[5] finalized zset     rid scored by finalization time (pruned after the retention)
 --   KEYS[6] ids zset           every rid scored by creation time (for listing)
 --   KEYS[7] idempotency key    "<payload hash>\n<answer>" with a TTL (reserve, extend, event)
--- ARGV: [1] now in ms, or "" for Redis TIME; [2] overdue holds to expire first; [3] event stream length;
---       [4] retention of idempotency records and finalized reservations, ms; [5…] the operation's fields.
+-- ARGV: [1] now in ms, or "" for Redis TIME; [2] "<overdue holds to expire first>\31<event stream length>\31
+--       <retention of idempotency records and finalized reservations, ms>"; [3] the idempotency key (any text);
+--       [4] the operation's fields joined by \31 (JSON in them escapes control characters); [5] free text
+--       (a release reason). Few arguments keep the client's command packing cheap.
 --
 -- Replies are flat arrays the client turns into the same dicts the SQLite store returns; answers kept
 -- for replay are those arrays joined by \31. Lua numbers are doubles: the client refuses amounts above
@@ -29,7 +31,6 @@ else
   local t = redis.call('TIME')
   NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-local SWEEP, MAXLEN, RETAIN = tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
 local MAX_EXACT = 9007199254740991
 local UNITS = {'CREDITS', 'RISK_POINTS', 'TOKENS', 'USD_MICROCENTS'} -- sorted, like the SQLite store's order
 local SEP = '\31'
@@ -59,6 +60,10 @@ local function split(s, sep)
     i = j + #sep
   end
 end
+
+local CFG = split(ARGV[2], SEP)
+local SWEEP, MAXLEN, RETAIN = tonumber(CFG[1]), CFG[2], tonumber(CFG[3])
+local KEY, F = ARGV[3], split(ARGV[4], SEP)
 
 -- --- budgets --------------------------------------------------------------------------------------
 local function rem(b) return b.a - b.s - b.r - b.d end
@@ -474,18 +479,18 @@ local OPS = {}
 --@@ prelude-end
 
 --@@ reserve
--- ARGV[5..]: key, hash, rid, unit, estimate, ttl, grace, policy, dry_run, allow_unbudgeted, soft_min,
--- soft_fixed, soft_apm, subject JSON, action JSON, static JSON, scopes…
+-- F: hash, rid, unit, estimate, ttl, grace, policy, dry_run, allow_unbudgeted, soft_min, soft_fixed, soft_apm,
+-- subject JSON, action JSON, metadata JSON, scopes…
 -- Reply: {"reserve", decision, reason, scope, remaining, caps JSON, dry_run, rid, amount, expires_at,
 --         ttl, budgeted scopes, balances…}; a replay: {"replay", stored reply, now, balances…}.
 OPS.reserve = function(decide_only)
-  local key, hash, rid, unit = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
-  local estimate, ttl, grace, policy = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11]), ARGV[12]
-  local dry_run, allow_unbudgeted = ARGV[13] == '1', ARGV[14] == '1'
+  local key, hash, rid, unit = KEY, F[1], F[2], F[3]
+  local estimate, ttl, grace, policy = tonumber(F[4]), tonumber(F[5]), tonumber(F[6]), F[7]
+  local dry_run, allow_unbudgeted = F[8] == '1', F[9] == '1'
   local soft = nil
-  if ARGV[15] ~= '' then soft = {tonumber(ARGV[15]), tonumber(ARGV[16]), num(ARGV[17])} end
+  if F[10] ~= '' then soft = {tonumber(F[10]), tonumber(F[11]), num(F[12])} end
   local scopes = {}
-  for i = 21, #ARGV do scopes[#scopes + 1] = ARGV[i] end
+  for i = 16, #F do scopes[#scopes + 1] = F[i] end
   local path = scopes[#scopes]
 
   if not decide_only then
@@ -525,7 +530,7 @@ OPS.reserve = function(decide_only)
   if dry_run or ev.decision == 'DENY' then
     local kind = 'denied'
     if dry_run then kind = (ev.decision == 'DENY') and 'would_deny' or 'would_allow' end
-    local info = '{"subject":' .. ARGV[18] .. ',"action":' .. ARGV[19] .. ',"key":' .. q(key) .. ',"remaining":' ..
+    local info = '{"subject":' .. F[13] .. ',"action":' .. F[14] .. ',"key":' .. q(key) .. ',"remaining":' ..
       (ev.remaining and I(ev.remaining) or 'null')
     if caps and caps ~= '{}' then info = info .. ',"caps":' .. caps end
     emit(kind, ev.scope or path, unit, estimate, nil, ev.reason, info .. '}')
@@ -540,7 +545,10 @@ OPS.reserve = function(decide_only)
   local rec = {id = rid, st = 'ACTIVE', u = unit, e = ev.amount, op = policy, c0 = I(NOW), x = expires, g = grace,
                dl = expires + grace, n = 0, ch = -1, fin = -1, sp = path, bs = budgeted}
   save_rec(rec)
-  redis.call('HSET', KR, rid .. '|s', ARGV[20])
+  local quoted = {}
+  for i, s in ipairs(scopes) do quoted[i] = q(s) end
+  redis.call('HSET', KR, rid .. '|s', '{"idempotency_key":' .. q(key) .. ',"subject":' .. F[13] .. ',"action":' .. F[14] ..
+    ',"affected_scopes":[' .. concat(quoted, ',') .. '],"metadata":' .. (F[15] ~= '' and F[15] or 'null') .. '}')
   local data = nil
   if caps and caps ~= '{}' then
     redis.call('HSET', KR, rid .. '|c', caps)
@@ -559,10 +567,10 @@ end
 OPS.decide = function() return OPS.reserve(true) end
 
 --@@ commit
--- ARGV[5..]: rid, key, hash, unit, actual, metrics JSON, metadata JSON.
+-- F: rid, hash, unit, actual, metrics JSON, metadata JSON.
 -- Reply: {"commit", charged, released, balances…}; a replay: {"replay", stored reply, now, balances…}.
 OPS.commit = function()
-  local rid, key, hash, unit, actual = ARGV[5], ARGV[6], ARGV[7], ARGV[8], tonumber(ARGV[9])
+  local rid, key, hash, unit, actual = F[1], KEY, F[2], F[3], tonumber(F[4])
   expire_due(SWEEP)
   local rec, out = settle_target('commit', rid, key, hash)
   if not rec then return out end
@@ -583,17 +591,17 @@ OPS.commit = function()
     for i, s in ipairs(flagged) do quoted[i] = q(s) end
     data = data .. ',"over_limit":[' .. concat(quoted, ',') .. ']'
   end
-  if ARGV[10] ~= '' then data = data .. ',"metrics":' .. ARGV[10] end
-  if ARGV[11] ~= '' then data = data .. ',"metadata":' .. ARGV[11] end
+  if F[5] ~= '' then data = data .. ',"metrics":' .. F[5] end
+  if F[6] ~= '' then data = data .. ',"metadata":' .. F[6] end
   emit('committed', rec.sp, rec.u, charged, rid, nil, data .. '}')
   for _, scope in ipairs(flagged) do emit('over_limit', scope, rec.u, nil, rid) end
   return push_balances(reply, budgets)
 end
 
 --@@ release
--- ARGV[5..]: rid, key, hash, reason. Reply: {"release", released, balances…} or a replay.
+-- F: rid, hash; ARGV[5]: reason. Reply: {"release", released, balances…} or a replay.
 OPS.release = function()
-  local rid, key, hash, reason = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+  local rid, key, hash, reason = F[1], KEY, F[2], ARGV[5]
   expire_due(SWEEP)
   local rec, out = settle_target('release', rid, key, hash)
   if not rec then return out end
@@ -609,10 +617,10 @@ OPS.release = function()
 end
 
 --@@ extend
--- ARGV[5..]: rid, key, hash, extend_by_ms, max_extensions.
+-- F: rid, hash, extend_by_ms, max_extensions.
 -- Reply: {"extend", expires_at, now, balances…}; a replay: {"replay", expires_at, now, balances…}.
 OPS.extend = function()
-  local rid, key, hash, by, max_ext = ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[8]), num(ARGV[9])
+  local rid, key, hash, by, max_ext = F[1], KEY, F[2], tonumber(F[3]), num(F[4])
   expire_due(SWEEP)
   local rec = load_rec(rid)
   if not rec then
@@ -649,13 +657,13 @@ OPS.extend = function()
 end
 
 --@@ event
--- ARGV[5..]: key, hash, unit, actual, policy, allow_unbudgeted, subject, action, metrics, metadata, scopes…
+-- F: hash, unit, actual, policy, allow_unbudgeted, subject, action, metrics, metadata, scopes…
 -- Reply: {"event", stream id, charged, budgeted scopes, balances…} or a replay.
 OPS.event = function()
-  local key, hash, unit, actual, policy = ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[8]), ARGV[9]
-  local allow_unbudgeted = ARGV[10] == '1'
+  local key, hash, unit, actual, policy = KEY, F[1], F[2], tonumber(F[3]), F[4]
+  local allow_unbudgeted = F[5] == '1'
   local scopes = {}
-  for i = 15, #ARGV do scopes[#scopes + 1] = ARGV[i] end
+  for i = 10, #F do scopes[#scopes + 1] = F[i] end
   local path = scopes[#scopes]
   expire_due(SWEEP)
   local prior, bad = replay('event', key, hash)
@@ -683,9 +691,9 @@ OPS.event = function()
   local names, quoted, flags = {}, {}, {}
   for i, b in ipairs(budgets) do names[i] = b.scope; quoted[i] = q(b.scope) end
   for i, s in ipairs(flagged) do flags[i] = q(s) end
-  local data = '{"scopes":[' .. concat(quoted, ',') .. '],"actual":' .. I(actual) .. ',"subject":' .. ARGV[11] ..
-    ',"action":' .. ARGV[12] .. ',"over_limit":[' .. concat(flags, ',') .. '],"metrics":' ..
-    (ARGV[13] ~= '' and ARGV[13] or 'null') .. ',"metadata":' .. (ARGV[14] ~= '' and ARGV[14] or 'null') ..
+  local data = '{"scopes":[' .. concat(quoted, ',') .. '],"actual":' .. I(actual) .. ',"subject":' .. F[6] ..
+    ',"action":' .. F[7] .. ',"over_limit":[' .. concat(flags, ',') .. '],"metrics":' ..
+    (F[8] ~= '' and F[8] or 'null') .. ',"metadata":' .. (F[9] ~= '' and F[9] or 'null') ..
     ',"key":' .. q(key) .. '}'
   local id = emit('debited', path, unit, charged, nil, nil, data)
   for _, scope in ipairs(flagged) do emit('over_limit', scope, unit) end
@@ -695,10 +703,10 @@ OPS.event = function()
 end
 
 --@@ budget
--- ARGV[5..]: op, scope, unit, amount, overdraft_limit, caps JSON ("" = not given). Reply: {"budget", field, text}.
+-- F: op, scope, unit, amount, overdraft_limit, caps JSON ("" = not given). Reply: {"budget", field, text}.
 OPS.budget = function()
-  local op, scope, unit = ARGV[5], ARGV[6], ARGV[7]
-  local amount, overdraft, caps = num(ARGV[8]), num(ARGV[9]), opt(ARGV[10])
+  local op, scope, unit = F[1], F[2], F[3]
+  local amount, overdraft, caps = num(F[4]), num(F[5]), opt(F[6])
   expire_due(SWEEP)
   local b = load_budgets({scope}, unit)[1]
   local data = '{}'
@@ -745,9 +753,9 @@ OPS.budget = function()
 end
 
 --@@ sweep
--- ARGV[5]: limit. Reply: {"sweep", expired, pruned}.
+-- F: limit. Reply: {"sweep", expired, pruned}.
 OPS.sweep = function()
-  local n = expire_due(tonumber(ARGV[5]))
+  local n = expire_due(tonumber(F[1]))
   -- Finalized reservations older than the retention go, with all their fields and their listing entry.
   local old = redis.call('ZRANGEBYSCORE', KFIN, '-inf', '(' .. I(NOW - RETAIN), 'LIMIT', 0, 1000)
   for _, rid in ipairs(old) do

@@ -21,6 +21,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -117,15 +118,19 @@ def _tag_of_scope(scope: str) -> str:
     return scope.split("/", 1)[0]
 
 
+_RID = re.compile(r"rsv_[0-9a-f]{26}@([a-z]+:[A-Za-z0-9_.-]{1,128})")
+
+
 def _tag_of_rid(reservation_id: str) -> str | None:
-    tag = reservation_id.rpartition("@")[2]
-    if not reservation_id.startswith("rsv_") or "@" not in reservation_id:
+    """The hash tag a reservation id names, or None when it is not one of ours (then it is not found)."""
+    m = _RID.fullmatch(reservation_id) if isinstance(reservation_id, str) else None
+    if m is None:
         return None
     try:
-        parse_scope(tag)
+        parse_scope(m.group(1))
     except CyclesError:
         return None
-    return tag
+    return m.group(1)
 
 
 def _under(scope: str | None, prefix: str | None) -> bool:
@@ -262,7 +267,7 @@ class RedisStore(Store, SupportsSweep):
         self._client = client
         self._prefix = prefix
         self._clock = clock  # tests only: replaces Redis TIME so a test can move time by hand
-        self._config = [str(sweep_per_call), str(event_retention), str(retention_ms)]
+        self._config = _SEP.join((str(sweep_per_call), str(event_retention), str(retention_ms)))
         self._sources = _scripts()
         self._shas = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in self._sources.items()}
         self._by_sha = {sha: self._sources[name] for name, sha in self._shas.items()}
@@ -392,10 +397,14 @@ class RedisStore(Store, SupportsSweep):
             raise StoreUnavailableError(f"Redis ledger unavailable: {type(result).__name__}: {result}")
         return result
 
-    async def _run(self, op: str, tag: str, fields: list[Any], idem: str | None = None) -> list[Any]:
+    async def _run(
+        self, op: str, tag: str, fields: list[Any], *, key: str = "", idem: str | None = None, text: str = ""
+    ) -> list[Any]:
+        """Run one operation's script. `key` (the idempotency key) and `text` travel as they are; the other
+        fields are joined by \\x1f, which none of them can contain (ids are checked, JSON escapes it)."""
         now = "" if self._clock is None else str(self._clock())
-        args = [*self._keys(tag, idem), now, *self._config, *("" if f is None else str(f) for f in fields)]
-        reply: list[Any] = await self._call(op, args)
+        joined = _SEP.join("" if f is None else str(f) for f in fields)
+        reply: list[Any] = await self._call(op, [*self._keys(tag, idem), now, self._config, key, joined, text])
         if reply[0] == "err":
             raise error_from_code(reply[1], reply[2], json.loads(reply[3]))
         return reply
@@ -419,15 +428,7 @@ class RedisStore(Store, SupportsSweep):
         soft = cmd.soft_landing or {}
         for name in ("min_amount", "fixed_amount", "amount_per_million_tokens"):
             _exact(soft.get(name), f"soft_landing.{name}")
-        static = {
-            "idempotency_key": cmd.idempotency_key,
-            "subject": cmd.subject,
-            "action": cmd.action,
-            "affected_scopes": cmd.scopes,
-            "metadata": cmd.metadata or None,
-        }
         return [
-            cmd.idempotency_key,
             cmd.payload_hash,
             rid,
             cmd.unit,
@@ -442,7 +443,7 @@ class RedisStore(Store, SupportsSweep):
             soft.get("amount_per_million_tokens"),
             _JSON(cmd.subject),
             _JSON(cmd.action),
-            _JSON(static),
+            _raw(cmd.metadata),
             *cmd.scopes,
         ]
 
@@ -472,7 +473,8 @@ class RedisStore(Store, SupportsSweep):
         tag = _tag_of_scope(cmd.scopes[0])
         await self._register(tag)
         idem = f"i:reserve:{cmd.idempotency_key}" if cmd.payload_hash else None
-        reply = await self._run("reserve", tag, self._reserve_fields(cmd, _new_rid(tag)), idem)
+        fields = self._reserve_fields(cmd, _new_rid(tag))
+        reply = await self._run("reserve", tag, fields, key=cmd.idempotency_key, idem=idem)
         if reply[0] == "replay":
             body = self._decision(cmd, reply[1].split(_SEP))
             if body.get("expires_at_ms") is not None:
@@ -485,7 +487,7 @@ class RedisStore(Store, SupportsSweep):
 
     async def decide(self, cmd: ReserveCommand) -> dict[str, Any]:
         tag = _tag_of_scope(cmd.scopes[0])
-        reply = await self._run("decide", tag, self._reserve_fields(cmd, ""))
+        reply = await self._run("decide", tag, self._reserve_fields(cmd, ""), key=cmd.idempotency_key)
         body = self._decision(cmd, reply[1:12])
         del body["dry_run"]
         body["balances"] = _balances(reply, 12)
@@ -501,16 +503,8 @@ class RedisStore(Store, SupportsSweep):
     async def commit(self, cmd: CommitCommand) -> dict[str, Any]:
         _exact(cmd.actual, "actual")
         tag = self._settle_tag(cmd.reservation_id)
-        fields = [
-            cmd.reservation_id,
-            cmd.idempotency_key,
-            cmd.payload_hash,
-            cmd.unit,
-            cmd.actual,
-            _raw(cmd.metrics),
-            _raw(cmd.metadata),
-        ]
-        reply = await self._run("commit", tag, fields)
+        fields = [cmd.reservation_id, cmd.payload_hash, cmd.unit, cmd.actual, _raw(cmd.metrics), _raw(cmd.metadata)]
+        reply = await self._run("commit", tag, fields, key=cmd.idempotency_key)
         f, start = (reply[1].split(_SEP), 3) if reply[0] == "replay" else (reply[1:3], 3)
         charged, released = int(f[0]), int(f[1])
         return {
@@ -523,8 +517,8 @@ class RedisStore(Store, SupportsSweep):
 
     async def release(self, cmd: ReleaseCommand) -> dict[str, Any]:
         tag = self._settle_tag(cmd.reservation_id)
-        fields = [cmd.reservation_id, cmd.idempotency_key, cmd.payload_hash, cmd.reason]
-        reply = await self._run("release", tag, fields)
+        fields = [cmd.reservation_id, cmd.payload_hash]
+        reply = await self._run("release", tag, fields, key=cmd.idempotency_key, text=cmd.reason or "")
         released, start = (reply[1], 3) if reply[0] == "replay" else (reply[1], 2)
         balances = _balances(reply, start)
         unit = balances[0]["unit"] if balances else await self._unit_of(tag, cmd.reservation_id)
@@ -541,8 +535,9 @@ class RedisStore(Store, SupportsSweep):
 
     async def extend(self, cmd: ExtendCommand) -> dict[str, Any]:
         tag = self._settle_tag(cmd.reservation_id)
-        fields = [cmd.reservation_id, cmd.idempotency_key, cmd.payload_hash, cmd.extend_by_ms, cmd.max_extensions]
-        reply = await self._run("extend", tag, fields, f"i:extend:{cmd.idempotency_key}")
+        fields = [cmd.reservation_id, cmd.payload_hash, cmd.extend_by_ms, cmd.max_extensions]
+        idem = f"i:extend:{cmd.idempotency_key}"
+        reply = await self._run("extend", tag, fields, key=cmd.idempotency_key, idem=idem)
         expires, now = int(reply[1]), int(reply[2])
         return {
             "reservation_id": cmd.reservation_id,
@@ -557,7 +552,6 @@ class RedisStore(Store, SupportsSweep):
         tag = _tag_of_scope(cmd.scopes[0])
         await self._register(tag)
         fields = [
-            cmd.idempotency_key,
             cmd.payload_hash,
             cmd.unit,
             cmd.actual,
@@ -569,7 +563,8 @@ class RedisStore(Store, SupportsSweep):
             _raw(cmd.metadata),
             *cmd.scopes,
         ]
-        reply = await self._run("event", tag, fields, f"i:event:{cmd.idempotency_key}")
+        idem = f"i:event:{cmd.idempotency_key}"
+        reply = await self._run("event", tag, fields, key=cmd.idempotency_key, idem=idem)
         f, start = (reply[1].split(_SEP), 3) if reply[0] == "replay" else (reply[1:4], 4)
         return {
             "status": "APPLIED",

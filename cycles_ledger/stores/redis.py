@@ -230,14 +230,14 @@ def _event(stream_id: str, fields: dict[str, str]) -> dict[str, Any]:
 
 class _Batch:
     """Calls issued in the same loop tick go to Redis in one pipeline: one round trip and one wake-up
-    for all of them instead of one each. The first caller of a tick leads: it yields once so the others
-    can join, sends the batch, and hands every caller its own reply or error."""
+    for all of them instead of one each. A task sends the batch on the next tick and hands every caller
+    its own reply or error."""
 
     __slots__ = ("calls", "done")
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, list[str]]] = []
-        self.done: asyncio.Future[list[Any]] | None = None
+        self.done: asyncio.Task[list[Any]] | None = None
 
 
 class RedisStore(Store, SupportsSweep):
@@ -368,31 +368,30 @@ class RedisStore(Store, SupportsSweep):
         if not self._pipelined:
             return await self._redis(self._evalsha(sha, args))
         batch = self._batch
-        if batch is not None:  # join this tick's batch; its leader sends it
-            index = len(batch.calls)
-            batch.calls.append((op, sha, args))
-            assert batch.done is not None
-            results = await asyncio.shield(batch.done)
-            return self._unwrap(results[index])
-        batch = self._batch = _Batch()
-        batch.done = asyncio.get_running_loop().create_future()
+        if batch is None:  # the first call of this tick opens a batch; a task sends it on the next tick
+            batch = self._batch = _Batch()
+            batch.done = asyncio.get_running_loop().create_task(self._flush(batch))
+        index = len(batch.calls)
         batch.calls.append((op, sha, args))
-        await asyncio.sleep(0)  # let the other callers of this tick join
+        assert batch.done is not None
+        # Shielded: a caller that is cancelled does not take the others' calls down with it.
+        results = await asyncio.shield(batch.done)
+        return self._unwrap(results[index])
+
+    async def _flush(self, batch: _Batch) -> list[Any]:
         self._batch = None
+        calls = batch.calls
         try:
-            if len(batch.calls) == 1:
-                results = [await self._redis(self._evalsha(sha, args))]
-            else:
-                results = await self._redis(self._pipeline(batch.calls))
-        except BaseException as exc:
-            batch.done.set_exception(exc)
-            batch.done.exception()  # retrieved: followers re-raise it, the leader too
-            raise
-        batch.done.set_result(results)
-        return self._unwrap(results[0])
+            if len(calls) == 1:
+                return [await self._redis(self._evalsha(calls[0][1], calls[0][2]))]
+            return list(await self._redis(self._pipeline(calls)))
+        except StoreUnavailableError as exc:
+            return [exc] * len(calls)
 
     @staticmethod
     def _unwrap(result: Any) -> Any:
+        if isinstance(result, StoreUnavailableError):
+            raise result
         if isinstance(result, BaseException):
             raise StoreUnavailableError(f"Redis ledger unavailable: {type(result).__name__}: {result}")
         return result

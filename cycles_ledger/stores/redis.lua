@@ -151,15 +151,16 @@ local function load_rec(rid)
           dl = tonumber(dl), n = tonumber(n), ch = tonumber(ch), fin = tonumber(fin), sp = sp, bs = scopes}
 end
 
-local function save_rec(rec)
+-- Write the record, and any further (field, value) pairs of the reservation, in one HSET.
+local function save_rec(rec, ...)
   redis.call('HSET', KR, rec.id, fmt('%s %s %d %s %s %d %d %d %d %d %d %s %s', rec.st, rec.u, rec.e, rec.op, rec.c0,
-    rec.x, rec.g, rec.dl, rec.n, rec.ch, rec.fin, rec.sp, concat(rec.bs, ',')))
+    rec.x, rec.g, rec.dl, rec.n, rec.ch, rec.fin, rec.sp, concat(rec.bs, ',')), ...)
 end
 
-local function finalize(rec, status)
+local function finalize(rec, status, ...)
   rec.st = status
   rec.fin = NOW
-  save_rec(rec)
+  save_rec(rec, ...)
   redis.call('ZREM', KDUE, rec.id)
   redis.call('ZADD', KFIN, NOW, rec.id)
 end
@@ -471,8 +472,7 @@ end
 
 local function settled(rec, status, charged, op, key, hash, answer)
   rec.ch = charged
-  redis.call('HSET', KR, rec.id .. '|k', op .. '\n' .. hash .. '\n' .. I(#key) .. '\n' .. key .. answer)
-  finalize(rec, status)
+  finalize(rec, status, rec.id .. '|k', op .. '\n' .. hash .. '\n' .. I(#key) .. '\n' .. key .. answer)
 end
 
 local OPS = {}
@@ -544,15 +544,16 @@ OPS.reserve = function(decide_only)
   for i, b in ipairs(budgets) do budgeted[i] = b.scope end
   local rec = {id = rid, st = 'ACTIVE', u = unit, e = ev.amount, op = policy, c0 = I(NOW), x = expires, g = grace,
                dl = expires + grace, n = 0, ch = -1, fin = -1, sp = path, bs = budgeted}
-  save_rec(rec)
   local quoted = {}
   for i, s in ipairs(scopes) do quoted[i] = q(s) end
-  redis.call('HSET', KR, rid .. '|s', '{"idempotency_key":' .. q(key) .. ',"subject":' .. F[13] .. ',"action":' .. F[14] ..
-    ',"affected_scopes":[' .. concat(quoted, ',') .. '],"metadata":' .. (F[15] ~= '' and F[15] or 'null') .. '}')
+  local static = '{"idempotency_key":' .. q(key) .. ',"subject":' .. F[13] .. ',"action":' .. F[14] ..
+    ',"affected_scopes":[' .. concat(quoted, ',') .. '],"metadata":' .. (F[15] ~= '' and F[15] or 'null') .. '}'
   local data = nil
   if caps and caps ~= '{}' then
-    redis.call('HSET', KR, rid .. '|c', caps)
+    save_rec(rec, rid .. '|s', static, rid .. '|c', caps)
     data = '{"decision":' .. q(ev.decision) .. ',"caps":' .. caps .. '}'
+  else
+    save_rec(rec, rid .. '|s', static)
   end
   redis.call('ZADD', KDUE, rec.dl, rid)
   redis.call('ZADD', KIDS, NOW, rid)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import shutil
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -39,6 +38,7 @@ from cycles_ledger import (
     ReservationFinalizedError,
     open_ledger_sync,
 )
+from tests.support.redis_server import unique_prefix
 
 UNIT = "USD_MICROCENTS"
 T = "tenant:t"
@@ -244,11 +244,14 @@ def has_reservations(machine: LedgerMachine) -> bool:
 
 
 class LedgerMachine(RuleBasedStateMachine):
+    # A fresh store per example: a new SQLite file, or (when a test sets `redis_base`) a new key prefix.
+    redis_base: str | None = None
+
     def __init__(self) -> None:
         super().__init__()
         self.dir = tempfile.mkdtemp(prefix="cycles-stateful-")
         self.clock = Clock()
-        url = f"sqlite:///{self.dir}/x.db"
+        url = f"sqlite:///{self.dir}/x.db" if self.redis_base is None else f"{self.redis_base}?prefix={unique_prefix()}"
         self.ledger = open_ledger_sync(url, clock=self.clock, max_extensions=MAX_EXTENSIONS)
         self.model = Model(self.clock)
         self.model.per_tenant = url.startswith("redis")
@@ -671,20 +674,27 @@ class LedgerMachine(RuleBasedStateMachine):
         assert self.ledger.verify() == []
 
 
-def test_ledger_matches_model_under_random_operations() -> None:
+@pytest.mark.parametrize(
+    "backend", [pytest.param("sqlite", marks=pytest.mark.sqlite), pytest.param("redis", marks=pytest.mark.redis)]
+)
+def test_ledger_matches_model_under_random_operations(backend: str, request: pytest.FixtureRequest) -> None:
     """Random reserve/commit/release/extend/expiry/fund/freeze/event/replay runs keep the ledger equal to the model."""
+    machine: type[LedgerMachine] = LedgerMachine
+    if backend == "redis":
+        base = request.getfixturevalue("redis_server").base
+        machine = type("RedisLedgerMachine", (LedgerMachine,), {"redis_base": base})
     run_state_machine_as_test(
-        LedgerMachine,
+        machine,
         settings=settings(max_examples=60, stateful_step_count=40, deadline=None, report_multiple_bugs=False),
     )
 
 
-def test_lowering_overdraft_limit_below_debt_marks_budget_over_limit(tmp_path: Path) -> None:
+def test_lowering_overdraft_limit_below_debt_marks_budget_over_limit(db_url: str) -> None:
     """Lowering a budget's overdraft limit below its debt leaves it over-limit and the books still verify."""
     # Found by the machine before ac9e19e (set_budget then left is_over_limit False, and verify() complained):
     # create_budgets(tenant=0, workflow=None, limits=(1, 0));
     # record_event(subject=0, actual=1, policy='ALLOW_WITH_OVERDRAFT'); operator(op='set', scope=T, limit=0).
-    with open_ledger_sync(f"sqlite:///{tmp_path / 'x.db'}", clock=Clock()) as led:
+    with open_ledger_sync(db_url, clock=Clock()) as led:
         led.set_budget(T, usd(0), overdraft_limit=1)
         led.record_event(SUBJECTS[0], ACTION, usd(1), overage_policy="ALLOW_WITH_OVERDRAFT")
         b = led.set_budget(T, usd(0), overdraft_limit=0)
@@ -694,14 +704,14 @@ def test_lowering_overdraft_limit_below_debt_marks_budget_over_limit(tmp_path: P
         assert led.reserve(SUBJECTS[0], ACTION, usd(0)).reason_code == "OVERDRAFT_LIMIT_EXCEEDED"
 
 
-def test_debit_just_after_a_hold_expires_finds_the_hold_returned(tmp_path: Path) -> None:
+def test_debit_just_after_a_hold_expires_finds_the_hold_returned(db_url: str) -> None:
     """A debit 1 ms after a hold's expiry + grace is charged in full, as every write first expires overdue holds."""
     # The machine's shortest failing run (lazy expiry skipped within 100 ms of the previous lazy pass):
     # create_budgets(tenant=0, workflow=None, limits=(0, 0)); reserve(estimate=0, ttl=None, grace=0, ...);
     # advance_to_edge(edge='expiry', offset=-60); extend(<unknown id>)  # a write: lazy pass, hold not yet due
     # advance_to_edge(edge='expiry', offset=1); commit(<unknown id>)  # a write: the overdue hold is still ACTIVE
     clock = Clock()
-    with open_ledger_sync(f"sqlite:///{tmp_path / 'x.db'}", clock=clock) as led:
+    with open_ledger_sync(db_url, clock=clock) as led:
         led.set_budget(T, usd(10))
         led.reserve(SUBJECTS[0], ACTION, usd(10), ttl_ms=1_000, grace_period_ms=0)
         clock.now += 999

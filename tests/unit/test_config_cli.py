@@ -69,9 +69,9 @@ def cli(store: str, *args: str) -> int:
     return main(["--store", store, *args])
 
 
-def test_cli_walkthrough(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """apply, reserve, commit, deny, balances and events work end to end on one SQLite file."""
-    store = f"sqlite:///{tmp_path / 'c.db'}"
+def test_cli_walkthrough(db_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """apply, reserve, commit, deny, balances and events work end to end, on every store."""
+    store = db_url
     assert cli(store, "budgets", "apply", str(ROOT / "configs/budgets.yaml")) == 0
     capsys.readouterr()
     assert cli(store, "reserve", "tenant:acme/workflow:doc-processing", "12usd", "--json") == 0

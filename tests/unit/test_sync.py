@@ -9,9 +9,9 @@ from pathlib import Path
 from cycles_ledger import Decision, open_ledger_sync
 
 
-def test_sync_ledger_plain(tmp_path: Path) -> None:
-    """The sync twin reserves, commits and reads like the async ledger."""
-    with open_ledger_sync(f"sqlite:///{tmp_path / 's.db'}") as led:
+def test_sync_ledger_plain(db_url: str) -> None:
+    """The sync twin reserves, commits and reads like the async ledger, on every store."""
+    with open_ledger_sync(db_url) as led:
         led.set_budget("tenant:t", "1usd")
         r = led.reserve({"tenant": "t"}, {"kind": "k.x", "name": "n"}, "0.6usd")
         assert r.decision is Decision.ALLOW
@@ -32,9 +32,9 @@ def test_sync_ledger_inside_running_loop(tmp_path: Path) -> None:
     assert asyncio.run(inside()) == 3 * 10**8
 
 
-def test_sync_ledger_from_threads(tmp_path: Path) -> None:
-    """Many threads sharing one SyncLedger never overspend."""
-    with open_ledger_sync(f"sqlite:///{tmp_path / 's.db'}") as led:
+def test_sync_ledger_from_threads(db_url: str) -> None:
+    """Many threads sharing one SyncLedger never overspend, on every store."""
+    with open_ledger_sync(db_url) as led:
         led.set_budget("tenant:t", "1usd")
         allowed: list[bool] = []
 

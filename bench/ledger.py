@@ -14,10 +14,13 @@ processes: first start to last finish across all of them); latencies come from `
 around each await and are merged across tasks and processes for the percentiles. Afterwards the books
 are checked: `ledger.verify() == []`, nothing left reserved, and spent equals pairs x actual.
 
-Each scenario gets a fresh temporary SQLite file unless `--store URL` names one store for all of them
-(e.g. `sqlite:///bench.db`, or a later `redis://...`; a non-sqlite URL is used as given).
+`--store` may be given several times to compare stores side by side in one run (scenario by scenario,
+interleaved): `sqlite` (the default) is a fresh temporary SQLite file per scenario; `redis` starts a
+throwaway redis-server (AOF on, fsync every second) on a free loopback port; a `redis://…` URL gets a
+fresh key prefix per scenario; any other URL is used as given.
 
     .venv/bin/python bench/ledger.py                  # ~3 s per scenario, prints a table
+    .venv/bin/python bench/ledger.py --store sqlite --store redis      # both stores, one run
     .venv/bin/python bench/ledger.py --duration 10 --json > bench.json   # table on stderr, JSON on stdout
     .venv/bin/python bench/ledger.py --scenarios 1task,64tasks --store sqlite:///bench.db
 """
@@ -29,10 +32,14 @@ import asyncio
 import json
 import multiprocessing
 import os
+import shutil
+import socket
+import subprocess
 import sys
 import tempfile
 import time
 import traceback
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,9 +51,8 @@ ACTION = {"kind": "llm.completion", "name": "openai:gpt-4o"}
 ESTIMATE = "0.01usd"
 ACTUAL = "0.008usd"
 ALLOCATION = "50000000usd"  # 5x10^15 microcents (Redis keeps integers exact to 2^53): 5x10^9 pairs before a deny
-GOAL_PAIRS_PER_S = 5_000
-GOAL_RESERVE_P50_MS = 1.0
-GOAL_LINE = "goal: >= 5,000 pairs/s and reserve p50 < 1 ms"
+# Goals per store kind: (pairs/s, reserve p50 ms). SQLite: issue 2; Redis: issue 5 (pairs/s from 4 processes).
+GOALS = {"sqlite": (5_000, 1.0), "redis": (10_000, 0.5)}
 
 
 @dataclass(frozen=True)
@@ -196,7 +202,11 @@ def _pct(sorted_ns: list[int], q: float) -> float:
     return sorted_ns[idx] / 1e6
 
 
-def _summarise(sc: Scenario, parts: list[Samples]) -> dict[str, Any]:
+def _kind(url: str) -> str:
+    return "redis" if url.startswith(("redis", "rediss")) else "sqlite"
+
+
+def _summarise(sc: Scenario, parts: list[Samples], url: str) -> dict[str, Any]:
     pairs = sum(p.pairs for p in parts)
     wall_s = (max(p.end_ns for p in parts) - min(p.start_ns for p in parts)) / 1e9
     reserve = sorted(x for p in parts for x in p.reserve_ns)
@@ -215,8 +225,10 @@ def _summarise(sc: Scenario, parts: list[Samples]) -> dict[str, Any]:
         "commit_p50_ms": round(_pct(commit, 0.50), 3),
         "commit_p99_ms": round(_pct(commit, 0.99), 3),
     }
-    row["meets_pairs_goal"] = row["pairs_per_s"] >= GOAL_PAIRS_PER_S
-    row["meets_p50_goal"] = row["reserve_p50_ms"] < GOAL_RESERVE_P50_MS
+    goal_pairs, goal_p50 = GOALS[_kind(url)]
+    row["store_kind"] = _kind(url)
+    row["meets_pairs_goal"] = row["pairs_per_s"] >= goal_pairs
+    row["meets_p50_goal"] = row["reserve_p50_ms"] < goal_p50
     row["meets_goal"] = row["meets_pairs_goal"] and row["meets_p50_goal"]
     return row
 
@@ -230,9 +242,10 @@ def _goal_cell(r: dict[str, Any]) -> str:
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    head = ("workload", "pairs/s", "reserve p50", "reserve p99", "commit p50", "commit p99", "pairs", "goal")
+    head = ("store", "workload", "pairs/s", "reserve p50", "reserve p99", "commit p50", "commit p99", "pairs", "goal")
     body = [
         (
+            r["store_kind"],
             r["label"],
             f"{r['pairs_per_s']:,.0f}",
             f"{r['reserve_p50_ms']:.3f} ms",
@@ -245,7 +258,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
         for r in rows
     ]
     widths = [max(len(str(line[i])) for line in (head, *body)) for i in range(len(head))]
-    fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    fmt = "  ".join(f"{{:<{w}}}" if i < 2 else f"{{:>{w}}}" for i, w in enumerate(widths))
     lines = [fmt.format(*head), "  ".join("-" * w for w in widths), *(fmt.format(*line) for line in body)]
     return "\n".join(lines)
 
@@ -253,15 +266,57 @@ def _table(rows: list[dict[str, Any]]) -> str:
 # --- main -----------------------------------------------------------------------------------------------
 
 
-def _scenario_url(store: str | None, tmp: str, sc: Scenario) -> str:
-    if store is None:
-        return f"sqlite:///{os.path.join(tmp, f'bench-{sc.key}.db')}"
+class _RedisServer:
+    """A throwaway redis-server for `--store redis`: AOF on with fsync every second, a free loopback port."""
+
+    def __init__(self, tmp: str) -> None:
+        if shutil.which("redis-server") is None:
+            raise SystemExit("--store redis needs redis-server on PATH (apt-get install redis-server)")
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        workdir = os.path.join(tmp, "redis")
+        os.makedirs(workdir)
+        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", workdir, "--save", ""]
+        args += ["--appendonly", "yes", "--appendfsync", "everysec"]
+        self.proc = subprocess.Popen(["redis-server", *args], stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as conn:
+                    conn.sendall(b"PING\r\n")
+                    if conn.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise SystemExit(f"redis-server did not come up on port {self.port}")
+
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+def _scenario_url(store: str, tmp: str, sc: Scenario, redis_server: _RedisServer | None) -> str:
+    if store == "sqlite":
+        return f"sqlite:///{os.path.join(tmp, f'bench-{sc.key}-{uuid.uuid4().hex[:6]}.db')}"
+    if store == "redis":
+        assert redis_server is not None
+        store = redis_server.url()
+    if _kind(store) == "redis" and "prefix=" not in store:
+        return f"{store}{'&' if '?' in store else '?'}prefix=bench-{sc.key}-{uuid.uuid4().hex[:6]}"
     return store
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    ap.add_argument("--store", help="store URL used for every scenario (default: a fresh temp SQLite file each)")
+    ap.add_argument(
+        "--store",
+        action="append",
+        help="sqlite (default), redis (a throwaway redis-server), or a store URL; repeat to compare stores",
+    )
     ap.add_argument("--duration", type=float, default=3.0, help="measured seconds per scenario (default 3)")
     ap.add_argument("--warmup", type=float, default=0.5, help="unmeasured warm-up seconds per scenario (default 0.5)")
     ap.add_argument(
@@ -277,7 +332,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown or not chosen:
         ap.error(f"unknown scenario(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(sorted(known))}")
     args.chosen = [s for s in SCENARIOS if s.key in chosen]
-    if args.store is not None and ":memory:" in args.store:
+    args.store = args.store or ["sqlite"]
+    if any(":memory:" in store for store in args.store):
         ap.error(
             "--store must outlive one connection (the scenarios reopen it, the 4 processes share it): not :memory:"
         )
@@ -286,36 +342,46 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _scenario(sc: Scenario, url: str, args: argparse.Namespace, say: Any) -> dict[str, Any]:
+    """Run one scenario on one store, check its books, and return its row."""
+    print(f"{sc.label}: warm-up {args.warmup:g} s, measuring {args.duration:g} s on {url}", file=say, flush=True)
+    spent_before = asyncio.run(_setup(url))
+    if sc.processes:
+        parts = _run_processes(url, sc, args.warmup, args.duration)
+    else:
+        parts = [asyncio.run(_measure(url, sc.tasks, args.warmup, args.duration))]
+    row = _summarise(sc, parts, url)
+    row["store"] = url
+    asyncio.run(_check_books(url, spent_before, row["pairs"] + row["warmup_pairs"]))
+    print(
+        f"  {row['pairs_per_s']:,.0f} pairs/s, reserve p50 {row['reserve_p50_ms']:.3f} ms"
+        f" p99 {row['reserve_p99_ms']:.3f} ms, commit p50 {row['commit_p50_ms']:.3f} ms; books agree",
+        file=say,
+        flush=True,
+    )
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     say = sys.stderr if args.json else sys.stdout
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="cycles-bench-") as tmp:
-        for sc in args.chosen:
-            url = _scenario_url(args.store, tmp, sc)
-            print(
-                f"{sc.label}: warm-up {args.warmup:g} s, measuring {args.duration:g} s on {url}", file=say, flush=True
-            )
-            spent_before = asyncio.run(_setup(url))
-            if sc.processes:
-                parts = _run_processes(url, sc, args.warmup, args.duration)
-            else:
-                parts = [asyncio.run(_measure(url, sc.tasks, args.warmup, args.duration))]
-            row = _summarise(sc, parts)
-            row["store"] = url
-            rows.append(row)
-            asyncio.run(_check_books(url, spent_before, row["pairs"] + row["warmup_pairs"]))
-            print(
-                f"  {row['pairs_per_s']:,.0f} pairs/s, reserve p50 {row['reserve_p50_ms']:.3f} ms"
-                f" p99 {row['reserve_p99_ms']:.3f} ms, commit p50 {row['commit_p50_ms']:.3f} ms; books agree",
-                file=say,
-                flush=True,
-            )
+        redis_server = _RedisServer(tmp) if "redis" in args.store else None
+        try:
+            for sc in args.chosen:
+                for store in args.store:
+                    rows.append(_scenario(sc, _scenario_url(store, tmp, sc, redis_server), args, say))
+        finally:
+            if redis_server is not None:
+                redis_server.stop()
     print(file=say)
     print(_table(rows), file=say)
-    print(GOAL_LINE, file=say)
-    met = [r["label"] for r in rows if r["meets_goal"]]
-    print(f"  met by: {', '.join(met) if met else 'none'}", file=say)
+    for kind in sorted({r["store_kind"] for r in rows}):
+        pairs_goal, p50_goal = GOALS[kind]
+        met = [r["label"] for r in rows if r["store_kind"] == kind and r["meets_goal"]]
+        print(f"goal ({kind}): >= {pairs_goal:,} pairs/s and reserve p50 < {p50_goal:g} ms", file=say)
+        print(f"  met by: {', '.join(met) if met else 'none'}", file=say)
     print(
         "  (with N requests in flight, latency ~ N / throughput: p50 < 1 ms at 10,000 ops/s allows ~10 in flight)",
         file=say,
@@ -323,12 +389,12 @@ def main(argv: list[str] | None = None) -> int:
     print("books agree", file=say)
     if args.json:
         summary = {
-            "store": args.store or "sqlite (fresh temp file per scenario)",
+            "stores": args.store,
             "duration_s": args.duration,
             "warmup_s": args.warmup,
             "cpus": os.cpu_count(),
             "python": sys.version.split()[0],
-            "goal": {"pairs_per_s": GOAL_PAIRS_PER_S, "reserve_p50_ms": GOAL_RESERVE_P50_MS},
+            "goals": {k: {"pairs_per_s": g[0], "reserve_p50_ms": g[1]} for k, g in GOALS.items()},
             "scenarios": rows,
             "books_agree": True,
         }

@@ -11,15 +11,20 @@ the same machine state: in blocks, alternating A,B then B,A (a block is one requ
 swing +-15 % on a 2-core machine; only interleaved A/B numbers are comparable.
 
 Reported per proxy: req/s (requests / wall time spent in that proxy's blocks), latency p50/p99 (client
-side, to the last byte), the median `x-litellm-callback-duration-ms` response header (LiteLLM's own
-reading of its callbacks' time), and the HTTP status codes seen. Then the ratios (with / without), the
-p50 overhead in ms, the goal verdict, and what A's ledger charged `tenant:bench` compared with the
-`x-litellm-response-cost` headers.
+side, to the last byte), the median `x-cycles-hook-ms` (our pre-call hook's own time) and
+`x-litellm-callback-duration-ms` response headers, and the HTTP status codes seen. Then the ratios
+(with / without), the p50 overhead in ms, the goal verdict, and what A's ledger charged `tenant:bench`
+compared with the `x-litellm-response-cost` headers.
+
+`--also LABEL:NAME=VALUE` adds one more proxy with the callback and that environment, interleaved with
+A and B in the same run and compared with B: `--also old:PYTHONPATH=/tmp/old-checkout` compares two
+versions of the plugin, which separate runs (±25 % apart on this machine) cannot.
 
     .venv/bin/python bench/proxy_overhead.py                     # 400 sequential requests per proxy
     .venv/bin/python bench/proxy_overhead.py --concurrency 8     # 8 in flight per proxy
     .venv/bin/python bench/proxy_overhead.py --stream --requests 200 --json   # streamed; JSON on stdout
     .venv/bin/python bench/proxy_overhead.py --control           # A/A: both without callback = noise floor
+    .venv/bin/python bench/proxy_overhead.py --also old:PYTHONPATH=/tmp/old   # and a proxy on another checkout
 
 Exit status: 0 when both proxies were measured, even if the plugin denied or errored (the status codes
 are reported); 3 when the proxy with the callback did not start (e.g. `cycles_litellm.proxy_handler`
@@ -33,6 +38,7 @@ import argparse
 import asyncio
 import json
 import math
+import random
 import shutil
 import statistics
 import sys
@@ -76,6 +82,7 @@ class Sample:
     callback_ms: float | None
     cost_usd: float | None
     error: str | None = None
+    hook_ms: float | None = None
 
 
 @dataclass
@@ -84,6 +91,7 @@ class Side:
     proxy: LiteLLMProxy | None
     samples: list[Sample] = field(default_factory=list)
     wall_s: float = 0.0
+    baseline: bool = False  # the proxy without the callback, which the others are compared with
 
     def statuses(self) -> Counter[int]:
         return Counter(s.status for s in self.samples)
@@ -96,6 +104,10 @@ class Side:
 
     def callback_ms_p50(self) -> float | None:
         values = [s.callback_ms for s in self.samples if s.callback_ms is not None]
+        return statistics.median(values) if values else None
+
+    def hook_ms_p50(self) -> float | None:
+        values = [s.hook_ms for s in self.samples if s.hook_ms is not None]
         return statistics.median(values) if values else None
 
 
@@ -134,6 +146,7 @@ async def one_request(client: httpx.AsyncClient, body: dict[str, Any]) -> Sample
         _float_header(response.headers, "x-litellm-callback-duration-ms"),
         _float_header(response.headers, "x-litellm-response-cost"),
         error,
+        _float_header(response.headers, "x-cycles-hook-ms"),
     )
 
 
@@ -155,7 +168,8 @@ async def run_block(side: Side, client: httpx.AsyncClient, body: dict[str, Any],
 async def run_interleaved(
     sides: list[Side], body: dict[str, Any], n: int, concurrency: int, block: int, record: bool = True
 ) -> None:
-    """n requests per side, in blocks, the order of the sides reversed every round (ABBA...)."""
+    """n requests per side, in blocks, the order of the sides reversed every round (ABBA...); with more
+    than two sides, shuffled every round."""
     clients = {
         side.label: httpx.AsyncClient(
             base_url=side.proxy.url,
@@ -170,9 +184,13 @@ async def run_interleaved(
     try:
         done = 0
         rnd = 0
+        shuffle = random.Random(0)
         while done < n:
             size = min(block, n - done)
-            order = sides if rnd % 2 == 0 else list(reversed(sides))
+            if len(sides) <= 2:
+                order = sides if rnd % 2 == 0 else list(reversed(sides))
+            else:  # ABC CBA would give A and C back-to-back repeats B never gets: shuffle instead
+                order = shuffle.sample(sides, len(sides))
             for side in order:
                 target = side if record else scratch[side.label]
                 await run_block(target, clients[side.label], body, size, concurrency)
@@ -183,21 +201,36 @@ async def run_interleaved(
             await client.aclose()
 
 
-def start_both(
-    upstream: FakeUpstream, tmp: Path, control: bool = False
-) -> tuple[LiteLLMProxy | Exception, LiteLLMProxy | Exception]:
+def start_all(
+    upstream: FakeUpstream, tmp: Path, control: bool = False, extras: dict[str, dict[str, str]] | None = None
+) -> tuple[LiteLLMProxy | Exception, LiteLLMProxy | Exception, dict[str, LiteLLMProxy | Exception]]:
+    """Start A (with the callback), B (without) and one more proxy with the callback per extra, in parallel."""
     no_cb = litellm_config_without_callbacks(tmp / "config")
 
-    def start(name: str, config: Path) -> LiteLLMProxy | Exception:
+    def start(name: str, config: Path, env: dict[str, str] | None = None) -> LiteLLMProxy | Exception:
         try:
-            return start_proxy(upstream.base_url, tmp / name, litellm_config=config)
+            return start_proxy(upstream.base_url, tmp / name, litellm_config=config, env=env)
         except ProxyStartError as exc:
             return exc
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
+    extras = extras or {}
+    with ThreadPoolExecutor(max_workers=2 + len(extras)) as pool:
         a = pool.submit(start, "with-callback", no_cb if control else LITELLM_CONFIG)
         b = pool.submit(start, "without-callback", no_cb)
-        return a.result(), b.result()
+        more = {
+            label: pool.submit(start, f"extra-{n}", LITELLM_CONFIG, env)
+            for n, (label, env) in enumerate(extras.items())
+        }
+        return a.result(), b.result(), {label: f.result() for label, f in more.items()}
+
+
+def parse_extra(spec: str) -> tuple[str, dict[str, str]]:
+    """`LABEL:NAME=VALUE[,NAME=VALUE...]` -> (label, env); e.g. `old:PYTHONPATH=/tmp/old-checkout`."""
+    label, _, assignments = spec.partition(":")
+    env = dict(item.split("=", 1) for item in assignments.split(",") if "=" in item)
+    if not label or not env:
+        raise argparse.ArgumentTypeError(f"--also wants LABEL:NAME=VALUE[,NAME=VALUE], got {spec!r}")
+    return label, env
 
 
 def describe_start_failure(exc: Exception) -> str:
@@ -235,7 +268,11 @@ def report(sides: list[Side], args: argparse.Namespace, out: Any) -> dict[str, A
         f"{kind} chat {args.model} max_tokens={args.max_tokens}",
         file=out,
     )
-    print(f"{'':<26}{'req/s':>9}{'p50 ms':>9}{'mean ms':>9}{'p99 ms':>9}{'cb-hdr p50 ms':>15}  statuses", file=out)
+    print(
+        f"{'':<26}{'req/s':>9}{'p50 ms':>9}{'mean ms':>9}{'p99 ms':>9}{'hook p50 ms':>13}{'cb-hdr p50 ms':>15}"
+        "  statuses",
+        file=out,
+    )
     result: dict[str, Any] = {"requests": args.requests, "concurrency": args.concurrency, "stream": args.stream}
     for side in sides:
         lat = side.latencies_ms()
@@ -243,7 +280,7 @@ def report(sides: list[Side], args: argparse.Namespace, out: Any) -> dict[str, A
         mean = statistics.fmean(lat) if lat else math.nan
         print(
             f"{side.label:<26}{side.req_per_s():>9.1f}{percentile(lat, 50):>9.2f}{mean:>9.2f}"
-            f"{percentile(lat, 99):>9.2f}"
+            f"{percentile(lat, 99):>9.2f}{fmt(side.hook_ms_p50(), '.3f'):>13}"
             f"{fmt(side.callback_ms_p50(), '.3f'):>15}  {statuses}",
             file=out,
         )
@@ -252,45 +289,19 @@ def report(sides: list[Side], args: argparse.Namespace, out: Any) -> dict[str, A
             "p50_ms": percentile(lat, 50),
             "mean_ms": mean,
             "p99_ms": percentile(lat, 99),
+            "hook_ms_p50": side.hook_ms_p50(),
             "callback_header_p50_ms": side.callback_ms_p50(),
             "statuses": statuses,
         }
-    if len(sides) == 2 and sides[0].samples and sides[1].samples:
-        a, b = sides
-        la, lb = a.latencies_ms(), b.latencies_ms()
-        ratio = a.req_per_s() / b.req_per_s() if b.req_per_s() else math.nan
-        p50_ratio = percentile(la, 50) / percentile(lb, 50)
-        overhead = percentile(la, 50) - percentile(lb, 50)
-        p99_overhead = percentile(la, 99) - percentile(lb, 99)
-        met = overhead <= GOAL_OVERHEAD_MS and ratio >= GOAL_RATIO
-        print(f"ratio (with / without): throughput {ratio:.3f}, p50 latency {p50_ratio:.3f}", file=out)
-        mean_overhead = statistics.fmean(la) - statistics.fmean(lb)
-        # sequential: A's i-th and B's i-th request ran back to back, so their difference cancels drift
-        paired = statistics.median(
-            (x.latency_s - y.latency_s) * 1000 for x, y in zip(a.samples, b.samples, strict=False)
-        )
-        print(
-            f"overhead: p50 {overhead:+.2f} ms, mean {mean_overhead:+.2f} ms, p99 {p99_overhead:+.2f} ms; "
-            f"median of paired differences {paired:+.2f} ms",
-            file=out,
-        )
-        if abs(overhead - paired) > 5:
-            print(
-                "note: p50s disagree with the paired median by > 5 ms: the latency distribution is multi-modal "
-                "on this machine and p50 flipped between modes; rerun, or read the paired median and the ratio",
-                file=out,
-            )
-        all_ok = set(a.statuses()) == {200} and set(b.statuses()) == {200}
-        verdict = ("MET" if met else "NOT MET") if all_ok else "NOT COMPARABLE (non-200 answers, see statuses)"
-        print(f"{GOAL_LINE} -> {verdict}", file=out)
-        result.update(
-            throughput_ratio=ratio,
-            p50_ratio=p50_ratio,
-            p50_overhead_ms=overhead,
-            mean_overhead_ms=mean_overhead,
-            paired_median_overhead_ms=paired,
-            goal_met=met and all_ok,
-        )
+    base = next((side for side in sides if side.baseline), None)
+    others = [side for side in sides if side is not base and side.samples]
+    if base is not None and base.samples:
+        for n, side in enumerate(others):
+            outcome = compare(side, base, out, prefix="" if len(others) == 1 else f"[{side.label}] ")
+            if n == 0:
+                result.update(outcome)
+            else:
+                result[side.label]["comparison"] = outcome
         if all((side.callback_ms_p50() or 0.0) < 0.01 for side in sides):
             print(
                 "note: x-litellm-callback-duration-ms is ~0 on both: LiteLLM 1.108.7 counts only the building of "
@@ -302,6 +313,42 @@ def report(sides: list[Side], args: argparse.Namespace, out: Any) -> dict[str, A
             if errors:
                 print(f"NOTE {side.label}: {len(errors)} non-200 answers; first: {errors[0][:200]}", file=out)
     return result
+
+
+def compare(a: Side, b: Side, out: Any, prefix: str = "") -> dict[str, Any]:
+    """Print (and return) side `a` against the baseline `b`: ratios, overheads and the goal verdict."""
+    la, lb = a.latencies_ms(), b.latencies_ms()
+    ratio = a.req_per_s() / b.req_per_s() if b.req_per_s() else math.nan
+    p50_ratio = percentile(la, 50) / percentile(lb, 50)
+    overhead = percentile(la, 50) - percentile(lb, 50)
+    p99_overhead = percentile(la, 99) - percentile(lb, 99)
+    met = overhead <= GOAL_OVERHEAD_MS and ratio >= GOAL_RATIO
+    print(f"{prefix}ratio (with / without): throughput {ratio:.3f}, p50 latency {p50_ratio:.3f}", file=out)
+    mean_overhead = statistics.fmean(la) - statistics.fmean(lb)
+    # sequential: A's i-th and B's i-th request ran back to back, so their difference cancels drift
+    paired = statistics.median((x.latency_s - y.latency_s) * 1000 for x, y in zip(a.samples, b.samples, strict=False))
+    print(
+        f"{prefix}overhead: p50 {overhead:+.2f} ms, mean {mean_overhead:+.2f} ms, p99 {p99_overhead:+.2f} ms; "
+        f"median of paired differences {paired:+.2f} ms",
+        file=out,
+    )
+    if abs(overhead - paired) > 5:
+        print(
+            f"{prefix}note: p50s disagree with the paired median by > 5 ms: the latency distribution is multi-modal "
+            "on this machine and p50 flipped between modes; rerun, or read the paired median and the ratio",
+            file=out,
+        )
+    all_ok = set(a.statuses()) == {200} and set(b.statuses()) == {200}
+    verdict = ("MET" if met else "NOT MET") if all_ok else "NOT COMPARABLE (non-200 answers, see statuses)"
+    print(f"{prefix}{GOAL_LINE} -> {verdict}", file=out)
+    return {
+        "throughput_ratio": ratio,
+        "p50_ratio": p50_ratio,
+        "p50_overhead_ms": overhead,
+        "mean_overhead_ms": mean_overhead,
+        "paired_median_overhead_ms": paired,
+        "goal_met": met and all_ok,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -316,6 +363,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stream", action="store_true", help="streamed completions (include_usage)")
     parser.add_argument(
         "--control", action="store_true", help="A/A run: A also without the callback (shows the noise floor)"
+    )
+    parser.add_argument(
+        "--also",
+        action="append",
+        type=parse_extra,
+        default=[],
+        metavar="LABEL:NAME=VALUE,...",
+        help="one more proxy with the callback and this extra environment, interleaved with A and B and compared "
+        "with B; e.g. `--also old:PYTHONPATH=/tmp/old-checkout` compares two versions of the plugin in one run",
     )
     parser.add_argument("--json", action="store_true", help="also print the results as JSON on stdout")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (proxy logs, ledgers)")
@@ -340,15 +396,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"starting fake upstream {upstream.base_url} and two litellm proxies (logs in {tmp}) ...", file=out)
         t0 = time.perf_counter()
-        with_cb, without_cb = start_both(upstream, tmp, control=args.control)
-        proxies = [p for p in (with_cb, without_cb) if isinstance(p, LiteLLMProxy)]
+        with_cb, without_cb, extras = start_all(upstream, tmp, control=args.control, extras=dict(args.also))
+        proxies = [p for p in (with_cb, without_cb, *extras.values()) if isinstance(p, LiteLLMProxy)]
         print(f"start-up: {time.perf_counter() - t0:.1f} s", file=out)
         if isinstance(without_cb, Exception):
             print(
                 f"FAILED: the proxy WITHOUT the callback did not start: {describe_start_failure(without_cb)}", file=out
             )
             return 2
-        sides = [Side("without callback (B)", without_cb)]
+        sides = [Side("without callback (B)", without_cb, baseline=True)]
         if isinstance(with_cb, Exception):
             print(
                 "NOT MEASURED: the proxy WITH `callbacks: cycles_litellm.proxy_handler` did not start "
@@ -362,6 +418,15 @@ def main(argv: list[str] | None = None) -> int:
             with open_ledger_sync(with_cb.store_url) as ledger:
                 ledger.set_budget(SCOPE, args.budget)
             sides.insert(0, Side("control, no callback (A)" if args.control else "with callback (A)", with_cb))
+        for label, extra in extras.items():
+            if isinstance(extra, Exception):
+                print(
+                    f"NOT MEASURED: the extra proxy {label!r} did not start: {describe_start_failure(extra)}", file=out
+                )
+                continue
+            with open_ledger_sync(extra.store_url) as ledger:
+                ledger.set_budget(SCOPE, args.budget)
+            sides.append(Side(label, extra))
 
         asyncio.run(run_interleaved(sides, body, args.warmup, args.concurrency, args.block, record=False))
         spent_before = settle_ledger(with_cb).spent if isinstance(with_cb, LiteLLMProxy) and not args.control else 0

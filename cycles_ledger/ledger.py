@@ -25,6 +25,7 @@ from pydantic import BaseModel, ValidationError
 from .errors import ConfigError, InvalidRequestError, NotFoundError
 from .models import (
     INT64_MAX,
+    SCOPE_LEVELS,
     Action,
     Amount,
     Balance,
@@ -100,6 +101,11 @@ def _subject_cached(items: tuple[tuple[str, Any], ...]) -> tuple[Subject, dict[s
 
 def _subject_parts(value: SubjectLike) -> tuple[Subject, dict[str, Any], list[str]]:
     """The subject, its JSON form and its derived scopes."""
+    if isinstance(value, Subject):
+        if value.dimensions is not None:
+            return value, value.model_dump(exclude_none=True), value.scopes()
+        # Already valid: the cache only saves dumping it and deriving its scopes again.
+        return _subject_cached(tuple((lvl, v) for lvl in SCOPE_LEVELS if (v := getattr(value, lvl)) is not None))
     if isinstance(value, Mapping) and "dimensions" not in value:
         try:
             return _subject_cached(tuple(value.items()))
@@ -116,6 +122,10 @@ def _action_cached(items: tuple[tuple[str, Any], ...]) -> tuple[Action, dict[str
 
 
 def _action_parts(value: ActionLike) -> tuple[Action, dict[str, Any]]:
+    if isinstance(value, Action):
+        if value.tags is not None:
+            return value, value.model_dump(exclude_none=True)
+        return _action_cached((("kind", value.kind), ("name", value.name)))
     if isinstance(value, Mapping) and not value.get("tags"):
         try:
             return _action_cached(tuple(value.items()))
@@ -185,9 +195,34 @@ def _jsonable(value: Mapping[str, Any] | None, what: str) -> dict[str, Any] | No
     return dict(value)
 
 
+def _json_copy(value: Mapping[str, Any] | None, what: str) -> dict[str, Any] | None:
+    """A dict copy of a caller's JSON field. A plain dict is proven serialisable later, by the encode
+    that fingerprints the request (one encode instead of two); any other mapping is checked now."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return dict(value)
+    return _jsonable(value, what)
+
+
+_FINGERPRINT_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str).encode
+_STRICT_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
+
+
 def _fingerprint(payload: dict[str, Any]) -> str:
     """Stable hash of a request body (key order does not matter) for idempotency comparisons."""
-    raw = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(_FINGERPRINT_JSON(payload).encode()).hexdigest()
+
+
+def _checked_fingerprint(payload: dict[str, Any], fields: Mapping[str, Mapping[str, Any] | None]) -> str:
+    """`_fingerprint(payload)` whose encode also proves the caller's JSON `fields` serialisable, as
+    `_jsonable` would (same errors, same order); the hash is the same."""
+    try:
+        raw = _STRICT_JSON(payload)
+    except (TypeError, ValueError):
+        for what, value in fields.items():
+            _jsonable(value, what)
+        return _fingerprint(payload)
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
@@ -300,12 +335,17 @@ class Ledger:
             "grace_period_ms": grace,
             "overage_policy": policy.value,
             "dry_run": dry_run,
-            "metadata": _jsonable(metadata, "metadata"),
+            "metadata": _json_copy(metadata, "metadata"),
             "soft_landing": soft.model_dump() if soft else None,
         }
+        if idempotency_key is not None:
+            payload_hash = _checked_fingerprint(payload, {"metadata": metadata})
+        else:
+            payload_hash = ""  # a key minted here can never be replayed
+            _jsonable(metadata, "metadata")
         return ReserveCommand(
             idempotency_key=_key(idempotency_key),
-            payload_hash=_fingerprint(payload) if idempotency_key is not None else "",
+            payload_hash=payload_hash,
             subject=payload["subject"],
             action=payload["action"],
             scopes=scopes,
@@ -351,14 +391,17 @@ class Ledger:
         payload: dict[str, Any] = {
             "reservation_id": rid,
             "actual": {"unit": amt.unit.value, "amount": amt.amount},
-            "metrics": _jsonable(metrics, "metrics"),
-            "metadata": _jsonable(metadata, "metadata"),
+            "metrics": _json_copy(metrics, "metrics"),
+            "metadata": _json_copy(metadata, "metadata"),
         }
-        plain = payload["metrics"] is None and payload["metadata"] is None
+        if payload["metrics"] is None and payload["metadata"] is None:
+            payload_hash = f"{rid}|{amt.unit.value}|{amt.amount}"
+        else:
+            payload_hash = _checked_fingerprint(payload, {"metrics": metrics, "metadata": metadata})
         cmd = CommitCommand(
             reservation_id=rid,
             idempotency_key=_key(idempotency_key, f"commit:{rid}"),
-            payload_hash=f"{rid}|{amt.unit.value}|{amt.amount}" if plain else _fingerprint(payload),
+            payload_hash=payload_hash,
             unit=amt.unit.value,
             actual=amt.amount,
             metrics=payload["metrics"],
@@ -416,12 +459,13 @@ class Ledger:
             "action": act_json,
             "actual": {"unit": amt.unit.value, "amount": amt.amount},
             "overage_policy": policy.value,
-            "metrics": _jsonable(metrics, "metrics"),
-            "metadata": _jsonable(metadata, "metadata"),
+            "metrics": _json_copy(metrics, "metrics"),
+            "metadata": _json_copy(metadata, "metadata"),
         }
+        payload_hash = _checked_fingerprint(payload, {"metrics": metrics, "metadata": metadata})
         cmd = EventCommand(
             idempotency_key=_key(idempotency_key),
-            payload_hash=_fingerprint(payload),
+            payload_hash=payload_hash,
             subject=payload["subject"],
             action=payload["action"],
             scopes=scopes,

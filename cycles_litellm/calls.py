@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from decimal import Decimal
@@ -26,8 +27,9 @@ def action_kind(call_type: str) -> str:
     return "llm.completion"
 
 
+@functools.lru_cache(maxsize=1024)
 def action_name(model: str) -> str:
-    """`<provider>:<model>`, e.g. `openai:gpt-4o-mini`, as LiteLLM resolves the provider."""
+    """`<provider>:<model>`, e.g. `openai:gpt-4o-mini`, as LiteLLM resolves the provider (once per model)."""
     provider, sep, name = model.partition("/")
     if sep:
         return f"{provider}:{name}"

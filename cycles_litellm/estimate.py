@@ -19,6 +19,14 @@ import litellm
 
 from cycles_ledger import SoftLanding
 
+try:  # the parts litellm.token_counter is made of (LiteLLM 1.108.7), so that its set-up can be cached
+    from litellm.litellm_core_utils.token_counter import _count_extra, _count_messages, _MessageCountParams
+    from litellm.utils import convert_list_message_to_dict
+
+    _FAST_COUNT = True
+except ImportError:  # pragma: no cover - another LiteLLM: count through token_counter itself
+    _FAST_COUNT = False
+
 from .settings import Settings
 
 __all__ = ["Estimate", "Price", "PriceUnknown", "cost_of_usage", "estimate_call", "price_of_group", "soft_landing"]
@@ -150,12 +158,45 @@ def _price_of_group(group: str, settings: Settings, router: Any = None) -> tuple
     return best
 
 
+_counter_cache: dict[str, tuple[float, Any]] = {}
+
+
+def _count_setup(model: str) -> Any:
+    """What `litellm.token_counter` sets up for `model` on every call before it counts (tokenizer choice,
+    per-message overheads: more work than counting a short prompt), kept for a minute like prices."""
+    hit = _counter_cache.get(model)
+    now = time.monotonic()
+    if hit is None or now - hit[0] > _PRICE_TTL_S:
+        if len(_counter_cache) > 4096:
+            _counter_cache.clear()
+        hit = _counter_cache[model] = (now, _MessageCountParams(model, None))
+    return hit[1]
+
+
+def _message_tokens(model: str, messages: Any, tools: Any) -> int:
+    """Exactly `litellm.token_counter(model=, messages=, tools=)`, made of its own parts with the set-up cached."""
+    if not _FAST_COUNT or litellm.disable_token_counter:
+        return int(litellm.token_counter(model=model, messages=messages, tools=tools))
+    params = _count_setup(model)
+    msgs: Any = convert_list_message_to_dict(messages)
+    tokens = _count_messages(params, msgs, False, None)
+    system = any(m.get("role", None) == "system" for m in msgs)
+    return int(tokens + _count_extra(params.count_function, tools, None, system))
+
+
+def _text_tokens(model: str, text: str) -> int:
+    """Exactly `litellm.token_counter(model=, text=)`, with the set-up cached."""
+    if not _FAST_COUNT or litellm.disable_token_counter:
+        return int(litellm.token_counter(model=model, text=text))
+    return int(_count_setup(model).count_function(text))
+
+
 def _count_tokens(model: str, data: Mapping[str, Any]) -> int:
     if "messages" in data:
-        return int(litellm.token_counter(model=model, messages=data["messages"], tools=data.get("tools")))
+        return _message_tokens(model, data["messages"], data.get("tools"))
     inputs = data.get("input", data.get("prompt", ""))
     texts: Iterable[Any] = inputs if isinstance(inputs, list) else [inputs]
-    return sum(int(litellm.token_counter(model=model, text=str(t))) for t in texts)
+    return sum(_text_tokens(model, str(t)) for t in texts)
 
 
 def output_cap(data: Mapping[str, Any], price: Price) -> int:

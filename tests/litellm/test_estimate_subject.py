@@ -9,7 +9,7 @@ import litellm
 import pytest
 
 from cycles_ledger import ConfigError, InvalidRequestError
-from cycles_litellm.estimate import PriceUnknown, estimate_call, price_of_group
+from cycles_litellm.estimate import PriceUnknown, _count_tokens, estimate_call, price_of_group
 from cycles_litellm.settings import Settings, SubjectMapping, load_settings
 from cycles_litellm.subject import subject_from_request
 
@@ -68,6 +68,44 @@ def test_group_priced_by_dearest_deployment_and_fallback() -> None:
     assert price.output_per_million == 10 * 10**8
 
 
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "search",
+            "description": "Search the docs",
+            "parameters": {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]},
+        },
+    }
+]
+CONVERSATIONS = [
+    MSGS,
+    [{"role": "system", "content": "be brief"}, {"role": "user", "content": "héllo " * 50, "name": "ann"}],
+    [
+        {"role": "user", "content": [{"type": "text", "text": "what is in the docs?"}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "search", "arguments": '{"q":"x"}'}}],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "nothing"},
+    ],
+    [],
+]
+
+
+@pytest.mark.parametrize("model", ["gpt-4o-mini", "openai/gpt-4o", "gpt-3.5-turbo-0301", "openai/private-model"])
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+@pytest.mark.parametrize("tools", [None, TOOLS])
+def test_token_count_is_litellms(model: str, messages: list[dict[str, object]], tools: object) -> None:
+    """The prompt count (made of token_counter's parts, its set-up cached) is exactly litellm.token_counter's."""
+    for _ in range(2):  # the second time from the cache
+        expected = litellm.token_counter(model=model, messages=messages, tools=tools)
+        assert _count_tokens(model, {"messages": messages, "tools": tools}) == expected
+    texts = ["a b c", "héllo " * 300]
+    assert _count_tokens(model, {"input": texts}) == sum(litellm.token_counter(model=model, text=t) for t in texts)
+
+
 def _req(meta: dict[str, object] | None = None, headers: dict[str, str] | None = None) -> dict[str, object]:
     return {"metadata": meta or {}, "proxy_server_request": {"headers": headers or {}}}
 
@@ -87,6 +125,24 @@ def test_subject_sources_in_order() -> None:
     key = SimpleNamespace(team_id="team-9", user_id="default_user_id", end_user_id=None, key_alias=None, org_id=None)
     s2 = subject_from_request(_req(), key, SubjectMapping())
     assert s2.scopes() == ["tenant:team-9"]
+
+
+def test_subject_metadata_and_header_precedence() -> None:
+    """`metadata` wins over `litellm_metadata`; the request's own headers over those copied into metadata."""
+    req = {
+        "litellm_metadata": {
+            "cycles": {"tenant": "old"},
+            "headers": {"x-cycles-agent": "a1"},
+            "user_api_key_alias": "k",
+        },
+        "metadata": {"cycles": {"tenant": "new"}, "headers": {"X-Cycles-Workflow": "w1"}},
+        "proxy_server_request": {"headers": {"x-cycles-workflow": "w2"}},
+    }
+    s = subject_from_request(req, None, SubjectMapping())
+    assert (s.tenant, s.workflow, s.agent, s.app) == ("new", "w2", None, "k")
+    assert subject_from_request(req, None, SubjectMapping()) == s  # same callers: the validated Subject is reused
+    no_headers = subject_from_request(req, None, SubjectMapping(from_headers=False))
+    assert (no_headers.tenant, no_headers.workflow) == ("new", None)
 
 
 @pytest.mark.parametrize(

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import math
 import random
@@ -127,7 +128,13 @@ def _float_header(headers: httpx.Headers, name: str) -> float | None:
         return None
 
 
+_prompt_ids = itertools.count()
+
+
 async def one_request(client: httpx.AsyncClient, body: dict[str, Any]) -> Sample:
+    if body.get("vary"):  # a prompt no proxy has seen, so no cache keyed on the prompt flatters the result
+        body = {k: v for k, v in body.items() if k != "vary"}
+        body["messages"] = [{"role": "user", "content": f"benchmark {next(_prompt_ids)}"}]
     start = time.perf_counter()
     try:
         if body.get("stream"):
@@ -265,7 +272,7 @@ def report(sides: list[Side], args: argparse.Namespace, out: Any) -> dict[str, A
     kind = "streamed" if args.stream else "non-streamed"
     print(
         f"\nproxy overhead: {args.requests} requests per proxy, {mode}, interleaved A/B (ABBA), "
-        f"{kind} chat {args.model} max_tokens={args.max_tokens}",
+        f"{kind} chat {args.model} max_tokens={args.max_tokens}" + (", a new prompt every time" if args.vary else ""),
         file=out,
     )
     print(
@@ -361,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--budget", default=BUDGET, help=f"budget on {SCOPE} in A's ledger ({BUDGET})")
     parser.add_argument("--stream", action="store_true", help="streamed completions (include_usage)")
+    parser.add_argument("--vary", action="store_true", help="a different prompt on every request (defeats caches)")
     parser.add_argument(
         "--control", action="store_true", help="A/A run: A also without the callback (shows the noise floor)"
     )
@@ -385,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
         "messages": [{"role": "user", "content": "benchmark"}],
         "max_tokens": args.max_tokens,
     }
+    if args.vary:
+        body["vary"] = True
     if args.stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}

@@ -8,9 +8,13 @@ lists it as free.
 
 from __future__ import annotations
 
+import collections
+import functools
+import itertools
 import math
+import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -158,18 +162,54 @@ def _price_of_group(group: str, settings: Settings, router: Any = None) -> tuple
     return best
 
 
+class _TextCounts:
+    """Token counts of recently seen texts: a system prompt, tool definitions and the earlier turns of a
+    conversation come back on every request, and counting is the costly part of an estimate. Bounded
+    by entries and by characters held; safe across threads."""
+
+    def __init__(self, max_entries: int = 8192, max_chars: int = 4_000_000) -> None:
+        self._counts: collections.OrderedDict[tuple[int, str], int] = collections.OrderedDict()
+        self._chars = 0
+        self._max_entries = max_entries
+        self._max_chars = max_chars
+        self._lock = threading.Lock()
+
+    def count(self, setup: int, count: Callable[[str], int], text: str) -> int:
+        key = (setup, text)
+        with self._lock:
+            n = self._counts.get(key)
+            if n is not None:
+                self._counts.move_to_end(key)
+                return n
+        n = count(text)
+        if len(text) <= self._max_chars // 64:  # one huge text must not flush everything else
+            with self._lock:
+                if key not in self._counts:
+                    self._counts[key] = n
+                    self._chars += len(text)
+                    while len(self._counts) > self._max_entries or self._chars > self._max_chars:
+                        (_, old), _ = self._counts.popitem(last=False)
+                        self._chars -= len(old)
+        return n
+
+
+_text_counts = _TextCounts()
+_setup_ids = itertools.count()
 _counter_cache: dict[str, tuple[float, Any]] = {}
 
 
 def _count_setup(model: str) -> Any:
     """What `litellm.token_counter` sets up for `model` on every call before it counts (tokenizer choice,
-    per-message overheads: more work than counting a short prompt), kept for a minute like prices."""
+    per-message overheads: more work than counting a short prompt), kept for a minute like prices; its
+    count function remembers the counts of recent texts."""
     hit = _counter_cache.get(model)
     now = time.monotonic()
     if hit is None or now - hit[0] > _PRICE_TTL_S:
         if len(_counter_cache) > 4096:
             _counter_cache.clear()
-        hit = _counter_cache[model] = (now, _MessageCountParams(model, None))
+        params = _MessageCountParams(model, None)
+        params.count_function = functools.partial(_text_counts.count, next(_setup_ids), params.count_function)
+        hit = _counter_cache[model] = (now, params)
     return hit[1]
 
 

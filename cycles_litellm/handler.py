@@ -12,6 +12,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -87,6 +88,11 @@ def budget_error(
         # 402 is not retried by OpenAI SDKs; this header makes sure no client retries it.
         headers={"x-should-retry": "false"},
     )
+
+
+@functools.lru_cache(maxsize=1024)
+def _action(kind: str, name: str) -> Action:
+    return Action(kind=kind, name=name)  # frozen: one instance per (kind, model) serves every request
 
 
 def _is_sqlite_file(url: str) -> bool:
@@ -184,7 +190,7 @@ class CyclesCallback(CustomLogger):
             raise budget_error(
                 402, "budget_exceeded", "PRICE_UNKNOWN", f"{exc}", {"reason": "PRICE_UNKNOWN", "model": group}
             ) from None
-        action = Action(kind=action_kind(call_type), name=action_name(est.model))
+        action = _action(action_kind(call_type), action_name(est.model))
         # Shadow evaluates the soft landing too (so its would-be decision is enforce's), but never clamps.
         soft = soft_landing(est, self.settings.min_output_tokens)
         try:

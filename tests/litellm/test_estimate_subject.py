@@ -9,7 +9,7 @@ import litellm
 import pytest
 
 from cycles_ledger import ConfigError, InvalidRequestError
-from cycles_litellm.estimate import PriceUnknown, _count_tokens, estimate_call, price_of_group
+from cycles_litellm.estimate import PriceUnknown, _count_tokens, _TextCounts, estimate_call, price_of_group
 from cycles_litellm.settings import Settings, SubjectMapping, load_settings
 from cycles_litellm.subject import subject_from_request
 
@@ -104,6 +104,28 @@ def test_token_count_is_litellms(model: str, messages: list[dict[str, object]], 
         assert _count_tokens(model, {"messages": messages, "tools": tools}) == expected
     texts = ["a b c", "héllo " * 300]
     assert _count_tokens(model, {"input": texts}) == sum(litellm.token_counter(model=model, text=t) for t in texts)
+
+
+def test_text_counts_are_remembered_within_bounds() -> None:
+    """A text seen again (system prompt, earlier turns) is not re-tokenized; entries and characters are bounded."""
+    calls: list[str] = []
+
+    def count(text: str) -> int:
+        calls.append(text)
+        return len(text)
+
+    counts = _TextCounts(max_entries=2, max_chars=640)
+    assert [counts.count(1, count, t) for t in ("ab", "ab", "cde", "ab")] == [2, 2, 3, 2]
+    assert calls == ["ab", "cde"]
+    counts.count(1, count, "f")  # a third entry evicts the least recently used ("cde")
+    counts.count(1, count, "cde")
+    assert calls == ["ab", "cde", "f", "cde"]
+    counts.count(2, count, "ab")  # another set-up (model, or the same one a minute later) counts anew
+    assert calls[-1] == "ab"
+    big = "x" * 11  # above max_chars / 64: counted, never kept
+    counts.count(1, count, big)
+    counts.count(1, count, big)
+    assert calls[-2:] == [big, big]
 
 
 def _req(meta: dict[str, object] | None = None, headers: dict[str, str] | None = None) -> dict[str, object]:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 
 from cycles_ledger import Ledger, open_ledger
-from tests.support.redis_server import RedisCluster, RedisServer, redis_available, unique_prefix, wait_ready
+from tests.support.redis_server import RedisCluster, RedisServer, RedisTarget, redis_available, wait_ready
+
+__all__ = ["FakeClock", "RedisTarget", "need_redis"]
 
 
 class FakeClock:
@@ -32,50 +33,45 @@ class FakeClock:
         self.now += ms
 
 
-def _need_redis() -> None:
+def need_redis() -> None:
+    """Skip without redis-server / redis-cli, or fail when `$CI` is set (CI must run the Redis tests)."""
     if not redis_available():
-        message = "redis-server is not installed (apt-get install redis-server; .ci/run does it)"
+        message = "redis-server / redis-cli not installed (apt-get install redis-server; .ci/run does it)"
         if os.environ.get("CI"):
-            pytest.fail(message)
+            pytest.fail(f"{message}; CI must run the Redis tests")
         pytest.skip(message)
 
 
-class RedisTarget:
-    """Where the Redis tests go: `url()` gives a fresh, empty namespace on the session's server."""
-
-    def __init__(self, base: str) -> None:
-        self.base = base.rstrip("/")
-        self.port = urlsplit(base).port
-
-    def url(self, prefix: str | None = None) -> str:
-        sep = "&" if "?" in self.base else "?"
-        return f"{self.base}{sep}prefix={prefix or unique_prefix()}"
+_need_redis = need_redis  # the older name, still imported by tests/integration/test_redis_faults.py
 
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisTarget]:
+    """The session's Redis: `$CYCLES_TEST_REDIS_URL` if set (probed with PING for up to 10 s), else a
+    redis-server started here on a free loopback port. Its `url()` is a fresh namespace per call."""
     given = os.environ.get("CYCLES_TEST_REDIS_URL")
     if given:
-        port = urlsplit(given).port or 6379
-        wait_ready(port)
-        yield RedisTarget(given)
+        try:
+            wait_ready(given, deadline_s=10.0)
+        except RuntimeError as exc:
+            pytest.fail(f"CYCLES_TEST_REDIS_URL={given} does not answer: {exc}")
+        target = RedisTarget(given)
+        try:
+            yield target
+        finally:
+            target.wipe()  # a server we did not start keeps running: leave it as we found it
         return
-    _need_redis()
-    server = RedisServer()
-    try:
+    need_redis()
+    with RedisServer() as server:
         yield RedisTarget(f"redis://127.0.0.1:{server.port}/0")
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")
 def redis_cluster() -> Iterator[RedisCluster]:
-    _need_redis()
-    cluster = RedisCluster()
-    try:
+    """Three Redis Cluster masters on loopback for the session; `url()` is `redis+cluster://…?prefix=<fresh>`."""
+    need_redis()
+    with RedisCluster() as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture
@@ -85,6 +81,7 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
+    """A fresh SQLite file, for tests that are about SQLite itself (files, WAL, the writer thread)."""
     return f"sqlite:///{tmp_path / 'ledger.db'}"
 
 

@@ -1,61 +1,188 @@
 """Real redis-server processes on loopback for tests and benches: one server, or a 3-master cluster.
 
 Each server gets a free port and its own directory; `kill()` is SIGKILL and `restart()` comes back on
-the same port and directory, so an append-only file is replayed as after a crash.
+the same port and directory, so an append-only file is replayed as after a crash. Readiness is polled
+(PING, and `cluster_state:ok` for cluster nodes) against a deadline; nothing sleeps a fixed time.
 """
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
-__all__ = ["RedisCluster", "RedisServer", "free_port", "redis_available"]
+__all__ = [
+    "AppendFsync",
+    "RedisCluster",
+    "RedisServer",
+    "RedisTarget",
+    "free_port",
+    "redis_available",
+    "session_stem",
+    "unique_prefix",
+    "wait_ready",
+    "with_prefix",
+]
+
+AppendFsync = Literal["always", "everysec", "no"]
+
+# Every prefix this process hands out starts with this stem, so a session can wipe what it wrote on a
+# server it did not start (`RedisTarget.wipe`).
+_STEM = "t" + uuid.uuid4().hex[:6]
 
 
 def redis_available() -> bool:
+    """Whether redis-server and redis-cli are on PATH."""
     return shutil.which("redis-server") is not None and shutil.which("redis-cli") is not None
 
 
-def free_port() -> int:
+def _bindable(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_ready(port: int, deadline_s: float = 10.0, cluster: bool = False) -> None:
-    """Poll until the server answers PING (and, for a cluster node, reports cluster_state:ok)."""
-    end = time.monotonic() + deadline_s
-    last: Exception | None = None
-    while time.monotonic() < end:
         try:
-            with redis.Redis(port=port, socket_timeout=1, decode_responses=True) as r:
-                r.ping()
-                if not cluster or r.execute_command("CLUSTER INFO").startswith("cluster_state:ok"):
-                    return
-        except (redis.RedisError, OSError) as exc:
-            last = exc
-        time.sleep(0.02)
-    raise RuntimeError(f"redis-server on port {port} not ready after {deadline_s} s: {last}")
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port(*, cluster_bus: bool = False) -> int:
+    """A loopback port nobody listens on now. `cluster_bus`: also port + 10000 (Redis Cluster's bus), and the
+    port at most 55535 as redis-server demands, taken below Linux's ephemeral range (32768+) so outgoing
+    connections do not grab it meanwhile."""
+    if not cluster_bus:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(12_000, 22_767)
+        if _bindable(port) and _bindable(port + 10_000):
+            return port
+    raise RuntimeError("no free port pair (p, p + 10000) for a Redis Cluster node")
+
+
+def session_stem() -> str:
+    return _STEM
 
 
 def unique_prefix() -> str:
-    return "t" + uuid.uuid4().hex[:12]
+    """A key prefix no other test uses: an empty namespace on a shared server."""
+    return _STEM + uuid.uuid4().hex[:10]
+
+
+def with_prefix(base: str, prefix: str | None = None, **params: object) -> str:
+    """`base` with `prefix=` (fresh unless given) and any other store parameters added to its query."""
+    query = "&".join(f"{k}={v}" for k, v in {"prefix": prefix or unique_prefix(), **params}.items())
+    return f"{base}{'&' if '?' in base else '?'}{query}"
+
+
+def _fail_fast() -> dict[str, Any]:
+    # redis-py retries a refused connection 3 times with back-off (~4 s): tests want the error at once.
+    return {"retry": Retry(NoBackoff(), 0), "socket_connect_timeout": 2}
+
+
+def _client(target: int | str, **kwargs: Any) -> redis.Redis:
+    """A sync client that fails fast (callers poll themselves)."""
+    kwargs = {**_fail_fast(), "socket_timeout": 1, **kwargs}
+    if isinstance(target, int):
+        return redis.Redis(host="127.0.0.1", port=target, **kwargs)
+    # Drop the query: store parameters (prefix, timeout, …) are not redis-py's.
+    parts = urlsplit(target)
+    return redis.Redis.from_url(urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")), **kwargs)
+
+
+def _cluster_state(client: redis.Redis) -> str:
+    info = client.cluster("INFO")  # redis-py parses it into a dict; be lenient about that
+    if isinstance(info, dict):
+        return str(info.get("cluster_state", ""))
+    text = info.decode() if isinstance(info, bytes) else str(info)
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("cluster_state:")), "")
+
+
+def wait_ready(
+    target: int | str,
+    deadline_s: float = 10.0,
+    *,
+    cluster: bool = False,
+    proc: subprocess.Popen[bytes] | None = None,
+) -> None:
+    """Poll a loopback port or a `redis://` URL until PING answers (cluster nodes: and `cluster_state:ok`).
+
+    With `proc`, a server that exits while we wait is reported at once instead of at the deadline.
+    """
+    end = time.monotonic() + deadline_s
+    last = "no answer"
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"redis-server for {target} exited with code {proc.returncode}")
+        try:
+            with _client(target, decode_responses=True) as r:
+                r.ping()
+                if not cluster:
+                    return
+                last = f"cluster_state:{_cluster_state(r)}"
+                if last == "cluster_state:ok":
+                    return
+        except (redis.RedisError, OSError) as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        if time.monotonic() >= end:
+            raise RuntimeError(f"redis at {target} not ready after {deadline_s} s ({last})")
+        time.sleep(0.01)
 
 
 class RedisServer:
-    """One redis-server on 127.0.0.1. `appendfsync="always"` makes every acknowledged write durable."""
+    """One redis-server on 127.0.0.1, started at construction.
 
-    def __init__(self, *, appendonly: bool = False, appendfsync: str = "everysec", extra: list[str] | None = None):
-        self.port = free_port()
+    `appendonly=True` keeps an append-only file in `dir`; with `appendfsync="always"` every acknowledged
+    write is on disk, so it survives `kill()` + `restart()`. `cluster=True` makes it a Redis Cluster node
+    (its bus port, port + 10000, free too); `extra` is passed to redis-server as is.
+    """
+
+    def __init__(
+        self,
+        *,
+        appendonly: bool = False,
+        appendfsync: AppendFsync = "everysec",
+        cluster: bool = False,
+        extra: Sequence[str] = (),
+        deadline_s: float = 10.0,
+    ) -> None:
+        self.cluster = cluster
         self.dir = Path(tempfile.mkdtemp(prefix="cycles-redis-"))
-        self.args = [
+        self.log = self.dir / "redis.log"
+        self.appendonly = appendonly
+        self.appendfsync = appendfsync
+        self.extra = list(extra)
+        self.deadline_s = deadline_s
+        self.proc: subprocess.Popen[bytes] | None = None
+        # free_port() cannot reserve the port: if someone takes it before redis-server binds, take another.
+        for attempt in range(3):
+            self.port = free_port(cluster_bus=cluster)
+            try:
+                self.start()
+                return
+            except RuntimeError:
+                self.kill()
+                if attempt == 2:
+                    shutil.rmtree(self.dir, ignore_errors=True)
+                    raise
+
+    @property
+    def args(self) -> list[str]:
+        return [
             "redis-server",
             "--port",
             str(self.port),
@@ -63,24 +190,45 @@ class RedisServer:
             "127.0.0.1",
             "--dir",
             str(self.dir),
+            "--logfile",
+            str(self.log),
             "--save",
             "",
             "--appendonly",
-            "yes" if appendonly else "no",
+            "yes" if self.appendonly else "no",
             "--appendfsync",
-            appendfsync,
-            *(extra or []),
+            self.appendfsync,
+            *(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"] if self.cluster else []),
+            *self.extra,
         ]
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.start()
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_ready(self.port)
+        """Start the process on this server's port and directory (replaying its AOF, if any) and wait for PING."""
+        if self.proc is not None:
+            raise RuntimeError(f"redis-server on port {self.port} is already running")
+        self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        try:
+            wait_ready(self.port, self.deadline_s, proc=self.proc)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}; log tail:\n{self.log_tail()}") from None
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def url(self, prefix: str | None = None, **params: object) -> str:
-        query = {"prefix": prefix or unique_prefix(), **params}
-        return f"redis://127.0.0.1:{self.port}/0?" + "&".join(f"{k}={v}" for k, v in query.items())
+        """`redis://127.0.0.1:PORT/0?prefix=…` (a fresh prefix unless given) plus any store parameters."""
+        return with_prefix(f"redis://127.0.0.1:{self.port}/0", prefix, **params)
+
+    def client(self, **kwargs: Any) -> redis.Redis:
+        """A sync redis-py client on db 0 that does not retry (`decode_responses=True` unless overridden)."""
+        return redis.Redis(host="127.0.0.1", port=self.port, **{"decode_responses": True, **_fail_fast(), **kwargs})
 
     def kill(self) -> None:
         """SIGKILL: no shutdown save, no goodbye; only what the AOF already holds survives."""
@@ -90,39 +238,104 @@ class RedisServer:
             self.proc = None
 
     def restart(self) -> None:
+        """SIGKILL if running, then start again on the same port and directory."""
         self.kill()
         self.start()
 
     def stop(self) -> None:
+        """Kill the process and delete its directory."""
         self.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
 
+    def __enter__(self) -> RedisServer:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
 
 class RedisCluster:
-    """Three masters with `--cluster-enabled yes`, joined by `redis-cli --cluster create`."""
+    """`masters` redis-servers with `--cluster-enabled yes`, joined by `redis-cli --cluster create`, no replicas.
 
-    def __init__(self, nodes: int = 3) -> None:
-        self.servers = [
-            RedisServer(extra=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]) for _ in range(nodes)
-        ]
-        addrs = [f"127.0.0.1:{s.port}" for s in self.servers]
-        subprocess.run(
-            ["redis-cli", "--cluster", "create", *addrs, "--cluster-replicas", "0", "--cluster-yes"],
-            check=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            timeout=60,
-        )
-        for s in self.servers:
-            wait_ready(s.port, cluster=True)
+    Ready when every node reports `cluster_state:ok`.
+    """
+
+    def __init__(self, masters: int = 3, deadline_s: float = 30.0) -> None:
+        self.servers: list[RedisServer] = []
+        try:
+            for _ in range(masters):
+                self.servers.append(RedisServer(cluster=True))
+            addrs = [f"127.0.0.1:{s.port}" for s in self.servers]
+            created = subprocess.run(
+                ["redis-cli", "--cluster", "create", *addrs, "--cluster-replicas", "0", "--cluster-yes"],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=deadline_s,
+            )
+            if created.returncode != 0:
+                raise RuntimeError(f"redis-cli --cluster create failed:\n{created.stdout}{created.stderr}")
+            end = time.monotonic() + deadline_s
+            for s in self.servers:
+                wait_ready(s.port, max(end - time.monotonic(), 0.1), cluster=True, proc=s.proc)
+        except BaseException:
+            self.stop()
+            raise
 
     @property
     def ports(self) -> list[int]:
         return [s.port for s in self.servers]
 
-    def url(self, prefix: str | None = None) -> str:
-        return f"redis+cluster://127.0.0.1:{self.servers[0].port}?prefix={prefix or unique_prefix()}"
+    def url(self, prefix: str | None = None, **params: object) -> str:
+        """`redis+cluster://127.0.0.1:PORT?prefix=…` (the first node; clients discover the others)."""
+        return with_prefix(f"redis+cluster://127.0.0.1:{self.servers[0].port}", prefix, **params)
+
+    def client(self, **kwargs: Any) -> redis.RedisCluster:
+        """A sync cluster-aware redis-py client (`decode_responses=True` unless overridden)."""
+        return redis.RedisCluster(host="127.0.0.1", port=self.servers[0].port, **{"decode_responses": True, **kwargs})
 
     def stop(self) -> None:
         for s in self.servers:
             s.stop()
+
+    def __enter__(self) -> RedisCluster:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class RedisTarget:
+    """A server the tests share (started here or given by URL): `url()` is a fresh, empty namespace on it."""
+
+    def __init__(self, base: str) -> None:
+        parts = urlsplit(base)
+        # Any `prefix` in the given URL is replaced per test; other store parameters are kept.
+        query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k != "prefix"])
+        self.base = urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/") or "", query, ""))
+        self.port = parts.port or 6379
+
+    def url(self, prefix: str | None = None, **params: object) -> str:
+        return with_prefix(self.base, prefix, **params)
+
+    def client(self, **kwargs: Any) -> redis.Redis:
+        """A sync client for the same host, port, db and password, no retries (`decode_responses=True`)."""
+        return _client(self.base, **{"decode_responses": True, "socket_timeout": None, **kwargs})
+
+    def wipe(self) -> int:
+        """Delete every key this process's prefixes created; returns how many."""
+        deleted = 0
+        with self.client() as r:
+            batch: list[str] = []
+            for key in r.scan_iter(match=f"{_STEM}*", count=1000):
+                batch.append(key)
+                if len(batch) == 500:
+                    deleted += int(r.unlink(*batch))
+                    batch.clear()
+            if batch:
+                deleted += int(r.unlink(*batch))
+        return deleted

@@ -90,9 +90,9 @@ def test_cli_walkthrough(db_url: str, capsys: pytest.CaptureFixture[str]) -> Non
     assert cli(store, "verify") == 0
 
 
-def test_cli_budget_ops_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_budget_ops_and_errors(db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """budget set/fund/freeze change the ledger; bad input exits 2 with the error code and changes nothing."""
-    store = f"sqlite:///{tmp_path / 'c.db'}"
+    store = db_url
     assert cli(store, "budget", "set", "tenant:x", "25usd", "--overdraft", "5usd") == 0
     assert cli(store, "budget", "fund", "tenant:x", "5usd") == 0
     assert cli(store, "budget", "freeze", "tenant:x") == 0
@@ -111,18 +111,18 @@ def test_cli_budget_ops_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture
         assert (b.scope, b.allocated, b.status.value) == ("tenant:x", 30 * 10**8, "FROZEN")
 
 
-def test_cli_store_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without --store the CLI uses CYCLES_STORE."""
-    url = f"sqlite:///{tmp_path / 'env.db'}"
+def test_cli_store_from_environment(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --store the CLI uses CYCLES_STORE, on every store."""
+    url = db_url
     monkeypatch.setenv("CYCLES_STORE", url)
     assert main(["budget", "set", "tenant:e", "1usd"]) == 0
     with open_ledger_sync(url) as led:
         assert led.balance("tenant:e").allocated == 10**8
 
 
-def test_cli_reservations_and_sweep(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_reservations_and_sweep(db_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     """`cycles reservations --status` lists what is held; release and sweep settle it."""
-    store = f"sqlite:///{tmp_path / 'c.db'}"
+    store = db_url
     assert cli(store, "budget", "set", "tenant:r", "5usd") == 0
     assert cli(store, "reserve", "tenant:r", "1usd", "--json") == 0
     assert cli(store, "reserve", "tenant:r", "2usd", "--json", "--ttl-ms", "1000") == 0
@@ -139,13 +139,13 @@ def test_cli_reservations_and_sweep(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "expired 0 reservations" in capsys.readouterr().out
 
 
-def test_cli_events_follow(tmp_path: Path) -> None:
-    """`cycles events --follow` keeps printing events written by another process."""
+def test_cli_events_follow(db_url: str) -> None:
+    """`cycles events --follow` keeps printing events written by another process, on every store."""
     import select
     import subprocess
     import sys
 
-    url = f"sqlite:///{tmp_path / 'f.db'}"
+    url = db_url
     with open_ledger_sync(url) as led:
         led.set_budget("tenant:f", "1usd")
     proc = subprocess.Popen(

@@ -30,7 +30,7 @@ ACTION = {"kind": "llm.completion", "name": "openai:gpt-4o"}
 
 
 def _sync(target: RedisTarget) -> redis.Redis:
-    return redis.Redis(port=target.port, decode_responses=True)
+    return target.client()  # the target's host, port, db and password, not just a port on localhost
 
 
 @pytest.mark.parametrize(

@@ -38,7 +38,7 @@ from cycles_ledger import (
     ReservationFinalizedError,
     open_ledger_sync,
 )
-from tests.support.redis_server import unique_prefix
+from tests.support.redis_server import RedisTarget
 
 UNIT = "USD_MICROCENTS"
 T = "tenant:t"
@@ -244,14 +244,14 @@ def has_reservations(machine: LedgerMachine) -> bool:
 
 
 class LedgerMachine(RuleBasedStateMachine):
-    # A fresh store per example: a new SQLite file, or (when a test sets `redis_base`) a new key prefix.
-    redis_base: str | None = None
+    # A fresh store per example: a new SQLite file, or (when a test sets `redis`) a new key prefix on that server.
+    redis: RedisTarget | None = None
 
     def __init__(self) -> None:
         super().__init__()
         self.dir = tempfile.mkdtemp(prefix="cycles-stateful-")
         self.clock = Clock()
-        url = f"sqlite:///{self.dir}/x.db" if self.redis_base is None else f"{self.redis_base}?prefix={unique_prefix()}"
+        url = f"sqlite:///{self.dir}/x.db" if self.redis is None else self.redis.url()
         self.ledger = open_ledger_sync(url, clock=self.clock, max_extensions=MAX_EXTENSIONS)
         self.model = Model(self.clock)
         self.model.per_tenant = url.startswith("redis")
@@ -681,8 +681,8 @@ def test_ledger_matches_model_under_random_operations(backend: str, request: pyt
     """Random reserve/commit/release/extend/expiry/fund/freeze/event/replay runs keep the ledger equal to the model."""
     machine: type[LedgerMachine] = LedgerMachine
     if backend == "redis":
-        base = request.getfixturevalue("redis_server").base
-        machine = type("RedisLedgerMachine", (LedgerMachine,), {"redis_base": base})
+        target = request.getfixturevalue("redis_server")
+        machine = type("RedisLedgerMachine", (LedgerMachine,), {"redis": target})
     run_state_machine_as_test(
         machine,
         settings=settings(max_examples=60, stateful_step_count=40, deadline=None, report_multiple_bugs=False),

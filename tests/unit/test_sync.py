@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from pathlib import Path
 
 from cycles_ledger import Decision, open_ledger_sync
 
@@ -20,12 +19,11 @@ def test_sync_ledger_plain(db_url: str) -> None:
         assert led.verify() == []
 
 
-def test_sync_ledger_inside_running_loop(tmp_path: Path) -> None:
-    """Called from a coroutine (a loop is running in this thread), the sync twin still answers."""
-    url = f"sqlite:///{tmp_path / 's.db'}"
+def test_sync_ledger_inside_running_loop(db_url: str) -> None:
+    """Called from a coroutine (a loop is running in this thread), the sync twin still answers, on every store."""
 
     async def inside() -> int:
-        with open_ledger_sync(url) as led:
+        with open_ledger_sync(db_url) as led:
             led.set_budget("tenant:t", "3usd")
             return led.balance("tenant:t").allocated
 

@@ -24,7 +24,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
@@ -276,6 +276,8 @@ class RedisStore(Store, SupportsSweep):
         self._closed = False
         self._batch: _Batch | None = None
         self._pipelined = not cluster  # a cluster splits pipelines by node; there each call goes alone
+        self._needs_init = cluster
+        self._init_lock = asyncio.Lock()
 
     @classmethod
     def from_url(cls, url: str, **settings: Any) -> RedisStore:
@@ -327,18 +329,30 @@ class RedisStore(Store, SupportsSweep):
         base = f"{self._prefix}:{{{tag}}}:"
         return [base + "b", base + "r", base + "due", base + "e", base + "fin", base + "ids", base + (idem or "b")]
 
-    async def _redis(self, call: Awaitable[Any]) -> Any:
+    async def _redis(self, call: Coroutine[Any, Any, Any]) -> Any:
         """Await one Redis call; every driver failure is the ledger's "unavailable"."""
-        from redis.exceptions import RedisError
+        from redis.exceptions import RedisClusterException, RedisError
 
-        if self._closed:
-            raise StoreUnavailableError("the Redis store is closed")
         try:
+            if self._closed:
+                raise StoreUnavailableError("the Redis store is closed")
+            if self._needs_init:
+                await self._initialize()
             return await call
-        except RedisError as exc:
+        except (RedisError, RedisClusterException) as exc:
             raise StoreUnavailableError(f"Redis ledger unavailable: {type(exc).__name__}: {exc}") from exc
         except (OSError, TimeoutError) as exc:
             raise StoreUnavailableError(f"Redis ledger unavailable: {exc!r}") from exc
+        finally:
+            call.close()  # a call that never ran (closed store, failed start) must not warn "never awaited"
+
+    async def _initialize(self) -> None:
+        """A cluster client learns the slot map once, before its first command: redis-py's async cluster
+        client fails commands that arrive while its first `initialize()` is still running."""
+        async with self._init_lock:
+            if self._needs_init:
+                await self._client.initialize()
+                self._needs_init = False
 
     async def _evalsha(self, sha: str, args: list[str]) -> Any:
         from redis.exceptions import NoScriptError
@@ -408,9 +422,11 @@ class RedisStore(Store, SupportsSweep):
             raise error_from_code(reply[1], reply[2], json.loads(reply[3]))
         return reply
 
-    async def _register(self, tag: str) -> None:
-        """Remember a tag in the (unslotted) set of tags, so listings and the sweeper can find it."""
-        if tag not in self._known_tops:
+    async def _register(self, tag: str, *, always: bool = False) -> None:
+        """Remember a tag in the (unslotted) set of tags, so listings and the sweeper can find it. Runtime
+        operations do it once per process; budget changes every time, so a server that lost its data
+        learns the tag again when the budget is set again."""
+        if always or tag not in self._known_tops:
             await self._redis(self._client.sadd(self._tops_key, tag))
             self._known_tops.add(tag)
 
@@ -576,7 +592,7 @@ class RedisStore(Store, SupportsSweep):
         _exact(cmd.amount, "amount")
         _exact(cmd.overdraft_limit, "overdraft_limit")
         tag = _tag_of_scope(cmd.scope)
-        await self._register(tag)
+        await self._register(tag, always=True)
         caps = None if cmd.caps is None else _JSON(cmd.caps)
         fields = [cmd.op, cmd.scope, cmd.unit, cmd.amount, cmd.overdraft_limit, caps]
         reply = await self._run("budget", tag, fields)

@@ -19,14 +19,8 @@ pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 
 # redis-py 8.1's asyncio RedisCluster breaks when several commands are sent before its first `initialize()`
-# has finished ("Connection closed by server", or AttributeError "'NoneType' object has no attribute
-# 'writelines'"): the store must initialize its cluster client once, under a lock, before the first command.
-# Every worker here opens a fresh ledger and starts with 25 gathered reservations, so it hits that each time.
-# Strict: once the store initializes first, this passes and the marker must go. (With that fix applied by a
-# monkeypatch in forked workers, the assertions below hold: 40 admitted, books and event log reconcile.)
-@pytest.mark.xfail(
-    strict=True, reason="RedisStore does not initialize its async RedisCluster client before concurrent first calls"
-)
+# has finished; every worker here opens a fresh ledger and starts with 25 gathered reservations, so this is
+# also the regression test for the store initializing its cluster client once, under a lock, first.
 async def test_eight_processes_on_the_cluster_admit_exactly_what_the_budget_pays_for(
     redis_cluster: RedisCluster,
 ) -> None:

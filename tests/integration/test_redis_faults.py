@@ -387,19 +387,7 @@ LEDGER_CALLS: list[tuple[str, Callable[[Ledger], Awaitable[Any]]]] = [
 ]
 
 
-@pytest.mark.parametrize(
-    "scheme",
-    [
-        "redis",
-        pytest.param(
-            "redis+cluster",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="redis-py's RedisClusterException (not a RedisError) escapes RedisStore._redis untranslated",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("scheme", ["redis", "redis+cluster"])
 @pytest.mark.parametrize("listener", ["refused", "silent"])
 async def test_no_server_is_unavailable_at_once(scheme: str, listener: str) -> None:
     """No server (connection refused) or a silent one: every first call is StoreUnavailableError, fast."""
@@ -452,11 +440,6 @@ async def test_scripts_are_reloaded_after_a_restart_without_persistence(
         assert types == ["budget_set"] + ["reserved"] * 5 + ["committed"] * 5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RedisStore caches registered tenants in _known_tops forever: after the server lost {prefix}:tops, "
-    "a tenant set up again is never re-registered, so balances()/verify()/the sweeper skip it",
-)
 async def test_a_tenant_set_up_again_after_data_loss_is_listed(server_factory: Callable[..., RedisServer]) -> None:
     """A tenant whose budget is set again after the server lost its data shows in balances() and the sweep."""
     server = server_factory()

@@ -111,6 +111,10 @@ class Side:
         values = [s.hook_ms for s in self.samples if s.hook_ms is not None]
         return statistics.median(values) if values else None
 
+    def hook_ms_mean(self) -> float | None:
+        values = [s.hook_ms for s in self.samples if s.hook_ms is not None]
+        return statistics.fmean(values) if values else None
+
 
 def percentile(sorted_values: list[float], q: float) -> float:
     """Nearest-rank percentile (q in 0..100) of an already sorted list."""
@@ -297,6 +301,7 @@ def report(sides: list[Side], args: argparse.Namespace, out: Any) -> dict[str, A
             "mean_ms": mean,
             "p99_ms": percentile(lat, 99),
             "hook_ms_p50": side.hook_ms_p50(),
+            "hook_ms_mean": side.hook_ms_mean(),
             "callback_header_p50_ms": side.callback_ms_p50(),
             "statuses": statuses,
         }

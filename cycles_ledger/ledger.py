@@ -66,6 +66,12 @@ ActionLike = Action | Mapping[str, Any]
 AmountLike = Amount | Mapping[str, Any] | str
 
 
+# Canonical JSON (sorted keys, no spaces): the text request fingerprints hash.
+_FINGERPRINT_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str).encode
+_STRICT_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
+_json_str = json.encoder.encode_basestring_ascii
+
+
 def _describe(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
@@ -94,16 +100,17 @@ def _subject(value: SubjectLike) -> Subject:
 # Agents send the same subjects, actions and amounts over and over: validate each shape once.
 # Cached values are shared, so everything below treats them as read-only.
 @functools.lru_cache(maxsize=4096)
-def _subject_cached(items: tuple[tuple[str, Any], ...]) -> tuple[Subject, dict[str, Any], list[str]]:
+def _subject_cached(items: tuple[tuple[str, Any], ...]) -> tuple[Subject, dict[str, Any], list[str], str]:
     subj = _build(Subject, dict(items), "subject")
-    return subj, subj.model_dump(exclude_none=True), subj.scopes()
+    dump = subj.model_dump(exclude_none=True)
+    return subj, dump, subj.scopes(), _STRICT_JSON(dump)
 
 
-def _subject_parts(value: SubjectLike) -> tuple[Subject, dict[str, Any], list[str]]:
-    """The subject, its JSON form and its derived scopes."""
+def _subject_parts(value: SubjectLike) -> tuple[Subject, dict[str, Any], list[str], str | None]:
+    """The subject, its JSON form, its derived scopes and (when cached) its canonical JSON text."""
     if isinstance(value, Subject):
         if value.dimensions is not None:
-            return value, value.model_dump(exclude_none=True), value.scopes()
+            return value, value.model_dump(exclude_none=True), value.scopes(), None
         # Already valid: the cache only saves dumping it and deriving its scopes again.
         return _subject_cached(tuple((lvl, v) for lvl in SCOPE_LEVELS if (v := getattr(value, lvl)) is not None))
     if isinstance(value, Mapping) and "dimensions" not in value:
@@ -112,19 +119,21 @@ def _subject_parts(value: SubjectLike) -> tuple[Subject, dict[str, Any], list[st
         except TypeError:  # unhashable values: validate without the cache (and fail there)
             pass
     subj = _subject(value)
-    return subj, subj.model_dump(exclude_none=True), subj.scopes()
+    return subj, subj.model_dump(exclude_none=True), subj.scopes(), None
 
 
 @functools.lru_cache(maxsize=4096)
-def _action_cached(items: tuple[tuple[str, Any], ...]) -> tuple[Action, dict[str, Any]]:
+def _action_cached(items: tuple[tuple[str, Any], ...]) -> tuple[Action, dict[str, Any], str]:
     act = _build(Action, dict(items), "action")
-    return act, act.model_dump(exclude_none=True)
+    dump = act.model_dump(exclude_none=True)
+    return act, dump, _STRICT_JSON(dump)
 
 
-def _action_parts(value: ActionLike) -> tuple[Action, dict[str, Any]]:
+def _action_parts(value: ActionLike) -> tuple[Action, dict[str, Any], str | None]:
+    """The action, its JSON form and (when cached) its canonical JSON text."""
     if isinstance(value, Action):
         if value.tags is not None:
-            return value, value.model_dump(exclude_none=True)
+            return value, value.model_dump(exclude_none=True), None
         return _action_cached((("kind", value.kind), ("name", value.name)))
     if isinstance(value, Mapping) and not value.get("tags"):
         try:
@@ -132,7 +141,7 @@ def _action_parts(value: ActionLike) -> tuple[Action, dict[str, Any]]:
         except TypeError:
             pass
     act = _build(Action, value, "action")
-    return act, act.model_dump(exclude_none=True)
+    return act, act.model_dump(exclude_none=True), None
 
 
 @functools.lru_cache(maxsize=4096)
@@ -203,10 +212,6 @@ def _json_copy(value: Mapping[str, Any] | None, what: str) -> dict[str, Any] | N
     if isinstance(value, dict):
         return dict(value)
     return _jsonable(value, what)
-
-
-_FINGERPRINT_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str).encode
-_STRICT_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
 
 
 def _fingerprint(payload: dict[str, Any]) -> str:
@@ -317,7 +322,8 @@ class Ledger:
         metadata: Mapping[str, Any] | None,
         soft_landing: SoftLanding | Mapping[str, Any] | None,
     ) -> ReserveCommand:
-        subj_json, act_json, scopes = self._subject_action(subject, action)
+        _, subj_json, scopes, subj_text = _subject_parts(subject)
+        _, act_json, act_text = _action_parts(action)
         est = _amount(estimate, "estimate")
         ttl = _int(self.default_ttl_ms if ttl_ms is None else ttl_ms, "ttl_ms", 1_000, 86_400_000)
         grace = _int(
@@ -327,27 +333,61 @@ class Ledger:
         soft = None if soft_landing is None else _build(SoftLanding, soft_landing, "soft_landing")
         if not isinstance(dry_run, bool):
             raise InvalidRequestError("dry_run must be a bool")
-        payload: dict[str, Any] = {
-            "subject": subj_json,
-            "action": act_json,
-            "estimate": {"unit": est.unit.value, "amount": est.amount},
-            "ttl_ms": ttl,
-            "grace_period_ms": grace,
-            "overage_policy": policy.value,
-            "dry_run": dry_run,
-            "metadata": _json_copy(metadata, "metadata"),
-            "soft_landing": soft.model_dump() if soft else None,
-        }
-        if idempotency_key is not None:
-            payload_hash = _checked_fingerprint(payload, {"metadata": metadata})
-        else:
+        meta = _json_copy(metadata, "metadata")
+        soft_json = soft.model_dump() if soft else None
+        if idempotency_key is None:
             payload_hash = ""  # a key minted here can never be replayed
             _jsonable(metadata, "metadata")
+        else:
+            try:
+                # The canonical JSON `_fingerprint` would hash, put together from its parts (the subject's
+                # and the action's are cached); encoding `meta` also proves it serialisable.
+                meta_text = "null" if meta is None else _STRICT_JSON(meta)
+                raw = "".join(
+                    (
+                        '{"action":',
+                        act_text or _STRICT_JSON(act_json),
+                        ',"dry_run":',
+                        "true" if dry_run else "false",
+                        ',"estimate":{"amount":',
+                        int.__repr__(est.amount),
+                        ',"unit":',
+                        _json_str(est.unit.value),
+                        '},"grace_period_ms":',
+                        int.__repr__(grace),
+                        ',"metadata":',
+                        meta_text,
+                        ',"overage_policy":',
+                        _json_str(policy.value),
+                        ',"soft_landing":',
+                        "null" if soft_json is None else _STRICT_JSON(soft_json),
+                        ',"subject":',
+                        subj_text or _STRICT_JSON(subj_json),
+                        ',"ttl_ms":',
+                        int.__repr__(ttl),
+                        "}",
+                    )
+                )
+                payload_hash = hashlib.sha256(raw.encode()).hexdigest()
+            except (TypeError, ValueError):
+                _jsonable(metadata, "metadata")  # the caller's error, as it always was
+                payload = {
+                    "subject": subj_json,
+                    "action": act_json,
+                    "estimate": {"unit": est.unit.value, "amount": est.amount},
+                    "ttl_ms": ttl,
+                    "grace_period_ms": grace,
+                    "overage_policy": policy.value,
+                    "dry_run": dry_run,
+                    "metadata": meta,
+                    "soft_landing": soft_json,
+                }
+                payload_hash = _fingerprint(payload)
         return ReserveCommand(
             idempotency_key=_key(idempotency_key),
             payload_hash=payload_hash,
-            subject=payload["subject"],
-            action=payload["action"],
+            subject=subj_json,
+            action=act_json,
             scopes=scopes,
             unit=est.unit.value,
             estimate=est.amount,
@@ -356,14 +396,14 @@ class Ledger:
             overage_policy=policy.value,
             dry_run=dry_run,
             allow_unbudgeted=self.allow_unbudgeted,
-            metadata=payload["metadata"],
-            soft_landing=payload["soft_landing"],
+            metadata=meta,
+            soft_landing=soft_json,
         )
 
     @staticmethod
     def _subject_action(subject: SubjectLike, action: ActionLike) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
-        _, subj_json, scopes = _subject_parts(subject)
-        _, act_json = _action_parts(action)
+        _, subj_json, scopes, _ = _subject_parts(subject)
+        _, act_json, _ = _action_parts(action)
         return subj_json, act_json, scopes
 
     def _policy(self, value: OveragePolicy | str | None) -> OveragePolicy:

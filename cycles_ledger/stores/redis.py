@@ -57,6 +57,7 @@ assert set(_UNITS) == {u.value for u in Unit}, "redis.lua's unit list is out of 
 _OPS = ("reserve", "decide", "commit", "release", "extend", "event", "budget", "sweep")
 _JSON = json.JSONEncoder(separators=(",", ":")).encode
 _SEP = "\x1f"  # joins the reply fields kept for idempotent replays
+_CLUSTER_IN_FLIGHT = 64  # below redis-py's 100 connections per cluster node
 Clock = Callable[[], int]
 
 
@@ -278,6 +279,9 @@ class RedisStore(Store, SupportsSweep):
         self._pipelined = not cluster  # a cluster splits pipelines by node; there each call goes alone
         self._needs_init = cluster
         self._init_lock = asyncio.Lock()
+        # Cluster calls are not pipelined and each holds a connection; redis-py allows 100 per node and
+        # fails the 101st, so calls in flight are capped below that and the rest queue here.
+        self._gate = asyncio.Semaphore(_CLUSTER_IN_FLIGHT) if cluster else None
 
     @classmethod
     def from_url(cls, url: str, **settings: Any) -> RedisStore:
@@ -338,7 +342,10 @@ class RedisStore(Store, SupportsSweep):
                 raise StoreUnavailableError("the Redis store is closed")
             if self._needs_init:
                 await self._initialize()
-            return await call
+            if self._gate is None:
+                return await call
+            async with self._gate:  # wait for a connection rather than fail past the pool's limit
+                return await call
         except (RedisError, RedisClusterException) as exc:
             raise StoreUnavailableError(f"Redis ledger unavailable: {type(exc).__name__}: {exc}") from exc
         except (OSError, TimeoutError) as exc:

@@ -264,11 +264,6 @@ async def test_concurrent_reservations_on_two_tenants_never_overspend(redis_clus
             assert len(await admin.list_reservations(scope=f"tenant:{t}", limit=1000)) == len(charged)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the cluster client keeps redis-py's default max_connections=100 per node and does not pipeline: "
-    "the 101st concurrent call to one node raises MaxConnectionsError, i.e. 'ledger unavailable'",
-)
 async def test_more_than_a_hundred_concurrent_calls_on_one_node_are_served(redis_cluster: RedisCluster) -> None:
     """150 concurrent reserves on one tenant through one warm cluster ledger all succeed (as on one server)."""
     [tenant] = _tenants_one_per_node(redis_cluster)[:1]

@@ -241,6 +241,26 @@ class _Batch:
         self.done: asyncio.Task[list[Any]] | None = None
 
 
+def _connection_class(scheme: str) -> Any:
+    """redis-py's asyncio connections pack commands in Python; with hiredis installed (the `redis` extra
+    brings it) they pack in C, as redis-py's sync connections already do: ~8 µs less per call."""
+    from redis.asyncio.connection import Connection, SSLConnection
+
+    base = SSLConnection if scheme == "rediss" else Connection
+    try:
+        import hiredis
+    except ImportError:  # pragma: no cover - hiredis comes with the extra
+        return base
+
+    class HiredisPacking(base):  # type: ignore[valid-type,misc]
+        def pack_command(self, *args: Any) -> list[bytes]:
+            if isinstance(args[0], str) and " " in args[0]:  # "SCRIPT LOAD" goes as two words, as redis-py does
+                args = (*args[0].split(), *args[1:])
+            return [hiredis.pack_command(args)]
+
+    return HiredisPacking
+
+
 class RedisStore(Store, SupportsSweep):
     """`redis://[:password@]host:6379/0`, `rediss://…` (TLS) or `redis+cluster://host:7000` (Redis Cluster).
 
@@ -322,7 +342,10 @@ class RedisStore(Store, SupportsSweep):
         }
         client: Any
         try:
-            client = RedisCluster.from_url(base, **common) if cluster else aioredis.from_url(base, **common)
+            if cluster:
+                client = RedisCluster.from_url(base, **common)
+            else:
+                client = aioredis.from_url(base, connection_class=_connection_class(scheme), **common)
         except ValueError as exc:
             raise ConfigError(f"bad Redis URL {url!r}: {exc}") from exc
         return cls(client, cluster=cluster, **settings)

@@ -183,11 +183,11 @@ def format_amount(n: int, unit: Unit | str) -> str:
 # --- subjects and scopes -------------------------------------------------------------------------
 
 SCOPE_LEVELS: tuple[str, ...] = ("tenant", "workspace", "app", "workflow", "agent", "toolset")
-_VALUE_RE = re.compile(r"^[a-zA-Z0-9_.-]{1,128}$")
+_VALUE_RE = re.compile(r"[a-zA-Z0-9_.-]{1,128}")  # used with fullmatch: "$" would let "acme\n" in
 
 
 def check_scope_value(level: str, value: str) -> str:
-    if not isinstance(value, str) or not _VALUE_RE.match(value):
+    if not isinstance(value, str) or not _VALUE_RE.fullmatch(value):
         raise InvalidRequestError(
             f"{level} {value!r} is not a valid scope value: use 1-128 characters from [a-zA-Z0-9_.-]",
             field=level,

@@ -129,7 +129,8 @@ def evaluate_reserve(budgets: list[BudgetState], estimate: int, soft_landing: So
         amount = tight.remaining
         caps = dict(caps or {})
         if soft_landing.amount_per_million_tokens:
-            tokens = (amount - soft_landing.fixed_amount) * 1_000_000 // soft_landing.amount_per_million_tokens
+            # What is left after the fixed part pays for this many tokens; none if it does not even cover that.
+            tokens = max(0, (amount - soft_landing.fixed_amount) * 1_000_000 // soft_landing.amount_per_million_tokens)
             caps["max_tokens"] = min(tokens, caps.get("max_tokens", tokens))
         return Evaluation(
             Decision.ALLOW_WITH_CAPS, amount=amount, scope=tight.scope, remaining=tight.remaining, caps=caps

@@ -333,7 +333,7 @@ local function evaluate(budgets, estimate, soft)
   if soft and left >= math.max(soft[1], 1) then
     caps = caps or {}
     if soft[3] then
-      local tokens = per_million(left - soft[2], soft[3])
+      local tokens = math.max(0, per_million(left - soft[2], soft[3]))
       if caps.max_tokens == nil or tokens < caps.max_tokens then caps.max_tokens = tokens end
     end
     return {decision = 'ALLOW_WITH_CAPS', amount = left, scope = tight.scope, remaining = left, caps = caps}

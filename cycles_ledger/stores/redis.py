@@ -1,7 +1,7 @@
 """Distributed store: Redis or Redis Cluster, for many proxy replicas and agents on many hosts.
 
-Each protocol operation is ONE Lua script (`redis.lua`, loaded once and called by SHA; redis-py
-reloads it on NOSCRIPT) that applies the rules of `cycles_ledger.rules` atomically on the server's
+Each protocol operation is ONE Lua script (`redis.lua`, loaded once and called by SHA; loaded again
+when a server answers NOSCRIPT) that applies the rules of `cycles_ledger.rules` atomically on the server's
 clock (`TIME`). All keys of one top-level scope (usually the tenant) share a hash tag, e.g.
 `cycles:{tenant:acme}:b`, so every script touches one slot and runs unchanged on Redis Cluster.
 A reservation id carries its hash tag (`rsv_…@tenant:acme`), so commit, release and extend find
@@ -285,6 +285,11 @@ class RedisStore(Store, SupportsSweep):
     ) -> None:
         if not prefix or "{" in prefix or "}" in prefix:
             raise ConfigError(f"Redis key prefix {prefix!r} must be non-empty and free of braces")
+        if retention_ms < 1 or event_retention < 1 or sweep_per_call < 0:
+            raise ConfigError(
+                f"Redis store needs retention_ms >= 1, event_retention >= 1 and sweep_per_call >= 0; got "
+                f"{retention_ms}, {event_retention}, {sweep_per_call}"
+            )
         self._client = client
         self._prefix = prefix
         self._clock = clock  # tests only: replaces Redis TIME so a test can move time by hand
@@ -445,6 +450,12 @@ class RedisStore(Store, SupportsSweep):
     ) -> list[Any]:
         """Run one operation's script. `key` (the idempotency key) and `text` travel as they are; the other
         fields are joined by \\x1f, which none of them can contain (ids are checked, JSON escapes it)."""
+        for value, what in ((key, "idempotency key"), (text, "text")):
+            if not value.isascii():
+                try:
+                    value.encode()
+                except UnicodeEncodeError as exc:  # caught here, it cannot sink the calls batched with it
+                    raise InvalidRequestError(f"{what} {value!r} is not valid Unicode text") from exc
         now = "" if self._clock is None else str(self._clock())
         joined = _SEP.join("" if f is None else str(f) for f in fields)
         reply: list[Any] = await self._call(op, [*self._keys(tag, idem), now, self._config, key, joined, text])
@@ -473,6 +484,8 @@ class RedisStore(Store, SupportsSweep):
         soft = cmd.soft_landing or {}
         for name in ("min_amount", "fixed_amount", "amount_per_million_tokens"):
             _exact(soft.get(name), f"soft_landing.{name}")
+        if soft.get("amount_per_million_tokens") is not None:  # the script's exact division needs 10x headroom
+            _exact(soft["amount_per_million_tokens"] * 10, "soft_landing.amount_per_million_tokens x 10")
         return [
             cmd.payload_hash,
             rid,
@@ -621,6 +634,9 @@ class RedisStore(Store, SupportsSweep):
     async def change_budget(self, cmd: BudgetCommand) -> dict[str, Any]:
         _exact(cmd.amount, "amount")
         _exact(cmd.overdraft_limit, "overdraft_limit")
+        for name, value in (cmd.caps or {}).items():
+            if isinstance(value, int):
+                _exact(value, f"caps.{name}")
         tag = _tag_of_scope(cmd.scope)
         await self._register(tag, always=True)
         caps = None if cmd.caps is None else _JSON(cmd.caps)
@@ -753,7 +769,10 @@ class RedisStore(Store, SupportsSweep):
             if complete:
                 async for _sid, fields in self._stream(keys[3]):
                     if fields["type"] == "committed":
-                        scopes: Iterable[str] = scopes_of.get(fields.get("rid", ""), [])
+                        if fields.get("rid", "") not in scopes_of:  # pruned after its retention
+                            complete = False
+                            break
+                        scopes: Iterable[str] = scopes_of[fields.get("rid", "")]
                     elif fields["type"] == "debited":
                         scopes = json.loads(fields["data"])["scopes"]
                     else:
@@ -789,7 +808,8 @@ class RedisStore(Store, SupportsSweep):
             if "no such key" in str(exc).lower():
                 return True
             raise
-        return int(info.get("entries-added", info["length"])) == int(info["length"])
+        added = info.get("entries-added")  # Redis >= 7; without it, a trimmed stream cannot be told apart
+        return added is not None and int(added) == int(info["length"])
 
     async def _stream(self, key: str) -> AsyncIterator[tuple[str, dict[str, str]]]:
         start = "-"

@@ -546,3 +546,23 @@ def test_open_ledger_rejects_unknown_settings(db_url: str) -> None:
 
     with pytest.raises(ConfigError, match="colour"):
         open_ledger(db_url, colour="blue")
+
+
+async def test_scope_values_with_a_trailing_newline_are_refused(two_level: Ledger) -> None:
+    with pytest.raises(InvalidRequestError):
+        await two_level.reserve({"tenant": "acme\n"}, {"kind": "k", "name": "n"}, "0.01usd")
+    with pytest.raises(InvalidRequestError):
+        await two_level.set_budget("tenant:acme\n", "1usd")
+
+
+async def test_soft_landing_never_caps_below_zero_tokens(ledger: Ledger) -> None:
+    """A fixed part bigger than what is left pays for no output tokens: max_tokens 0, never negative."""
+    await ledger.set_budget("tenant:s", "1usd")
+    got = await ledger.reserve(
+        {"tenant": "s"},
+        {"kind": "llm.completion", "name": "m"},
+        "5usd",
+        soft_landing={"min_amount": 1, "fixed_amount": 200_000_000, "amount_per_million_tokens": 1_000_000_000},
+    )
+    assert got.decision.value == "ALLOW_WITH_CAPS"
+    assert got.caps is not None and got.caps.max_tokens == 0

@@ -219,3 +219,41 @@ async def test_sweepers_on_many_replicas_release_each_hold_once(redis_server: Re
     finally:
         for led in ledgers:
             await led.aclose()
+
+
+async def test_review_edge_cases_are_refused_before_anything_is_written(redis_server: RedisTarget) -> None:
+    """Caps past 2^53, a division without headroom, and text that is not Unicode are typed errors, and text
+    that is not Unicode does not take the calls batched with it down."""
+    async with open_ledger(redis_server.url()) as led:
+        with pytest.raises(InvalidRequestError, match=r"caps\.max_tokens"):
+            await led.set_budget("tenant:a", "1usd", caps={"max_tokens": 2**53})
+        await led.set_budget("tenant:a", "1usd")
+        with pytest.raises(InvalidRequestError, match="amount_per_million_tokens"):
+            await led.reserve(
+                {"tenant": "a"}, ACTION, "2usd", soft_landing={"min_amount": 1, "amount_per_million_tokens": 2**52}
+            )
+        good = [await led.reserve({"tenant": "a"}, ACTION, "0.1usd") for _ in range(2)]
+        bad = led.release(good[0].reservation_id or "", reason="bad\ud800")
+        ok = led.release(good[1].reservation_id or "", reason="fine")
+        results = await asyncio.gather(bad, ok, return_exceptions=True)
+        assert isinstance(results[0], InvalidRequestError)
+        assert not isinstance(results[1], BaseException) and results[1].released.amount == 10_000_000
+        assert (await led.balance("tenant:a")).reserved == 10_000_000  # only the good release happened
+
+
+@pytest.mark.parametrize("param", ["retention_ms=0", "event_retention=0", "sweep_per_call=-1"])
+def test_retention_settings_must_be_positive(redis_server: RedisTarget, param: str) -> None:
+    with pytest.raises(ConfigError, match="retention_ms >= 1"):
+        store_from_url(redis_server.url() + "&" + param)
+
+
+async def test_verify_after_pruning_does_not_cry_wolf(redis_server: RedisTarget) -> None:
+    clock = FakeClock()
+    async with open_ledger(redis_server.url(), clock=clock, retention_ms=1_000) as led:
+        await led.set_budget("tenant:a", "1usd")
+        r = await led.reserve({"tenant": "a"}, ACTION, "0.1usd")
+        await led.commit(r.reservation_id or "", "0.07usd")
+        clock.advance(5_000)
+        await led.sweep()
+        assert await led.verify() == []
+        assert (await led.balance("tenant:a")).spent == 7_000_000

@@ -180,7 +180,7 @@ async def run_interleaved(
     sides: list[Side], body: dict[str, Any], n: int, concurrency: int, block: int, record: bool = True
 ) -> None:
     """n requests per side, in blocks, the order of the sides reversed every round (ABBA...); with more
-    than two sides, shuffled every round."""
+    than two sides, shuffled every round, each side's blocks in pairs."""
     clients = {
         side.label: httpx.AsyncClient(
             base_url=side.proxy.url,
@@ -200,12 +200,17 @@ async def run_interleaved(
             size = min(block, n - done)
             if len(sides) <= 2:
                 order = sides if rnd % 2 == 0 else list(reversed(sides))
-            else:  # ABC CBA would give A and C back-to-back repeats B never gets: shuffle instead
-                order = shuffle.sample(sides, len(sides))
+                done += size
+            else:
+                # ABC CBA would give A and C back-to-back repeats B never gets. Shuffle instead, each side's
+                # blocks in pairs: as in ABBA, half of each side's blocks follow one of its own (where a
+                # proxy's work left over from its last answer meets its next request).
+                reps = 2 if n - done >= 2 * size else 1
+                order = [side for side in shuffle.sample(sides, len(sides)) for _ in range(reps)]
+                done += reps * size
             for side in order:
                 target = side if record else scratch[side.label]
                 await run_block(target, clients[side.label], body, size, concurrency)
-            done += size
             rnd += 1
     finally:
         for client in clients.values():

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import contextlib
 import functools
 import logging
-import threading
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,24 +93,6 @@ def _action(kind: str, name: str) -> Action:
     return Action(kind=kind, name=name)  # frozen: one instance per (kind, model) serves every request
 
 
-def _is_sqlite_file(url: str) -> bool:
-    return url.startswith("sqlite:///") and not url.endswith(":memory:")
-
-
-def _log_failure(future: concurrent.futures.Future[Any]) -> None:
-    """A settle that crashed is logged (a task on the proxy's loop would say so when collected)."""
-    if not future.cancelled() and (exc := future.exception()) is not None:
-        log.error("cycles: settle failed: %r", exc, exc_info=exc)
-
-
-class _Settler:
-    """A private event loop on a daemon thread (as SyncLedger has) for the settles."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, name="cycles-settle", daemon=True).start()
-
-
 def _router() -> Any:
     try:
         from litellm.proxy.proxy_server import llm_router
@@ -128,14 +108,11 @@ class CyclesCallback(CustomLogger):
         super().__init__()
         self.settings = settings or load_settings()
         self._ledger = ledger
-        self._owns_ledger = ledger is None
         self._ledger_lock = asyncio.Lock()
-        self._settler: _Settler | None = None
         self._pending: dict[str, _Pending] = {}
         self._headers: collections.OrderedDict[str, dict[str, str]] = collections.OrderedDict()
         self.counters: collections.Counter[str] = collections.Counter()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._settles: set[concurrent.futures.Future[Any]] = set()
 
     async def ledger(self) -> Ledger:
         if self._ledger is None:
@@ -150,21 +127,6 @@ class CyclesCallback(CustomLogger):
                     led.start_sweeper(5.0)
                     self._ledger = led
         return self._ledger
-
-    def _settle_loop(self) -> asyncio.AbstractEventLoop | None:
-        """Where settles (commit, release, shadow debits) run: for a SQLite file we opened, a private
-        loop on a daemon thread; else None, the proxy's own loop.
-
-        The SQLite store runs a lone operation inline on its caller's thread. On the proxy's loop a
-        commit would hold the loop after the answer, in the way of the next request (+0.2 ms mean
-        latency, measured); a second store would keep it off the loop but make the next reserve
-        re-read its pages. So settles use the same store from their own thread: the reserve keeps the
-        fast inline path, and a settle's SQLite work never runs on the proxy's loop."""
-        if self._settler is None:
-            if not (self._owns_ledger and _is_sqlite_file(self.settings.store_url())):
-                return None
-            self._settler = _Settler()
-        return self._settler.loop
 
     # --- before routing ----------------------------------------------------------------------
 
@@ -239,25 +201,10 @@ class CyclesCallback(CustomLogger):
         self._pending[call_id] = _Pending(call_id, r.reservation_id, subject, action, est, group, shadow)
         return data
 
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        """Run a settle in the background, where settles run (see `_settle_loop`)."""
-        loop = self._settle_loop()
-        if loop is not None:
-            future = asyncio.run_coroutine_threadsafe(coro, loop)
-            self._settles.add(future)
-            future.add_done_callback(self._settles.discard)
-            future.add_done_callback(_log_failure)
-            return
+    def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)  # keep a reference until done, or the task may be collected mid-flight
         task.add_done_callback(self._tasks.discard)
-
-    async def _settled(self, coro: Coroutine[Any, Any, Any]) -> Any:
-        """Run a settle where settles run and wait for it."""
-        loop = self._settle_loop()
-        if loop is None:
-            return await coro
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
 
     def _unavailable(self, call_id: str, data: dict[str, Any], exc: Exception) -> dict[str, Any]:
         self.counters["ledger_unavailable"] += 1
@@ -315,7 +262,7 @@ class CyclesCallback(CustomLogger):
         """The whole request failed (after retries and fallbacks): give the hold back now."""
         pending = self._pending.pop(str(request_data.get("litellm_call_id")), None)
         if pending is not None:
-            await self._settled(self._release(pending, f"call failed: {type(original_exception).__name__}"))
+            await self._release(pending, f"call failed: {type(original_exception).__name__}")
 
     async def async_log_failure_event(
         self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
@@ -330,7 +277,7 @@ class CyclesCallback(CustomLogger):
     async def _release_if_pending(self, call_id: str) -> None:
         pending = self._pending.pop(call_id, None)
         if pending is not None:
-            await self._settled(self._release(pending, "call failed"))
+            await self._release(pending, "call failed")
 
     async def async_post_call_streaming_iterator_hook(
         self, user_api_key_dict: Any, response: Any, request_data: dict[str, Any]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -96,30 +95,3 @@ async def test_unavailable_store_policy(tmp_path: Path, mode: str) -> None:
         data = await cb.async_pre_call_hook(None, None, request("call-3"), "acompletion")
         assert data["max_tokens"] == 20
         assert cb.counters["fail_open"] == 1
-
-
-async def test_settles_run_off_the_proxys_event_loop(tmp_path: Path) -> None:
-    """With a SQLite file the settles run on the callback's own thread, not on the proxy's loop (where the
-    store would run a lone commit inline, in the way of the next request); the spend still lands."""
-    url = f"sqlite:///{tmp_path / 'h.db'}"
-    with open_ledger_sync(url) as led:
-        led.set_budget("tenant:h", "1usd")
-    cb = CyclesCallback(Settings(store=url))
-    await cb.async_pre_call_hook(None, None, request("call-5"), "acompletion")
-    ledger = await cb.ledger()
-    threads: list[int] = []
-    commit = ledger.store.commit
-
-    async def watched(cmd: Any) -> dict[str, Any]:
-        threads.append(threading.get_ident())
-        return await commit(cmd)
-
-    ledger.store.commit = watched  # type: ignore[method-assign]
-    await cb.async_log_success_event({"litellm_call_id": "call-5", "response_cost": 0.00001}, None, None, None)
-    for _ in range(100):
-        if (await ledger.balance("tenant:h")).reserved == 0:
-            break
-        await asyncio.sleep(0.02)
-    assert (await ledger.balance("tenant:h")).spent == 1_000
-    assert threads and threads[0] != threading.get_ident()
-    await ledger.aclose()

@@ -213,6 +213,14 @@ local function joined(reply, from, to)
   return concat(parts, SEP)
 end
 
+-- The replay of a stored answer whose last field lists its budgeted scopes, with today's balances.
+local function replayed(prior, unit)
+  local budgeted = string.match(prior, '([^\31]*)$')
+  local list = {}
+  if budgeted ~= '' then list = split(budgeted, ',') end
+  return push_balances({'replay', prior, I(NOW)}, load_budgets(list, unit))
+end
+
 local function remember(hash, answer)
   redis.call('SET', KI, hash .. '\n' .. answer, 'PX', RETAIN)
 end
@@ -498,12 +506,7 @@ OPS.reserve = function(decide_only)
     if hash ~= '' then
       local prior, bad = replay('reserve', key, hash)
       if bad then return bad end
-      if prior then
-        local budgeted = string.match(prior, '([^\31]*)$')
-        local list = {}
-        if budgeted ~= '' then list = split(budgeted, ',') end
-        return push_balances({'replay', prior, I(NOW)}, load_budgets(list, unit))
-      end
+      if prior then return replayed(prior, unit) end
     end
   end
 
@@ -669,12 +672,7 @@ OPS.event = function()
   expire_due(SWEEP)
   local prior, bad = replay('event', key, hash)
   if bad then return bad end
-  if prior then
-    local budgeted = string.match(prior, '([^\31]*)$')
-    local list = {}
-    if budgeted ~= '' then list = split(budgeted, ',') end
-    return push_balances({'replay', prior, I(NOW)}, load_budgets(list, unit))
-  end
+  if prior then return replayed(prior, unit) end
   local all = load_budgets(scopes, nil)
   local budgets = in_unit(all, unit)
   if #all == 0 and not allow_unbudgeted then

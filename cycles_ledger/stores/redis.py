@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import itertools
 import json
-import os
 import re
-import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from importlib import resources
@@ -38,6 +35,7 @@ from ..errors import (
     error_from_code,
 )
 from ..models import Unit, parse_scope
+from ._ids import reservation_id
 from .base import (
     BudgetCommand,
     CommitCommand,
@@ -81,22 +79,9 @@ def _scripts() -> dict[str, str]:
     return out
 
 
-_ID_PREFIX = secrets.token_hex(4)
-_ID_COUNTER = itertools.count()
-
-
-def _reseed_ids() -> None:
-    global _ID_PREFIX, _ID_COUNTER
-    _ID_PREFIX = secrets.token_hex(4)
-    _ID_COUNTER = itertools.count()
-
-
-os.register_at_fork(after_in_child=_reseed_ids)
-
-
 def _new_rid(tag: str) -> str:
-    """Time-ordered, unique across processes, and naming its hash tag after the `@`."""
-    return f"rsv_{time.time_ns() // 1_000_000:012x}{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFF:06x}@{tag}"
+    """A reservation id naming its hash tag after the `@`, so commit/release/extend find the slot."""
+    return f"{reservation_id(time.time_ns() // 1_000_000)}@{tag}"
 
 
 def _event_id(stream_id: str | bytes) -> int:

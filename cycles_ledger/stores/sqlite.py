@@ -15,12 +15,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import itertools
 import json
 import os
 import queue
 import random
-import secrets
 import sqlite3
 import threading
 import time
@@ -42,6 +40,7 @@ from ..errors import (
     UnitMismatchError,
 )
 from ..models import Decision, OveragePolicy, SoftLanding
+from ._ids import reservation_id
 from .base import (
     BudgetCommand,
     CommitCommand,
@@ -482,23 +481,7 @@ class SqliteStore(Store, SupportsSweep):
 # --- helpers run on the writer thread, inside the transaction ---------------------------------------
 
 
-_ID_PREFIX = secrets.token_hex(4)
-_ID_COUNTER = itertools.count()
-
-
-def _reseed_ids() -> None:
-    """A forked child draws its own id prefix, or two processes could mint the same id in one ms."""
-    global _ID_PREFIX, _ID_COUNTER
-    _ID_PREFIX = secrets.token_hex(4)
-    _ID_COUNTER = itertools.count()
-
-
-os.register_at_fork(after_in_child=_reseed_ids)
-
-
-def _new_id(now: int) -> str:
-    """Time-ordered and unique across processes: inserts land on the B-tree's last page."""
-    return f"rsv_{now:012x}{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFF:06x}"
+_new_id = reservation_id  # time-ordered: inserts land on the B-tree's last page
 
 
 def _load_budgets(conn: sqlite3.Connection, scopes: list[str], unit: str | None = None) -> list[rules.BudgetState]:

@@ -1,4 +1,7 @@
 -- Cycles ledger on Redis: one script per protocol operation, applying the rules of cycles_ledger/rules.py.
+-- One call of a script runs a batch of operations of its kind, in order, each as if it were alone; the
+-- client sends the calls of one loop tick that share a tenant and an operation this way (one EVALSHA
+-- instead of one each, and the shared setup below runs once per batch).
 --
 -- Every script works on the keys of ONE top-level scope (its hash tag), all passed in KEYS:
 --   KEYS[1] budgets hash       "<scope>|<unit>" -> "allocated spent reserved debt overdraft over(0|1) STATUS [caps JSON]"
@@ -11,19 +14,22 @@
 --   KEYS[4] events stream      one entry per event, trimmed to about the configured length
 --   KEYS[5] finalized zset     rid scored by finalization time (pruned after the retention)
 --   KEYS[6] ids zset           every rid scored by creation time (for listing)
---   KEYS[7] idempotency key    "<payload hash>\n<answer>" with a TTL (reserve, extend, event)
+--   KEYS[7…] idempotency keys  "<payload hash>\n<answer>" with a TTL (reserve, extend, event)
 -- ARGV: [1] now in ms, or "" for Redis TIME; [2] "<overdue holds to expire first>\31<event stream length>\31
---       <retention of idempotency records and finalized reservations, ms>"; [3] the idempotency key (any text);
---       [4] the operation's fields joined by \31 (JSON in them escapes control characters); [5] free text
---       (a release reason). Few arguments keep the client's command packing cheap.
+--       <retention of idempotency records and finalized reservations, ms>"; then four per operation:
+--       the index in KEYS of its idempotency key (1 when it has none), the idempotency key (any text), the
+--       operation's fields joined by \31 (JSON in them escapes control characters), free text (a release
+--       reason). Few arguments keep the client's command packing cheap.
 --
--- Replies are flat arrays the client turns into the same dicts the SQLite store returns; answers kept
--- for replay are those arrays joined by \31. Lua numbers are doubles: the client refuses amounts above
--- 2^53 - 1 and integers are printed with %d. A script never raises after its first write: a refusal
--- is the reply {"err", CODE, message, details JSON}, so the writes made on purpose (expiring overdue
--- holds) stay and nothing else was written.
+-- The reply is one entry per operation, in order. Each is a flat array the client turns into the same
+-- dict the SQLite store returns; answers kept for replay are those arrays joined by \31. Lua numbers
+-- are doubles: the client refuses amounts above 2^53 - 1 and integers are printed with %d. An operation
+-- never raises after its first write: a refusal is the entry {"err", CODE, message, details JSON}, so
+-- the writes made on purpose (expiring overdue holds) stay and nothing else was written. A Lua error
+-- (a bug) is caught per operation and comes back as {"raise", message}, for that operation's caller only.
 
-local KB, KR, KDUE, KE, KFIN, KIDS, KI = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local KB, KR, KDUE, KE, KFIN, KIDS = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local KI, KEY, F, TEXT -- the current operation's idempotency key name, key, fields and text (set by run_batch)
 local NOW
 if ARGV[1] ~= '' then
   NOW = tonumber(ARGV[1])
@@ -63,7 +69,6 @@ end
 
 local CFG = split(ARGV[2], SEP)
 local SWEEP, MAXLEN, RETAIN = tonumber(CFG[1]), CFG[2], tonumber(CFG[3])
-local KEY, F = ARGV[3], split(ARGV[4], SEP)
 
 -- --- budgets --------------------------------------------------------------------------------------
 local function rem(b) return b.a - b.s - b.r - b.d end
@@ -173,9 +178,10 @@ local function expire_rec(rec)
   emit('expired', rec.sp, rec.u, rec.e, rec.id)
 end
 
--- Expire up to `limit` ACTIVE reservations whose deadline has passed; returns how many.
+-- Expire up to `limit` ACTIVE reservations whose deadline has passed; returns how many, and whether
+-- that was every overdue one.
 local function expire_due(limit)
-  if limit <= 0 then return 0 end
+  if limit <= 0 then return 0, false end
   local due = redis.call('ZRANGEBYSCORE', KDUE, '-inf', '(' .. I(NOW), 'LIMIT', 0, limit)
   local n = 0
   for _, rid in ipairs(due) do
@@ -187,7 +193,16 @@ local function expire_due(limit)
       redis.call('ZREM', KDUE, rid)
     end
   end
-  return n
+  return n, #due < limit
+end
+
+-- Every write operation first expires overdue holds. NOW is one instant for the whole batch and no
+-- operation moves a deadline to before it, so once nothing is left overdue the rest of the batch skips this.
+local none_due = false
+local function expire_overdue()
+  if none_due then return end
+  local _, all = expire_due(SWEEP)
+  none_due = all
 end
 
 -- --- idempotency ------------------------------------------------------------------------------------
@@ -484,6 +499,21 @@ local function settled(rec, status, charged, op, key, hash, answer)
 end
 
 local OPS = {}
+
+-- Run the batch in ARGV (four arguments per operation) with `op`; one reply entry per operation.
+local function run_batch(op)
+  local out = {}
+  for i = 3, #ARGV, 4 do
+    KI, KEY, F, TEXT = KEYS[tonumber(ARGV[i])], ARGV[i + 1], split(ARGV[i + 2], SEP), ARGV[i + 3]
+    local ok, reply = pcall(op)
+    if not ok then
+      if type(reply) == 'table' then reply = reply.err end
+      reply = {'raise', tostring(reply)}
+    end
+    out[#out + 1] = reply
+  end
+  return out
+end
 --@@ prelude-end
 
 --@@ reserve
@@ -502,7 +532,7 @@ OPS.reserve = function(decide_only)
   local path = scopes[#scopes]
 
   if not decide_only then
-    expire_due(SWEEP)
+    expire_overdue()
     if hash ~= '' then
       local prior, bad = replay('reserve', key, hash)
       if bad then return bad end
@@ -575,7 +605,7 @@ OPS.decide = function() return OPS.reserve(true) end
 -- Reply: {"commit", charged, released, balances…}; a replay: {"replay", stored reply, now, balances…}.
 OPS.commit = function()
   local rid, key, hash, unit, actual = F[1], KEY, F[2], F[3], tonumber(F[4])
-  expire_due(SWEEP)
+  expire_overdue()
   local rec, out = settle_target('commit', rid, key, hash)
   if not rec then return out end
   if unit ~= rec.u then
@@ -603,10 +633,10 @@ OPS.commit = function()
 end
 
 --@@ release
--- F: rid, hash; ARGV[5]: reason. Reply: {"release", released, balances…} or a replay.
+-- F: rid, hash; TEXT: reason. Reply: {"release", released, balances…} or a replay.
 OPS.release = function()
-  local rid, key, hash, reason = F[1], KEY, F[2], ARGV[5]
-  expire_due(SWEEP)
+  local rid, key, hash, reason = F[1], KEY, F[2], TEXT
+  expire_overdue()
   local rec, out = settle_target('release', rid, key, hash)
   if not rec then return out end
   local budgets = load_budgets(rec.bs, rec.u)
@@ -625,7 +655,7 @@ end
 -- Reply: {"extend", expires_at, now, balances…}; a replay: {"replay", expires_at, now, balances…}.
 OPS.extend = function()
   local rid, key, hash, by, max_ext = F[1], KEY, F[2], tonumber(F[3]), num(F[4])
-  expire_due(SWEEP)
+  expire_overdue()
   local rec = load_rec(rid)
   if not rec then
     return fail('NOT_FOUND', 'reservation ' .. q(rid) .. ' not found', {reservation_id = rid})
@@ -669,7 +699,7 @@ OPS.event = function()
   local scopes = {}
   for i = 10, #F do scopes[#scopes + 1] = F[i] end
   local path = scopes[#scopes]
-  expire_due(SWEEP)
+  expire_overdue()
   local prior, bad = replay('event', key, hash)
   if bad then return bad end
   if prior then return replayed(prior, unit) end
@@ -706,7 +736,7 @@ end
 OPS.budget = function()
   local op, scope, unit = F[1], F[2], F[3]
   local amount, overdraft, caps = num(F[4]), num(F[5]), opt(F[6])
-  expire_due(SWEEP)
+  expire_overdue()
   local b = load_budgets({scope}, unit)[1]
   local data = '{}'
   if op == 'set' then

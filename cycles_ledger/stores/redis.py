@@ -2,7 +2,8 @@
 
 Each protocol operation is ONE Lua script (`redis.lua`, loaded once and called by SHA; loaded again
 when a server answers NOSCRIPT) that applies the rules of `cycles_ledger.rules` atomically on the server's
-clock (`TIME`). All keys of one top-level scope (usually the tenant) share a hash tag, e.g.
+clock (`TIME`). Concurrent calls of one tenant and operation from one event loop tick go as one batch in
+one call of their script. All keys of one top-level scope (usually the tenant) share a hash tag, e.g.
 `cycles:{tenant:acme}:b`, so every script touches one slot and runs unchanged on Redis Cluster.
 A reservation id carries its hash tag (`rsv_…@tenant:acme`), so commit, release and extend find
 the slot without a lookup.
@@ -56,6 +57,7 @@ _OPS = ("reserve", "decide", "commit", "release", "extend", "event", "budget", "
 _JSON = json.JSONEncoder(separators=(",", ":")).encode
 _SEP = "\x1f"  # joins the reply fields kept for idempotent replays
 _CLUSTER_IN_FLIGHT = 64  # below redis-py's 100 connections per cluster node
+_BATCH_MAX = 128  # operations per script call: bounds how long one call holds the server
 Clock = Callable[[], int]
 
 
@@ -71,7 +73,7 @@ def _scripts() -> dict[str, str]:
     out: dict[str, str] = {}
     for name, body in sections.items():
         includes = [line.split()[1] for line in body.splitlines() if line.startswith("--@include ")]
-        parts = [prelude, *(sections[i] for i in includes), body, f"return OPS.{name}()"]
+        parts = [prelude, *(sections[i] for i in includes), body, f"return run_batch(OPS.{name})"]
         out[name] = "\n".join(parts)
     missing = set(_OPS) - set(out)
     if missing:
@@ -215,15 +217,20 @@ def _event(stream_id: str, fields: dict[str, str]) -> dict[str, Any]:
 
 
 class _Batch:
-    """Calls issued in the same loop tick go to Redis in one pipeline: one round trip and one wake-up
-    for all of them instead of one each. A task sends the batch on the next tick and hands every caller
-    its own reply or error."""
+    """Calls issued in the same loop tick go to Redis together: the calls of one tenant and operation as
+    one script call that runs them in order, all such calls in one pipeline. One round trip, one wake-up
+    and one script setup for many operations. A task sends the batch on the next tick and hands every
+    caller its own reply or error."""
 
     __slots__ = ("calls", "done")
 
     def __init__(self) -> None:
-        self.calls: list[tuple[str, str, list[str]]] = []
+        self.calls: list[_Op] = []
         self.done: asyncio.Task[list[Any]] | None = None
+
+
+# One operation for a script: (operation, tag, now, idempotency key name or None, key, fields, text).
+_Op = tuple[str, str, str, str | None, str, str, str]
 
 
 def _connection_class(scheme: str) -> Any:
@@ -286,7 +293,7 @@ class RedisStore(Store, SupportsSweep):
         self._known_tops: set[str] = set()
         self._closed = False
         self._batch: _Batch | None = None
-        self._pipelined = not cluster  # a cluster splits pipelines by node; there each call goes alone
+        self._pipelined = not cluster  # a cluster splits pipelines by node; there each script call goes alone
         self._needs_init = cluster
         self._init_lock = asyncio.Lock()
         # Cluster calls are not pipelined and each holds a connection; redis-py allows 100 per node and
@@ -342,9 +349,9 @@ class RedisStore(Store, SupportsSweep):
 
     # --- plumbing -----------------------------------------------------------------------------
 
-    def _keys(self, tag: str, idem: str | None = None) -> list[str]:
+    def _keys(self, tag: str) -> list[str]:
         base = f"{self._prefix}:{{{tag}}}:"
-        return [base + "b", base + "r", base + "due", base + "e", base + "fin", base + "ids", base + (idem or "b")]
+        return [base + "b", base + "r", base + "due", base + "e", base + "fin", base + "ids"]
 
     async def _redis(self, call: Coroutine[Any, Any, Any]) -> Any:
         """Await one Redis call; every driver failure is the ledger's "unavailable"."""
@@ -374,39 +381,50 @@ class RedisStore(Store, SupportsSweep):
                 await self._client.initialize()
                 self._needs_init = False
 
-    async def _evalsha(self, sha: str, args: list[str]) -> Any:
+    async def _evalsha(self, sha: str, keys: list[str], args: list[str]) -> Any:
         from redis.exceptions import NoScriptError
 
         try:
-            return await self._client.evalsha(sha, 7, *args)
+            return await self._client.evalsha(sha, len(keys), *keys, *args)
         except NoScriptError:  # a restarted or new server: load the script, then run it (it did not run)
             await self._client.script_load(self._by_sha[sha])
-            return await self._client.evalsha(sha, 7, *args)
+            return await self._client.evalsha(sha, len(keys), *keys, *args)
 
-    async def _pipeline(self, calls: list[tuple[str, str, list[str]]]) -> list[Any]:
+    async def _pipeline(self, scripts: list[tuple[str, list[str], list[str]]]) -> list[Any]:
         from redis.exceptions import NoScriptError
 
         pipe = self._client.pipeline(transaction=False)
-        for _, sha, args in calls:
-            pipe.evalsha(sha, 7, *args)
+        for sha, keys, args in scripts:
+            pipe.evalsha(sha, len(keys), *keys, *args)
         results: list[Any] = await pipe.execute(raise_on_error=False)
         for i, res in enumerate(results):
             if isinstance(res, NoScriptError):
-                results[i] = await self._evalsha(calls[i][1], calls[i][2])
-            elif isinstance(res, BaseException):
-                results[i] = res
+                results[i] = await self._evalsha(*scripts[i])
         return results
 
-    async def _call(self, op: str, args: list[str]) -> Any:
-        sha = self._shas[op]
-        if not self._pipelined:
-            return await self._redis(self._evalsha(sha, args))
+    def _script(self, ops: list[_Op]) -> tuple[str, list[str], list[str]]:
+        """SHA, KEYS and ARGV of one script call running `ops` (one operation, tag and `now`) in order."""
+        op, tag, now = ops[0][0], ops[0][1], ops[0][2]
+        keys = self._keys(tag)
+        base = keys[0][:-1]
+        args = [now, self._config]
+        index: dict[str, str] = {}
+        for _, _, _, idem, key, joined, text in ops:
+            if idem is None:
+                i = "1"  # no idempotency record: KEYS[1] stands in, never read
+            elif (i := index.get(idem, "")) == "":
+                keys.append(base + idem)
+                i = index[idem] = str(len(keys))
+            args += (i, key, joined, text)
+        return self._shas[op], keys, args
+
+    async def _call(self, op: _Op) -> Any:
         batch = self._batch
         if batch is None:  # the first call of this tick opens a batch; a task sends it on the next tick
             batch = self._batch = _Batch()
             batch.done = asyncio.get_running_loop().create_task(self._flush(batch))
         index = len(batch.calls)
-        batch.calls.append((op, sha, args))
+        batch.calls.append(op)
         assert batch.done is not None
         # Shielded: a caller that is cancelled does not take the others' calls down with it.
         results = await asyncio.shield(batch.done)
@@ -415,12 +433,32 @@ class RedisStore(Store, SupportsSweep):
     async def _flush(self, batch: _Batch) -> list[Any]:
         self._batch = None
         calls = batch.calls
-        try:
-            if len(calls) == 1:
-                return [await self._redis(self._evalsha(calls[0][1], calls[0][2]))]
-            return list(await self._redis(self._pipeline(calls)))
-        except StoreUnavailableError as exc:
-            return [exc] * len(calls)
+        groups: dict[tuple[str, str, str], list[int]] = {}
+        for i, c in enumerate(calls):
+            groups.setdefault(c[:3], []).append(i)
+        chunks = [m[k : k + _BATCH_MAX] for m in groups.values() for k in range(0, len(m), _BATCH_MAX)]
+        scripts = [self._script([calls[i] for i in members]) for members in chunks]
+        replies: list[Any]
+        if self._pipelined:
+            try:
+                if len(scripts) == 1:
+                    replies = [await self._redis(self._evalsha(*scripts[0]))]
+                else:
+                    replies = list(await self._redis(self._pipeline(scripts)))
+            except StoreUnavailableError as exc:
+                replies = [exc] * len(scripts)
+        else:  # a cluster: each script call goes to its tag's node
+            calls_out = (self._redis(self._evalsha(*script)) for script in scripts)
+            replies = list(await asyncio.gather(*calls_out, return_exceptions=True))
+        results: list[Any] = [None] * len(calls)
+        for members, reply in zip(chunks, replies, strict=True):
+            if isinstance(reply, BaseException):
+                for i in members:
+                    results[i] = reply
+            else:
+                for i, entry in zip(members, reply, strict=True):
+                    results[i] = entry
+        return results
 
     @staticmethod
     def _unwrap(result: Any) -> Any:
@@ -443,9 +481,11 @@ class RedisStore(Store, SupportsSweep):
                     raise InvalidRequestError(f"{what} {value!r} is not valid Unicode text") from exc
         now = "" if self._clock is None else str(self._clock())
         joined = _SEP.join("" if f is None else str(f) for f in fields)
-        reply: list[Any] = await self._call(op, [*self._keys(tag, idem), now, self._config, key, joined, text])
+        reply: list[Any] = await self._call((op, tag, now, idem, key, joined, text))
         if reply[0] == "err":
             raise error_from_code(reply[1], reply[2], json.loads(reply[3]))
+        if reply[0] == "raise":
+            raise StoreUnavailableError(f"Redis ledger unavailable: script error: {reply[1]}")
         return reply
 
     async def _register(self, tag: str, *, always: bool = False) -> None:

@@ -137,7 +137,7 @@ def _balance(field: str, text: str) -> dict[str, Any]:
     """One budget from its hash field `scope|unit` and text `a s r d o x STATUS [caps JSON]`."""
     scope, _, unit = field.rpartition("|")
     parts = text.split(" ", 7)
-    a, s, r, d, o = (int(v) for v in parts[:5])
+    a, s, r, d, o = map(int, parts[:5])
     return {
         "scope": scope,
         "unit": unit,
@@ -220,13 +220,13 @@ class _Batch:
     """Calls issued in the same loop tick go to Redis together: the calls of one tenant and operation as
     one script call that runs them in order, all such calls in one pipeline. One round trip, one wake-up
     and one script setup for many operations. A task sends the batch on the next tick and hands every
-    caller its own reply or error."""
+    caller its own reply or error through the caller's own future (a cancelled caller cancels only that)."""
 
-    __slots__ = ("calls", "done")
+    __slots__ = ("calls", "waiters")
 
     def __init__(self) -> None:
         self.calls: list[_Op] = []
-        self.done: asyncio.Task[list[Any]] | None = None
+        self.waiters: list[asyncio.Future[Any]] = []
 
 
 # One operation for a script: (operation, tag, now, idempotency key name or None, key, fields, text).
@@ -293,6 +293,7 @@ class RedisStore(Store, SupportsSweep):
         self._known_tops: set[str] = set()
         self._closed = False
         self._batch: _Batch | None = None
+        self._sending: set[asyncio.Task[None]] = set()
         self._pipelined = not cluster  # a cluster splits pipelines by node; there each script call goes alone
         self._needs_init = cluster
         self._init_lock = asyncio.Lock()
@@ -420,19 +421,28 @@ class RedisStore(Store, SupportsSweep):
 
     async def _call(self, op: _Op) -> Any:
         batch = self._batch
+        loop = asyncio.get_running_loop()
         if batch is None:  # the first call of this tick opens a batch; a task sends it on the next tick
             batch = self._batch = _Batch()
-            batch.done = asyncio.get_running_loop().create_task(self._flush(batch))
-        index = len(batch.calls)
+            task = loop.create_task(self._flush(batch))
+            self._sending.add(task)  # the loop keeps only a weak reference to a task
+            task.add_done_callback(self._sending.discard)
+        waiter = loop.create_future()
         batch.calls.append(op)
-        assert batch.done is not None
-        # Shielded: a caller that is cancelled does not take the others' calls down with it.
-        results = await asyncio.shield(batch.done)
-        return self._unwrap(results[index])
+        batch.waiters.append(waiter)
+        return self._unwrap(await waiter)
 
-    async def _flush(self, batch: _Batch) -> list[Any]:
+    async def _flush(self, batch: _Batch) -> None:
         self._batch = None
-        calls = batch.calls
+        try:
+            results = await self._send(batch.calls)
+        except BaseException as exc:  # noqa: BLE001 - every caller hears of it; this task must not die silently
+            results = [exc] * len(batch.calls)
+        for waiter, result in zip(batch.waiters, results, strict=True):
+            if not waiter.done():  # its caller may have been cancelled
+                waiter.set_result(result)
+
+    async def _send(self, calls: list[_Op]) -> list[Any]:
         groups: dict[tuple[str, str, str], list[int]] = {}
         for i, c in enumerate(calls):
             groups.setdefault(c[:3], []).append(i)

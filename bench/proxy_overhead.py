@@ -39,6 +39,7 @@ import asyncio
 import itertools
 import json
 import math
+import os
 import random
 import shutil
 import statistics
@@ -93,6 +94,10 @@ class Side:
     samples: list[Sample] = field(default_factory=list)
     wall_s: float = 0.0
     baseline: bool = False  # the proxy without the callback, which the others are compared with
+    cpu_s: float = 0.0  # CPU time of the proxy's processes over the measured run (user + system)
+
+    def cpu_ms_per_request(self) -> float | None:
+        return self.cpu_s * 1000 / len(self.samples) if self.samples and self.cpu_s else None
 
     def statuses(self) -> Counter[int]:
         return Counter(s.status for s in self.samples)
@@ -133,6 +138,25 @@ def _float_header(headers: httpx.Headers, name: str) -> float | None:
 
 
 _prompt_ids = itertools.count()
+_TICK_S = 1 / os.sysconf("SC_CLK_TCK")
+
+
+def session_cpu_s(sid: int) -> float:
+    """User + system CPU seconds of every live process in session `sid` (a proxy runs in its own session),
+    plus the children they reaped. Far steadier than latency on a shared machine: noise there is mostly
+    waiting, which costs no CPU."""
+    total = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:  # fields after "(comm)": state ppid pgrp session ... utime stime cutime cstime
+            total += sum(int(x) for x in fields[11:15])
+    return total * _TICK_S
 
 
 async def one_request(client: httpx.AsyncClient, body: dict[str, Any]) -> Sample:
@@ -192,6 +216,7 @@ async def run_interleaved(
         if side.proxy is not None
     }
     scratch = {side.label: Side(side.label, side.proxy) for side in sides}
+    cpu_start = {side.label: session_cpu_s(side.proxy.process.pid) for side in sides if side.proxy is not None}
     try:
         done = 0
         rnd = 0
@@ -212,6 +237,11 @@ async def run_interleaved(
                 target = side if record else scratch[side.label]
                 await run_block(target, clients[side.label], body, size, concurrency)
             rnd += 1
+        if record:
+            await asyncio.sleep(0.5)  # work a proxy does after its last answer (e.g. a commit) belongs to the run
+            for side in sides:
+                if side.proxy is not None:
+                    side.cpu_s = session_cpu_s(side.proxy.process.pid) - cpu_start[side.label]
     finally:
         for client in clients.values():
             await client.aclose()
@@ -286,7 +316,7 @@ def report(sides: list[Side], args: argparse.Namespace, out: Any) -> dict[str, A
     )
     print(
         f"{'':<26}{'req/s':>9}{'p50 ms':>9}{'mean ms':>9}{'p99 ms':>9}{'hook p50 ms':>13}{'cb-hdr p50 ms':>15}"
-        "  statuses",
+        f"{'CPU ms/req':>12}  statuses",
         file=out,
     )
     result: dict[str, Any] = {"requests": args.requests, "concurrency": args.concurrency, "stream": args.stream}
@@ -297,7 +327,7 @@ def report(sides: list[Side], args: argparse.Namespace, out: Any) -> dict[str, A
         print(
             f"{side.label:<26}{side.req_per_s():>9.1f}{percentile(lat, 50):>9.2f}{mean:>9.2f}"
             f"{percentile(lat, 99):>9.2f}{fmt(side.hook_ms_p50(), '.3f'):>13}"
-            f"{fmt(side.callback_ms_p50(), '.3f'):>15}  {statuses}",
+            f"{fmt(side.callback_ms_p50(), '.3f'):>15}{fmt(side.cpu_ms_per_request(), '.2f'):>12}  {statuses}",
             file=out,
         )
         result[side.label] = {
@@ -308,6 +338,7 @@ def report(sides: list[Side], args: argparse.Namespace, out: Any) -> dict[str, A
             "hook_ms_p50": side.hook_ms_p50(),
             "hook_ms_mean": side.hook_ms_mean(),
             "callback_header_p50_ms": side.callback_ms_p50(),
+            "cpu_ms_per_request": side.cpu_ms_per_request(),
             "statuses": statuses,
         }
     base = next((side for side in sides if side.baseline), None)
@@ -349,6 +380,10 @@ def compare(a: Side, b: Side, out: Any, prefix: str = "") -> dict[str, Any]:
         f"median of paired differences {paired:+.2f} ms",
         file=out,
     )
+    cpu_a, cpu_b = a.cpu_ms_per_request(), b.cpu_ms_per_request()
+    cpu_overhead = cpu_a - cpu_b if cpu_a is not None and cpu_b is not None else None
+    if cpu_overhead is not None:
+        print(f"{prefix}proxy CPU per request: {cpu_overhead:+.2f} ms ({cpu_a:.2f} vs {cpu_b:.2f})", file=out)
     if abs(overhead - paired) > 5:
         print(
             f"{prefix}note: p50s disagree with the paired median by > 5 ms: the latency distribution is multi-modal "
@@ -364,6 +399,7 @@ def compare(a: Side, b: Side, out: Any, prefix: str = "") -> dict[str, Any]:
         "p50_overhead_ms": overhead,
         "mean_overhead_ms": mean_overhead,
         "paired_median_overhead_ms": paired,
+        "cpu_overhead_ms_per_request": cpu_overhead,
         "goal_met": met and all_ok,
     }
 

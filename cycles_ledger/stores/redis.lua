@@ -435,12 +435,12 @@ local function settle(budgets, held, actual, policy, is_commit)
 end
 
 -- --- shared by reserve, decide and event ------------------------------------------------------------
-local function in_unit(all, unit)
-  local out = {}
-  for _, b in ipairs(all) do
-    if b.unit == unit then out[#out + 1] = b end
-  end
-  return out
+-- Budgets at `scopes` in `unit` (mine) and, only when there are none, in every unit (all): the other
+-- units matter only to tell "no budget" from "budgets in another unit".
+local function budgets_for(scopes, unit)
+  local mine = load_budgets(scopes, unit)
+  if #mine > 0 then return mine, mine end
+  return load_budgets(scopes, nil), mine
 end
 
 local function unit_mismatch(all, mine, unit, scopes, allow_unbudgeted)
@@ -541,8 +541,7 @@ OPS.reserve = function(decide_only)
   end
 
   local function look()
-    local all = load_budgets(scopes, nil)
-    local mine = in_unit(all, unit)
+    local all, mine = budgets_for(scopes, unit)
     if #all == 0 and not allow_unbudgeted then
       return {decision = 'DENY', reason = 'BUDGET_NOT_FOUND', scope = path}, {}
     end
@@ -703,8 +702,7 @@ OPS.event = function()
   local prior, bad = replay('event', key, hash)
   if bad then return bad end
   if prior then return replayed(prior, unit) end
-  local all = load_budgets(scopes, nil)
-  local budgets = in_unit(all, unit)
+  local all, budgets = budgets_for(scopes, unit)
   if #all == 0 and not allow_unbudgeted then
     return fail('NOT_FOUND', 'no budget for ' .. path .. ' or its parents', {scope = path})
   end

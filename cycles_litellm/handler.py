@@ -15,7 +15,7 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,7 @@ from cycles_ledger import (
     IdempotencyMismatchError,
     InvalidRequestError,
     Ledger,
+    NotFoundError,
     ReservationExpiredError,
     ReservationFinalizedError,
     StoreUnavailableError,
@@ -37,7 +38,6 @@ from cycles_ledger import (
     format_amount,
     open_ledger,
 )
-from cycles_ledger.settler import SettleOrder, SettleProcess, retrying, settle
 
 from .calls import action_kind, action_name, chunk_text, usd_to_microcents
 from .estimate import Estimate, PriceUnknown, cost_of_usage, estimate_call, price_of_group, soft_landing
@@ -93,12 +93,6 @@ def _action(kind: str, name: str) -> Action:
     return Action(kind=kind, name=name)  # frozen: one instance per (kind, model) serves every request
 
 
-@functools.lru_cache(maxsize=1024)
-def _plain(model: Subject | Action) -> dict[str, Any]:
-    """A frozen subject's or action's plain dict, made once (a settle order carries it to the settler)."""
-    return model.model_dump(exclude_none=True)
-
-
 def _router() -> Any:
     try:
         from litellm.proxy.proxy_server import llm_router
@@ -119,7 +113,6 @@ class CyclesCallback(CustomLogger):
         self._headers: collections.OrderedDict[str, dict[str, str]] = collections.OrderedDict()
         self.counters: collections.Counter[str] = collections.Counter()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._settler: SettleProcess | None = None
 
     async def ledger(self) -> Ledger:
         if self._ledger is None:
@@ -133,19 +126,7 @@ class CyclesCallback(CustomLogger):
                         ) from exc
                     led.start_sweeper(5.0)
                     self._ledger = led
-                    url = self.settings.store_url()
-                    if self.settings.settle_process and ":memory:" not in url:
-                        self._settler = SettleProcess(
-                            url,
-                            ledger_settings={"allow_unbudgeted": self.settings.allow_unbudgeted},
-                            retries=self.settings.settle_retries,
-                            count=self._count,
-                            fallback=self._settle_here,
-                        )
         return self._ledger
-
-    def _count(self, name: str) -> None:
-        self.counters[name] += 1
 
     # --- before routing ----------------------------------------------------------------------
 
@@ -269,7 +250,7 @@ class CyclesCallback(CustomLogger):
             except PriceUnknown:
                 actual = pending.estimate.amount
         # Settle in the background: the client's answer never waits for the ledger's write.
-        self._settle(pending, actual, {"tokens_input": prompt, "tokens_output": completion})
+        self._spawn(self._settle(pending, actual, {"tokens_input": prompt, "tokens_output": completion}))
 
     async def async_post_call_failure_hook(
         self,
@@ -323,25 +304,42 @@ class CyclesCallback(CustomLogger):
         out_tokens = int(litellm.token_counter(model=pending.estimate.model, text=text)) if text else 0
         actual = pending.estimate.input_cost + -(-out_tokens * pending.estimate.output_per_million // 10**6)
         self.counters["aborted_streams"] += 1
-        self._settle(pending, actual, {"tokens_input": pending.estimate.input_tokens, "tokens_output": out_tokens})
-
-    def _settle(self, pending: _Pending, actual: int, metrics: dict[str, Any]) -> None:
-        """Commit (or, in shadow mode, record) the actual cost, in the settle process when there is one
-        (see cycles_ledger.settler), else in a task here; either way retried while the ledger is away."""
-        order = SettleOrder(
-            pending.call_id,
-            pending.reservation_id,
-            _plain(pending.subject),
-            _plain(pending.action),
-            _USD.value,
-            actual,
-            metrics,
+        await self._settle(
+            pending, actual, {"tokens_input": pending.estimate.input_tokens, "tokens_output": out_tokens}
         )
-        if self._settler is None or not self._settler.submit(order):
-            self._spawn(self._settle_here(order))
 
-    async def _settle_here(self, order: SettleOrder) -> None:
-        await settle(await self.ledger(), order, retries=self.settings.settle_retries, count=self._count)
+    async def _settle(self, pending: _Pending, actual: int, metrics: dict[str, Any]) -> None:
+        """Commit (or, in shadow mode, record) the actual cost, retrying while the ledger is away."""
+        amount = Amount(unit=_USD, amount=actual)
+
+        async def attempt() -> bool:
+            nonlocal pending
+            ledger = await self.ledger()
+            try:
+                if pending.reservation_id is None:
+                    await ledger.record_event(
+                        pending.subject,
+                        pending.action,
+                        amount,
+                        idempotency_key=f"actual:{pending.call_id}",
+                        metrics=metrics,
+                    )
+                else:
+                    await ledger.commit(pending.reservation_id, amount, metrics=metrics)
+            except (ReservationFinalizedError, IdempotencyMismatchError):
+                pass  # another path settled it first
+            except ReservationExpiredError:
+                # The hold is gone but the spend happened: record it as a direct debit next.
+                pending = _Pending(
+                    pending.call_id, None, pending.subject, pending.action, pending.estimate, pending.group, True
+                )
+                return False
+            except NotFoundError:
+                log.info("cycles: no budget for %s; spend of %s not recorded", pending.subject.scope_path, amount)
+            return True
+
+        if not await self._retrying("settle", pending.call_id, attempt):
+            log.error("cycles: could not settle %s; its hold expires with the reservation TTL", pending.call_id)
 
     async def _release(self, pending: _Pending, reason: str) -> None:
         rid = pending.reservation_id
@@ -354,7 +352,20 @@ class CyclesCallback(CustomLogger):
                 await (await self.ledger()).release(rid, reason=reason[:256])
             return True
 
-        await retrying("release", pending.call_id, attempt, self.settings.settle_retries, self._count)
+        await self._retrying("release", pending.call_id, attempt)
+
+    async def _retrying(self, what: str, call_id: str, attempt: Callable[[], Awaitable[bool]]) -> bool:
+        """Run `attempt` until it reports done, backing off while the ledger is unreachable; count both."""
+        for n in range(self.settings.settle_retries + 1):
+            try:
+                if await attempt():
+                    return True
+            except StoreUnavailableError as exc:
+                self.counters["settle_retries"] += 1
+                log.warning("cycles: %s of %s failed (%s), attempt %d", what, call_id, exc, n + 1)
+                await asyncio.sleep(0.2 * 2**n)
+        self.counters["settle_failures"] += 1
+        return False
 
 
 def _usage(kwargs: Mapping[str, Any], response_obj: Any) -> tuple[int, int]:

@@ -90,7 +90,6 @@ class Settings(_Strict):
     prices: dict[str, ModelPrice] = Field(default_factory=dict)
     free_models: list[str] = Field(default_factory=list)
     settle_retries: Annotated[int, Field(ge=0, le=10)] = 3
-    settle_process: bool = True  # settle in a helper process (cycles_ledger.settler), off the proxy's loop
 
     @field_validator("shadow_scopes")
     @classmethod

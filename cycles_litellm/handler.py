@@ -325,7 +325,8 @@ class CyclesCallback(CustomLogger):
                         metrics=metrics,
                     )
                 else:
-                    await ledger.commit(pending.reservation_id, amount, metrics=metrics)
+                    # defer: no one waits on this commit, so it may share the next request's transaction
+                    await ledger.commit(pending.reservation_id, amount, metrics=metrics, defer=True)
             except (ReservationFinalizedError, IdempotencyMismatchError):
                 pass  # another path settled it first
             except ReservationExpiredError:

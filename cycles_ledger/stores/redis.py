@@ -22,10 +22,12 @@ import hashlib
 import json
 import re
 import time
+import weakref
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from importlib import resources
 from typing import Any
-from urllib.parse import parse_qs, urlsplit, urlunsplit
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 from ..errors import (
     ConfigError,
@@ -59,6 +61,7 @@ _SEP = "\x1f"  # joins the reply fields kept for idempotent replays
 _CLUSTER_IN_FLIGHT = 64  # below redis-py's 100 connections per cluster node
 _BATCH_MAX = 128  # operations per script call: bounds how long one call holds the server
 Clock = Callable[[], int]
+_Address = tuple[str, int, int, str | None, str | None, float]  # host, port, db, user, password, timeout
 
 
 def _scripts() -> dict[str, str]:
@@ -253,6 +256,102 @@ def _connection_class(scheme: str) -> Any:
     return HiredisPacking
 
 
+class _Wire(asyncio.Protocol):
+    """One plain-TCP connection for the script calls: a tick's commands are packed by hiredis and written
+    at once, replies are parsed by hiredis and handed to their requests in order, with none of a general
+    client's per-command layers. A reply later than `timeout`, or a lost connection, fails every request
+    in flight (unavailable) and the connection is dropped; the next call connects again."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        import hiredis
+
+        self.loop = loop
+        self.timeout = timeout
+        self.pack = hiredis.pack_command
+        self.reader = hiredis.Reader(encoding="utf-8")  # an error reply comes back as a hiredis.ReplyError
+        self.pending: deque[tuple[float, Callable[[Any], None]]] = deque()
+        self.transport: asyncio.Transport | None = None
+        self.broken: StoreUnavailableError | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # a stream transport (uvloop's is no asyncio.Transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        gets, pending = self.reader.gets, self.pending
+        while pending:
+            reply = gets()
+            if reply is False:
+                break
+            pending.popleft()[1](reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fail(StoreUnavailableError(f"Redis ledger unavailable: connection lost ({exc or 'closed by the server'})"))
+
+    def fail(self, exc: StoreUnavailableError) -> None:
+        if self.broken is None:
+            self.broken = exc
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.transport is not None:
+            self.transport.abort()
+        while self.pending:
+            self.pending.popleft()[1](exc)
+
+    def request(self, commands: list[tuple[Any, ...]]) -> asyncio.Future[list[Any]]:
+        """Send `commands` in one write; the future gets their replies (error replies as objects)."""
+        done: asyncio.Future[list[Any]] = self.loop.create_future()
+        if self.broken is not None or self.transport is None:
+            done.set_exception(self.broken or StoreUnavailableError("Redis ledger unavailable: not connected"))
+            return done
+        replies: list[Any] = []
+        count = len(commands)
+
+        def on_reply(reply: Any) -> None:
+            if done.done():  # failed already, or its caller gave up
+                return
+            if isinstance(reply, StoreUnavailableError):
+                done.set_exception(reply)
+                return
+            replies.append(reply)
+            if len(replies) == count:
+                done.set_result(replies)
+
+        deadline = self.loop.time() + self.timeout
+        self.pending.extend((deadline, on_reply) for _ in commands)
+        self.transport.write(b"".join([self.pack(c) for c in commands]))
+        if self.timer is None:
+            self.timer = self.loop.call_at(deadline, self._check)
+        return done
+
+    def _check(self) -> None:
+        self.timer = None
+        if not self.pending:
+            return
+        deadline = self.pending[0][0]
+        if self.loop.time() >= deadline:
+            self.fail(
+                StoreUnavailableError(f"Redis ledger unavailable: TimeoutError: no answer within {self.timeout:g} s")
+            )
+        else:
+            self.timer = self.loop.call_at(deadline, self._check)
+
+    def close(self) -> None:
+        """Close the connection, from its own loop or from any other thread."""
+        if self.transport is None or self.loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self.loop:
+            self.transport.close()
+        else:
+            self.loop.call_soon_threadsafe(self.transport.close)
+
+
 class RedisStore(Store, SupportsSweep):
     """`redis://[:password@]host:6379/0`, `rediss://…` (TLS) or `redis+cluster://host:7000` (Redis Cluster).
 
@@ -274,6 +373,7 @@ class RedisStore(Store, SupportsSweep):
         event_retention: int = 1_000_000,
         retention_ms: int = 7 * 24 * 3600 * 1000,
         cluster: bool = False,
+        direct: _Address | None = None,
     ) -> None:
         if not prefix or "{" in prefix or "}" in prefix:
             raise ConfigError(f"Redis key prefix {prefix!r} must be non-empty and free of braces")
@@ -292,7 +392,7 @@ class RedisStore(Store, SupportsSweep):
         self._tops_key = f"{prefix}:tops"
         self._known_tops: set[str] = set()
         self._closed = False
-        self._batch: _Batch | None = None
+        self._batches: dict[asyncio.AbstractEventLoop, _Batch] = {}
         self._sending: set[asyncio.Task[None]] = set()
         self._pipelined = not cluster  # a cluster splits pipelines by node; there each script call goes alone
         self._needs_init = cluster
@@ -300,6 +400,13 @@ class RedisStore(Store, SupportsSweep):
         # Cluster calls are not pipelined and each holds a connection; redis-py allows 100 per node and
         # fails the 101st, so calls in flight are capped below that and the rest queue here.
         self._gate = asyncio.Semaphore(_CLUSTER_IN_FLIGHT) if cluster else None
+        # Plain TCP to one server: script calls skip the general client and go over a _Wire of their own.
+        self._direct = None if cluster else direct
+        # One connection (and one batch) per event loop: a proxy may call from more than one loop.
+        self._wires: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Wire] = weakref.WeakKeyDictionary()
+        self._connecting: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[_Wire]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     @classmethod
     def from_url(cls, url: str, **settings: Any) -> RedisStore:
@@ -346,7 +453,15 @@ class RedisStore(Store, SupportsSweep):
                 client = aioredis.from_url(base, connection_class=_connection_class(scheme), **common)
         except ValueError as exc:
             raise ConfigError(f"bad Redis URL {url!r}: {exc}") from exc
-        return cls(client, cluster=cluster, **settings)
+        direct: _Address | None = None
+        if scheme == "redis":
+            try:
+                db = int(parts.path.strip("/") or 0)
+            except ValueError as exc:
+                raise ConfigError(f"bad Redis URL {url!r}: the path must be a database number") from exc
+            user, password = (unquote(v) if v else None for v in (parts.username, parts.password))
+            direct = (parts.hostname, parts.port or 6379, db, user, password, timeout)
+        return cls(client, cluster=cluster, direct=direct, **settings)
 
     # --- plumbing -----------------------------------------------------------------------------
 
@@ -403,6 +518,53 @@ class RedisStore(Store, SupportsSweep):
                 results[i] = await self._evalsha(*scripts[i])
         return results
 
+    async def _over_wire(self, scripts: list[tuple[str, list[str], list[str]]]) -> list[Any]:
+        """Run script calls over the store's own connection; a NOSCRIPT one is loaded and run again."""
+        wire = await self._wire_ready()
+        replies = await wire.request([("EVALSHA", sha, len(keys), *keys, *args) for sha, keys, args in scripts])
+        for i, reply in enumerate(replies):
+            if isinstance(reply, Exception) and str(reply).startswith("NOSCRIPT"):
+                sha, keys, args = scripts[i]
+                load = ("SCRIPT", "LOAD", self._by_sha[sha])
+                replies[i] = (await wire.request([load, ("EVALSHA", sha, len(keys), *keys, *args)]))[1]
+        return replies
+
+    async def _wire_ready(self) -> _Wire:
+        loop = asyncio.get_running_loop()
+        wire = self._wires.get(loop)
+        if wire is not None and wire.broken is None:
+            return wire
+        task = self._connecting.get(loop)
+        if task is None or task.done():
+            task = self._connecting[loop] = loop.create_task(self._connect())
+        return await asyncio.shield(task)
+
+    async def _connect(self) -> _Wire:
+        assert self._direct is not None
+        host, port, db, user, password, timeout = self._direct
+        loop = asyncio.get_running_loop()
+        old = self._wires.pop(loop, None)
+        if old is not None:
+            old.close()
+        wire = _Wire(loop, timeout)
+        try:
+            await asyncio.wait_for(loop.create_connection(lambda: wire, host, port), timeout)
+        except (OSError, TimeoutError) as exc:
+            wire.close()
+            raise StoreUnavailableError(f"Redis ledger unavailable: cannot connect to {host}:{port}: {exc!r}") from exc
+        hello: list[tuple[Any, ...]] = []
+        if password is not None:
+            hello.append(("AUTH", user, password) if user else ("AUTH", password))
+        if db:
+            hello.append(("SELECT", db))
+        if hello:
+            for reply in await wire.request(hello):
+                if isinstance(reply, Exception):
+                    wire.close()
+                    raise StoreUnavailableError(f"Redis ledger unavailable: {reply}")
+        self._wires[loop] = wire
+        return wire
+
     def _script(self, ops: list[_Op]) -> tuple[str, list[str], list[str]]:
         """SHA, KEYS and ARGV of one script call running `ops` (one operation, tag and `now`) in order."""
         op, tag, now = ops[0][0], ops[0][1], ops[0][2]
@@ -420,10 +582,10 @@ class RedisStore(Store, SupportsSweep):
         return self._shas[op], keys, args
 
     async def _call(self, op: _Op) -> Any:
-        batch = self._batch
         loop = asyncio.get_running_loop()
+        batch = self._batches.get(loop)
         if batch is None:  # the first call of this tick opens a batch; a task sends it on the next tick
-            batch = self._batch = _Batch()
+            batch = self._batches[loop] = _Batch()
             task = loop.create_task(self._flush(batch))
             self._sending.add(task)  # the loop keeps only a weak reference to a task
             task.add_done_callback(self._sending.discard)
@@ -433,7 +595,7 @@ class RedisStore(Store, SupportsSweep):
         return self._unwrap(await waiter)
 
     async def _flush(self, batch: _Batch) -> None:
-        self._batch = None
+        del self._batches[asyncio.get_running_loop()]
         try:
             results = await self._send(batch.calls)
         except BaseException as exc:  # noqa: BLE001 - every caller hears of it; this task must not die silently
@@ -449,7 +611,12 @@ class RedisStore(Store, SupportsSweep):
         chunks = [m[k : k + _BATCH_MAX] for m in groups.values() for k in range(0, len(m), _BATCH_MAX)]
         scripts = [self._script([calls[i] for i in members]) for members in chunks]
         replies: list[Any]
-        if self._pipelined:
+        if self._direct is not None:
+            try:
+                replies = await self._redis(self._over_wire(scripts))
+            except StoreUnavailableError as exc:
+                replies = [exc] * len(scripts)
+        elif self._pipelined:
             try:
                 if len(scripts) == 1:
                     replies = [await self._redis(self._evalsha(*scripts[0]))]
@@ -860,5 +1027,7 @@ class RedisStore(Store, SupportsSweep):
         if self._closed:
             return
         self._closed = True
+        for wire in list(self._wires.values()):
+            wire.close()
         close = getattr(self._client, "aclose", None) or self._client.close
         await close()

@@ -127,3 +127,18 @@ async def test_a_script_error_reaches_only_its_caller(redis_server: RedisTarget)
         assert not isinstance(out[2], BaseException) and out[2].allowed
         assert (await led.balance("tenant:a")).reserved == 20_000_000
         assert await led.verify() == []
+
+
+def test_the_store_runs_on_uvloop(redis_server: RedisTarget) -> None:
+    """Under uvloop (uvicorn's loop, so the LiteLLM proxy's) the store's own connection works the same."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def pairs() -> int:
+        async with open_ledger(redis_server.url()) as led:
+            await led.set_budget("tenant:a", "1usd")
+            rs = await asyncio.gather(*(led.reserve({"tenant": "a"}, ACTION, "0.1usd") for _ in range(3)))
+            await asyncio.gather(*(led.commit(str(r.reservation_id), "0.05usd") for r in rs))
+            return (await led.balance("tenant:a")).spent
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        assert runner.run(pairs()) == 15_000_000

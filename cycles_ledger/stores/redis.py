@@ -18,6 +18,7 @@ a crash of the server.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import re
@@ -117,11 +118,37 @@ def _tag_of_rid(reservation_id: str) -> str | None:
     m = _RID.fullmatch(reservation_id) if isinstance(reservation_id, str) else None
     if m is None:
         return None
+    tag = m.group(1)
+    return tag if _is_scope(tag) else None
+
+
+@functools.lru_cache(maxsize=1024)  # a few tags, seen again and again
+def _is_scope(text: str) -> bool:
     try:
-        parse_scope(m.group(1))
+        parse_scope(text)
     except CyclesError:
-        return None
-    return m.group(1)
+        return False
+    return True
+
+
+class _JsonOf:
+    """JSON text of the subjects and actions the ledger passes: its cached dicts come again and again, so
+    their text is remembered by identity (the ledger treats them as read-only), holding them alive."""
+
+    __slots__ = ("_seen",)
+
+    def __init__(self) -> None:
+        self._seen: dict[int, tuple[Any, str]] = {}
+
+    def __call__(self, value: Any) -> str:
+        hit = self._seen.get(id(value))
+        if hit is not None and hit[0] is value:
+            return hit[1]
+        text = _JSON(value)
+        if len(self._seen) >= 1024:
+            self._seen.clear()
+        self._seen[id(value)] = (value, text)
+        return text
 
 
 def _under(scope: str | None, prefix: str | None) -> bool:
@@ -393,6 +420,7 @@ class RedisStore(Store, SupportsSweep):
         self._known_tops: set[str] = set()
         self._closed = False
         self._batches: dict[asyncio.AbstractEventLoop, _Batch] = {}
+        self._json_of = _JsonOf()
         self._sending: set[asyncio.Task[None]] = set()
         self._pipelined = not cluster  # a cluster splits pipelines by node; there each script call goes alone
         self._needs_init = cluster
@@ -701,8 +729,8 @@ class RedisStore(Store, SupportsSweep):
             soft.get("min_amount") if cmd.soft_landing else None,
             soft.get("fixed_amount", 0) if cmd.soft_landing else None,
             soft.get("amount_per_million_tokens"),
-            _JSON(cmd.subject),
-            _JSON(cmd.action),
+            self._json_of(cmd.subject),
+            self._json_of(cmd.action),
             _raw(cmd.metadata),
             *cmd.scopes,
         ]

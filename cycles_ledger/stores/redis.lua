@@ -37,6 +37,7 @@ else
   local t = redis.call('TIME')
   NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+local NOW_S = string.format('%d', NOW)
 local MAX_EXACT = 9007199254740991
 local UNITS = {'CREDITS', 'RISK_POINTS', 'TOKENS', 'USD_MICROCENTS'} -- sorted, like the SQLite store's order
 local SEP = '\31'
@@ -45,7 +46,16 @@ local fmt, concat, find, sub = string.format, table.concat, string.find, string.
 local function I(n) return fmt('%d', n) end
 local function opt(s) if s == '' then return nil end return s end
 local function num(s) if s == nil or s == '' then return nil end return tonumber(s) end
-local function q(s) return cjson.encode(s) end
+-- JSON string literals; a batch quotes the same scopes and units again and again.
+local QUOTED = {}
+local function q(s)
+  local text = QUOTED[s]
+  if text == nil then
+    text = cjson.encode(s)
+    QUOTED[s] = text
+  end
+  return text
+end
 
 local function fail(code, message, details)
   local parts = {}
@@ -134,7 +144,7 @@ end
 
 -- --- events ----------------------------------------------------------------------------------------
 local function emit(typ, scope, unit, amount, rid, reason, data)
-  local f = {'ts', I(NOW), 'type', typ}
+  local f = {'ts', NOW_S, 'type', typ}
   if scope then f[#f + 1] = 'scope'; f[#f + 1] = scope end
   if unit then f[#f + 1] = 'unit'; f[#f + 1] = unit end
   if amount then f[#f + 1] = 'amount'; f[#f + 1] = I(amount) end
@@ -182,7 +192,7 @@ end
 -- that was every overdue one.
 local function expire_due(limit)
   if limit <= 0 then return 0, false end
-  local due = redis.call('ZRANGEBYSCORE', KDUE, '-inf', '(' .. I(NOW), 'LIMIT', 0, limit)
+  local due = redis.call('ZRANGEBYSCORE', KDUE, '-inf', '(' .. NOW_S, 'LIMIT', 0, limit)
   local n = 0
   for _, rid in ipairs(due) do
     local rec = load_rec(rid)
@@ -233,7 +243,7 @@ local function replayed(prior, unit)
   local budgeted = string.match(prior, '([^\31]*)$')
   local list = {}
   if budgeted ~= '' then list = split(budgeted, ',') end
-  return push_balances({'replay', prior, I(NOW)}, load_budgets(list, unit))
+  return push_balances({'replay', prior, NOW_S}, load_budgets(list, unit))
 end
 
 local function remember(hash, answer)
@@ -474,7 +484,7 @@ local function settle_target(op, rid, key, hash)
           return nil, fail('IDEMPOTENCY_MISMATCH', 'idempotency key ' .. q(key) ..
             ' was already used for a different ' .. sop .. ' request', {idempotency_key = key})
         end
-        return nil, push_balances({'replay', sub(rest, len + 1), I(NOW)}, load_budgets(rec.bs, rec.u))
+        return nil, push_balances({'replay', sub(rest, len + 1), NOW_S}, load_budgets(rec.bs, rec.u))
       end
     end
   end
@@ -574,7 +584,7 @@ OPS.reserve = function(decide_only)
   local expires = NOW + ttl
   local budgeted = {}
   for i, b in ipairs(budgets) do budgeted[i] = b.scope end
-  local rec = {id = rid, st = 'ACTIVE', u = unit, e = ev.amount, op = policy, c0 = I(NOW), x = expires, g = grace,
+  local rec = {id = rid, st = 'ACTIVE', u = unit, e = ev.amount, op = policy, c0 = NOW_S, x = expires, g = grace,
                dl = expires + grace, n = 0, ch = -1, fin = -1, sp = path, bs = budgeted}
   local quoted = {}
   for i, s in ipairs(scopes) do quoted[i] = q(s) end
@@ -661,7 +671,7 @@ OPS.extend = function()
   end
   local prior, bad = replay('extend', key, hash)
   if bad then return bad end
-  if prior then return push_balances({'replay', prior, I(NOW)}, load_budgets(rec.bs, rec.u)) end
+  if prior then return push_balances({'replay', prior, NOW_S}, load_budgets(rec.bs, rec.u)) end
   if rec.st == 'EXPIRED' or (rec.st == 'ACTIVE' and NOW > rec.x) then
     if rec.st == 'ACTIVE' and NOW > rec.dl then
       expire_rec(rec)
@@ -684,7 +694,7 @@ OPS.extend = function()
   save_rec(rec)
   redis.call('ZADD', KDUE, rec.dl, rid)
   emit('extended', rec.sp, rec.u, nil, rid, nil, '{"expires_at_ms":' .. I(rec.x) .. ',"extend_by_ms":' .. I(by) .. '}')
-  local reply = {'extend', I(rec.x), I(NOW)}
+  local reply = {'extend', I(rec.x), NOW_S}
   remember(hash, reply[2])
   return push_balances(reply, load_budgets(rec.bs, rec.u))
 end

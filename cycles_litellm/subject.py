@@ -16,6 +16,15 @@ LEVELS = ("tenant", "workspace", "app", "workflow", "agent", "toolset")
 # What LiteLLM fills in for the master key or keyless calls: not anyone's identity.
 _PLACEHOLDERS = frozenset({"default_user_id", "litellm_proxy_master_key", "litellm-proxy-master-key"})
 _HEADER_PREFIX = "x-cycles-"
+# The proxy's metadata names for the virtual key's fields -> the attributes of its UserAPIKeyAuth.
+_KEY_ATTRS = {
+    "user_api_key_org_id": "org_id",
+    "user_api_key_team_id": "team_id",
+    "user_api_key_team_alias": "team_alias",
+    "user_api_key_alias": "key_alias",
+    "user_api_key_user_id": "user_id",
+    "user_api_key_end_user_id": "end_user_id",
+}
 
 
 class _Metadata:
@@ -75,7 +84,7 @@ def subject_from_request(data: Mapping[str, Any], key_info: Any, mapping: Subjec
             value = headers.get(_HEADER_PREFIX + level)
         if value is None:
             for name in mapping.key_fields.get(level, []):
-                value = meta.get(name) or getattr(key_info, name.removeprefix("user_api_key_"), None)
+                value = meta.get(name) or getattr(key_info, _KEY_ATTRS.get(name, name), None)
                 if value in _PLACEHOLDERS:
                     value = None
                 if value:

@@ -149,6 +149,16 @@ def test_subject_sources_in_order() -> None:
     assert s2.scopes() == ["tenant:team-9"]
 
 
+def test_subject_from_the_proxys_own_key_object() -> None:
+    """Without the proxy's metadata copies, the levels come from LiteLLM's UserAPIKeyAuth itself,
+    whose attribute names differ from the metadata's (`key_alias` for `user_api_key_alias`)."""
+    from litellm.proxy._types import UserAPIKeyAuth
+
+    key = UserAPIKeyAuth(api_key="sk-1", key_alias="billing-bot", team_id="team-4", end_user_id="cust-9")
+    s = subject_from_request(_req(), key, SubjectMapping())
+    assert (s.tenant, s.app, s.agent) == ("team-4", "billing-bot", "cust-9")
+
+
 def test_subject_metadata_and_header_precedence() -> None:
     """`metadata` wins over `litellm_metadata`; the request's own headers over those copied into metadata."""
     req = {

@@ -151,6 +151,11 @@ class _JsonOf:
         return text
 
 
+def _noscript(reply: Any) -> bool:
+    """A script call the server did not run because it does not have the script (restarted, flushed)."""
+    return isinstance(reply, Exception) and str(reply).startswith("NOSCRIPT")
+
+
 def _under(scope: str | None, prefix: str | None) -> bool:
     return prefix is None or scope == prefix or (scope is not None and scope.startswith(prefix + "/"))
 
@@ -546,12 +551,16 @@ class RedisStore(Store, SupportsSweep):
                 results[i] = await self._evalsha(*scripts[i])
         return results
 
-    async def _over_wire(self, scripts: list[tuple[str, list[str], list[str]]]) -> list[Any]:
-        """Run script calls over the store's own connection; a NOSCRIPT one is loaded and run again."""
+    async def _over_wire(
+        self, scripts: list[tuple[str, list[str], list[str]]], replies: list[Any] | None = None
+    ) -> list[Any]:
+        """Run script calls over the store's own connection (or take their `replies` already in); a
+        NOSCRIPT one is loaded and run again."""
         wire = await self._wire_ready()
-        replies = await wire.request([("EVALSHA", sha, len(keys), *keys, *args) for sha, keys, args in scripts])
+        if replies is None:
+            replies = await wire.request([("EVALSHA", sha, len(keys), *keys, *args) for sha, keys, args in scripts])
         for i, reply in enumerate(replies):
-            if isinstance(reply, Exception) and str(reply).startswith("NOSCRIPT"):
+            if _noscript(reply):
                 sha, keys, args = scripts[i]
                 load = ("SCRIPT", "LOAD", self._by_sha[sha])
                 replies[i] = (await wire.request([load, ("EVALSHA", sha, len(keys), *keys, *args)]))[1]
@@ -612,32 +621,98 @@ class RedisStore(Store, SupportsSweep):
     async def _call(self, op: _Op) -> Any:
         loop = asyncio.get_running_loop()
         batch = self._batches.get(loop)
-        if batch is None:  # the first call of this tick opens a batch; a task sends it on the next tick
+        if batch is None:  # the first call of this tick opens a batch, sent on the next tick
             batch = self._batches[loop] = _Batch()
-            task = loop.create_task(self._flush(batch))
-            self._sending.add(task)  # the loop keeps only a weak reference to a task
-            task.add_done_callback(self._sending.discard)
+            loop.call_soon(self._dispatch, loop, batch)
         waiter = loop.create_future()
         batch.calls.append(op)
         batch.waiters.append(waiter)
         return self._unwrap(await waiter)
 
+    def _background(self, loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]) -> None:
+        task = loop.create_task(coro)
+        self._sending.add(task)  # the loop keeps only a weak reference to a task
+        task.add_done_callback(self._sending.discard)
+
+    def _dispatch(self, loop: asyncio.AbstractEventLoop, batch: _Batch) -> None:
+        """Send a tick's batch: straight onto a connected wire of this loop, else (connecting, TLS, Cluster)
+        from a task. Every caller gets its own reply or error."""
+        del self._batches[loop]
+        wire = self._wires.get(loop) if self._direct is not None else None
+        if wire is None or wire.broken is not None or self._closed:
+            self._background(loop, self._flush(batch))
+            return
+        chunks, scripts = self._plan(batch.calls)
+        done = wire.request([("EVALSHA", sha, len(keys), *keys, *args) for sha, keys, args in scripts])
+        done.add_done_callback(lambda d: self._on_replies(loop, batch, chunks, scripts, d))
+
+    def _on_replies(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        batch: _Batch,
+        chunks: list[list[int]],
+        scripts: list[tuple[str, list[str], list[str]]],
+        done: asyncio.Future[list[Any]],
+    ) -> None:
+        replies: list[Any]
+        try:
+            replies = done.result()
+        except StoreUnavailableError as exc:
+            replies = [exc] * len(scripts)
+        if any(_noscript(r) for r in replies):  # a restarted server: load the script, run those again
+            self._background(loop, self._rerun(batch, chunks, scripts, replies))
+            return
+        self._hand_out(batch, self._results(len(batch.calls), chunks, replies))
+
+    async def _rerun(
+        self,
+        batch: _Batch,
+        chunks: list[list[int]],
+        scripts: list[tuple[str, list[str], list[str]]],
+        replies: list[Any],
+    ) -> None:
+        try:
+            replies = await self._redis(self._over_wire(scripts, replies))
+        except StoreUnavailableError as exc:
+            replies = [exc if _noscript(r) else r for r in replies]
+        self._hand_out(batch, self._results(len(batch.calls), chunks, replies))
+
     async def _flush(self, batch: _Batch) -> None:
-        del self._batches[asyncio.get_running_loop()]
         try:
             results = await self._send(batch.calls)
         except BaseException as exc:  # noqa: BLE001 - every caller hears of it; this task must not die silently
             results = [exc] * len(batch.calls)
+        self._hand_out(batch, results)
+
+    @staticmethod
+    def _hand_out(batch: _Batch, results: list[Any]) -> None:
         for waiter, result in zip(batch.waiters, results, strict=True):
             if not waiter.done():  # its caller may have been cancelled
                 waiter.set_result(result)
 
-    async def _send(self, calls: list[_Op]) -> list[Any]:
+    def _plan(self, calls: list[_Op]) -> tuple[list[list[int]], list[tuple[str, list[str], list[str]]]]:
+        """Group a tick's calls by (operation, tag, now), at most _BATCH_MAX per script call."""
         groups: dict[tuple[str, str, str], list[int]] = {}
         for i, c in enumerate(calls):
             groups.setdefault(c[:3], []).append(i)
         chunks = [m[k : k + _BATCH_MAX] for m in groups.values() for k in range(0, len(m), _BATCH_MAX)]
-        scripts = [self._script([calls[i] for i in members]) for members in chunks]
+        return chunks, [self._script([calls[i] for i in members]) for members in chunks]
+
+    @staticmethod
+    def _results(count: int, chunks: list[list[int]], replies: list[Any]) -> list[Any]:
+        """Each call's own reply entry, or its script call's error."""
+        results: list[Any] = [None] * count
+        for members, reply in zip(chunks, replies, strict=True):
+            if isinstance(reply, BaseException):
+                for i in members:
+                    results[i] = reply
+            else:
+                for i, entry in zip(members, reply, strict=True):
+                    results[i] = entry
+        return results
+
+    async def _send(self, calls: list[_Op]) -> list[Any]:
+        chunks, scripts = self._plan(calls)
         replies: list[Any]
         if self._direct is not None:
             try:
@@ -655,15 +730,7 @@ class RedisStore(Store, SupportsSweep):
         else:  # a cluster: each script call goes to its tag's node
             calls_out = (self._redis(self._evalsha(*script)) for script in scripts)
             replies = list(await asyncio.gather(*calls_out, return_exceptions=True))
-        results: list[Any] = [None] * len(calls)
-        for members, reply in zip(chunks, replies, strict=True):
-            if isinstance(reply, BaseException):
-                for i in members:
-                    results[i] = reply
-            else:
-                for i, entry in zip(members, reply, strict=True):
-                    results[i] = entry
-        return results
+        return self._results(len(calls), chunks, replies)
 
     @staticmethod
     def _unwrap(result: Any) -> Any:

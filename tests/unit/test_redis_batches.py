@@ -142,3 +142,18 @@ def test_the_store_runs_on_uvloop(redis_server: RedisTarget) -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         assert runner.run(pairs()) == 15_000_000
+
+
+async def test_a_batch_after_script_flush_loads_the_script_and_runs_once(redis_server: RedisTarget) -> None:
+    """Scripts flushed under a connected store: the next batch answers NOSCRIPT, is loaded and run once."""
+    async with open_ledger(redis_server.url()) as led:
+        await led.set_budget("tenant:a", "1usd")
+        await led.reserve({"tenant": "a"}, ACTION, "0.1usd")  # connected, reserve script loaded
+        with redis_server.client() as sync:
+            sync.script_flush()
+        rs = await asyncio.gather(
+            *(led.reserve({"tenant": "a"}, ACTION, "0.1usd", idempotency_key=f"k{i}") for i in range(4))
+        )
+        assert all(r.allowed for r in rs) and len({r.reservation_id for r in rs}) == 4
+        assert (await led.balance("tenant:a")).reserved == 50_000_000
+        assert await led.verify() == []

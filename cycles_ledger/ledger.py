@@ -424,13 +424,8 @@ class Ledger:
         idempotency_key: str | None = None,
         metrics: Mapping[str, Any] | None = None,
         metadata: Mapping[str, Any] | None = None,
-        defer: bool = False,
     ) -> CommitResult:
-        """Charge `actual` and return the rest of the hold. The default key makes a retried commit safe.
-
-        `defer=True` is for commits nobody waits on (settled in the background): the store may hold
-        it briefly to share a transaction with the next operation (SQLite: up to `defer_ms`, 20 ms).
-        The answer still comes only once it is durable."""
+        """Charge `actual` and return the rest of the hold. The default key makes a retried commit safe."""
         rid = _reservation_id(reservation_id)
         amt = _amount(actual, "actual")
         payload: dict[str, Any] = {
@@ -451,7 +446,6 @@ class Ledger:
             actual=amt.amount,
             metrics=payload["metrics"],
             metadata=payload["metadata"],
-            deferrable=defer is True,
         )
         return CommitResult.model_validate(await self.store.commit(cmd))
 

@@ -325,8 +325,7 @@ class CyclesCallback(CustomLogger):
                         metrics=metrics,
                     )
                 else:
-                    # defer: no one waits on this commit, so it may share the next request's transaction
-                    await ledger.commit(pending.reservation_id, amount, metrics=metrics, defer=True)
+                    await ledger.commit(pending.reservation_id, amount, metrics=metrics)
             except (ReservationFinalizedError, IdempotencyMismatchError):
                 pass  # another path settled it first
             except ReservationExpiredError:

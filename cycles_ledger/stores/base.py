@@ -51,7 +51,6 @@ class CommitCommand:
     actual: int
     metrics: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
-    deferrable: bool = False  # nobody waits on the answer's latency: the store may batch it (not its meaning)
 
 
 @dataclass(frozen=True, slots=True)

@@ -340,23 +340,6 @@ class _Writer(threading.Thread):
                 loop.call_soon_threadsafe(_deliver, items)
 
 
-def _in_savepoint(conn: sqlite3.Connection, now: int, job: _Job) -> tuple[_Job, Any, BaseException | None]:
-    """Run one queued job inside the current transaction; a failure undoes only its own writes."""
-    conn.execute("SAVEPOINT job")
-    try:
-        result = job.fn(conn, now, *job.args)
-    except BaseException as exc:  # noqa: BLE001 - every error goes back to its caller
-        conn.execute("ROLLBACK TO job")
-        conn.execute("RELEASE job")
-        if isinstance(exc, sqlite3.Error):
-            exc = StoreUnavailableError(f"SQLite error: {exc}")
-        return job, None, exc
-    conn.execute("RELEASE job")
-    if isinstance(result, _Fail):
-        return job, None, result.error
-    return job, result, None
-
-
 class SqliteStore(Store, SupportsSweep):
     """`sqlite:///relative.db`, `sqlite:////absolute.db` or `sqlite:///:memory:`."""
 
@@ -373,7 +356,6 @@ class SqliteStore(Store, SupportsSweep):
         idempotency_retention_ms: int = 7 * 24 * 3600 * 1000,
         inline: bool = True,
         checkpoint_every: int = 200,
-        defer_ms: int = 20,
     ) -> None:
         self.path = path
         self.clock: Clock = clock or _wall_clock_ms
@@ -384,12 +366,6 @@ class SqliteStore(Store, SupportsSweep):
                 raise ConfigError(f"directory {parent!r} for the SQLite ledger does not exist")
         if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
             raise ConfigError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
-        if not isinstance(defer_ms, int) or not 0 <= defer_ms <= 1000:
-            raise ConfigError(f"defer_ms must be an integer from 0 to 1000, got {defer_ms!r}")
-        self._defer_s = defer_ms / 1000
-        # Deferrable commits waiting to ride along in the next inline transaction (see _call_deferred).
-        self._deferred: list[_Job] = []
-        self._defer_timer: asyncio.TimerHandle | None = None
         self._writer = _Writer(path, self.clock, batch_size, busy_timeout_s, sweep_per_batch, checkpoint_every)
         self._writer.start()
         self._writer.ready.result()
@@ -422,9 +398,8 @@ class SqliteStore(Store, SupportsSweep):
         if self._closed:
             raise StoreUnavailableError("the SQLite store is closed")
         if self._inline is not None and await self._alone() and self._inline_lock.acquire(blocking=False):
-            riders = [] if readonly else self._take_deferred()
             try:
-                outcome = self._run_inline(self._inline, fn, args, readonly, riders)
+                outcome = self._run_inline(self._inline, fn, args, readonly)
             finally:
                 self._inline_lock.release()
             self._last_end = time.monotonic()
@@ -433,8 +408,6 @@ class SqliteStore(Store, SupportsSweep):
                 if error is not None:
                     raise error
                 return result
-            for rider in riders:  # the write lock was taken: the writer thread runs them
-                self._writer.jobs.put(rider)
         job = _Job(fn, args, readonly)
         self._writer.jobs.put(job)
         try:
@@ -456,45 +429,31 @@ class SqliteStore(Store, SupportsSweep):
         return self._arrivals == mine and self._writer.idle()
 
     def _run_inline(
-        self,
-        conn: sqlite3.Connection,
-        fn: Callable[..., Any] | None,
-        args: tuple[Any, ...],
-        readonly: bool,
-        riders: list[_Job],
+        self, conn: sqlite3.Connection, fn: Callable[..., Any], args: tuple[Any, ...], readonly: bool
     ) -> tuple[Any, BaseException | None] | None:
-        """One operation (`fn`, may be None) in its own transaction on the caller's thread, after the
-        deferred `riders` (each in a savepoint, answered once COMMIT returned); None if the write lock
-        is taken (then nothing ran)."""
+        """One operation in its own transaction on the caller's thread; None if the write lock is taken."""
         try:
             conn.execute("BEGIN" if readonly else "BEGIN IMMEDIATE")
         except sqlite3.OperationalError:
             return None
-        done: list[tuple[_Job, Any, BaseException | None]] = []
-        result: Any = None
         try:
             now = self.clock()
             swept = _expire_due(conn, now, self._sweep_per_batch) if not readonly and self._sweep_per_batch else 0
-            done = [_in_savepoint(conn, now, rider) for rider in riders]
-            # Keep the expiry pass and the riders even if the operation fails (rare: no savepoint otherwise).
-            keep = bool(swept or riders)
-            if keep:
+            if swept:  # keep those expiries even if the operation fails (rare: no savepoint otherwise)
                 conn.execute("SAVEPOINT op")
             try:
-                result = fn(conn, now, *args) if fn is not None else None
-            except BaseException as exc:  # noqa: BLE001 - its writes undone, the rest kept
-                if keep:
+                result = fn(conn, now, *args)
+            except BaseException as exc:  # noqa: BLE001 - its writes undone, the expiry pass kept
+                if swept:
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
                     conn.execute("COMMIT")
-                    self._writer.wrote()
-                    _deliver(done)
                 else:
                     conn.execute("ROLLBACK")
                 if isinstance(exc, sqlite3.Error):
                     return None, StoreUnavailableError(f"SQLite error: {exc}")
                 return None, exc
-            if keep:
+            if swept:
                 conn.execute("RELEASE op")
             if fn is _op_sweep:
                 result += swept
@@ -505,56 +464,10 @@ class SqliteStore(Store, SupportsSweep):
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
-            err = StoreUnavailableError(f"SQLite ledger unavailable: {exc}")
-            _deliver([(rider, None, err) for rider in riders])
-            return None, err
-        _deliver(done)
+            return None, StoreUnavailableError(f"SQLite ledger unavailable: {exc}")
         if isinstance(result, _Fail):
             return None, result.error
         return result, None
-
-    async def _call_deferred(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """A write whose caller does not wait on its latency (a commit settled in the background):
-        it rides along in the transaction of the next inline operation, or after `defer_ms` in one of
-        its own with whatever else waited. In a proxy that saves the commit's own BEGIN, expiry pass
-        and COMMIT (~0.15 ms of CPU on cold caches). Answered, as always, only after COMMIT."""
-        if self._closed:
-            raise StoreUnavailableError("the SQLite store is closed")
-        if self._inline is None or not self._defer_s:
-            return await self._call(fn, *args)
-        job = _Job(fn, args, readonly=False)
-        self._deferred.append(job)
-        if self._defer_timer is None:
-            self._defer_timer = job.loop.call_later(self._defer_s, self._flush_deferred)
-        return await job.future
-
-    def _take_deferred(self) -> list[_Job]:
-        """The deferred jobs of the running loop (the only ones whose futures this thread may set)."""
-        if not self._deferred:
-            return []
-        loop = asyncio.get_running_loop()
-        mine = [j for j in self._deferred if j.loop is loop]
-        self._deferred = [j for j in self._deferred if j.loop is not loop]
-        return mine
-
-    def _flush_deferred(self) -> None:
-        """Timer: run what is still deferred, inline if the store is quiet, else on the writer thread."""
-        self._defer_timer = None
-        riders = self._take_deferred()
-        others, self._deferred = self._deferred, []
-        for job in others:  # another loop's: the writer answers them on their own loops
-            self._writer.jobs.put(job)
-        if not riders:
-            return
-        if self._inline is not None and self._writer.idle() and self._inline_lock.acquire(blocking=False):
-            try:
-                outcome = self._run_inline(self._inline, None, (), False, riders)
-            finally:
-                self._inline_lock.release()
-            if outcome is not None:
-                return
-        for job in riders:
-            self._writer.jobs.put(job)
 
     async def reserve(self, cmd: ReserveCommand) -> dict[str, Any]:
         return await self._call(_op_reserve, cmd)  # type: ignore[no-any-return]
@@ -563,8 +476,6 @@ class SqliteStore(Store, SupportsSweep):
         return await self._call(_op_decide, cmd, readonly=True)  # type: ignore[no-any-return]
 
     async def commit(self, cmd: CommitCommand) -> dict[str, Any]:
-        if cmd.deferrable:
-            return await self._call_deferred(_op_commit, cmd)  # type: ignore[no-any-return]
         return await self._call(_op_commit, cmd)  # type: ignore[no-any-return]
 
     async def release(self, cmd: ReleaseCommand) -> dict[str, Any]:
@@ -618,12 +529,6 @@ class SqliteStore(Store, SupportsSweep):
         if self._closed:
             return
         self._closed = True
-        if self._defer_timer is not None:
-            self._defer_timer.cancel()
-            self._defer_timer = None
-        deferred, self._deferred = self._deferred, []
-        for job in deferred:  # answered by the writer before it stops
-            self._writer.jobs.put(job)
         if self._inline is not None:
             with self._inline_lock:
                 self._inline.close()

@@ -22,6 +22,7 @@ import asyncio
 import functools
 import hashlib
 import json
+import os
 import re
 import time
 import weakref
@@ -252,6 +253,27 @@ def _event(stream_id: str, fields: dict[str, str]) -> dict[str, Any]:
     }
 
 
+# TLS settings a `rediss://` URL may carry (redis-py's own names): a private CA, client certificates.
+_TLS_PARAMS = ("ssl_ca_certs", "ssl_cert_reqs", "ssl_certfile", "ssl_keyfile")
+
+
+def _tls_settings(url: str, query: dict[str, str]) -> dict[str, Any]:
+    """Pop and check the TLS parameters: only on rediss URLs, files that exist, a known `ssl_cert_reqs`.
+    Certificates are verified unless `ssl_cert_reqs=none` says otherwise."""
+    tls = {name: query.pop(name) for name in _TLS_PARAMS if name in query}
+    if not tls:
+        return {}
+    if not url.lower().startswith("rediss"):
+        raise ConfigError(f"{', '.join(sorted(tls))} apply to TLS only (rediss://…), not to {url!r}")
+    reqs = tls.get("ssl_cert_reqs")
+    if reqs is not None and reqs not in ("required", "optional", "none"):
+        raise ConfigError(f"ssl_cert_reqs must be required, optional or none; got {reqs!r}")
+    for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+        if name in tls and not os.path.isfile(tls[name]):
+            raise ConfigError(f"{name} file {tls[name]!r} (in {url!r}) does not exist")
+    return tls
+
+
 class _Batch:
     """Calls issued in the same loop tick go to Redis together: the calls of one tenant and operation as
     one script call that runs them in order, all such calls in one pipeline. One round trip, one wake-up
@@ -453,10 +475,11 @@ class RedisStore(Store, SupportsSweep):
             raise ConfigError("the Redis store needs the redis driver: pip install 'cycles-litellm[redis]'") from exc
         parts = urlsplit(url)
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-        known = {"prefix", "timeout", "retention_ms", "event_retention", "sweep_per_call"}
+        known = {"prefix", "timeout", "retention_ms", "event_retention", "sweep_per_call", *_TLS_PARAMS}
         unknown = set(query) - known
         if unknown:
             raise ConfigError(f"unknown Redis URL parameters {sorted(unknown)} in {url!r}; known: {sorted(known)}")
+        tls = _tls_settings(url, query)
         try:
             timeout = float(query.pop("timeout", settings.pop("timeout", 2.0)))
             for name in ("retention_ms", "event_retention", "sweep_per_call"):
@@ -478,6 +501,7 @@ class RedisStore(Store, SupportsSweep):
             "socket_connect_timeout": timeout,
             "decode_responses": True,
             "retry": Retry(NoBackoff(), 0),
+            **tls,
         }
         client: Any
         try:

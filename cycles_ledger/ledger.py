@@ -279,8 +279,13 @@ class Ledger:
         dry_run: bool = False,
         metadata: Mapping[str, Any] | None = None,
         soft_landing: SoftLanding | Mapping[str, Any] | None = None,
+        key_is_unique: bool = False,
     ) -> ReserveResult:
-        """Hold `estimate` on every budgeted scope of `subject`, all or none. A DENY is a result."""
+        """Hold `estimate` on every budgeted scope of `subject`, all or none. A DENY is a result.
+
+        `key_is_unique=True`: the caller vouches that `idempotency_key` is new and never sent again (a
+        UUID it just made): the key labels the reservation, but no replay lookup is made and no
+        idempotency record kept, which saves a third of a reserve's work. A repeat would reserve again."""
         cmd = self._reserve_command(
             subject,
             action,
@@ -292,6 +297,7 @@ class Ledger:
             dry_run,
             metadata,
             soft_landing,
+            key_is_unique,
         )
         body = await self.store.reserve(cmd)
         return ReserveResult.model_validate(body)
@@ -321,6 +327,7 @@ class Ledger:
         dry_run: bool,
         metadata: Mapping[str, Any] | None,
         soft_landing: SoftLanding | Mapping[str, Any] | None,
+        key_is_unique: bool = False,
     ) -> ReserveCommand:
         _, subj_json, scopes, subj_text = _subject_parts(subject)
         _, act_json, act_text = _action_parts(action)
@@ -335,8 +342,10 @@ class Ledger:
             raise InvalidRequestError("dry_run must be a bool")
         meta = _json_copy(metadata, "metadata")
         soft_json = soft.model_dump() if soft else None
-        if idempotency_key is None:
-            payload_hash = ""  # a key minted here can never be replayed
+        if not isinstance(key_is_unique, bool):
+            raise InvalidRequestError("key_is_unique must be a bool")
+        if idempotency_key is None or key_is_unique:
+            payload_hash = ""  # a key minted here (or vouched for as new) can never be replayed
             _jsonable(metadata, "metadata")
         else:
             try:

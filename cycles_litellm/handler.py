@@ -93,6 +93,12 @@ def _action(kind: str, name: str) -> Action:
     return Action(kind=kind, name=name)  # frozen: one instance per (kind, model) serves every request
 
 
+def _client_call_id(data: Mapping[str, Any]) -> Any:
+    """The `x-litellm-call-id` header the client sent, if any (LiteLLM then uses it as the call id).
+    The proxy keeps request headers under lowercase names."""
+    return ((data.get("proxy_server_request") or {}).get("headers") or {}).get("x-litellm-call-id")
+
+
 def _router() -> Any:
     try:
         from litellm.proxy.proxy_server import llm_router
@@ -155,6 +161,9 @@ class CyclesCallback(CustomLogger):
         action = _action(action_kind(call_type), action_name(est.model))
         # Shadow evaluates the soft landing too (so its would-be decision is enforce's), but never clamps.
         soft = soft_landing(est, self.settings.min_output_tokens)
+        # LiteLLM made the call id (a fresh UUID) unless the client sent x-litellm-call-id: only a
+        # client's id can come again, so only then is the replay protection worth its cost.
+        client_id = _client_call_id(data) == call_id
         try:
             ledger = await self.ledger()
             r = await ledger.reserve(
@@ -162,6 +171,7 @@ class CyclesCallback(CustomLogger):
                 action,
                 Amount(unit=_USD, amount=est.amount),
                 idempotency_key=call_id,
+                key_is_unique=not client_id,
                 ttl_ms=self.settings.ttl_ms,
                 overage_policy=self.settings.overage_policy,
                 dry_run=shadow,

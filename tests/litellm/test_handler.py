@@ -95,3 +95,26 @@ async def test_unavailable_store_policy(tmp_path: Path, mode: str) -> None:
         data = await cb.async_pre_call_hook(None, None, request("call-3"), "acompletion")
         assert data["max_tokens"] == 20
         assert cb.counters["fail_open"] == 1
+
+
+async def test_only_a_client_chosen_call_id_is_replay_protected(tmp_path: Path) -> None:
+    """LiteLLM uses the client's x-litellm-call-id as the call id: such an id may come again (a
+    client retry), so the reserve is replayed, never held twice. An id LiteLLM made is a fresh UUID
+    nobody can repeat: that reserve skips the replay record (a third of its work)."""
+    url = f"sqlite:///{tmp_path / 'k.db'}"
+    with open_ledger_sync(url) as led:
+        led.set_budget("tenant:h", "1usd")
+    ledger = open_ledger(url)
+    cb = CyclesCallback(Settings(), ledger=ledger)
+    try:
+        client = {"x-cycles-tenant": "h", "x-litellm-call-id": "client-7"}
+        for _ in range(2):
+            await cb.async_pre_call_hook(
+                None, None, request("client-7", proxy_server_request={"headers": client}), "acompletion"
+            )
+        for _ in range(2):  # the same id without the header: as if LiteLLM had made it
+            await cb.async_pre_call_hook(None, None, request("made-by-litellm"), "acompletion")
+        held = await ledger.list_reservations()
+        assert sorted(r.idempotency_key for r in held) == ["client-7", "made-by-litellm", "made-by-litellm"]
+    finally:
+        await ledger.aclose()

@@ -326,6 +326,22 @@ async def test_reserve_replay_and_mismatch(two_level: Ledger, clock: FakeClock) 
     assert await snapshot(two_level) == before
 
 
+async def test_a_key_vouched_unique_labels_the_hold_but_keeps_no_record(two_level: Ledger) -> None:
+    """`key_is_unique=True` (the caller just made the key): the reservation carries the key, but no
+    replay record is kept, so the key does not guard a repeat (which holds again) and does not
+    collide with a later guarded use of the same key."""
+    a = await two_level.reserve(TW, ACT, "1usd", idempotency_key="fresh-1", key_is_unique=True)
+    assert (await two_level.get_reservation(a.reservation_id or "")).idempotency_key == "fresh-1"
+    b = await two_level.reserve(TW, ACT, "1usd", idempotency_key="fresh-1", key_is_unique=True)
+    assert b.reservation_id != a.reservation_id
+    c = await two_level.reserve(TW, ACT, "2usd", idempotency_key="fresh-1")  # no record: no mismatch
+    assert (await two_level.balance("tenant:t")).reserved == 4 * USD
+    assert (await two_level.reserve(TW, ACT, "2usd", idempotency_key="fresh-1")).reservation_id == c.reservation_id
+    with pytest.raises(InvalidRequestError, match="key_is_unique"):
+        await two_level.reserve(TW, ACT, "1usd", idempotency_key="x", key_is_unique="yes")  # type: ignore[arg-type]
+    await check_invariant(two_level)
+
+
 async def test_commit_retry_never_double_charges(two_level: Ledger) -> None:
     """A retried commit (same default key) replays; a different amount on the same reservation is refused."""
     r = await two_level.reserve(TW, ACT, "1usd")

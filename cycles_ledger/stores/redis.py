@@ -153,6 +153,11 @@ class _JsonOf:
         return text
 
 
+def _evalsha_commands(scripts: list[tuple[str, list[str], list[str]]]) -> list[tuple[Any, ...]]:
+    """The EVALSHA commands of `(sha, KEYS, ARGV)` script calls, for the store's own connection."""
+    return [("EVALSHA", sha, len(keys), *keys, *args) for sha, keys, args in scripts]
+
+
 def _noscript(reply: Any) -> bool:
     """A script call the server did not run because it does not have the script (restarted, flushed)."""
     return isinstance(reply, Exception) and str(reply).startswith("NOSCRIPT")
@@ -583,7 +588,7 @@ class RedisStore(Store, SupportsSweep):
         NOSCRIPT one is loaded and run again."""
         wire = await self._wire_ready()
         if replies is None:
-            replies = await wire.request([("EVALSHA", sha, len(keys), *keys, *args) for sha, keys, args in scripts])
+            replies = await wire.request(_evalsha_commands(scripts))
         for i, reply in enumerate(replies):
             if _noscript(reply):
                 sha, keys, args = scripts[i]
@@ -668,7 +673,7 @@ class RedisStore(Store, SupportsSweep):
             self._background(loop, self._flush(batch))
             return
         chunks, scripts = self._plan(batch.calls)
-        done = wire.request([("EVALSHA", sha, len(keys), *keys, *args) for sha, keys, args in scripts])
+        done = wire.request(_evalsha_commands(scripts))
         done.add_done_callback(lambda d: self._on_replies(loop, batch, chunks, scripts, d))
 
     def _on_replies(

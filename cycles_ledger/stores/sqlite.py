@@ -239,11 +239,12 @@ class _Writer(threading.Thread):
             self.busy = False
             try:
                 job = self.jobs.get(timeout=1.0)
-            except queue.Empty:
+            except queue.Empty:  # a quiet second: checkpoint what was written since the last one
                 job = _CHECKPOINT if self.writes else None
-            if job is _CHECKPOINT or job is None:
-                if job is _CHECKPOINT:
-                    self._checkpoint(conn)
+            if job is None:
+                continue
+            if job is _CHECKPOINT:
+                self._checkpoint(conn)
                 continue
             self.busy = True
             if job is _STOP:

@@ -64,8 +64,9 @@ async def test_an_unknown_certificate_is_refused_by_default(tls_server: TlsServe
 
 
 async def test_verification_can_be_turned_off_explicitly(tls_server: TlsServer) -> None:
-    async with open_ledger(tls_server.url(ssl_cert_reqs="none")) as ledger:
-        assert await ledger.balances() is not None
+    async with open_ledger(tls_server.url(ssl_cert_reqs="none", prefix="tls-none")) as ledger:
+        await ledger.set_budget("tenant:n", "2usd")
+        assert (await ledger.balance("tenant:n")).remaining == 200_000_000
 
 
 def test_bad_tls_settings_are_config_errors(tls_server: TlsServer, tmp_path: Path) -> None:

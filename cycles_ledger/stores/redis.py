@@ -175,11 +175,19 @@ def _int(text: str | None) -> int | None:
     return int(text) if text not in (None, "") else None
 
 
+def _check_text(value: str, what: str) -> None:
+    """Refuse text Redis cannot carry (lone surrogates), before it can sink the calls batched with it."""
+    try:
+        value.encode()
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(f"{what} {value!r} is not valid Unicode text") from exc
+
+
 def _balance(field: str, text: str) -> dict[str, Any]:
     """One budget from its hash field `scope|unit` and text `a s r d o x STATUS [caps JSON]`."""
     scope, _, unit = field.rpartition("|")
     parts = text.split(" ", 7)
-    a, s, r, d, o = map(int, parts[:5])
+    a, s, r, d = int(parts[0]), int(parts[1]), int(parts[2]), int(parts[3])
     return {
         "scope": scope,
         "unit": unit,
@@ -187,7 +195,7 @@ def _balance(field: str, text: str) -> dict[str, Any]:
         "spent": s,
         "reserved": r,
         "debt": d,
-        "overdraft_limit": o,
+        "overdraft_limit": int(parts[4]),
         "remaining": a - s - r - d,
         "is_over_limit": parts[5] == "1",
         "status": parts[6],
@@ -775,14 +783,12 @@ class RedisStore(Store, SupportsSweep):
     ) -> list[Any]:
         """Run one operation's script. `key` (the idempotency key) and `text` travel as they are; the other
         fields are joined by \\x1f, which none of them can contain (ids are checked, JSON escapes it)."""
-        for value, what in ((key, "idempotency key"), (text, "text")):
-            if not value.isascii():
-                try:
-                    value.encode()
-                except UnicodeEncodeError as exc:  # caught here, it cannot sink the calls batched with it
-                    raise InvalidRequestError(f"{what} {value!r} is not valid Unicode text") from exc
+        if not key.isascii():
+            _check_text(key, "idempotency key")
+        if not text.isascii():
+            _check_text(text, "text")
         now = "" if self._clock is None else str(self._clock())
-        joined = _SEP.join("" if f is None else str(f) for f in fields)
+        joined = _SEP.join(["" if f is None else f if f.__class__ is str else str(f) for f in fields])
         reply: list[Any] = await self._call((op, tag, now, idem, key, joined, text))
         if reply[0] == "err":
             raise error_from_code(reply[1], reply[2], json.loads(reply[3]))
@@ -856,7 +862,8 @@ class RedisStore(Store, SupportsSweep):
 
     async def reserve(self, cmd: ReserveCommand) -> dict[str, Any]:
         tag = _tag_of_scope(cmd.scopes[0])
-        await self._register(tag)
+        if tag not in self._known_tops:
+            await self._register(tag)
         idem = f"i:reserve:{cmd.idempotency_key}" if cmd.payload_hash else None
         fields = self._reserve_fields(cmd, _new_rid(tag))
         reply = await self._run("reserve", tag, fields, key=cmd.idempotency_key, idem=idem)

@@ -9,10 +9,13 @@ whose allocations never deny. Scenarios:
     64 tasks      64 concurrent asyncio tasks in one process (group commit at work)
     4 processes   4 spawned processes x 16 tasks each, started together on a Barrier
 
-Each scenario warms up first, then runs for `--duration` seconds. pairs/s = pairs / wall time (for
-processes: first start to last finish across all of them); latencies come from `time.perf_counter_ns`
-around each await and are merged across tasks and processes for the percentiles. Afterwards the books
-are checked: `ledger.verify() == []`, nothing left reserved, and spent equals pairs x actual.
+Every process runs its event loop on uvloop when it is installed (`--loop auto`, the default), as
+LiteLLM's proxy does (it starts uvicorn with `loop="uvloop"`), else on asyncio's own loop; `--loop
+asyncio` measures the standard loop. Each scenario warms up first, then runs for `--duration` seconds.
+pairs/s = pairs / wall time (for processes: first start to last finish across all of them); latencies
+come from `time.perf_counter_ns` around each await and are merged across tasks and processes for the
+percentiles. Afterwards the books are checked: `ledger.verify() == []`, nothing left reserved, and spent
+equals pairs x actual.
 
 `--store` may be given several times to compare stores side by side in one run (scenario by scenario,
 interleaved): `sqlite` (the default) is a fresh temporary SQLite file per scenario; `redis` starts a
@@ -23,6 +26,7 @@ fresh key prefix per scenario; any other URL is used as given.
     .venv/bin/python bench/ledger.py --store sqlite --store redis      # both stores, one run
     .venv/bin/python bench/ledger.py --duration 10 --json > bench.json   # table on stderr, JSON on stdout
     .venv/bin/python bench/ledger.py --scenarios 1task,64tasks --store sqlite:///bench.db
+    .venv/bin/python bench/ledger.py --store redis --loop asyncio      # the standard event loop
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import tempfile
 import time
 import traceback
 import uuid
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,22 +131,47 @@ async def _measure(url: str, tasks: int, warmup: float, duration: float, barrier
     return samples
 
 
-def _child(url: str, tasks: int, warmup: float, duration: float, barrier: Any, results: Any) -> None:
+def _loop_factory(loop: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop to measure on: uvloop (as LiteLLM's proxy runs) when asked or, for "auto", installed."""
+    if loop == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if loop == "uvloop":
+            raise SystemExit("--loop uvloop needs uvloop (pip install uvloop)") from None
+        return None
+    return uvloop.new_event_loop
+
+
+def _loop_name(loop: str) -> str:
+    return "asyncio" if _loop_factory(loop) is None else "uvloop"
+
+
+def _run_on(loop: str, coro: Coroutine[Any, Any, Samples]) -> Samples:
+    with asyncio.Runner(loop_factory=_loop_factory(loop)) as runner:
+        return runner.run(coro)
+
+
+def _child(url: str, tasks: int, warmup: float, duration: float, barrier: Any, results: Any, loop: str) -> None:
     """Entry point of a spawned process: report Samples, or the traceback if anything failed."""
     try:
-        results.put(("ok", asyncio.run(_measure(url, tasks, warmup, duration, barrier))))
+        results.put(("ok", _run_on(loop, _measure(url, tasks, warmup, duration, barrier))))
     except BaseException:  # noqa: BLE001 - the parent re-raises it with the child's traceback
         barrier.abort()
         results.put(("error", traceback.format_exc()))
 
 
-def _run_processes(url: str, sc: Scenario, warmup: float, duration: float) -> list[Samples]:
+def _run_processes(url: str, sc: Scenario, warmup: float, duration: float, loop: str) -> list[Samples]:
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(sc.processes, timeout=120)
     results = ctx.Queue()
     procs = [
         ctx.Process(
-            target=_child, args=(url, sc.tasks, warmup, duration, barrier, results), name=f"bench-{i}", daemon=True
+            target=_child,
+            args=(url, sc.tasks, warmup, duration, barrier, results, loop),
+            name=f"bench-{i}",
+            daemon=True,
         )
         for i in range(sc.processes)
     ]
@@ -324,6 +354,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=",".join(s.key for s in SCENARIOS),
         help=f"comma-separated subset of {', '.join(s.key for s in SCENARIOS)}",
     )
+    ap.add_argument(
+        "--loop",
+        choices=("auto", "uvloop", "asyncio"),
+        default="auto",
+        help="event loop of the measuring processes: auto (default) = uvloop if installed, as LiteLLM's proxy runs",
+    )
     ap.add_argument("--json", action="store_true", help="print a JSON summary on stdout (the table goes to stderr)")
     args = ap.parse_args(argv)
     known = {s.key for s in SCENARIOS}
@@ -344,12 +380,16 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _scenario(sc: Scenario, url: str, args: argparse.Namespace, say: Any) -> dict[str, Any]:
     """Run one scenario on one store, check its books, and return its row."""
-    print(f"{sc.label}: warm-up {args.warmup:g} s, measuring {args.duration:g} s on {url}", file=say, flush=True)
+    print(
+        f"{sc.label}: warm-up {args.warmup:g} s, measuring {args.duration:g} s on {url} ({_loop_name(args.loop)})",
+        file=say,
+        flush=True,
+    )
     spent_before = asyncio.run(_setup(url))
     if sc.processes:
-        parts = _run_processes(url, sc, args.warmup, args.duration)
+        parts = _run_processes(url, sc, args.warmup, args.duration, args.loop)
     else:
-        parts = [asyncio.run(_measure(url, sc.tasks, args.warmup, args.duration))]
+        parts = [_run_on(args.loop, _measure(url, sc.tasks, args.warmup, args.duration))]
     row = _summarise(sc, parts, url)
     row["store"] = url
     asyncio.run(_check_books(url, spent_before, row["pairs"] + row["warmup_pairs"]))
@@ -376,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
             if redis_server is not None:
                 redis_server.stop()
     print(file=say)
+    print(f"event loop: {_loop_name(args.loop)}", file=say)
     print(_table(rows), file=say)
     for kind in sorted({r["store_kind"] for r in rows}):
         pairs_goal, p50_goal = GOALS[kind]
@@ -393,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
             "duration_s": args.duration,
             "warmup_s": args.warmup,
             "cpus": os.cpu_count(),
+            "event_loop": _loop_name(args.loop),
             "python": sys.version.split()[0],
             "goals": {k: {"pairs_per_s": g[0], "reserve_p50_ms": g[1]} for k, g in GOALS.items()},
             "scenarios": rows,

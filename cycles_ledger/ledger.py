@@ -437,24 +437,27 @@ class Ledger:
         """Charge `actual` and return the rest of the hold. The default key makes a retried commit safe."""
         rid = _reservation_id(reservation_id)
         amt = _amount(actual, "actual")
-        payload: dict[str, Any] = {
-            "reservation_id": rid,
-            "actual": {"unit": amt.unit.value, "amount": amt.amount},
-            "metrics": _json_copy(metrics, "metrics"),
-            "metadata": _json_copy(metadata, "metadata"),
-        }
-        if payload["metrics"] is None and payload["metadata"] is None:
-            payload_hash = f"{rid}|{amt.unit.value}|{amt.amount}"
+        unit = amt.unit.value
+        metrics_copy = _json_copy(metrics, "metrics")
+        metadata_copy = _json_copy(metadata, "metadata")
+        if metrics_copy is None and metadata_copy is None:
+            payload_hash = f"{rid}|{unit}|{amt.amount}"
         else:
+            payload = {
+                "reservation_id": rid,
+                "actual": {"unit": unit, "amount": amt.amount},
+                "metrics": metrics_copy,
+                "metadata": metadata_copy,
+            }
             payload_hash = _checked_fingerprint(payload, {"metrics": metrics, "metadata": metadata})
         cmd = CommitCommand(
             reservation_id=rid,
             idempotency_key=_key(idempotency_key, f"commit:{rid}"),
             payload_hash=payload_hash,
-            unit=amt.unit.value,
+            unit=unit,
             actual=amt.amount,
-            metrics=payload["metrics"],
-            metadata=payload["metadata"],
+            metrics=metrics_copy,
+            metadata=metadata_copy,
         )
         return CommitResult.model_validate(await self.store.commit(cmd))
 

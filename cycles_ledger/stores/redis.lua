@@ -80,6 +80,100 @@ end
 local CFG = split(ARGV[2], SEP)
 local SWEEP, MAXLEN, RETAIN = tonumber(CFG[1]), CFG[2], tonumber(CFG[3])
 
+-- --- write-back cache -------------------------------------------------------------------------------
+-- A script call is atomic, so the states between its operations are seen by no one: the budgets and
+-- reservations hashes are read through a cache (field -> stored text, false when absent) and written back,
+-- like the changes to the zsets, once at the end of the batch (run_batch). Only the save helpers change the
+-- cache, with finished texts, so an operation that computes and then refuses leaves no trace. Events and
+-- idempotency records go straight to Redis. A read of a zset first writes out its pending changes.
+local CHUNK = 1000 -- (field, value) or (score, member) pairs per command when writing back
+local function new_hash(key) return {key = key, val = {}, dirty = {}, order = {}} end
+local HB, HR = new_hash(KB), new_hash(KR)
+
+local function hash_get(h, field)
+  local v = h.val[field]
+  if v == nil then
+    v = redis.call('HGET', h.key, field)
+    h.val[field] = v
+  end
+  return v
+end
+
+-- Read the fields not read yet, with one HMGET per CHUNK.
+local function hash_fetch(h, fields)
+  local val, miss = h.val, {}
+  for i = 1, #fields do
+    if val[fields[i]] == nil then miss[#miss + 1] = fields[i] end
+  end
+  for from = 1, #miss, CHUNK do
+    local to = math.min(from + CHUNK - 1, #miss)
+    local got = redis.call('HMGET', h.key, unpack(miss, from, to))
+    for i = from, to do val[miss[i]] = got[i - from + 1] end
+  end
+end
+
+local function hash_set(h, field, text)
+  if not h.dirty[field] then
+    h.dirty[field] = true
+    h.order[#h.order + 1] = field
+  end
+  h.val[field] = text
+end
+
+local function hash_flush(h)
+  local order, val = h.order, h.val
+  if #order == 0 then return end
+  h.order, h.dirty = {}, {}
+  for from = 1, #order, CHUNK do
+    local args = {}
+    for i = from, math.min(from + CHUNK - 1, #order) do
+      args[#args + 1] = order[i]
+      args[#args + 1] = val[order[i]]
+    end
+    redis.call('HSET', h.key, unpack(args))
+  end
+end
+
+local function new_zset(key) return {key = key, score = {}, order = {}} end
+local ZDUE, ZFIN, ZIDS = new_zset(KDUE), new_zset(KFIN), new_zset(KIDS)
+
+-- ZADD (a number) or ZREM (false) of `member`, pending; the last change of a member is the one that counts.
+local function zset_put(z, member, score)
+  if z.score[member] == nil then z.order[#z.order + 1] = member end
+  z.score[member] = score
+end
+
+local function zset_flush(z)
+  local order, score = z.order, z.score
+  if #order == 0 then return end
+  z.order, z.score = {}, {}
+  local add, del = {}, {}
+  for _, m in ipairs(order) do
+    local s = score[m]
+    if s then
+      add[#add + 1] = s
+      add[#add + 1] = m
+      if #add >= 2 * CHUNK then redis.call('ZADD', z.key, unpack(add)); add = {} end
+    else
+      del[#del + 1] = m
+      if #del >= CHUNK then redis.call('ZREM', z.key, unpack(del)); del = {} end
+    end
+  end
+  if #add > 0 then redis.call('ZADD', z.key, unpack(add)) end
+  if #del > 0 then redis.call('ZREM', z.key, unpack(del)) end
+end
+
+-- Write back everything pending; each part is tried even when another fails. Returns the first error.
+local function flush()
+  local first
+  for _, part in ipairs({{hash_flush, HB}, {hash_flush, HR}, {zset_flush, ZDUE}, {zset_flush, ZFIN},
+                         {zset_flush, ZIDS}}) do
+    local ok, err = pcall(part[1], part[2])
+    if not ok and first == nil then first = err end
+  end
+  return first
+end
+
 -- --- budgets --------------------------------------------------------------------------------------
 local function rem(b) return b.a - b.s - b.r - b.d end
 
@@ -111,12 +205,14 @@ local function load_budgets(scopes, unit)
     end
   end
   if #fields == 0 then return {} end
-  local vals = redis.call('HMGET', KB, unpack(fields))
+  hash_fetch(HB, fields)
+  local vals = HB.val
   local out = {}
   for i = 1, #fields do
-    if vals[i] then
-      local b = decode_budget(meta[i], sub(fields[i], #meta[i] + 2), vals[i])
-      b.text = vals[i]
+    local text = vals[fields[i]]
+    if text then
+      local b = decode_budget(meta[i], sub(fields[i], #meta[i] + 2), text)
+      b.text = text
       out[#out + 1] = b
     end
   end
@@ -124,13 +220,9 @@ local function load_budgets(scopes, unit)
 end
 
 local function save_budgets(budgets)
-  if #budgets == 0 then return end
-  local args = {}
   for _, b in ipairs(budgets) do
-    args[#args + 1] = b.scope .. '|' .. b.unit
-    args[#args + 1] = encode_budget(b)
+    hash_set(HB, b.scope .. '|' .. b.unit, encode_budget(b))
   end
-  redis.call('HSET', KB, unpack(args))
 end
 
 -- Balances go back as pairs of field and stored text; the client parses them like HGETALL output.
@@ -156,7 +248,7 @@ end
 
 -- --- reservations ----------------------------------------------------------------------------------
 local function load_rec(rid)
-  local text = redis.call('HGET', KR, rid)
+  local text = hash_get(HR, rid)
   if not text then return nil end
   local st, u, e, op, c0, x, g, dl, n, ch, fin, sp, bs = string.match(text,
     '^(%u+) (%S+) (%d+) (%S+) (%d+) (%d+) (%d+) (%d+) (%d+) (%-?%d+) (%-?%d+) (%S+) ?(.*)$')
@@ -168,16 +260,18 @@ end
 
 -- Write the record, and any further (field, value) pairs of the reservation, in one HSET.
 local function save_rec(rec, ...)
-  redis.call('HSET', KR, rec.id, fmt('%s %s %d %s %s %d %d %d %d %d %d %s %s', rec.st, rec.u, rec.e, rec.op, rec.c0,
-    rec.x, rec.g, rec.dl, rec.n, rec.ch, rec.fin, rec.sp, concat(rec.bs, ',')), ...)
+  hash_set(HR, rec.id, fmt('%s %s %d %s %s %d %d %d %d %d %d %s %s', rec.st, rec.u, rec.e, rec.op, rec.c0,
+    rec.x, rec.g, rec.dl, rec.n, rec.ch, rec.fin, rec.sp, concat(rec.bs, ',')))
+  local more = {...}
+  for i = 1, #more, 2 do hash_set(HR, more[i], more[i + 1]) end
 end
 
 local function finalize(rec, status, ...)
   rec.st = status
   rec.fin = NOW
   save_rec(rec, ...)
-  redis.call('ZREM', KDUE, rec.id)
-  redis.call('ZADD', KFIN, NOW, rec.id)
+  zset_put(ZDUE, rec.id, false)
+  zset_put(ZFIN, rec.id, NOW)
 end
 
 local function expire_rec(rec)
@@ -192,6 +286,7 @@ end
 -- that was every overdue one.
 local function expire_due(limit)
   if limit <= 0 then return 0, false end
+  zset_flush(ZDUE)
   local due = redis.call('ZRANGEBYSCORE', KDUE, '-inf', '(' .. NOW_S, 'LIMIT', 0, limit)
   local n = 0
   for _, rid in ipairs(due) do
@@ -200,7 +295,7 @@ local function expire_due(limit)
       expire_rec(rec)
       n = n + 1
     else
-      redis.call('ZREM', KDUE, rid)
+      zset_put(ZDUE, rid, false)
     end
   end
   return n, #due < limit
@@ -474,7 +569,7 @@ local function settle_target(op, rid, key, hash)
     return nil, fail('NOT_FOUND', 'reservation ' .. q(rid) .. ' not found', {reservation_id = rid})
   end
   if rec.st ~= 'ACTIVE' and rec.st ~= 'EXPIRED' then
-    local stored = redis.call('HGET', KR, rid .. '|k')
+    local stored = hash_get(HR, rid .. '|k')
     if stored then
       -- "op\nhash\n<key length>\n<key><answer>": the key may hold any character
       local sop, shash, len, rest = string.match(stored, '^(%a+)\n([^\n]*)\n(%d+)\n(.*)$')
@@ -510,17 +605,27 @@ end
 
 local OPS = {}
 
--- Run the batch in ARGV (four arguments per operation) with `op`; one reply entry per operation.
+local function raised(err)
+  if type(err) == 'table' then err = err.err end
+  return {'raise', tostring(err)}
+end
+
+-- Run the batch in ARGV (four arguments per operation) with `op`; one reply entry per operation. Then
+-- write back the cache, whatever the operations answered: an operation that raised keeps the writes it made
+-- before, as it would without the cache. Should that fail, no answer but a refusal can be trusted.
 local function run_batch(op)
   local out = {}
   for i = 3, #ARGV, 4 do
     KI, KEY, F, TEXT = KEYS[tonumber(ARGV[i])], ARGV[i + 1], split(ARGV[i + 2], SEP), ARGV[i + 3]
     local ok, reply = pcall(op)
-    if not ok then
-      if type(reply) == 'table' then reply = reply.err end
-      reply = {'raise', tostring(reply)}
-    end
+    if not ok then reply = raised(reply) end
     out[#out + 1] = reply
+  end
+  local err = flush()
+  if err ~= nil then
+    for i, reply in ipairs(out) do
+      if reply[1] ~= 'err' then out[i] = raised(err) end
+    end
   end
   return out
 end
@@ -597,8 +702,8 @@ OPS.reserve = function(decide_only)
   else
     save_rec(rec, rid .. '|s', static)
   end
-  redis.call('ZADD', KDUE, rec.dl, rid)
-  redis.call('ZADD', KIDS, NOW, rid)
+  zset_put(ZDUE, rid, rec.dl)
+  zset_put(ZIDS, rid, NOW)
   emit('reserved', path, unit, ev.amount, rid, nil, data)
   reply[8], reply[9], reply[10], reply[11], reply[12] = rid, I(ev.amount), I(expires), I(ttl), concat(budgeted, ',')
   if hash ~= '' then remember(hash, joined(reply, 2, #reply)) end
@@ -692,7 +797,7 @@ OPS.extend = function()
   rec.dl = rec.x + rec.g
   rec.n = rec.n + 1
   save_rec(rec)
-  redis.call('ZADD', KDUE, rec.dl, rid)
+  zset_put(ZDUE, rid, rec.dl)
   emit('extended', rec.sp, rec.u, nil, rid, nil, '{"expires_at_ms":' .. I(rec.x) .. ',"extend_by_ms":' .. I(by) .. '}')
   local reply = {'extend', I(rec.x), NOW_S}
   remember(hash, reply[2])
@@ -793,10 +898,15 @@ end
 -- F: limit. Reply: {"sweep", expired, pruned}.
 OPS.sweep = function()
   local n = expire_due(tonumber(F[1]))
-  -- Finalized reservations older than the retention go, with all their fields and their listing entry.
+  -- Finalized reservations older than the retention go, with all their fields and their listing entry;
+  -- straight in Redis, after what is pending, and the cache forgets the fields.
+  local err = flush()
+  if err ~= nil then error(err) end
   local old = redis.call('ZRANGEBYSCORE', KFIN, '-inf', '(' .. I(NOW - RETAIN), 'LIMIT', 0, 1000)
   for _, rid in ipairs(old) do
-    redis.call('HDEL', KR, rid, rid .. '|s', rid .. '|c', rid .. '|k')
+    local fields = {rid, rid .. '|s', rid .. '|c', rid .. '|k'}
+    redis.call('HDEL', KR, unpack(fields))
+    for _, f in ipairs(fields) do HR.val[f] = nil end
     redis.call('ZREM', KIDS, rid)
     redis.call('ZREM', KFIN, rid)
   end

@@ -43,7 +43,16 @@ local UNITS = {'CREDITS', 'RISK_POINTS', 'TOKENS', 'USD_MICROCENTS'} -- sorted, 
 local SEP = '\31'
 local fmt, concat, find, sub = string.format, table.concat, string.find, string.sub
 
-local function I(n) return fmt('%d', n) end
+-- Integers as text (%d); a batch prints the same amounts and times again and again.
+local ITEXT = {}
+local function I(n)
+  local text = ITEXT[n]
+  if text == nil then
+    text = fmt('%d', n)
+    if n == n then ITEXT[n] = text end -- not NaN
+  end
+  return text
+end
 local function opt(s) if s == '' then return nil end return s end
 local function num(s) if s == nil or s == '' then return nil end return tonumber(s) end
 -- JSON string literals; a batch quotes the same scopes and units again and again.
@@ -177,43 +186,84 @@ end
 -- --- budgets --------------------------------------------------------------------------------------
 local function rem(b) return b.a - b.s - b.r - b.d end
 
+-- A budget is a table {scope, unit, f (its field), a, s, r, d, o, x, st, c, text}. Decoding a text is the
+-- dearest part of an operation, so the batch keeps the last budget of each field it decoded or saved
+-- (DEC[field], good while its text is the field's cached text) and hands out copies: an operation changes
+-- its copy and nothing else until it saves. A saved budget becomes DEC's entry: it must not change after.
+local DEC = {}
+
 local function decode_budget(scope, unit, text)
   local a, s, r, d, o, x, st, c = string.match(text, '^(%-?%d+) (%-?%d+) (%-?%d+) (%-?%d+) (%-?%d+) (%d) (%u+) ?(.*)$')
   return {scope = scope, unit = unit, a = tonumber(a), s = tonumber(s), r = tonumber(r), d = tonumber(d),
           o = tonumber(o), x = x == '1', st = st, c = c}
 end
 
+-- The text of b; when only spent and reserved changed since the budget it was copied from (b.p), the text
+-- around them is that budget's.
 local function encode_budget(b)
-  local text = fmt('%d %d %d %d %d %d %s', b.a, b.s, b.r, b.d, b.o, b.x and 1 or 0, b.st)
-  if b.c ~= '' then text = text .. ' ' .. b.c end
+  local p, text = b.p, nil
+  if p and p.a == b.a and p.d == b.d and p.o == b.o and p.x == b.x and p.st == b.st and p.c == b.c then
+    local head, tail = p.head, p.tail
+    if head == nil then
+      head = fmt('%d ', p.a)
+      tail = fmt(' %d %d %d %s', p.d, p.o, p.x and 1 or 0, p.st)
+      if p.c ~= '' then tail = tail .. ' ' .. p.c end
+      p.head, p.tail = head, tail
+    end
+    text = head .. fmt('%d %d', b.s, b.r) .. tail
+    b.head, b.tail = head, tail
+  else
+    text = fmt('%d %d %d %d %d %d %s', b.a, b.s, b.r, b.d, b.o, b.x and 1 or 0, b.st)
+    if b.c ~= '' then text = text .. ' ' .. b.c end
+    b.head, b.tail = nil, nil
+  end
   b.text = text
   return text
 end
 
--- Budgets at `scopes` in `unit` (or in every unit), in scope order then unit order.
-local function load_budgets(scopes, unit)
-  local fields, meta = {}, {}
-  for _, s in ipairs(scopes) do
-    if unit then
-      fields[#fields + 1] = s .. '|' .. unit
-      meta[#meta + 1] = s
-    else
-      for _, u in ipairs(UNITS) do
+-- The fields of `scopes` in `unit` (or in every unit), in scope order then unit order, with the scope and
+-- unit of each; kept per list of scopes (lists of scopes are never changed once made).
+local FIELDS = {}
+local function budget_fields(scopes, unit)
+  local per = FIELDS[scopes]
+  if per == nil then
+    per = {}
+    FIELDS[scopes] = per
+  end
+  local got = per[unit or '']
+  if got == nil then
+    local fields, ss, us = {}, {}, {}
+    for _, s in ipairs(scopes) do
+      for _, u in ipairs(unit and {unit} or UNITS) do
         fields[#fields + 1] = s .. '|' .. u
-        meta[#meta + 1] = s
+        ss[#fields], us[#fields] = s, u
       end
     end
+    got = {fields, ss, us}
+    per[unit or ''] = got
   end
+  return got[1], got[2], got[3]
+end
+
+-- Budgets at `scopes` in `unit` (or in every unit), in scope order then unit order.
+local function load_budgets(scopes, unit)
+  local fields, ss, us = budget_fields(scopes, unit)
   if #fields == 0 then return {} end
   hash_fetch(HB, fields)
   local vals = HB.val
   local out = {}
   for i = 1, #fields do
-    local text = vals[fields[i]]
+    local f = fields[i]
+    local text = vals[f]
     if text then
-      local b = decode_budget(meta[i], sub(fields[i], #meta[i] + 2), text)
-      b.text = text
-      out[#out + 1] = b
+      local p = DEC[f]
+      if p == nil or p.text ~= text then
+        p = decode_budget(ss[i], us[i], text)
+        p.f, p.text = f, text
+        DEC[f] = p
+      end
+      out[#out + 1] = {scope = p.scope, unit = p.unit, f = f, a = p.a, s = p.s, r = p.r, d = p.d, o = p.o, x = p.x,
+                       st = p.st, c = p.c, text = text, p = p}
     end
   end
   return out
@@ -221,14 +271,16 @@ end
 
 local function save_budgets(budgets)
   for _, b in ipairs(budgets) do
-    hash_set(HB, b.scope .. '|' .. b.unit, encode_budget(b))
+    hash_set(HB, b.f, encode_budget(b))
+    b.p = nil
+    DEC[b.f] = b
   end
 end
 
 -- Balances go back as pairs of field and stored text; the client parses them like HGETALL output.
 local function push_balances(out, budgets)
   for _, b in ipairs(budgets) do
-    out[#out + 1] = b.scope .. '|' .. b.unit
+    out[#out + 1] = b.f
     out[#out + 1] = b.text
   end
   return out
@@ -236,6 +288,14 @@ end
 
 -- --- events ----------------------------------------------------------------------------------------
 local function emit(typ, scope, unit, amount, rid, reason, data)
+  if scope and unit and amount and rid and not reason then -- reserved, committed, released, expired: no table
+    if data then
+      return redis.call('XADD', KE, 'MAXLEN', '~', MAXLEN, '*', 'ts', NOW_S, 'type', typ, 'scope', scope, 'unit', unit,
+        'amount', I(amount), 'rid', rid, 'data', data)
+    end
+    return redis.call('XADD', KE, 'MAXLEN', '~', MAXLEN, '*', 'ts', NOW_S, 'type', typ, 'scope', scope, 'unit', unit,
+      'amount', I(amount), 'rid', rid)
+  end
   local f = {'ts', NOW_S, 'type', typ}
   if scope then f[#f + 1] = 'scope'; f[#f + 1] = scope end
   if unit then f[#f + 1] = 'unit'; f[#f + 1] = unit end
@@ -247,29 +307,45 @@ local function emit(typ, scope, unit, amount, rid, reason, data)
 end
 
 -- --- reservations ----------------------------------------------------------------------------------
+-- The lists of budgeted scopes of the records read, by their text (shared: never change one).
+local LISTS = {}
+
+-- A record as a table; `mid` and `tail` are its text between the status and `charged` and after
+-- `finalized`, kept to write it back around a new status, charged and finalized (charged and finalized
+-- stay as read, text, until set: only written, never computed on).
 local function load_rec(rid)
   local text = hash_get(HR, rid)
   if not text then return nil end
-  local st, u, e, op, c0, x, g, dl, n, ch, fin, sp, bs = string.match(text,
-    '^(%u+) (%S+) (%d+) (%S+) (%d+) (%d+) (%d+) (%d+) (%d+) (%-?%d+) (%-?%d+) (%S+) ?(.*)$')
-  local scopes = {}
-  if bs ~= '' then scopes = split(bs, ',') end
-  return {id = rid, st = st, u = u, e = tonumber(e), op = op, c0 = c0, x = tonumber(x), g = tonumber(g),
-          dl = tonumber(dl), n = tonumber(n), ch = tonumber(ch), fin = tonumber(fin), sp = sp, bs = scopes}
+  local st, mid, u, e, op, c0, x, g, dl, n, ch, fin, tail, sp, bs = string.match(text,
+    '^(%u+) ((%S+) (%d+) (%S+) (%d+) (%d+) (%d+) (%d+) (%d+)) (%-?%d+) (%-?%d+) ((%S+) ?(.*))$')
+  local scopes = LISTS[bs]
+  if scopes == nil then
+    scopes = {}
+    if bs ~= '' then scopes = split(bs, ',') end
+    LISTS[bs] = scopes
+  end
+  e, x, dl, n = tonumber(e), tonumber(x), tonumber(dl), tonumber(n)
+  return {id = rid, st = st, u = u, e = e, op = op, c0 = c0, x = x, g = tonumber(g), dl = dl, n = n, ch = ch,
+          fin = fin, sp = sp, bs = scopes, mid = mid, tail = tail, e0 = e, x0 = x, dl0 = dl, n0 = n}
 end
 
--- Write the record, and any further (field, value) pairs of the reservation, in one HSET.
-local function save_rec(rec, ...)
-  hash_set(HR, rec.id, fmt('%s %s %d %s %s %d %d %d %d %d %d %s %s', rec.st, rec.u, rec.e, rec.op, rec.c0,
-    rec.x, rec.g, rec.dl, rec.n, rec.ch, rec.fin, rec.sp, concat(rec.bs, ',')))
-  local more = {...}
-  for i = 1, #more, 2 do hash_set(HR, more[i], more[i + 1]) end
+-- Write the record, and a further (field, value) of the reservation, in one HSET.
+local function save_rec(rec, field, value)
+  local text
+  if rec.mid and rec.e == rec.e0 and rec.x == rec.x0 and rec.dl == rec.dl0 and rec.n == rec.n0 then
+    text = rec.st .. ' ' .. rec.mid .. ' ' .. I(rec.ch) .. ' ' .. I(rec.fin) .. ' ' .. rec.tail
+  else
+    text = fmt('%s %s %d %s %s %d %d %d %d %d %d %s %s', rec.st, rec.u, rec.e, rec.op, rec.c0, rec.x, rec.g, rec.dl,
+      rec.n, rec.ch, rec.fin, rec.sp, concat(rec.bs, ','))
+  end
+  hash_set(HR, rec.id, text)
+  if field then hash_set(HR, field, value) end
 end
 
-local function finalize(rec, status, ...)
+local function finalize(rec, status, field, value)
   rec.st = status
   rec.fin = NOW
-  save_rec(rec, ...)
+  save_rec(rec, field, value)
   zset_put(ZDUE, rec.id, false)
   zset_put(ZFIN, rec.id, NOW)
 end
@@ -605,6 +681,32 @@ end
 
 local OPS = {}
 
+-- The fields of an operation: its first HEAD fields are its own (ids, hashes); the rest is most often the
+-- same for many operations of a batch, so it is split once per batch and the table shared (HEAD is set by
+-- the operation's section). Shared tables are never changed but for their head, so what an operation
+-- derives from the rest alone may be kept in them under a name (F.scopes).
+local HEAD = 0
+local TAILS = {}
+local function fields_of(joined)
+  if HEAD == 0 then return split(joined, SEP) end
+  local heads, at = {}, 1
+  for i = 1, HEAD do
+    local j = find(joined, SEP, at, true)
+    if not j then return split(joined, SEP) end
+    heads[i] = sub(joined, at, j - 1)
+    at = j + 1
+  end
+  local tail = sub(joined, at)
+  local f = TAILS[tail]
+  if f == nil then
+    f = split(tail, SEP)
+    for i = #f, 1, -1 do f[i + HEAD] = f[i] end
+    TAILS[tail] = f
+  end
+  for i = 1, HEAD do f[i] = heads[i] end
+  return f
+end
+
 local function raised(err)
   if type(err) == 'table' then err = err.err end
   return {'raise', tostring(err)}
@@ -616,7 +718,7 @@ end
 local function run_batch(op)
   local out = {}
   for i = 3, #ARGV, 4 do
-    KI, KEY, F, TEXT = KEYS[tonumber(ARGV[i])], ARGV[i + 1], split(ARGV[i + 2], SEP), ARGV[i + 3]
+    KI, KEY, F, TEXT = KEYS[tonumber(ARGV[i])], ARGV[i + 1], fields_of(ARGV[i + 2]), ARGV[i + 3]
     local ok, reply = pcall(op)
     if not ok then reply = raised(reply) end
     out[#out + 1] = reply
@@ -636,14 +738,19 @@ end
 -- subject JSON, action JSON, metadata JSON, scopes…
 -- Reply: {"reserve", decision, reason, scope, remaining, caps JSON, dry_run, rid, amount, expires_at,
 --         ttl, budgeted scopes, balances…}; a replay: {"replay", stored reply, now, balances…}.
+HEAD = 2
 OPS.reserve = function(decide_only)
   local key, hash, rid, unit = KEY, F[1], F[2], F[3]
   local estimate, ttl, grace, policy = tonumber(F[4]), tonumber(F[5]), tonumber(F[6]), F[7]
   local dry_run, allow_unbudgeted = F[8] == '1', F[9] == '1'
   local soft = nil
   if F[10] ~= '' then soft = {tonumber(F[10]), tonumber(F[11]), num(F[12])} end
-  local scopes = {}
-  for i = 16, #F do scopes[#scopes + 1] = F[i] end
+  local scopes = F.scopes
+  if scopes == nil then
+    scopes = {}
+    for i = 16, #F do scopes[#scopes + 1] = F[i] end
+    F.scopes = scopes
+  end
   local path = scopes[#scopes]
 
   if not decide_only then
@@ -689,23 +796,29 @@ OPS.reserve = function(decide_only)
   local expires = NOW + ttl
   local budgeted = {}
   for i, b in ipairs(budgets) do budgeted[i] = b.scope end
-  local rec = {id = rid, st = 'ACTIVE', u = unit, e = ev.amount, op = policy, c0 = NOW_S, x = expires, g = grace,
-               dl = expires + grace, n = 0, ch = -1, fin = -1, sp = path, bs = budgeted}
-  local quoted = {}
-  for i, s in ipairs(scopes) do quoted[i] = q(s) end
-  local static = '{"idempotency_key":' .. q(key) .. ',"subject":' .. F[13] .. ',"action":' .. F[14] ..
-    ',"affected_scopes":[' .. concat(quoted, ',') .. '],"metadata":' .. (F[15] ~= '' and F[15] or 'null') .. '}'
+  local amount_s, expires_s, budgeted_s = I(ev.amount), I(expires), concat(budgeted, ',')
+  -- the record, as save_rec would write {ACTIVE, unit, amount, policy, now, expires, grace, deadline, 0, -1, -1,
+  -- path, budgeted}
+  hash_set(HR, rid, 'ACTIVE ' .. unit .. ' ' .. amount_s .. ' ' .. policy .. ' ' .. NOW_S .. ' ' .. expires_s .. ' ' ..
+    I(grace) .. ' ' .. I(expires + grace) .. ' 0 -1 -1 ' .. path .. ' ' .. budgeted_s)
+  local static = F.static -- the static JSON after the key
+  if static == nil then
+    local quoted = {}
+    for i, s in ipairs(scopes) do quoted[i] = q(s) end
+    static = ',"subject":' .. F[13] .. ',"action":' .. F[14] .. ',"affected_scopes":[' .. concat(quoted, ',') ..
+      '],"metadata":' .. (F[15] ~= '' and F[15] or 'null') .. '}'
+    F.static = static
+  end
+  hash_set(HR, rid .. '|s', '{"idempotency_key":' .. q(key) .. static)
   local data = nil
   if caps and caps ~= '{}' then
-    save_rec(rec, rid .. '|s', static, rid .. '|c', caps)
+    hash_set(HR, rid .. '|c', caps)
     data = '{"decision":' .. q(ev.decision) .. ',"caps":' .. caps .. '}'
-  else
-    save_rec(rec, rid .. '|s', static)
   end
-  zset_put(ZDUE, rid, rec.dl)
+  zset_put(ZDUE, rid, expires + grace)
   zset_put(ZIDS, rid, NOW)
   emit('reserved', path, unit, ev.amount, rid, nil, data)
-  reply[8], reply[9], reply[10], reply[11], reply[12] = rid, I(ev.amount), I(expires), I(ttl), concat(budgeted, ',')
+  reply[8], reply[9], reply[10], reply[11], reply[12] = rid, amount_s, expires_s, I(ttl), budgeted_s
   if hash ~= '' then remember(hash, joined(reply, 2, #reply)) end
   return push_balances(reply, budgets)
 end
@@ -717,6 +830,7 @@ OPS.decide = function() return OPS.reserve(true) end
 --@@ commit
 -- F: rid, hash, unit, actual, metrics JSON, metadata JSON.
 -- Reply: {"commit", charged, released, balances…}; a replay: {"replay", stored reply, now, balances…}.
+HEAD = 2
 OPS.commit = function()
   local rid, key, hash, unit, actual = F[1], KEY, F[2], F[3], tonumber(F[4])
   expire_overdue()
@@ -732,16 +846,17 @@ OPS.commit = function()
   save_budgets(budgets)
   local released = math.max(rec.e - actual, 0)
   local reply = {'commit', I(charged), I(released)}
-  settled(rec, 'COMMITTED', charged, 'commit', key, hash, joined(reply, 2, 3))
-  local data = '{"actual":' .. I(actual) .. ',"released":' .. I(released)
+  settled(rec, 'COMMITTED', charged, 'commit', key, hash, reply[2] .. SEP .. reply[3])
+  local over, metrics, metadata = '', '', ''
   if #flagged > 0 then
     local quoted = {}
     for i, s in ipairs(flagged) do quoted[i] = q(s) end
-    data = data .. ',"over_limit":[' .. concat(quoted, ',') .. ']'
+    over = ',"over_limit":[' .. concat(quoted, ',') .. ']'
   end
-  if F[5] ~= '' then data = data .. ',"metrics":' .. F[5] end
-  if F[6] ~= '' then data = data .. ',"metadata":' .. F[6] end
-  emit('committed', rec.sp, rec.u, charged, rid, nil, data .. '}')
+  if F[5] ~= '' then metrics = ',"metrics":' .. F[5] end
+  if F[6] ~= '' then metadata = ',"metadata":' .. F[6] end
+  emit('committed', rec.sp, rec.u, charged, rid, nil,
+    '{"actual":' .. I(actual) .. ',"released":' .. I(released) .. over .. metrics .. metadata .. '}')
   for _, scope in ipairs(flagged) do emit('over_limit', scope, rec.u, nil, rid) end
   return push_balances(reply, budgets)
 end
@@ -767,6 +882,7 @@ end
 --@@ extend
 -- F: rid, hash, extend_by_ms, max_extensions.
 -- Reply: {"extend", expires_at, now, balances…}; a replay: {"replay", expires_at, now, balances…}.
+HEAD = 2
 OPS.extend = function()
   local rid, key, hash, by, max_ext = F[1], KEY, F[2], tonumber(F[3]), num(F[4])
   expire_overdue()
@@ -807,11 +923,16 @@ end
 --@@ event
 -- F: hash, unit, actual, policy, allow_unbudgeted, subject, action, metrics, metadata, scopes…
 -- Reply: {"event", stream id, charged, budgeted scopes, balances…} or a replay.
+HEAD = 1
 OPS.event = function()
   local key, hash, unit, actual, policy = KEY, F[1], F[2], tonumber(F[3]), F[4]
   local allow_unbudgeted = F[5] == '1'
-  local scopes = {}
-  for i = 10, #F do scopes[#scopes + 1] = F[i] end
+  local scopes = F.scopes
+  if scopes == nil then
+    scopes = {}
+    for i = 10, #F do scopes[#scopes + 1] = F[i] end
+    F.scopes = scopes
+  end
   local path = scopes[#scopes]
   expire_overdue()
   local prior, bad = replay('event', key, hash)
@@ -854,8 +975,8 @@ OPS.budget = function()
   local data = '{}'
   if op == 'set' then
     if not b then
-      b = {scope = scope, unit = unit, a = amount, s = 0, r = 0, d = 0, o = overdraft or 0, x = false, st = 'ACTIVE',
-           c = (caps and caps ~= '{}') and caps or ''}
+      b = {scope = scope, unit = unit, f = scope .. '|' .. unit, a = amount, s = 0, r = 0, d = 0, o = overdraft or 0,
+           x = false, st = 'ACTIVE', c = (caps and caps ~= '{}') and caps or ''}
     else
       data = '{"previous_allocated":' .. I(b.a) .. '}'
       b.a = amount
@@ -869,7 +990,7 @@ OPS.budget = function()
     end
     save_budgets({b})
     emit('budget_set', scope, unit, amount, nil, nil, data)
-    return {'budget', scope .. '|' .. unit, b.text}
+    return {'budget', b.f, b.text}
   end
   if not b then return fail('NOT_FOUND', 'no ' .. unit .. ' budget at ' .. scope, {scope = scope}) end
   if b.st == 'CLOSED' then return fail('BUDGET_CLOSED', 'budget ' .. b.scope .. ' is closed', {scope = b.scope}) end
@@ -891,7 +1012,7 @@ OPS.budget = function()
   end
   save_budgets({b})
   emit(kind, scope, unit, amt, nil, nil, data)
-  return {'budget', scope .. '|' .. unit, b.text}
+  return {'budget', b.f, b.text}
 end
 
 --@@ sweep

@@ -29,13 +29,17 @@
 -- (a bug) is caught per operation and comes back as {"raise", message}, for that operation's caller only.
 
 local KB, KR, KDUE, KE, KFIN, KIDS = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+-- Globals read often, as locals (a global is a table lookup each time).
+local rcall, tonumber, tostring, type, pairs, ipairs, unpack, pcall, error =
+  redis.call, tonumber, tostring, type, pairs, ipairs, unpack, pcall, error
+local max, min, floor, match = math.max, math.min, math.floor, string.match
 local KI, KEY, F, TEXT -- the current operation's idempotency key name, key, fields and text (set by run_batch)
 local NOW
 if ARGV[1] ~= '' then
   NOW = tonumber(ARGV[1])
 else
-  local t = redis.call('TIME')
-  NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local t = rcall('TIME')
+  NOW = tonumber(t[1]) * 1000 + floor(tonumber(t[2]) / 1000)
 end
 local NOW_S = string.format('%d', NOW)
 local MAX_EXACT = 9007199254740991
@@ -102,7 +106,7 @@ local HB, HR = new_hash(KB), new_hash(KR)
 local function hash_get(h, field)
   local v = h.val[field]
   if v == nil then
-    v = redis.call('HGET', h.key, field)
+    v = rcall('HGET', h.key, field)
     h.val[field] = v
   end
   return v
@@ -115,8 +119,8 @@ local function hash_fetch(h, fields)
     if val[fields[i]] == nil then miss[#miss + 1] = fields[i] end
   end
   for from = 1, #miss, CHUNK do
-    local to = math.min(from + CHUNK - 1, #miss)
-    local got = redis.call('HMGET', h.key, unpack(miss, from, to))
+    local to = min(from + CHUNK - 1, #miss)
+    local got = rcall('HMGET', h.key, unpack(miss, from, to))
     for i = from, to do val[miss[i]] = got[i - from + 1] end
   end
 end
@@ -135,11 +139,11 @@ local function hash_flush(h)
   h.order, h.dirty = {}, {}
   for from = 1, #order, CHUNK do
     local args = {}
-    for i = from, math.min(from + CHUNK - 1, #order) do
+    for i = from, min(from + CHUNK - 1, #order) do
       args[#args + 1] = order[i]
       args[#args + 1] = val[order[i]]
     end
-    redis.call('HSET', h.key, unpack(args))
+    rcall('HSET', h.key, unpack(args))
   end
 end
 
@@ -162,14 +166,14 @@ local function zset_flush(z)
     if s then
       add[#add + 1] = s
       add[#add + 1] = m
-      if #add >= 2 * CHUNK then redis.call('ZADD', z.key, unpack(add)); add = {} end
+      if #add >= 2 * CHUNK then rcall('ZADD', z.key, unpack(add)); add = {} end
     else
       del[#del + 1] = m
-      if #del >= CHUNK then redis.call('ZREM', z.key, unpack(del)); del = {} end
+      if #del >= CHUNK then rcall('ZREM', z.key, unpack(del)); del = {} end
     end
   end
-  if #add > 0 then redis.call('ZADD', z.key, unpack(add)) end
-  if #del > 0 then redis.call('ZREM', z.key, unpack(del)) end
+  if #add > 0 then rcall('ZADD', z.key, unpack(add)) end
+  if #del > 0 then rcall('ZREM', z.key, unpack(del)) end
 end
 
 -- Write back everything pending; each part is tried even when another fails. Returns the first error.
@@ -186,37 +190,31 @@ end
 -- --- budgets --------------------------------------------------------------------------------------
 local function rem(b) return b.a - b.s - b.r - b.d end
 
--- A budget is a table {scope, unit, f (its field), a, s, r, d, o, x, st, c, text}. Decoding a text is the
--- dearest part of an operation, so the batch keeps the last budget of each field it decoded or saved
--- (DEC[field], good while its text is the field's cached text) and hands out copies: an operation changes
--- its copy and nothing else until it saves. A saved budget becomes DEC's entry: it must not change after.
+-- A budget is a table {scope, unit, f (its field), a, s, r, d, o, x, st, c, text}. Decoding a text is dear,
+-- so a batch keeps the budget of each field it decoded (DEC[field], good while its text is the field's
+-- cached text) and hands the same table out again: operations change budgets in place, then save them,
+-- which sets their text. A refusal or an error may leave a changed budget unsaved, so after one the batch
+-- forgets them all (run_batch) and decodes the cached texts again.
 local DEC = {}
 
 local function decode_budget(scope, unit, text)
-  local a, s, r, d, o, x, st, c = string.match(text, '^(%-?%d+) (%-?%d+) (%-?%d+) (%-?%d+) (%-?%d+) (%d) (%u+) ?(.*)$')
+  local a, s, r, d, o, x, st, c = match(text, '^(%-?%d+) (%-?%d+) (%-?%d+) (%-?%d+) (%-?%d+) (%d) (%u+) ?(.*)$')
   return {scope = scope, unit = unit, a = tonumber(a), s = tonumber(s), r = tonumber(r), d = tonumber(d),
           o = tonumber(o), x = x == '1', st = st, c = c}
 end
 
--- The text of b; when only spent and reserved changed since the budget it was copied from (b.p), the text
--- around them is that budget's.
+-- The text of b: "a s r d o x st[ c]", printed as head .. "s r" .. tail where head and tail are kept per field
+-- with the values they print (most operations change only spent and reserved).
+local AROUND = {}
 local function encode_budget(b)
-  local p, text = b.p, nil
-  if p and p.a == b.a and p.d == b.d and p.o == b.o and p.x == b.x and p.st == b.st and p.c == b.c then
-    local head, tail = p.head, p.tail
-    if head == nil then
-      head = fmt('%d ', p.a)
-      tail = fmt(' %d %d %d %s', p.d, p.o, p.x and 1 or 0, p.st)
-      if p.c ~= '' then tail = tail .. ' ' .. p.c end
-      p.head, p.tail = head, tail
-    end
-    text = head .. fmt('%d %d', b.s, b.r) .. tail
-    b.head, b.tail = head, tail
-  else
-    text = fmt('%d %d %d %d %d %d %s', b.a, b.s, b.r, b.d, b.o, b.x and 1 or 0, b.st)
-    if b.c ~= '' then text = text .. ' ' .. b.c end
-    b.head, b.tail = nil, nil
+  local h = AROUND[b.f]
+  if h == nil or h.a ~= b.a or h.d ~= b.d or h.o ~= b.o or h.x ~= b.x or h.st ~= b.st or h.c ~= b.c then
+    local tail = fmt(' %d %d %d %s', b.d, b.o, b.x and 1 or 0, b.st)
+    if b.c ~= '' then tail = tail .. ' ' .. b.c end
+    h = {a = b.a, d = b.d, o = b.o, x = b.x, st = b.st, c = b.c, head = fmt('%d ', b.a), tail = tail}
+    AROUND[b.f] = h
   end
+  local text = h.head .. fmt('%d %d', b.s, b.r) .. h.tail
   b.text = text
   return text
 end
@@ -256,14 +254,13 @@ local function load_budgets(scopes, unit)
     local f = fields[i]
     local text = vals[f]
     if text then
-      local p = DEC[f]
-      if p == nil or p.text ~= text then
-        p = decode_budget(ss[i], us[i], text)
-        p.f, p.text = f, text
-        DEC[f] = p
+      local b = DEC[f]
+      if b == nil or b.text ~= text then
+        b = decode_budget(ss[i], us[i], text)
+        b.f, b.text = f, text
+        DEC[f] = b
       end
-      out[#out + 1] = {scope = p.scope, unit = p.unit, f = f, a = p.a, s = p.s, r = p.r, d = p.d, o = p.o, x = p.x,
-                       st = p.st, c = p.c, text = text, p = p}
+      out[#out + 1] = b
     end
   end
   return out
@@ -272,7 +269,6 @@ end
 local function save_budgets(budgets)
   for _, b in ipairs(budgets) do
     hash_set(HB, b.f, encode_budget(b))
-    b.p = nil
     DEC[b.f] = b
   end
 end
@@ -290,10 +286,10 @@ end
 local function emit(typ, scope, unit, amount, rid, reason, data)
   if scope and unit and amount and rid and not reason then -- reserved, committed, released, expired: no table
     if data then
-      return redis.call('XADD', KE, 'MAXLEN', '~', MAXLEN, '*', 'ts', NOW_S, 'type', typ, 'scope', scope, 'unit', unit,
+      return rcall('XADD', KE, 'MAXLEN', '~', MAXLEN, '*', 'ts', NOW_S, 'type', typ, 'scope', scope, 'unit', unit,
         'amount', I(amount), 'rid', rid, 'data', data)
     end
-    return redis.call('XADD', KE, 'MAXLEN', '~', MAXLEN, '*', 'ts', NOW_S, 'type', typ, 'scope', scope, 'unit', unit,
+    return rcall('XADD', KE, 'MAXLEN', '~', MAXLEN, '*', 'ts', NOW_S, 'type', typ, 'scope', scope, 'unit', unit,
       'amount', I(amount), 'rid', rid)
   end
   local f = {'ts', NOW_S, 'type', typ}
@@ -303,7 +299,7 @@ local function emit(typ, scope, unit, amount, rid, reason, data)
   if rid then f[#f + 1] = 'rid'; f[#f + 1] = rid end
   if reason then f[#f + 1] = 'reason'; f[#f + 1] = reason end
   if data then f[#f + 1] = 'data'; f[#f + 1] = data end
-  return redis.call('XADD', KE, 'MAXLEN', '~', MAXLEN, '*', unpack(f))
+  return rcall('XADD', KE, 'MAXLEN', '~', MAXLEN, '*', unpack(f))
 end
 
 -- --- reservations ----------------------------------------------------------------------------------
@@ -316,7 +312,7 @@ local LISTS = {}
 local function load_rec(rid)
   local text = hash_get(HR, rid)
   if not text then return nil end
-  local st, mid, u, e, op, c0, x, g, dl, n, ch, fin, tail, sp, bs = string.match(text,
+  local st, mid, u, e, op, c0, x, g, dl, n, ch, fin, tail, sp, bs = match(text,
     '^(%u+) ((%S+) (%d+) (%S+) (%d+) (%d+) (%d+) (%d+) (%d+)) (%-?%d+) (%-?%d+) ((%S+) ?(.*))$')
   local scopes = LISTS[bs]
   if scopes == nil then
@@ -363,7 +359,7 @@ end
 local function expire_due(limit)
   if limit <= 0 then return 0, false end
   zset_flush(ZDUE)
-  local due = redis.call('ZRANGEBYSCORE', KDUE, '-inf', '(' .. NOW_S, 'LIMIT', 0, limit)
+  local due = rcall('ZRANGEBYSCORE', KDUE, '-inf', '(' .. NOW_S, 'LIMIT', 0, limit)
   local n = 0
   for _, rid in ipairs(due) do
     local rec = load_rec(rid)
@@ -389,7 +385,7 @@ end
 -- --- idempotency ------------------------------------------------------------------------------------
 -- The stored answer for this key: nil, its text, or a mismatch failure.
 local function replay(op, key, hash)
-  local stored = redis.call('GET', KI)
+  local stored = rcall('GET', KI)
   if not stored then return nil end
   local nl = find(stored, '\n', 1, true)
   if sub(stored, 1, nl - 1) ~= hash then
@@ -411,14 +407,14 @@ end
 
 -- The replay of a stored answer whose last field lists its budgeted scopes, with today's balances.
 local function replayed(prior, unit)
-  local budgeted = string.match(prior, '([^\31]*)$')
+  local budgeted = match(prior, '([^\31]*)$')
   local list = {}
   if budgeted ~= '' then list = split(budgeted, ',') end
   return push_balances({'replay', prior, NOW_S}, load_budgets(list, unit))
 end
 
 local function remember(hash, answer)
-  redis.call('SET', KI, hash .. '\n' .. answer, 'PX', RETAIN)
+  rcall('SET', KI, hash .. '\n' .. answer, 'PX', RETAIN)
 end
 
 -- --- rules (mirror cycles_ledger/rules.py) ----------------------------------------------------------
@@ -467,9 +463,9 @@ local function merge_caps(budgets)
             for _, x in ipairs(m[k]) do if theirs[x] then set[x] = true end end
             m[k] = sorted_keys(set)
           elseif k == 'cooldown_ms' then
-            m[k] = math.max(m[k], v)
+            m[k] = max(m[k], v)
           else
-            m[k] = math.min(m[k], v)
+            m[k] = min(m[k], v)
           end
         end
       end
@@ -488,7 +484,7 @@ local function caps_json(caps)
       local items = {}
       for i, x in ipairs(v) do items[i] = q(x) end
       text = '[' .. concat(items, ',') .. ']'
-    elseif type(v) == 'number' and v == math.floor(v) then
+    elseif type(v) == 'number' and v == floor(v) then
       text = I(v)
     else
       text = cjson.encode(v)
@@ -502,11 +498,11 @@ end
 local function per_million(x, d)
   local neg = x < 0
   if neg then x = -x end
-  local quot = math.floor(x / d)
+  local quot = floor(x / d)
   local r = x - quot * d
   for _ = 1, 6 do
     r = r * 10
-    local digit = math.floor(r / d)
+    local digit = floor(r / d)
     quot = quot * 10 + digit
     r = r - digit * d
   end
@@ -519,25 +515,30 @@ end
 
 -- soft: nil or {min, fixed, apm|nil}
 local function evaluate(budgets, estimate, soft)
-  for _, b in ipairs(budgets) do
-    local reason = hard_denial(b)
-    if reason then return {decision = 'DENY', reason = reason, scope = b.scope, remaining = rem(b)} end
+  local n, caps = #budgets, nil
+  for i = 1, n do
+    local b = budgets[i]
+    if b.st == 'CLOSED' or b.st == 'FROZEN' or b.x or b.d > 0 then
+      return {decision = 'DENY', reason = hard_denial(b), scope = b.scope, remaining = rem(b)}
+    end
+    if b.c ~= '' then caps = true end
   end
-  local caps = merge_caps(budgets)
-  if #budgets == 0 then return {decision = 'ALLOW', amount = estimate} end
+  if caps then caps = merge_caps(budgets) end -- nil when no budget has caps
+  if n == 0 then return {decision = 'ALLOW', amount = estimate} end
   local tight = budgets[1]
-  for i = 2, #budgets do
-    if rem(budgets[i]) < rem(tight) then tight = budgets[i] end
-  end
   local left = rem(tight)
+  for i = 2, n do
+    local r = rem(budgets[i])
+    if r < left then tight, left = budgets[i], r end
+  end
   if left >= estimate then
     return {decision = caps and 'ALLOW_WITH_CAPS' or 'ALLOW', amount = estimate, scope = tight.scope,
             remaining = left, caps = caps}
   end
-  if soft and left >= math.max(soft[1], 1) then
+  if soft and left >= max(soft[1], 1) then
     caps = caps or {}
     if soft[3] then
-      local tokens = math.max(0, per_million(left - soft[2], soft[3]))
+      local tokens = max(0, per_million(left - soft[2], soft[3]))
       if caps.max_tokens == nil or tokens < caps.max_tokens then caps.max_tokens = tokens end
     end
     return {decision = 'ALLOW_WITH_CAPS', amount = left, scope = tight.scope, remaining = left, caps = caps}
@@ -581,10 +582,10 @@ local function settle(budgets, held, actual, policy, is_commit)
   if policy == 'ALLOW_IF_AVAILABLE' then
     local available = delta
     for i, b in ipairs(budgets) do
-      local r = math.max(rem(b), 0)
+      local r = max(rem(b), 0)
       if i == 1 or r < available then available = r end
     end
-    local extra = math.min(delta, available)
+    local extra = min(delta, available)
     local flagged = {}
     for _, b in ipairs(budgets) do
       local short = rem(b) < delta
@@ -597,7 +598,7 @@ local function settle(budgets, held, actual, policy, is_commit)
   end
   local plan = {}
   for i, b in ipairs(budgets) do
-    local covered = math.min(delta, math.max(rem(b), 0))
+    local covered = min(delta, max(rem(b), 0))
     local shortfall = delta - covered
     if shortfall > 0 and b.d + shortfall > b.o then
       return nil, fail('OVERDRAFT_LIMIT_EXCEEDED',
@@ -648,7 +649,7 @@ local function settle_target(op, rid, key, hash)
     local stored = hash_get(HR, rid .. '|k')
     if stored then
       -- "op\nhash\n<key length>\n<key><answer>": the key may hold any character
-      local sop, shash, len, rest = string.match(stored, '^(%a+)\n([^\n]*)\n(%d+)\n(.*)$')
+      local sop, shash, len, rest = match(stored, '^(%a+)\n([^\n]*)\n(%d+)\n(.*)$')
       len = tonumber(len)
       if sub(rest, 1, len) == key then
         if sop ~= op or shash ~= hash then
@@ -686,7 +687,7 @@ local OPS = {}
 -- the operation's section). Shared tables are never changed but for their head, so what an operation
 -- derives from the rest alone may be kept in them under a name (F.scopes).
 local HEAD = 0
-local TAILS = {}
+local TAILS, LAST_TAIL, LAST_F = {}, nil, nil
 local function fields_of(joined)
   if HEAD == 0 then return split(joined, SEP) end
   local heads, at = {}, 1
@@ -696,12 +697,18 @@ local function fields_of(joined)
     heads[i] = sub(joined, at, j - 1)
     at = j + 1
   end
-  local tail = sub(joined, at)
-  local f = TAILS[tail]
-  if f == nil then
-    f = split(tail, SEP)
-    for i = #f, 1, -1 do f[i + HEAD] = f[i] end
-    TAILS[tail] = f
+  local f
+  if LAST_TAIL and #joined - at + 1 == #LAST_TAIL and find(joined, LAST_TAIL, at, true) == at then
+    f = LAST_F -- the same rest as the operation before: no new string to make (and hash) for it
+  else
+    local tail = sub(joined, at)
+    f = TAILS[tail]
+    if f == nil then
+      f = split(tail, SEP)
+      for i = #f, 1, -1 do f[i + HEAD] = f[i] end
+      TAILS[tail] = f
+    end
+    LAST_TAIL, LAST_F = tail, f
   end
   for i = 1, HEAD do f[i] = heads[i] end
   return f
@@ -718,9 +725,11 @@ end
 local function run_batch(op)
   local out = {}
   for i = 3, #ARGV, 4 do
-    KI, KEY, F, TEXT = KEYS[tonumber(ARGV[i])], ARGV[i + 1], fields_of(ARGV[i + 2]), ARGV[i + 3]
+    local ki = ARGV[i]
+    KI, KEY, F, TEXT = ki == '1' and KB or KEYS[tonumber(ki)], ARGV[i + 1], fields_of(ARGV[i + 2]), ARGV[i + 3]
     local ok, reply = pcall(op)
     if not ok then reply = raised(reply) end
+    if reply[1] == 'err' or reply[1] == 'raise' then DEC = {} end -- it may have changed budgets it did not save
     out[#out + 1] = reply
   end
   local err = flush()
@@ -741,7 +750,12 @@ end
 HEAD = 2
 OPS.reserve = function(decide_only)
   local key, hash, rid, unit = KEY, F[1], F[2], F[3]
-  local estimate, ttl, grace, policy = tonumber(F[4]), tonumber(F[5]), tonumber(F[6]), F[7]
+  local nums = F.nums
+  if nums == nil then
+    nums = {tonumber(F[4]), tonumber(F[5]), tonumber(F[6])}
+    F.nums = nums
+  end
+  local estimate, ttl, grace, policy = nums[1], nums[2], nums[3], F[7]
   local dry_run, allow_unbudgeted = F[8] == '1', F[9] == '1'
   local soft = nil
   if F[10] ~= '' then soft = {tonumber(F[10]), tonumber(F[11]), num(F[12])} end
@@ -778,8 +792,9 @@ OPS.reserve = function(decide_only)
     if bad then return bad end
   end
   local caps = caps_json(ev.caps)
+  -- (the trailing nils make room for the balances of three budgets: the table need not grow)
   local reply = {'reserve', ev.decision, ev.reason or false, ev.scope or false, ev.remaining and I(ev.remaining) or false,
-                 caps, dry_run and '1' or '0', false, false, false, false, ''}
+                 caps, dry_run and '1' or '0', false, false, false, false, '', nil, nil, nil, nil, nil, nil}
   if decide_only then return push_balances(reply, budgets) end
   if dry_run or ev.decision == 'DENY' then
     local kind = 'denied'
@@ -832,7 +847,11 @@ OPS.decide = function() return OPS.reserve(true) end
 -- Reply: {"commit", charged, released, balances…}; a replay: {"replay", stored reply, now, balances…}.
 HEAD = 2
 OPS.commit = function()
-  local rid, key, hash, unit, actual = F[1], KEY, F[2], F[3], tonumber(F[4])
+  local rid, key, hash, unit, actual = F[1], KEY, F[2], F[3], F.actual
+  if actual == nil then
+    actual = tonumber(F[4])
+    F.actual = actual
+  end
   expire_overdue()
   local rec, out = settle_target('commit', rid, key, hash)
   if not rec then return out end
@@ -844,8 +863,8 @@ OPS.commit = function()
   local charged, flagged = settle(budgets, rec.e, actual, rec.op, true)
   if not charged then return flagged end
   save_budgets(budgets)
-  local released = math.max(rec.e - actual, 0)
-  local reply = {'commit', I(charged), I(released)}
+  local released = max(rec.e - actual, 0)
+  local reply = {'commit', I(charged), I(released), nil, nil, nil, nil, nil, nil} -- room for three balances
   settled(rec, 'COMMITTED', charged, 'commit', key, hash, reply[2] .. SEP .. reply[3])
   local over, metrics, metadata = '', '', ''
   if #flagged > 0 then
@@ -999,7 +1018,7 @@ OPS.budget = function()
     if b.a + amount > MAX_EXACT then
       return fail('INVALID_REQUEST', 'the allocation would pass what the Redis store keeps exactly (2^53 - 1)')
     end
-    local repaid = math.min(b.d, amount)
+    local repaid = min(b.d, amount)
     b.d = b.d - repaid
     b.s = b.s + repaid
     b.a = b.a + amount
@@ -1023,13 +1042,13 @@ OPS.sweep = function()
   -- straight in Redis, after what is pending, and the cache forgets the fields.
   local err = flush()
   if err ~= nil then error(err) end
-  local old = redis.call('ZRANGEBYSCORE', KFIN, '-inf', '(' .. I(NOW - RETAIN), 'LIMIT', 0, 1000)
+  local old = rcall('ZRANGEBYSCORE', KFIN, '-inf', '(' .. I(NOW - RETAIN), 'LIMIT', 0, 1000)
   for _, rid in ipairs(old) do
     local fields = {rid, rid .. '|s', rid .. '|c', rid .. '|k'}
-    redis.call('HDEL', KR, unpack(fields))
+    rcall('HDEL', KR, unpack(fields))
     for _, f in ipairs(fields) do HR.val[f] = nil end
-    redis.call('ZREM', KIDS, rid)
-    redis.call('ZREM', KFIN, rid)
+    rcall('ZREM', KIDS, rid)
+    rcall('ZREM', KFIN, rid)
   end
   return {'sweep', n, #old}
 end

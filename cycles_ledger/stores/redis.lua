@@ -32,6 +32,7 @@ local KB, KR, KDUE, KE, KFIN, KIDS = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 -- Globals read often, as locals (a global is a table lookup each time).
 local rcall, tonumber, tostring, type, pairs, ipairs, unpack, pcall, error =
   redis.call, tonumber, tostring, type, pairs, ipairs, unpack, pcall, error
+local rawget, rawset, setmetatable = rawget, rawset, setmetatable
 local max, min, floor, match = math.max, math.min, math.floor, string.match
 local KI, KEY, F, TEXT -- the current operation's idempotency key name, key, fields and text (set by run_batch)
 local NOW
@@ -114,10 +115,14 @@ end
 
 -- Read the fields not read yet, with one HMGET per CHUNK.
 local function hash_fetch(h, fields)
-  local val, miss = h.val, {}
+  local val, miss = h.val, nil
   for i = 1, #fields do
-    if val[fields[i]] == nil then miss[#miss + 1] = fields[i] end
+    if val[fields[i]] == nil then
+      miss = miss or {}
+      miss[#miss + 1] = fields[i]
+    end
   end
+  if miss == nil then return end
   for from = 1, #miss, CHUNK do
     local to = min(from + CHUNK - 1, #miss)
     local got = rcall('HMGET', h.key, unpack(miss, from, to))
@@ -249,7 +254,7 @@ local function load_budgets(scopes, unit)
   if #fields == 0 then return {} end
   hash_fetch(HB, fields)
   local vals = HB.val
-  local out = {}
+  local out = {nil, nil, nil} -- (room for three)
   for i = 1, #fields do
     local f = fields[i]
     local text = vals[f]
@@ -306,29 +311,44 @@ end
 -- The lists of budgeted scopes of the records read, by their text (shared: never change one).
 local LISTS = {}
 
--- A record as a table; `mid` and `tail` are its text between the status and `charged` and after
--- `finalized`, kept to write it back around a new status, charged and finalized (charged and finalized
--- stay as read, text, until set: only written, never computed on).
+-- A record as a table. `mid` and `tail` are its text between the status and `charged` and after
+-- `finalized`, kept to write it back around a new status, charged and finalized while the rest is as read
+-- (charged and finalized stay as read, text, until set: they are only written). Settling needs few
+-- fields, so created, expires, grace and extensions (c0, x, g, n) are read from `mid` on first use.
+local REC_MORE = {__index = function(rec, k)
+  if k ~= 'c0' and k ~= 'x' and k ~= 'g' and k ~= 'n' then return nil end
+  local c0, x, g, n = match(rawget(rec, 'mid'), '^%S+ %d+ %S+ (%d+) (%d+) (%d+) %d+ (%d+)$')
+  x, n = tonumber(x), tonumber(n)
+  rawset(rec, 'c0', c0)
+  rawset(rec, 'x', x)
+  rawset(rec, 'g', tonumber(g))
+  rawset(rec, 'n', n)
+  rawset(rec, 'x0', x)
+  rawset(rec, 'n0', n)
+  return rawget(rec, k)
+end}
+
 local function load_rec(rid)
   local text = hash_get(HR, rid)
   if not text then return nil end
-  local st, mid, u, e, op, c0, x, g, dl, n, ch, fin, tail, sp, bs = match(text,
-    '^(%u+) ((%S+) (%d+) (%S+) (%d+) (%d+) (%d+) (%d+) (%d+)) (%-?%d+) (%-?%d+) ((%S+) ?(.*))$')
+  local st, mid, u, e, op, dl, ch, fin, tail, sp, bs = match(text,
+    '^(%u+) ((%S+) (%d+) (%S+) %d+ %d+ %d+ (%d+) %d+) (%-?%d+) (%-?%d+) ((%S+) ?(.*))$')
   local scopes = LISTS[bs]
   if scopes == nil then
     scopes = {}
     if bs ~= '' then scopes = split(bs, ',') end
     LISTS[bs] = scopes
   end
-  e, x, dl, n = tonumber(e), tonumber(x), tonumber(dl), tonumber(n)
-  return {id = rid, st = st, u = u, e = e, op = op, c0 = c0, x = x, g = tonumber(g), dl = dl, n = n, ch = ch,
-          fin = fin, sp = sp, bs = scopes, mid = mid, tail = tail, e0 = e, x0 = x, dl0 = dl, n0 = n}
+  e, dl = tonumber(e), tonumber(dl)
+  return setmetatable({id = rid, st = st, u = u, e = e, op = op, dl = dl, ch = ch, fin = fin, sp = sp, bs = scopes,
+                       mid = mid, tail = tail, e0 = e, dl0 = dl}, REC_MORE)
 end
 
 -- Write the record, and a further (field, value) of the reservation, in one HSET.
 local function save_rec(rec, field, value)
   local text
-  if rec.mid and rec.e == rec.e0 and rec.x == rec.x0 and rec.dl == rec.dl0 and rec.n == rec.n0 then
+  if rec.mid and rec.e == rec.e0 and rec.dl == rec.dl0 and (rawget(rec, 'x0') == nil or
+      (rec.x == rec.x0 and rec.n == rec.n0)) then
     text = rec.st .. ' ' .. rec.mid .. ' ' .. I(rec.ch) .. ' ' .. I(rec.fin) .. ' ' .. rec.tail
   else
     text = fmt('%s %s %d %s %s %d %d %d %d %d %d %s %s', rec.st, rec.u, rec.e, rec.op, rec.c0, rec.x, rec.g, rec.dl,
@@ -682,7 +702,7 @@ end
 
 local OPS = {}
 
--- The fields of an operation: its first HEAD fields are its own (ids, hashes); the rest is most often the
+-- The fields of an operation: its first HEAD (0, 1 or 2) fields are its own (ids, hashes); the rest is most often the
 -- same for many operations of a batch, so it is split once per batch and the table shared (HEAD is set by
 -- the operation's section). Shared tables are never changed but for their head, so what an operation
 -- derives from the rest alone may be kept in them under a name (F.scopes).
@@ -690,12 +710,13 @@ local HEAD = 0
 local TAILS, LAST_TAIL, LAST_F = {}, nil, nil
 local function fields_of(joined)
   if HEAD == 0 then return split(joined, SEP) end
-  local heads, at = {}, 1
-  for i = 1, HEAD do
-    local j = find(joined, SEP, at, true)
+  local j = find(joined, SEP, 1, true)
+  if not j then return split(joined, SEP) end
+  local h1, h2, at = sub(joined, 1, j - 1), nil, j + 1
+  if HEAD == 2 then
+    j = find(joined, SEP, at, true)
     if not j then return split(joined, SEP) end
-    heads[i] = sub(joined, at, j - 1)
-    at = j + 1
+    h2, at = sub(joined, at, j - 1), j + 1
   end
   local f
   if LAST_TAIL and #joined - at + 1 == #LAST_TAIL and find(joined, LAST_TAIL, at, true) == at then
@@ -710,7 +731,8 @@ local function fields_of(joined)
     end
     LAST_TAIL, LAST_F = tail, f
   end
-  for i = 1, HEAD do f[i] = heads[i] end
+  f[1] = h1
+  if HEAD == 2 then f[2] = h2 end
   return f
 end
 

@@ -27,6 +27,8 @@
 -- never raises after its first write: a refusal is the entry {"err", CODE, message, details JSON}, so
 -- the writes made on purpose (expiring overdue holds) stay and nothing else was written. A Lua error
 -- (a bug) is caught per operation and comes back as {"raise", message}, for that operation's caller only.
+-- The operations' writes to the two hashes and the three zsets are gathered and made once, at the end of
+-- the script call (see the write-back cache below); events and idempotency records are written at once.
 
 local KB, KR, KDUE, KE, KFIN, KIDS = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 -- Globals read often, as locals (a global is a table lookup each time).
@@ -702,10 +704,10 @@ end
 
 local OPS = {}
 
--- The fields of an operation: its first HEAD (0, 1 or 2) fields are its own (ids, hashes); the rest is most often the
--- same for many operations of a batch, so it is split once per batch and the table shared (HEAD is set by
--- the operation's section). Shared tables are never changed but for their head, so what an operation
--- derives from the rest alone may be kept in them under a name (F.scopes).
+-- The fields of an operation: its first HEAD (0, 1 or 2) fields are its own (ids, hashes); the rest is most
+-- often the same for many operations of a batch, so it is split once per batch and the table shared (HEAD
+-- is set by the operation's section). Shared tables are never changed but for their head, so what an
+-- operation derives from the rest alone may be kept in them under a name (F.scopes).
 local HEAD = 0
 local TAILS, LAST_TAIL, LAST_F = {}, nil, nil
 local function fields_of(joined)

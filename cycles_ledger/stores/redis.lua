@@ -745,7 +745,8 @@ end
 
 -- Run the batch in ARGV (four arguments per operation) with `op`; one reply entry per operation. Then
 -- write back the cache, whatever the operations answered: an operation that raised keeps the writes it made
--- before, as it would without the cache. Should that fail, no answer but a refusal can be trusted.
+-- before, as it would without the cache. Should that fail, no answer can be trusted (a refusal too may
+-- rest on a write that did not happen): every caller gets the error.
 local function run_batch(op)
   local out = {}
   for i = 3, #ARGV, 4 do
@@ -758,9 +759,7 @@ local function run_batch(op)
   end
   local err = flush()
   if err ~= nil then
-    for i, reply in ipairs(out) do
-      if reply[1] ~= 'err' then out[i] = raised(err) end
-    end
+    for i = 1, #out do out[i] = raised(err) end
   end
   return out
 end

@@ -275,3 +275,22 @@ async def test_a_sweep_writes_back_more_than_one_command_holds(redis_server: Red
         assert {r.status.value for r in await led.list_reservations(limit=2_000)} == {"EXPIRED"}
         assert await led.sweep(limit=2_000) == 0
         assert await led.verify() == []
+
+
+async def test_a_failed_write_back_fails_every_operation_of_the_batch(redis_server: RedisTarget) -> None:
+    """When the write at the end of a script call fails (here the ids zset is not a zset), no operation of
+    the batch may stand: each caller gets the error, the one refused for a reused key included."""
+    url = redis_server.url()
+    prefix = url.rsplit("prefix=", 1)[1]
+    async with open_ledger(url) as led:
+        await led.set_budget("tenant:a", "1usd")
+        await led.reserve(A, ACTION, "0.01usd")  # the tenant's keys and scripts are in place
+        redis_server.client().set(f"{prefix}:{{tenant:a}}:ids", "not a zset")
+        seen = _count_script_calls(led.store)
+        out = await asyncio.gather(
+            led.reserve(A, ACTION, "0.05usd", idempotency_key="k"),
+            led.reserve(A, ACTION, "0.06usd", idempotency_key="k"),  # alone: a mismatch
+            return_exceptions=True,
+        )
+        assert seen == [2]
+        assert all(isinstance(r, StoreUnavailableError) and "script error" in str(r) for r in out), out

@@ -770,6 +770,17 @@ end
 -- subject JSON, action JSON, metadata JSON, scopes…
 -- Reply: {"reserve", decision, reason, scope, remaining, caps JSON, dry_run, rid, amount, expires_at,
 --         ttl, budgeted scopes, balances…}; a replay: {"replay", stored reply, now, balances…}.
+-- The decision on a reserve at `scopes` and the budgets it counted, or nil, nil and a failure.
+local function look(scopes, unit, allow_unbudgeted, estimate, soft)
+  local all, mine = budgets_for(scopes, unit)
+  if #all == 0 and not allow_unbudgeted then
+    return {decision = 'DENY', reason = 'BUDGET_NOT_FOUND', scope = scopes[#scopes]}, {}
+  end
+  local bad = unit_mismatch(all, mine, unit, scopes, allow_unbudgeted)
+  if bad then return nil, nil, bad end
+  return evaluate(mine, estimate, soft), mine
+end
+
 HEAD = 2
 OPS.reserve = function(decide_only)
   local key, hash, rid, unit = KEY, F[1], F[2], F[3]
@@ -799,19 +810,11 @@ OPS.reserve = function(decide_only)
     end
   end
 
-  local function look()
-    local all, mine = budgets_for(scopes, unit)
-    if #all == 0 and not allow_unbudgeted then
-      return {decision = 'DENY', reason = 'BUDGET_NOT_FOUND', scope = path}, {}
-    end
-    local bad = unit_mismatch(all, mine, unit, scopes, allow_unbudgeted)
-    if bad then return nil, nil, bad end
-    return evaluate(mine, estimate, soft), mine
-  end
-  local ev, budgets, bad = look()
+  local ev, budgets, bad = look(scopes, unit, allow_unbudgeted, estimate, soft)
   if bad then return bad end
   if not decide_only and ev.reason == 'BUDGET_EXCEEDED' and expire_due(1000) > 0 then
-    ev, budgets, bad = look() -- overdue holds were still counted; look again without them
+    -- overdue holds were still counted; look again without them
+    ev, budgets, bad = look(scopes, unit, allow_unbudgeted, estimate, soft)
     if bad then return bad end
   end
   local caps = caps_json(ev.caps)

@@ -56,8 +56,20 @@ ACTION = {"kind": "llm.completion", "name": "openai:gpt-4o"}
 ESTIMATE = "0.01usd"
 ACTUAL = "0.008usd"
 ALLOCATION = "50000000usd"  # 5x10^15 microcents (Redis keeps integers exact to 2^53): 5x10^9 pairs before a deny
-# Goals per store kind: (pairs/s, reserve p50 ms). SQLite: issue 2; Redis: issue 5 (pairs/s from 4 processes).
-GOALS = {"sqlite": (5_000, 1.0), "redis": (10_000, 0.5)}
+
+
+@dataclass(frozen=True)
+class Goal:
+    """pairs/s from (any of) the concurrent scenarios `pairs_from`, and the sequential reserve p50: with N
+    requests in flight, latency is about N / throughput, so the p50 goal is read on the 1-task run."""
+
+    pairs_per_s: int
+    pairs_from: tuple[str, ...]
+    reserve_p50_ms: float
+
+
+# SQLite: issue 2 (>= 5,000 pairs/s, p50 < 1 ms); Redis: issue 5 (>= 10,000 pairs/s from 4 processes, p50 < 0.5 ms).
+GOALS = {"sqlite": Goal(5_000, ("64tasks", "4procs"), 1.0), "redis": Goal(10_000, ("4procs",), 0.5)}
 
 
 @dataclass(frozen=True)
@@ -255,20 +267,35 @@ def _summarise(sc: Scenario, parts: list[Samples], url: str) -> dict[str, Any]:
         "commit_p50_ms": round(_pct(commit, 0.50), 3),
         "commit_p99_ms": round(_pct(commit, 0.99), 3),
     }
-    goal_pairs, goal_p50 = GOALS[_kind(url)]
+    goal = GOALS[_kind(url)]
     row["store_kind"] = _kind(url)
-    row["meets_pairs_goal"] = row["pairs_per_s"] >= goal_pairs
-    row["meets_p50_goal"] = row["reserve_p50_ms"] < goal_p50
-    row["meets_goal"] = row["meets_pairs_goal"] and row["meets_p50_goal"]
+    row["meets_pairs_goal"] = row["pairs_per_s"] >= goal.pairs_per_s if sc.key in goal.pairs_from else None
+    row["meets_p50_goal"] = row["reserve_p50_ms"] < goal.reserve_p50_ms if sc.key == "1task" else None
     return row
 
 
 def _goal_cell(r: dict[str, Any]) -> str:
-    if r["meets_goal"]:
-        return "met"
-    if r["meets_pairs_goal"]:
-        return "pairs/s only"
-    return "p50 only" if r["meets_p50_goal"] else "neither"
+    """What this row is judged on: the p50 (1 task), pairs/s (the goal's concurrent scenarios), or nothing."""
+    if r["meets_p50_goal"] is not None:
+        return "p50 met" if r["meets_p50_goal"] else "p50 NOT met"
+    if r["meets_pairs_goal"] is not None:
+        return "pairs/s met" if r["meets_pairs_goal"] else "pairs/s NOT met"
+    return ""
+
+
+def _verdict(kind: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The store kind's goal: met when a pairs/s row and the 1-task p50 both meet it (None: not all measured)."""
+    goal = GOALS[kind]
+    mine = [r for r in rows if r["store_kind"] == kind]
+    pairs = [r["meets_pairs_goal"] for r in mine if r["meets_pairs_goal"] is not None]
+    p50 = [r["meets_p50_goal"] for r in mine if r["meets_p50_goal"] is not None]
+    met = (any(pairs) and all(p50)) if pairs and p50 else None
+    return {
+        "pairs_per_s": goal.pairs_per_s,
+        "pairs_from": list(goal.pairs_from),
+        "reserve_p50_ms": goal.reserve_p50_ms,
+        "met": met,
+    }
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
@@ -418,11 +445,15 @@ def main(argv: list[str] | None = None) -> int:
     print(file=say)
     print(f"event loop: {_loop_name(args.loop)}", file=say)
     print(_table(rows), file=say)
-    for kind in sorted({r["store_kind"] for r in rows}):
-        pairs_goal, p50_goal = GOALS[kind]
-        met = [r["label"] for r in rows if r["store_kind"] == kind and r["meets_goal"]]
-        print(f"goal ({kind}): >= {pairs_goal:,} pairs/s and reserve p50 < {p50_goal:g} ms", file=say)
-        print(f"  met by: {', '.join(met) if met else 'none'}", file=say)
+    verdicts = {kind: _verdict(kind, rows) for kind in sorted({r["store_kind"] for r in rows})}
+    for kind, v in verdicts.items():
+        where = " or ".join(s.label for s in SCENARIOS if s.key in v["pairs_from"])
+        state = {True: "MET", False: "NOT MET", None: "not judged (run the 1-task scenario and " + where + ")"}
+        print(
+            f"goal ({kind}): >= {v['pairs_per_s']:,} pairs/s from {where}, and 1-task reserve p50"
+            f" < {v['reserve_p50_ms']:g} ms: {state[v['met']]}",
+            file=say,
+        )
     print(
         "  (with N requests in flight, latency ~ N / throughput: p50 < 1 ms at 10,000 ops/s allows ~10 in flight)",
         file=say,
@@ -436,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": os.cpu_count(),
             "event_loop": _loop_name(args.loop),
             "python": sys.version.split()[0],
-            "goals": {k: {"pairs_per_s": g[0], "reserve_p50_ms": g[1]} for k, g in GOALS.items()},
+            "goals": verdicts,
             "scenarios": rows,
             "books_agree": True,
         }

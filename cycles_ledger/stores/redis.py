@@ -185,26 +185,33 @@ def _check_text(value: str, what: str) -> None:
 
 def _balance(field: str, text: str) -> dict[str, Any]:
     """One budget from its hash field `scope|unit` and text `a s r d o x STATUS [caps JSON]`."""
-    scope, _, unit = field.rpartition("|")
-    parts = text.split(" ", 7)
-    a, s, r, d = int(parts[0]), int(parts[1]), int(parts[2]), int(parts[3])
-    return {
-        "scope": scope,
-        "unit": unit,
-        "allocated": a,
-        "spent": s,
-        "reserved": r,
-        "debt": d,
-        "overdraft_limit": int(parts[4]),
-        "remaining": a - s - r - d,
-        "is_over_limit": parts[5] == "1",
-        "status": parts[6],
-        "caps": json.loads(parts[7]) if len(parts) > 7 else None,
-    }
+    return _balances([field, text], 0)[0]
 
 
 def _balances(flat: list[Any], start: int) -> list[dict[str, Any]]:
-    return [_balance(flat[i], flat[i + 1]) for i in range(start, len(flat), 2)]
+    """The budgets a script reply lists from `start` as (field, text) pairs, parsed in one loop: every
+    reply carries them, so this is one of the hottest paths of the client."""
+    out = []
+    for i in range(start, len(flat), 2):
+        scope, _, unit = flat[i].rpartition("|")
+        parts = flat[i + 1].split(" ", 7)
+        a, s, r, d = int(parts[0]), int(parts[1]), int(parts[2]), int(parts[3])
+        out.append(
+            {
+                "scope": scope,
+                "unit": unit,
+                "allocated": a,
+                "spent": s,
+                "reserved": r,
+                "debt": d,
+                "overdraft_limit": int(parts[4]),
+                "remaining": a - s - r - d,
+                "is_over_limit": parts[5] == "1",
+                "status": parts[6],
+                "caps": json.loads(parts[7]) if len(parts) > 7 else None,
+            }
+        )
+    return out
 
 
 def _record(rid: str, text: str) -> dict[str, Any]:

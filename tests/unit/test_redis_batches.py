@@ -16,23 +16,11 @@ from cycles_ledger import (
     open_ledger,
 )
 from tests.conftest import RedisTarget
+from tests.support.script_calls import count_script_calls
 
 pytestmark = pytest.mark.redis
 
 ACTION = {"kind": "llm.completion", "name": "openai:gpt-4o"}
-
-
-def _count_script_calls(store: Any) -> list[int]:
-    """Spy on the store's script calls; returns a list that gets the number of operations of each call."""
-    seen: list[int] = []
-    real = store._script
-
-    def spy(ops: list[Any]) -> Any:
-        seen.append(len(ops))
-        return real(ops)
-
-    store._script = spy
-    return seen
 
 
 async def test_a_tick_of_commits_is_one_script_call_and_each_refusal_stays_with_its_caller(
@@ -45,7 +33,7 @@ async def test_a_tick_of_commits_is_one_script_call_and_each_refusal_stays_with_
         rs = [await led.reserve({"tenant": "a"}, ACTION, "0.05usd") for _ in range(9)]
         ids = [str(r.reservation_id) for r in rs]
         await led.release(ids[0])
-        seen = _count_script_calls(led.store)
+        seen = count_script_calls(led.store)
         unknown = "rsv_" + "0" * 26 + "@tenant:a"
         results = await asyncio.gather(*(led.commit(i, "0.04usd") for i in [*ids, unknown]), return_exceptions=True)
         assert seen == [10]
@@ -62,7 +50,7 @@ async def test_same_key_twice_in_one_batch_is_one_reservation(redis_server: Redi
     payload under that key in the same batch is a mismatch for its caller only."""
     async with open_ledger(redis_server.url()) as led:
         await led.set_budget("tenant:a", "1usd")
-        seen = _count_script_calls(led.store)
+        seen = count_script_calls(led.store)
         a, b, c, d = await asyncio.gather(
             led.reserve({"tenant": "a"}, ACTION, "0.1usd", idempotency_key="k"),
             led.reserve({"tenant": "a"}, ACTION, "0.1usd", idempotency_key="k"),
@@ -84,7 +72,7 @@ async def test_tenants_and_operations_split_a_tick_into_script_calls(redis_serve
         for t in ("a", "b"):
             await led.set_budget(f"tenant:{t}", "1usd")
         held = [await led.reserve({"tenant": "a"}, ACTION, "0.1usd") for _ in range(2)]
-        seen = _count_script_calls(led.store)
+        seen = count_script_calls(led.store)
         out = await asyncio.gather(
             led.reserve({"tenant": "a"}, ACTION, "0.1usd"),
             led.reserve({"tenant": "b"}, ACTION, "0.2usd"),
@@ -114,7 +102,7 @@ async def test_a_script_error_reaches_only_its_caller(redis_server: RedisTarget)
             return await real(op)
 
         store._call = corrupt
-        seen = _count_script_calls(store)
+        seen = count_script_calls(store)
         out = await asyncio.gather(
             led.reserve({"tenant": "a"}, ACTION, "0.1usd", idempotency_key="x"),
             led.reserve({"tenant": "a"}, ACTION, "0.1usd", idempotency_key="boom"),

@@ -20,24 +20,12 @@ from cycles_ledger import (
     open_ledger,
 )
 from tests.conftest import FakeClock, RedisTarget
+from tests.support.script_calls import count_script_calls
 
 pytestmark = pytest.mark.redis
 
 ACTION = {"kind": "llm.completion", "name": "openai:gpt-4o"}
 A = {"tenant": "a"}
-
-
-def _count_script_calls(store: Any) -> list[int]:
-    """Spy on the store's script calls; returns a list that gets the number of operations of each call."""
-    seen: list[int] = []
-    real = store._script
-
-    def spy(ops: list[Any]) -> Any:
-        seen.append(len(ops))
-        return real(ops)
-
-    store._script = spy
-    return seen
 
 
 def _outcome(result: Any, tenant: str) -> Any:
@@ -58,7 +46,7 @@ async def test_refusals_inside_batches_leave_no_trace(redis_server: RedisTarget)
         await led.set_budget("tenant:a", "1usd")
         rs = [await led.reserve(A, ACTION, "0.05usd", overage_policy="REJECT") for _ in range(3)]
         ids = [str(r.reservation_id) for r in rs]
-        seen = _count_script_calls(led.store)
+        seen = count_script_calls(led.store)
         out = await asyncio.gather(
             led.commit(ids[0], "0.04usd"),
             led.commit(ids[1], "0.2usd"),  # more than held: refused, after the batch loaded its budgets
@@ -119,7 +107,7 @@ async def test_settling_one_reservation_twice_in_a_batch_answers_like_separate_c
             await led.set_budget(f"tenant:{t}", "1usd")
         batched_rid = str((await led.reserve(A, ACTION, "0.05usd")).reservation_id)
         alone_rid = str((await led.reserve({"tenant": "b"}, ACTION, "0.05usd")).reservation_id)
-        seen = _count_script_calls(led.store)
+        seen = count_script_calls(led.store)
         batched = await _settle_twice(led, batched_rid)
         assert seen == [4]
         alone = []
@@ -150,7 +138,7 @@ async def test_overdue_holds_are_expired_one_per_operation_across_a_batch(redis_
         await led.set_budget("tenant:a", "1usd")
         old = [await led.reserve(A, ACTION, "0.1usd", ttl_ms=1_000 * (i + 1), grace_period_ms=0) for i in range(3)]
         clock.advance(10_000)
-        seen = _count_script_calls(led.store)
+        seen = count_script_calls(led.store)
         new = await asyncio.gather(*(led.reserve(A, ACTION, "0.01usd", ttl_ms=60_000) for _ in range(3)))
         assert seen == [3]
         assert all(r.allowed for r in new)
@@ -174,7 +162,7 @@ async def test_a_reserve_that_does_not_fit_expires_overdue_holds_seeing_the_batc
             await led.reserve(A, ACTION, "0.1usd", ttl_ms=1_000, grace_period_ms=0)
         await led.reserve(A, ACTION, "0.1usd", ttl_ms=3_600_000)
         clock.advance(5_000)
-        seen = _count_script_calls(led.store)
+        seen = count_script_calls(led.store)
         out = await asyncio.gather(*(led.reserve(A, ACTION, "0.1usd", ttl_ms=60_000) for _ in range(3)))
         assert seen == [3]
         assert [r.decision.value for r in out] == ["ALLOW", "ALLOW", "DENY"]
@@ -195,7 +183,7 @@ async def test_a_script_error_in_a_commit_batch_loses_none_of_the_others(redis_s
         client = redis_server.client()
         for i in (1, 4):
             client.hset(f"{prefix}:{{tenant:a}}:r", ids[i], "garbage")
-        seen = _count_script_calls(led.store)
+        seen = count_script_calls(led.store)
         out = await asyncio.gather(*(led.commit(i, "0.04usd") for i in ids), return_exceptions=True)
         assert seen == [5]
         for i in (1, 4):
@@ -218,7 +206,7 @@ async def test_budget_changes_in_one_batch_apply_in_order(redis_server: RedisTar
             return None  # the tag is known: skip the round trip that would split the tick
 
         store._register = registered
-        seen = _count_script_calls(store)
+        seen = count_script_calls(store)
         out = await asyncio.gather(
             led.fund("tenant:a", "1usd"),
             led.freeze("tenant:a"),
@@ -248,7 +236,7 @@ async def test_extensions_in_one_batch_and_a_commit_after(redis_server: RedisTar
         r = await led.reserve(A, ACTION, "0.05usd", ttl_ms=10_000)
         rid = str(r.reservation_id)
         assert r.expires_at_ms == clock.now + 10_000
-        seen = _count_script_calls(led.store)
+        seen = count_script_calls(led.store)
         out = await asyncio.gather(led.extend(rid, 1_000), led.extend(rid, 2_000))
         assert seen == [2]
         assert [e.expires_at_ms for e in out] == [clock.now + 11_000, clock.now + 13_000]
@@ -286,7 +274,7 @@ async def test_a_failed_write_back_fails_every_operation_of_the_batch(redis_serv
         await led.set_budget("tenant:a", "1usd")
         await led.reserve(A, ACTION, "0.01usd")  # the tenant's keys and scripts are in place
         redis_server.client().set(f"{prefix}:{{tenant:a}}:ids", "not a zset")
-        seen = _count_script_calls(led.store)
+        seen = count_script_calls(led.store)
         out = await asyncio.gather(
             led.reserve(A, ACTION, "0.05usd", idempotency_key="k"),
             led.reserve(A, ACTION, "0.06usd", idempotency_key="k"),  # alone: a mismatch

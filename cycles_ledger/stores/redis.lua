@@ -140,18 +140,23 @@ local function hash_set(h, field, text)
   h.val[field] = text
 end
 
+-- `cmd key args…` in commands of at most `per` of the flat list's arguments each.
+local function in_chunks(cmd, key, args, per)
+  for from = 1, #args, per do
+    rcall(cmd, key, unpack(args, from, min(from + per - 1, #args)))
+  end
+end
+
 local function hash_flush(h)
   local order, val = h.order, h.val
   if #order == 0 then return end
   h.order, h.dirty = {}, {}
-  for from = 1, #order, CHUNK do
-    local args = {}
-    for i = from, min(from + CHUNK - 1, #order) do
-      args[#args + 1] = order[i]
-      args[#args + 1] = val[order[i]]
-    end
-    rcall('HSET', h.key, unpack(args))
+  local args = {}
+  for _, field in ipairs(order) do
+    args[#args + 1] = field
+    args[#args + 1] = val[field]
   end
+  in_chunks('HSET', h.key, args, 2 * CHUNK)
 end
 
 local function new_zset(key) return {key = key, score = {}, order = {}} end
@@ -173,14 +178,12 @@ local function zset_flush(z)
     if s then
       add[#add + 1] = s
       add[#add + 1] = m
-      if #add >= 2 * CHUNK then rcall('ZADD', z.key, unpack(add)); add = {} end
     else
       del[#del + 1] = m
-      if #del >= CHUNK then rcall('ZREM', z.key, unpack(del)); del = {} end
     end
   end
-  if #add > 0 then rcall('ZADD', z.key, unpack(add)) end
-  if #del > 0 then rcall('ZREM', z.key, unpack(del)) end
+  in_chunks('ZADD', z.key, add, 2 * CHUNK)
+  in_chunks('ZREM', z.key, del, CHUNK)
 end
 
 -- Write back everything pending; each part is tried even when another fails. Returns the first error.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import math
 from collections.abc import Mapping
 from decimal import Decimal
@@ -19,11 +20,20 @@ def usd_to_microcents(value: Any) -> int:
     return math.ceil(Decimal(str(value)).quantize(Decimal("1e-12")) * 10**8)
 
 
-def action_kind(call_type: str) -> str:
-    if "embedding" in call_type:
-        return "llm.embedding"
-    if "image" in call_type:
-        return "llm.image"
+_KINDS = {
+    "embedding": "llm.embedding",
+    "image": "llm.image",
+    "speech": "llm.speech",
+    "transcription": "llm.transcription",
+    "rerank": "llm.rerank",
+}
+
+
+def action_kind(kind: str) -> str:
+    """The ledger action kind of a route kind (routes.py) or a LiteLLM call type."""
+    for key, value in _KINDS.items():
+        if key in kind:
+            return value
     return "llm.completion"
 
 
@@ -42,15 +52,42 @@ def action_name(model: str) -> str:
         return f"litellm:{model}"
 
 
+def _get(obj: Any, key: str) -> Any:
+    return obj.get(key) if isinstance(obj, Mapping) else getattr(obj, key, None)
+
+
 def chunk_text(chunk: Any) -> str:
+    """The generated text in one streamed chunk, whatever the route: chat deltas, text completions,
+    Responses API `output_text` deltas, Anthropic `text_delta`s (objects, dicts or raw SSE bytes)."""
+    if isinstance(chunk, bytes | bytearray):
+        return "".join(_sse_texts(bytes(chunk)))
     try:
-        choices = chunk.choices if not isinstance(chunk, Mapping) else chunk.get("choices", [])
-        parts = []
-        for choice in choices or []:
-            delta = choice.delta if not isinstance(choice, Mapping) else choice.get("delta", {})
-            content = delta.content if not isinstance(delta, Mapping) else delta.get("content")
-            if content:
-                parts.append(content)
-        return "".join(parts)
-    except AttributeError:
+        parts: list[str] = []
+        for choice in _get(chunk, "choices") or []:
+            delta = _get(choice, "delta")
+            content = _get(delta, "content") if delta is not None else None
+            text = content if content is not None else _get(choice, "text")
+            if isinstance(text, str):
+                parts.append(text)
+        if parts:
+            return "".join(parts)
+        delta = _get(chunk, "delta")
+        if isinstance(delta, str) and str(_get(chunk, "type") or "").endswith("output_text.delta"):
+            return delta
+        if delta is not None and not isinstance(delta, str):
+            text = _get(delta, "text")
+            return text if isinstance(text, str) else ""
         return ""
+    except (AttributeError, TypeError):
+        return ""
+
+
+def _sse_texts(raw: bytes) -> list[str]:
+    out = []
+    for line in raw.decode(errors="replace").splitlines():
+        if line.startswith("data:"):
+            try:
+                out.append(chunk_text(json.loads(line[5:].strip())))
+            except ValueError:
+                continue
+    return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import functools
 import itertools
+import json
 import math
 import threading
 import time
@@ -33,7 +34,19 @@ except ImportError:  # pragma: no cover - another LiteLLM: count through token_c
 
 from .settings import Settings
 
-__all__ = ["Estimate", "Price", "PriceUnknown", "cost_of_usage", "estimate_call", "price_of_group", "soft_landing"]
+__all__ = [
+    "CAP_FIELDS",
+    "IMAGE_TOKENS",
+    "Estimate",
+    "Price",
+    "PriceUnknown",
+    "cap_field",
+    "cost_of_usage",
+    "estimate_call",
+    "output_cap",
+    "price_of_group",
+    "soft_landing",
+]
 
 _MICROCENTS_PER_USD = 10**8
 _PER_MILLION = 10**6
@@ -61,6 +74,8 @@ class Estimate:
     output_cap: int
     input_tokens: int
     model: str  # the provider model priced (the dearest deployment)
+    outputs: int = 1  # answers of up to output_cap tokens each (n choices x prompts)
+    cap_field: str | None = None  # the request field a max-tokens clamp goes into on this route
 
 
 def _per_million(usd_per_token: Any) -> int:
@@ -213,15 +228,16 @@ def _count_setup(model: str) -> Any:
     return hit[1]
 
 
-def _message_tokens(model: str, messages: Any, tools: Any) -> int:
-    """Exactly `litellm.token_counter(model=, messages=, tools=)`, made of its own parts with the set-up cached."""
+def _message_tokens(model: str, messages: Any) -> int:
+    """`litellm.token_counter(model=, messages=)` made of its own parts with the set-up cached. Image URLs
+    are never fetched (a client's URL is untrusted input): images count at LiteLLM's default size."""
     if not _FAST_COUNT or litellm.disable_token_counter:
-        return int(litellm.token_counter(model=model, messages=messages, tools=tools))
+        return int(litellm.token_counter(model=model, messages=messages, use_default_image_token_count=True))
     params = _count_setup(model)
     msgs: Any = convert_list_message_to_dict(messages)
-    tokens = _count_messages(params, msgs, False, None)
-    system = any(m.get("role", None) == "system" for m in msgs)
-    return int(tokens + _count_extra(params.count_function, tools, None, system))
+    tokens = _count_messages(params, msgs, True, None)
+    system = any(isinstance(m, Mapping) and m.get("role", None) == "system" for m in msgs)
+    return int(tokens + _count_extra(params.count_function, None, None, system))
 
 
 def _text_tokens(model: str, text: str) -> int:
@@ -231,41 +247,272 @@ def _text_tokens(model: str, text: str) -> int:
     return int(_count_setup(model).count_function(text))
 
 
-def _count_tokens(model: str, data: Mapping[str, Any]) -> int:
-    if "messages" in data:
-        return _message_tokens(model, data["messages"], data.get("tools"))
-    inputs = data.get("input", data.get("prompt", ""))
-    texts: Iterable[Any] = inputs if isinstance(inputs, list) else [inputs]
-    return sum(_text_tokens(model, str(t)) for t in texts)
+# Per message or input item, as OpenAI's own counting recipe adds (role, separators), and the reply's
+# priming; an image block counts as this many tokens (about the largest a provider bills for one image).
+_PER_ITEM_TOKENS = 4
+_PRIMING_TOKENS = 3
+IMAGE_TOKENS = 1_600
+_SKIP_KEYS = frozenset({"type", "role", "cache_control", "id", "call_id", "status", "tool_use_id", "detail"})
+_IMAGE_TYPES = frozenset({"image", "image_url", "input_image", "image_file"})
 
 
-def output_cap(data: Mapping[str, Any], price: Price) -> int:
-    for key in ("max_completion_tokens", "max_tokens"):
-        value = data.get(key)
-        if isinstance(value, int) and value > 0:
-            return value
-    return price.max_output_tokens or 4096
+def _billable_texts(value: Any, images: list[int], depth: int = 0) -> Iterable[str]:
+    """Every text a provider could bill inside a request field, whatever its shape (strings, content
+    blocks, Anthropic or Responses items): unknown shapes are counted, never skipped. Image blocks are
+    tallied in `images` instead of counting their base64 data as text."""
+    if depth > 32:  # a hostile nesting depth: count what we have, do not recurse further
+        return
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        if value.get("type") in _IMAGE_TYPES:
+            images[0] += 1
+            return
+        for key, item in value.items():
+            if key not in _SKIP_KEYS:
+                yield from _billable_texts(item, images, depth + 1)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _billable_texts(item, images, depth + 1)
+    elif value is not None and not isinstance(value, bool):
+        yield str(value)
 
 
-def estimate_call(
-    group: str, data: Mapping[str, Any], call_type: str, settings: Settings, router: Any = None
-) -> Estimate:
-    """Worst case of one request: prompt tokens x input price + output cap x output price
-    (embeddings: input only; images: n x price per image)."""
+def _walk_tokens(model: str, *fields: Any) -> int:
+    """Tokens of every billable text in `fields`, plus per-item overheads and images."""
+    images = [0]
+    tokens = _PRIMING_TOKENS
+    for field in fields:
+        items = field if isinstance(field, list) else [field]
+        tokens += _PER_ITEM_TOKENS * sum(1 for item in items if item is not None)
+        tokens += sum(_text_tokens(model, text) for text in _billable_texts(field, images) if text)
+    return tokens + IMAGE_TOKENS * images[0]
+
+
+def _json_tokens(model: str, value: Any) -> int:
+    """Tool definitions are counted as the JSON the client sent: never fewer tokens than the provider's
+    own rendering of them."""
+    if not value:
+        return 0
+    try:
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+    except (TypeError, ValueError):
+        text = str(value)
+    return _text_tokens(model, text)
+
+
+def _chat_tokens(model: str, data: Mapping[str, Any]) -> int:
+    messages = data.get("messages")
+    try:
+        tokens = _message_tokens(model, messages) if isinstance(messages, list) else _walk_tokens(model, messages)
+    except Exception:  # noqa: BLE001 - a shape LiteLLM's counter rejects is still counted, by walking it
+        tokens = _walk_tokens(model, messages)
+    return tokens + _json_tokens(model, data.get("tools")) + _json_tokens(model, data.get("functions"))
+
+
+def _prompts(value: Any) -> list[Any]:
+    """A text completion's prompts: a string, a list of strings, a token list or a list of token lists."""
+    if isinstance(value, list) and value and not all(isinstance(v, int) for v in value):
+        return value
+    return [value]
+
+
+def _prompt_tokens(model: str, prompt: Any) -> int:
+    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+        return len(prompt)
+    return sum(_text_tokens(model, t) for t in _billable_texts(prompt, [0]) if t)
+
+
+def _positive_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+# The request field that carries the output cap, per kind (the first present wins).
+CAP_FIELDS: dict[str, tuple[str, ...]] = {
+    "chat": ("max_completion_tokens", "max_tokens"),
+    "text": ("max_tokens",),
+    "messages": ("max_tokens",),
+    "responses": ("max_output_tokens",),
+}
+_DEFAULT_OUTPUT_CAP = 4096
+
+
+def output_cap(data: Mapping[str, Any], price: Price, kind: str = "chat") -> int:
+    """The most output tokens one answer may have: the cap the request names, never above the model's
+    own maximum; the model's maximum when the request names none."""
+    requested = next((v for f in CAP_FIELDS.get(kind, ()) if (v := _positive_int(data.get(f))) is not None), None)
+    ceiling = price.max_output_tokens
+    if requested is None:
+        return ceiling or _DEFAULT_OUTPUT_CAP
+    return min(requested, ceiling) if ceiling else requested
+
+
+def cap_field(data: Mapping[str, Any], kind: str) -> str | None:
+    """Where a clamp goes for this kind of request: the cap field the client used, else the route's first."""
+    fields = CAP_FIELDS.get(kind, ())
+    return next((f for f in fields if data.get(f) is not None), fields[0] if fields else None)
+
+
+def estimate_call(group: str, data: Mapping[str, Any], kind: str, settings: Settings, router: Any = None) -> Estimate:
+    """Worst case of one request of a metered `kind` (see routes.py) in USD_MICROCENTS: every billed input
+    x input price + every possible output x output price, at the dearest deployment of the group."""
+    if kind in ("image", "speech", "transcription", "rerank"):
+        return _unit_priced(group, data, kind, settings, router)
     model, price = price_of_group(group, settings, router)
-    if "image" in call_type:
-        n = data.get("n") or 1
-        if not price.per_image and group not in settings.free_models:
-            raise PriceUnknown(f"no per-image price for {model}")
-        amount = int(n) * price.per_image
-        return Estimate(amount, amount, 0, 0, 0, model)
-    tokens = _count_tokens(model, data)
+    outputs = 1
+    if kind == "chat":
+        tokens = _chat_tokens(model, data)
+        outputs = _positive_int(data.get("n")) or 1
+    elif kind == "text":
+        prompts = _prompts(data.get("prompt", ""))
+        tokens = sum(_prompt_tokens(model, p) for p in prompts)
+        per_prompt = max(_positive_int(data.get("n")) or 1, _positive_int(data.get("best_of")) or 1)
+        outputs = len(prompts) * per_prompt
+    elif kind == "messages":
+        tokens = _walk_tokens(model, data.get("system"), data.get("messages")) + _json_tokens(model, data.get("tools"))
+        if data.get("tools"):
+            tokens += _tool_prompt_tokens(model)
+    elif kind == "responses":
+        tokens = _walk_tokens(model, data.get("instructions"), data.get("input")) + _json_tokens(
+            model, data.get("tools")
+        )
+    elif kind == "embedding":
+        inputs = _prompts(data.get("input", ""))
+        tokens = sum(_prompt_tokens(model, i) for i in inputs)
+        cost = _tokens_cost(tokens, price.input_per_million)
+        return Estimate(cost, cost, 0, 0, tokens, model)
+    else:
+        raise PriceUnknown(f"no estimator for {kind} calls")
     input_cost = _tokens_cost(tokens, price.input_per_million)
-    if "embedding" in call_type:
-        return Estimate(input_cost, input_cost, 0, 0, tokens, model)
-    cap = output_cap(data, price)
-    amount = input_cost + _tokens_cost(cap, price.output_per_million)
-    return Estimate(amount, input_cost, price.output_per_million, cap, tokens, model)
+    cap = output_cap(data, price, kind)
+    amount = input_cost + _tokens_cost(cap * outputs, price.output_per_million)
+    return Estimate(amount, input_cost, price.output_per_million, cap, tokens, model, outputs, cap_field(data, kind))
+
+
+def _tool_prompt_tokens(model: str) -> int:
+    """The system prompt a provider adds when tools are given (Anthropic's tool-use prompt), from LiteLLM's map."""
+    try:
+        info: Mapping[str, Any] = litellm.get_model_info(model)
+        return int(info.get("tool_use_system_prompt_tokens") or 0)
+    except Exception:  # noqa: BLE001 - unmapped model: nothing known to add
+        return 0
+
+
+def _model_info(model: str, params: Mapping[str, Any]) -> Mapping[str, Any]:
+    try:
+        info: Mapping[str, Any] = litellm.get_model_info(model)
+    except Exception:  # noqa: BLE001 - LiteLLM raises several types for an unmapped model
+        info = {}
+    overrides = {k: v for k, v in params.items() if isinstance(k, str) and "cost" in k and v is not None}
+    return {**info, **overrides}
+
+
+def _usd(value: Any) -> int:
+    return math.ceil(Decimal(str(value)) * _MICROCENTS_PER_USD) if value else 0
+
+
+_IMAGE_SIZES = ("1024x1024", "1024x1536", "1536x1024", "1792x1024", "1024x1792")
+_IMAGE_QUALITIES = ("high", "hd", "standard", "medium", "low")
+
+
+def _image_cost(model: str, info: Mapping[str, Any], data: Mapping[str, Any]) -> int:
+    """n images at the request's size and quality, the dearest LiteLLM knows when either is absent or 'auto'."""
+    from litellm.cost_calculator import default_image_cost_calculator
+
+    n = _positive_int(data.get("n")) or 1
+    size, quality = data.get("size"), data.get("quality")
+    sizes = (size,) if isinstance(size, str) and size != "auto" else _IMAGE_SIZES
+    qualities: tuple[str | None, ...] = (
+        (quality,) if isinstance(quality, str) and quality != "auto" else (*_IMAGE_QUALITIES, None)
+    )
+    provider, _, bare = model.rpartition("/")
+    best = 0
+    for s in sizes:
+        for q in qualities:
+            try:
+                usd = default_image_cost_calculator(bare, provider or None, q, n, s)
+            except Exception:  # noqa: BLE001 - this size/quality is not in LiteLLM's map
+                continue
+            best = max(best, _usd(usd))
+    if not best and info.get("output_cost_per_image"):
+        best = n * _usd(info["output_cost_per_image"])
+    if not best:
+        raise PriceUnknown(f"no price per image for {model} at size {size!r}, quality {quality!r}")
+    return best
+
+
+def _audio_seconds(file: Any) -> float:
+    """Length of an uploaded audio file: WAV read here, other formats through LiteLLM (needs soundfile)."""
+    import io
+    import wave
+
+    try:
+        if hasattr(file, "seek"):
+            file.seek(0)
+        with wave.open(file if hasattr(file, "read") else io.BytesIO(bytes(file)), "rb") as w:
+            seconds = w.getnframes() / float(w.getframerate())
+    except Exception:  # noqa: BLE001 - not a WAV file: ask LiteLLM
+        from litellm.litellm_core_utils.audio_utils.utils import calculate_request_duration
+
+        seconds = calculate_request_duration(file) or 0.0
+        if not seconds:
+            raise PriceUnknown("cannot read the audio file's duration (send WAV, or install soundfile)") from None
+    finally:
+        if hasattr(file, "seek"):
+            file.seek(0)
+    return seconds
+
+
+def _rerank_units(model: str, data: Mapping[str, Any]) -> int:
+    """Search units as Cohere bills them: one query over up to 100 documents, a document longer than 500
+    tokens (with the query) counting once per 500."""
+    query = _prompt_tokens(model, data.get("query", ""))
+    docs = data.get("documents") or []
+    chunks = sum(-(-(query + _prompt_tokens(model, d)) // 500) for d in (docs if isinstance(docs, list) else [docs]))
+    return max(1, -(-chunks // 100))
+
+
+def _unit_priced(group: str, data: Mapping[str, Any], kind: str, settings: Settings, router: Any) -> Estimate:
+    """Images, speech, transcription and rerank: priced per image, character, second or query from LiteLLM's
+    map (plus any per-token input price), the dearest deployment of the group."""
+    if group in settings.free_models:
+        return Estimate(0, 0, 0, 0, 0, group)
+    best: Estimate | None = None
+    for model, params in _deployments(group, router):
+        if model in settings.free_models:
+            est = Estimate(0, 0, 0, 0, 0, model)
+        else:
+            info = _model_info(model, params)
+            tokens = 0
+            if kind == "image":
+                tokens = _prompt_tokens(model, data.get("prompt", ""))
+                per_token = _per_million(info.get("input_cost_per_token"))
+                amount = _image_cost(model, info, data) + _tokens_cost(tokens, per_token)
+            elif kind == "speech":
+                raw = data.get("input")
+                text = raw if isinstance(raw, str) else str(raw or "")
+                if info.get("input_cost_per_character") and not info.get("output_cost_per_second"):
+                    amount = _usd(Decimal(str(info["input_cost_per_character"])) * len(text))
+                else:
+                    raise PriceUnknown(f"{model} bills audio output by length, which a request does not bound")
+            elif kind == "transcription":
+                per_second = info.get("input_cost_per_second")
+                if not per_second:
+                    raise PriceUnknown(f"no price per second for {model}")
+                seconds = math.ceil(_audio_seconds(data.get("file")))
+                amount = _usd(Decimal(str(per_second)) * seconds)
+            else:  # rerank
+                per_query = info.get("input_cost_per_query")
+                if not per_query:
+                    raise PriceUnknown(f"no price per query for {model}")
+                amount = _usd(Decimal(str(per_query)) * _rerank_units(model, data))
+            if amount <= 0:
+                raise PriceUnknown(f"no price for {model} {kind} calls")
+            est = Estimate(amount, amount, 0, 0, tokens, model)
+        if best is None or est.amount > best.amount:
+            best = est
+    assert best is not None
+    return best
 
 
 def cost_of_usage(prompt_tokens: int, completion_tokens: int, price: Price) -> int:
@@ -277,12 +524,13 @@ def cost_of_usage(prompt_tokens: int, completion_tokens: int, price: Price) -> i
 
 def soft_landing(est: Estimate, min_output_tokens: int) -> SoftLanding | None:
     """Let a completion that does not fit run smaller: reserve what is left if it pays for the prompt
-    plus `min_output_tokens`, and cap max_tokens to what it pays for."""
-    if not est.output_per_million:
+    plus `min_output_tokens` on every output, and cap the output tokens to what it pays for."""
+    if not est.output_per_million or est.cap_field is None:
         return None
-    minimum = est.input_cost + _tokens_cost(min_output_tokens, est.output_per_million)
+    per_million = est.output_per_million * est.outputs  # one token more of cap is one more on every output
+    minimum = est.input_cost + _tokens_cost(min_output_tokens, per_million)
     return SoftLanding(
         min_amount=min(minimum, est.amount),
         fixed_amount=est.input_cost,
-        amount_per_million_tokens=est.output_per_million,
+        amount_per_million_tokens=per_million,
     )

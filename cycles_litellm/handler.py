@@ -12,6 +12,7 @@ import asyncio
 import collections
 import contextlib
 import functools
+import json
 import logging
 import time
 import uuid
@@ -41,6 +42,7 @@ from cycles_ledger import (
 
 from .calls import action_kind, action_name, chunk_text, usd_to_microcents
 from .estimate import Estimate, PriceUnknown, cost_of_usage, estimate_call, price_of_group, soft_landing
+from .routes import Route, classify
 from .settings import Settings, load_settings
 from .subject import subject_from_request
 
@@ -61,15 +63,33 @@ class _Pending:
     estimate: Estimate
     group: str
     shadow: bool
+    kind: str = "chat"
+    request_id: str = ""  # this request's own id: a client may send the same call id twice
     streamed: list[str] = field(default_factory=list)
 
 
+_ANTHROPIC_CALL_TYPES = frozenset({"anthropic_messages", "aanthropic_messages"})
+
+
 def budget_error(
-    status: int, error_type: str, code: str, message: str, details: Mapping[str, Any] | None = None
+    status: int,
+    error_type: str,
+    code: str,
+    message: str,
+    details: Mapping[str, Any] | None = None,
+    call_type: str | None = None,
 ) -> Exception:
-    """An OpenAI-shaped error the proxy returns as is:
-    {"error": {"type": "budget_exceeded", "code": "<reason>", "message": ..., "cycles": {scope, remaining, ...}}}."""
+    """An error in the shape of the API the client called, which the proxy returns as is. OpenAI routes:
+    {"error": {"type": "budget_exceeded", "code": "<reason>", "message": ..., "cycles": {scope, remaining, ...}}};
+    Anthropic's /v1/messages: {"type": "error", "error": {"type": "budget_exceeded", "message": ..., ...}}."""
     from litellm.proxy._types import ProxyException
+
+    if call_type in _ANTHROPIC_CALL_TYPES:
+        # LiteLLM's /v1/messages handler passes a message that already is an Anthropic error through unchanged.
+        error: dict[str, Any] = {"type": error_type, "message": message, "code": code}
+        if details:
+            error["cycles"] = dict(details)
+        message = json.dumps({"type": "error", "error": error})
 
     class CyclesProxyError(ProxyException):
         def to_dict(self) -> dict[str, Any]:
@@ -83,7 +103,7 @@ def budget_error(
         type=error_type,
         param=None,
         code=status,
-        # 402 is not retried by OpenAI SDKs; this header makes sure no client retries it.
+        # 402 is not retried by OpenAI or Anthropic SDKs; this header makes sure no client retries it.
         headers={"x-should-retry": "false"},
     )
 
@@ -97,6 +117,16 @@ def _client_call_id(data: Mapping[str, Any]) -> Any:
     """The `x-litellm-call-id` header the client sent, if any (LiteLLM then uses it as the call id).
     The proxy keeps request headers under lowercase names."""
     return ((data.get("proxy_server_request") or {}).get("headers") or {}).get("x-litellm-call-id")
+
+
+def _route_name(data: Mapping[str, Any], call_type: str) -> str:
+    """The request's path (`/anthropic/v1/messages`) when the proxy recorded it, else its call type."""
+    url = (data.get("proxy_server_request") or {}).get("url")
+    if isinstance(url, str) and url:
+        path = url.split("://", 1)[-1]
+        path = "/" + path.split("/", 1)[1] if "/" in path else path
+        return f"{path.split('?', 1)[0]} ({call_type})"
+    return call_type
 
 
 def _router() -> Any:
@@ -140,30 +170,58 @@ class CyclesCallback(CustomLogger):
         self, user_api_key_dict: Any, cache: Any, data: dict[str, Any], call_type: str
     ) -> dict[str, Any]:
         started = time.perf_counter()
+        route = classify(str(call_type), self.settings.unmetered_routes)
+        if route.kind == "free":
+            if call_type in self.settings.unmetered_routes:
+                self.counters[f"unmetered:{call_type}"] += 1
+                log.info(
+                    "cycles: %s let through unmetered (unmetered_routes in cycles.yaml)", _route_name(data, call_type)
+                )
+            return data
         call_id = data.get("litellm_call_id") or uuid.uuid4().hex
         data.setdefault("litellm_call_id", call_id)
         try:
-            subject = subject_from_request(data, user_api_key_dict, self.settings.subject)
+            subject: Subject | None = subject_from_request(data, user_api_key_dict, self.settings.subject)
+            subject_error = None
         except InvalidRequestError as exc:
-            raise budget_error(400, "invalid_request_error", "cycles_subject_invalid", exc.message) from None
-        shadow = self.settings.is_shadow(subject.scopes())
+            subject, subject_error = None, exc
+        shadow = self.settings.is_shadow(subject.scopes()) if subject is not None else self.settings.mode == "shadow"
+        if route.kind == "refused":
+            return self._refuse_route(route, data, shadow)
+        if subject is None:
+            assert subject_error is not None
+            raise budget_error(
+                400, "invalid_request_error", "cycles_subject_invalid", subject_error.message, call_type=call_type
+            ) from None
         group = str(data.get("model", ""))
         try:
-            est = estimate_call(group, data, call_type, self.settings, _router())
+            est = estimate_call(group, data, route.kind, self.settings, _router())
         except PriceUnknown as exc:
             self.counters["price_unknown"] += 1
             if shadow:
                 log.warning("cycles shadow: would deny %s (PRICE_UNKNOWN): %s", call_id, exc)
                 return data
             raise budget_error(
-                402, "budget_exceeded", "PRICE_UNKNOWN", f"{exc}", {"reason": "PRICE_UNKNOWN", "model": group}
+                402,
+                "budget_exceeded",
+                "PRICE_UNKNOWN",
+                f"{exc}",
+                {"reason": "PRICE_UNKNOWN", "model": group, "route": _route_name(data, call_type)},
+                call_type,
             ) from None
-        action = _action(action_kind(call_type), action_name(est.model))
+        # A call id the client chose can come again (a retry, a replay, two requests at once): one call id,
+        # one paid call. A repeat is refused with 409, in this process at once and across processes and
+        # replicas by the ledger (same idempotency key, another request's payload -> mismatch).
+        client_id = _client_call_id(data) == call_id
+        request_id = uuid.uuid4().hex if client_id else call_id
+        if client_id and call_id in self._pending:
+            return self._call_id_reused(call_id, data, shadow, call_type)
+        action = _action(action_kind(route.kind), action_name(est.model))
         # Shadow evaluates the soft landing too (so its would-be decision is enforce's), but never clamps.
         soft = soft_landing(est, self.settings.min_output_tokens)
-        # LiteLLM made the call id (a fresh UUID) unless the client sent x-litellm-call-id: only a
-        # client's id can come again, so only then is the replay protection worth its cost.
-        client_id = _client_call_id(data) == call_id
+        metadata: dict[str, Any] = {"model_group": group, "call_type": call_type, "input_tokens": est.input_tokens}
+        if client_id:
+            metadata["request"] = request_id
         try:
             ledger = await self.ledger()
             r = await ledger.reserve(
@@ -171,17 +229,23 @@ class CyclesCallback(CustomLogger):
                 action,
                 Amount(unit=_USD, amount=est.amount),
                 idempotency_key=call_id,
+                # LiteLLM made the call id (a fresh UUID) unless the client sent x-litellm-call-id: only a
+                # client's id can come again, so only then is the replay record worth its cost.
                 key_is_unique=not client_id,
                 ttl_ms=self.settings.ttl_ms,
                 overage_policy=self.settings.overage_policy,
                 dry_run=shadow,
                 soft_landing=soft,
-                metadata={"model_group": group, "call_type": call_type, "input_tokens": est.input_tokens},
+                metadata=metadata,
             )
         except StoreUnavailableError as exc:
             return self._unavailable(call_id, data, exc)
+        except IdempotencyMismatchError:
+            return self._call_id_reused(call_id, data, shadow, call_type)
         except CyclesError as exc:
-            raise budget_error(exc.http_status, "invalid_request_error", exc.code, exc.message) from None
+            raise budget_error(
+                exc.http_status, "invalid_request_error", exc.code, exc.message, call_type=call_type
+            ) from None
         headers = {"x-cycles-decision": r.decision.value, "x-cycles-scope": r.scope or subject.scope_path}
         if r.remaining is not None:
             headers["x-cycles-remaining"] = format_amount(r.remaining - (r.reserved.amount if r.reserved else 0), _USD)
@@ -199,17 +263,59 @@ class CyclesCallback(CustomLogger):
                     f"Budget denied ({r.reason_code}) at scope {r.scope}: remaining {left}, "
                     f"this call needs up to {format_amount(est.amount, _USD)}",
                     {"reason": r.reason_code, "scope": r.scope, "remaining": r.remaining, "estimate": est.amount},
+                    call_type,
                 )
-        elif r.decision is Decision.ALLOW_WITH_CAPS and not shadow and r.caps and r.caps.max_tokens is not None:
-            key = "max_completion_tokens" if "max_completion_tokens" in data else "max_tokens"
-            data[key] = max(1, min(r.caps.max_tokens, est.output_cap))
-            headers["x-cycles-max-tokens"] = str(data[key])
+        elif (
+            r.decision is Decision.ALLOW_WITH_CAPS
+            and not shadow
+            and r.caps
+            and r.caps.max_tokens is not None
+            and est.cap_field is not None
+        ):
+            # The clamp goes into the field this route sends to the provider, never above the model's maximum.
+            data[est.cap_field] = max(1, min(r.caps.max_tokens, est.output_cap))
+            headers["x-cycles-max-tokens"] = str(data[est.cap_field])
         headers["x-cycles-hook-ms"] = f"{(time.perf_counter() - started) * 1000:.3f}"
         self._remember_headers(
             call_id, headers | ({"x-cycles-reservation-id": r.reservation_id} if r.reservation_id else {})
         )
-        self._pending[call_id] = _Pending(call_id, r.reservation_id, subject, action, est, group, shadow)
+        self._pending[call_id] = _Pending(
+            call_id, r.reservation_id, subject, action, est, group, shadow, route.kind, request_id
+        )
         return data
+
+    def _refuse_route(self, route: Route, data: dict[str, Any], shadow: bool) -> dict[str, Any]:
+        """A call type the plugin can neither price nor settle: refused before the provider (shadow: logged)."""
+        name = _route_name(data, route.call_type)
+        if shadow:
+            self.counters["shadow_would_deny"] += 1
+            log.warning("cycles shadow: would refuse %s (ROUTE_NOT_METERED)", name)
+            return data
+        self.counters["route_not_metered"] += 1
+        raise budget_error(
+            402,
+            "budget_exceeded",
+            "ROUTE_NOT_METERED",
+            f"route {name} is not metered by the budget plugin, so it is refused before the provider; "
+            f"an operator can let it through with unmetered_routes: [{route.call_type}] in cycles.yaml",
+            {"reason": "ROUTE_NOT_METERED", "route": name, "call_type": route.call_type},
+            route.call_type,
+        )
+
+    def _call_id_reused(self, call_id: str, data: dict[str, Any], shadow: bool, call_type: str) -> dict[str, Any]:
+        if shadow:
+            self.counters["shadow_would_deny"] += 1
+            log.warning("cycles shadow: would refuse %s (CALL_ID_REUSED)", call_id)
+            return data
+        self.counters["call_id_reused"] += 1
+        raise budget_error(
+            409,
+            "invalid_request_error",
+            "CALL_ID_REUSED",
+            f"x-litellm-call-id {call_id!r} was already used by another request; send a new call id for a new call",
+            {"reason": "CALL_ID_REUSED", "call_id": call_id},
+            call_type,
+        )
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -251,14 +357,22 @@ class CyclesCallback(CustomLogger):
             return
         prompt, completion = _usage(kwargs, response_obj)
         cost = kwargs.get("response_cost")
-        if cost:
+        if pending.streamed and not completion and any(pending.streamed):
+            # A stream that never reported usage (a text completion without include_usage): the provider
+            # still billed what it streamed, so count the text rather than commit $0.
+            completion = _count_text(pending, "".join(pending.streamed))
+            actual = pending.estimate.input_cost + _output_cost(pending, completion)
+            prompt = prompt or pending.estimate.input_tokens
+        elif cost:
             actual = usd_to_microcents(cost)
-        else:
+        elif pending.estimate.output_per_million or pending.kind == "embedding":
             try:
                 _, price = price_of_group(pending.group, self.settings, _router())
                 actual = cost_of_usage(prompt, completion, price)
             except PriceUnknown:
                 actual = pending.estimate.amount
+        else:  # priced per image, character, second or query, and LiteLLM computed no cost: the estimate
+            actual = pending.estimate.amount
         # Settle in the background: the client's answer never waits for the ledger's write.
         self._spawn(self._settle(pending, actual, {"tokens_input": prompt, "tokens_output": completion}))
 
@@ -308,11 +422,9 @@ class CyclesCallback(CustomLogger):
                 self._spawn(self._settle_aborted(pending))
 
     async def _settle_aborted(self, pending: _Pending) -> None:
-        import litellm
-
         text = "".join(pending.streamed)
-        out_tokens = int(litellm.token_counter(model=pending.estimate.model, text=text)) if text else 0
-        actual = pending.estimate.input_cost + -(-out_tokens * pending.estimate.output_per_million // 10**6)
+        out_tokens = _count_text(pending, text) if text else 0
+        actual = pending.estimate.input_cost + _output_cost(pending, out_tokens)
         self.counters["aborted_streams"] += 1
         await self._settle(
             pending, actual, {"tokens_input": pending.estimate.input_tokens, "tokens_output": out_tokens}
@@ -376,6 +488,16 @@ class CyclesCallback(CustomLogger):
                 await asyncio.sleep(0.2 * 2**n)
         self.counters["settle_failures"] += 1
         return False
+
+
+def _count_text(pending: _Pending, text: str) -> int:
+    import litellm
+
+    return int(litellm.token_counter(model=pending.estimate.model, text=text))
+
+
+def _output_cost(pending: _Pending, tokens: int) -> int:
+    return -(-tokens * pending.estimate.output_per_million // 10**6)
 
 
 def _usage(kwargs: Mapping[str, Any], response_obj: Any) -> tuple[int, int]:

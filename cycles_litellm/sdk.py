@@ -42,6 +42,7 @@ from cycles_ledger.context import current_subject
 
 from .calls import action_kind, action_name, chunk_text, usd_to_microcents
 from .estimate import Estimate, PriceUnknown, cost_of_usage, estimate_call, price_of_group, soft_landing
+from .routes import classify
 from .settings import Settings, load_settings
 
 __all__ = ["CyclesGate", "Guard", "acompletion", "aembedding", "completion", "configure"]
@@ -125,19 +126,23 @@ class Guard:
     ) -> tuple[Subject, Action, Estimate, str, dict[str, Any]]:
         group = str(kwargs.get("model"))
         subj = _subject(subject, kwargs, self.settings)
+        route = classify(call_type)
+        if not route.metered:
+            raise BudgetDenied(
+                f"{call_type} calls are not metered", reason_code="ROUTE_NOT_METERED", scope=subj.scope_path
+            )
         try:
-            est = estimate_call(group, kwargs, call_type, self.settings)
+            est = estimate_call(group, kwargs, route.kind, self.settings)
         except PriceUnknown as exc:
             raise BudgetDenied(str(exc), reason_code="PRICE_UNKNOWN", scope=subj.scope_path) from None
-        action = Action(kind=action_kind(call_type), name=action_name(est.model))
+        action = Action(kind=action_kind(route.kind), name=action_name(est.model))
         return subj, action, est, group, {"idempotency_key": f"sdk:{uuid.uuid4().hex}", "ttl_ms": self.settings.ttl_ms}
 
     def _apply(self, r: ReserveResult, est: Estimate, kwargs: dict[str, Any]) -> None:
         if r.decision is Decision.DENY:
             raise _denied(r, est.amount)
-        if r.decision is Decision.ALLOW_WITH_CAPS and r.caps and r.caps.max_tokens is not None:
-            key = "max_completion_tokens" if "max_completion_tokens" in kwargs else "max_tokens"
-            kwargs[key] = max(1, min(r.caps.max_tokens, est.output_cap))
+        if r.decision is Decision.ALLOW_WITH_CAPS and r.caps and r.caps.max_tokens is not None and est.cap_field:
+            kwargs[est.cap_field] = max(1, min(r.caps.max_tokens, est.output_cap))
 
     async def acall(self, call_type: str, fn: Any, kwargs: dict[str, Any], subject: Any = None) -> Any:
         subj, action, est, group, opts = self._plan(call_type, kwargs, subject)

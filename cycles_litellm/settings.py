@@ -8,6 +8,7 @@ subject: {...}                      # where tenant/workspace/... come from (see 
 min_output_tokens: 256              # smallest useful answer when clamping max_tokens
 prices: {my-model: {input_per_million: "0.15usd", output_per_million: "0.60usd"}}
 free_models: [local-llama]
+unmetered_routes: [pass_through_endpoint]   # call types let through unmetered (default: refused, 402)
 """
 
 from __future__ import annotations
@@ -89,6 +90,9 @@ class Settings(_Strict):
     allow_unbudgeted: bool = False
     prices: dict[str, ModelPrice] = Field(default_factory=dict)
     free_models: list[str] = Field(default_factory=list)
+    # LiteLLM call types (routes.py) the plugin cannot price or settle, let through without a hold by the
+    # operator's choice; every other unmetered call type is refused with 402 ROUTE_NOT_METERED.
+    unmetered_routes: frozenset[str] = frozenset()
     settle_retries: Annotated[int, Field(ge=0, le=10)] = 3
 
     @field_validator("shadow_scopes")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -9,7 +10,14 @@ import litellm
 import pytest
 
 from cycles_ledger import ConfigError, InvalidRequestError
-from cycles_litellm.estimate import PriceUnknown, _count_tokens, _TextCounts, estimate_call, price_of_group
+from cycles_litellm.estimate import (
+    PriceUnknown,
+    _chat_tokens,
+    _prompt_tokens,
+    _TextCounts,
+    estimate_call,
+    price_of_group,
+)
 from cycles_litellm.settings import Settings, SubjectMapping, load_settings
 from cycles_litellm.subject import subject_from_request
 
@@ -26,31 +34,31 @@ def test_price_is_exact_integer_per_million() -> None:
 def test_worst_case_uses_max_tokens_or_model_ceiling() -> None:
     """Worst case = counted prompt tokens x input price + output cap x output price."""
     tokens = litellm.token_counter(model="gpt-4o-mini", messages=MSGS)
-    capped = estimate_call("gpt-4o-mini", {"messages": MSGS, "max_tokens": 100}, "acompletion", Settings())
+    capped = estimate_call("gpt-4o-mini", {"messages": MSGS, "max_tokens": 100}, "chat", Settings())
     assert capped.input_tokens == tokens
     assert capped.amount == -(-tokens * 15_000_000 // 10**6) + 100 * 60
-    uncapped = estimate_call("gpt-4o-mini", {"messages": MSGS}, "acompletion", Settings())
+    uncapped = estimate_call("gpt-4o-mini", {"messages": MSGS}, "chat", Settings())
     assert uncapped.output_cap == 16384
     assert uncapped.amount == uncapped.input_cost + 16384 * 60
 
 
 def test_embedding_estimate_is_input_only() -> None:
     """Embeddings cost their input tokens only."""
-    est = estimate_call("text-embedding-3-small", {"input": ["a b c", "d e"]}, "aembedding", Settings())
+    est = estimate_call("text-embedding-3-small", {"input": ["a b c", "d e"]}, "embedding", Settings())
     assert est.output_cap == 0 and est.amount == est.input_cost > 0
 
 
 def test_unknown_price_is_not_free() -> None:
     """A model missing from the price map is unknown (never $0) unless configured."""
     with pytest.raises(PriceUnknown):
-        estimate_call("openai/private-model", {"messages": MSGS}, "acompletion", Settings())
+        estimate_call("openai/private-model", {"messages": MSGS}, "chat", Settings())
     priced = Settings.model_validate(
         {"prices": {"openai/private-model": {"input_per_million": "1usd", "output_per_million": "2usd"}}}
     )
-    est = estimate_call("openai/private-model", {"messages": MSGS, "max_tokens": 10}, "acompletion", priced)
+    est = estimate_call("openai/private-model", {"messages": MSGS, "max_tokens": 10}, "chat", priced)
     assert est.output_per_million == 2 * 10**8
     free = Settings.model_validate({"free_models": ["openai/private-model"]})
-    assert estimate_call("openai/private-model", {"messages": MSGS}, "acompletion", free).amount == 0
+    assert estimate_call("openai/private-model", {"messages": MSGS}, "chat", free).amount == 0
 
 
 def test_group_priced_by_dearest_deployment_and_fallback() -> None:
@@ -98,12 +106,19 @@ CONVERSATIONS = [
 @pytest.mark.parametrize("messages", CONVERSATIONS)
 @pytest.mark.parametrize("tools", [None, TOOLS])
 def test_token_count_is_litellms(model: str, messages: list[dict[str, object]], tools: object) -> None:
-    """The prompt count (made of token_counter's parts, its set-up cached) is exactly litellm.token_counter's."""
+    """The messages count (made of token_counter's parts, its set-up cached) is exactly litellm.token_counter's;
+    tools are counted as the JSON sent, never fewer tokens than LiteLLM's own rendering of them."""
     for _ in range(2):  # the second time from the cache
-        expected = litellm.token_counter(model=model, messages=messages, tools=tools)
-        assert _count_tokens(model, {"messages": messages, "tools": tools}) == expected
+        expected = litellm.token_counter(model=model, messages=messages)
+        if tools:
+            expected += litellm.token_counter(model=model, text=json.dumps(tools, separators=(",", ":")))
+        counted = _chat_tokens(model, {"messages": messages, "tools": tools})
+        assert counted == expected
+        assert counted >= litellm.token_counter(model=model, messages=messages, tools=tools)
     texts = ["a b c", "héllo " * 300]
-    assert _count_tokens(model, {"input": texts}) == sum(litellm.token_counter(model=model, text=t) for t in texts)
+    assert sum(_prompt_tokens(model, t) for t in texts) == sum(
+        litellm.token_counter(model=model, text=t) for t in texts
+    )
 
 
 def test_text_counts_are_remembered_within_bounds() -> None:

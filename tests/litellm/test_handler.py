@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from litellm.proxy._types import ProxyException
 
 from cycles_ledger import open_ledger, open_ledger_sync
 from cycles_litellm import CyclesCallback, Settings
@@ -97,21 +98,28 @@ async def test_unavailable_store_policy(tmp_path: Path, mode: str) -> None:
         assert cb.counters["fail_open"] == 1
 
 
-async def test_only_a_client_chosen_call_id_is_replay_protected(tmp_path: Path) -> None:
-    """LiteLLM uses the client's x-litellm-call-id as the call id: such an id may come again (a
-    client retry), so the reserve is replayed, never held twice. An id LiteLLM made is a fresh UUID
-    nobody can repeat: that reserve skips the replay record (a third of its work)."""
+async def test_a_client_chosen_call_id_pays_once(tmp_path: Path) -> None:
+    """LiteLLM uses the client's x-litellm-call-id as the call id: such an id may come again (a retry, a
+    replay, two requests at once). One call id is one paid call: a repeat is refused with 409 while the
+    first is in flight (this process) and after it settled (any process: the ledger's idempotency record).
+    An id LiteLLM made is a fresh UUID nobody can repeat: that reserve skips the replay record."""
     url = f"sqlite:///{tmp_path / 'k.db'}"
     with open_ledger_sync(url) as led:
         led.set_budget("tenant:h", "1usd")
     ledger = open_ledger(url)
     cb = CyclesCallback(Settings(), ledger=ledger)
+    other = CyclesCallback(Settings(), ledger=ledger)  # another proxy process on the same ledger
     try:
         client = {"x-cycles-tenant": "h", "x-litellm-call-id": "client-7"}
-        for _ in range(2):
-            await cb.async_pre_call_hook(
-                None, None, request("client-7", proxy_server_request={"headers": client}), "acompletion"
-            )
+        await cb.async_pre_call_hook(
+            None, None, request("client-7", proxy_server_request={"headers": client}), "acompletion"
+        )
+        for hook in (cb, other):
+            with pytest.raises(ProxyException) as info:
+                await hook.async_pre_call_hook(
+                    None, None, request("client-7", proxy_server_request={"headers": client}), "acompletion"
+                )
+            assert info.value.code == "409" and "CALL_ID_REUSED" in str(info.value.to_dict())
         for _ in range(2):  # the same id without the header: as if LiteLLM had made it
             await cb.async_pre_call_hook(None, None, request("made-by-litellm"), "acompletion")
         held = await ledger.list_reservations()

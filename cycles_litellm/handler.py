@@ -147,6 +147,7 @@ class CyclesCallback(CustomLogger):
         self._ledger_lock = asyncio.Lock()
         self._pending: dict[str, _Pending] = {}
         self._headers: collections.OrderedDict[str, dict[str, str]] = collections.OrderedDict()
+        self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()  # call ids our hook passed
         self.counters: collections.Counter[str] = collections.Counter()
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -180,6 +181,9 @@ class CyclesCallback(CustomLogger):
             return data
         call_id = data.get("litellm_call_id") or uuid.uuid4().hex
         data.setdefault("litellm_call_id", call_id)
+        self._seen[str(call_id)] = None
+        while len(self._seen) > 100_000:
+            self._seen.popitem(last=False)
         try:
             subject: Subject | None = subject_from_request(data, user_api_key_dict, self.settings.subject)
             subject_error = None
@@ -283,6 +287,19 @@ class CyclesCallback(CustomLogger):
             call_id, r.reservation_id, subject, action, est, group, shadow, route.kind, request_id
         )
         return data
+
+    async def async_pre_call_deployment_hook(self, kwargs: dict[str, Any], call_type: Any) -> dict[str, Any] | None:
+        """The last gate before a provider: a client request (one the proxy received) whose call type is
+        metered but whose call id never passed the pre-call hook took a route that skips LiteLLM's hooks
+        (/v1/threads/{id}/runs, ...): refused, like a call type the plugin cannot meter. Health checks and
+        LiteLLM's own calls carry no client request and pass."""
+        if not kwargs.get("proxy_server_request"):
+            return None
+        name = str(getattr(call_type, "value", call_type))
+        route = classify(name, self.settings.unmetered_routes)
+        if route.kind == "free" or str(kwargs.get("litellm_call_id")) in self._seen:
+            return None
+        return self._refuse_route(Route(name, "refused"), kwargs, self.settings.mode == "shadow")
 
     def _refuse_route(self, route: Route, data: dict[str, Any], shadow: bool) -> dict[str, Any]:
         """A call type the plugin can neither price nor settle: refused before the provider (shadow: logged)."""

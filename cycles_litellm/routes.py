@@ -11,10 +11,11 @@ LiteLLM upgrade from opening a hole silently.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["FREE", "METERED", "ROUTE_TABLE", "Kind", "Route", "classify"]
+__all__ = ["FREE", "METERED", "MODEL_SEGMENTS", "ROUTE_TABLE", "Kind", "Route", "classify", "path_class"]
 
 Kind = Literal[
     "chat",
@@ -212,3 +213,220 @@ ROUTE_TABLE: tuple[tuple[str, str, str, str, str], ...] = (
         "-",
     ),
 )
+
+
+# --- the proxy's HTTP routes ---------------------------------------------------------------------------
+# Every path LiteLLM's proxy serves, by its first segment once the version or deployment prefix is removed.
+# "model": the route reaches a provider; the pre-call hook meters it or refuses it by call type, and the
+# deployment gate refuses a metered call type whose request skipped the hook. "control": the proxy's own
+# management, auth, UI, health or reporting; no model call. tests/e2e/test_route_inventory.py fails on a
+# path missing here, so a LiteLLM upgrade that adds a route is classified by a person, not by accident.
+_PREFIXES = (
+    re.compile(r"^/openai/deployments/\{[^}]+\}(?=/)"),
+    re.compile(r"^/engines/\{[^}]+\}(?=/)"),
+    re.compile(r"^/openai/v1(?=/)"),
+    re.compile(r"^/(?:v1beta|v1|v2)(?=/)"),
+)
+
+MODEL_SEGMENTS: dict[str, str] = {
+    # metered (call types in METERED; FREE for reads, lists, deletes and cancels)
+    "chat": "acompletion",
+    "completions": "atext_completion",
+    "embeddings": "aembedding",
+    "messages": "anthropic_messages (count_tokens: free)",
+    "responses": "aresponses (get / delete / cancel / input_items: free; compact, input_tokens: refused)",
+    "images": "image_generation (edits: refused)",
+    "audio": "aspeech, transcription",
+    "rerank": "arerank",
+    "moderations": "moderation (free)",
+    "queue": "acompletion",
+    "prompts": "acompletion (/prompts/test)",
+    # refused by call type unless cycles.yaml's unmetered_routes lets them through
+    "batches": "acreate_batch (retrieve / list / cancel: free)",
+    "fine_tuning": "acreate_fine_tuning_job (retrieve / list / cancel: free)",
+    "files": "acreate_file, afile_* (free: a file is not a model call)",
+    "realtime": "_arealtime, acreate_realtime_client_secret, arealtime_calls, ...",
+    "live": "_arealtime (websocket)",
+    "videos": "avideo_generation, avideo_remix, avideo_edit, ... (status / content / list: free)",
+    "ocr": "aocr",
+    "search": "asearch",
+    "interactions": "acreate_interaction",
+    "models": "agenerate_content, agenerate_content_stream (Gemini native; GET /models: control)",
+    "assistants": "acreate_assistants (get / delete: free)",
+    "threads": "acreate_thread, a_add_message, arun_thread (skips the hooks: the deployment gate refuses it)",
+    "vector_stores": "avector_store_create, avector_store_search, avector_store_file_create, ...",
+    "vector_store": "avector_store_* (management of indexes)",
+    "containers": "acreate_container, aupload_container_file, ...",
+    "evals": "acreate_eval, acreate_run, ...",
+    "skills": "acreate_skill (list / get / delete: free)",
+    "agents": "acreate_agent, ... (Gemini agents)",
+    "a2a": "asend_message",
+    "mcp": "call_mcp_tool (list_mcp_tools: free)",
+    "mcp-rest": "call_mcp_tool",
+    "{mcp_server_name}": "MCP",
+    "toolset": "MCP",
+    "rag": "aingest, aquery",
+    "indexes": "aingest",
+    "decisions": "adecisions",
+    "systemone": "asystemone",
+    "workflows": "agent workflow runs",
+    "guardrails": "apply_guardrail",
+    "apply_guardrail": "apply_guardrail",
+    "cursor": "pass_through_endpoint",
+    "transcribe": "pass_through_endpoint (AWS Transcribe)",
+    "typesafe": "pass_through_endpoint",
+    "{endpoint}": "pass_through_endpoint",
+    "{provider}": "allm_passthrough_route",
+}
+# Provider pass-through routes (/anthropic/..., /openai/..., /bedrock/..., ...): call type pass_through_endpoint.
+PASS_THROUGH_SEGMENTS = frozenset(
+    {
+        "anthropic",
+        "openai",
+        "openai_passthrough",
+        "azure",
+        "azure_ai",
+        "azure_speech",
+        "assemblyai",
+        "eu.assemblyai",
+        "bedrock",
+        "cohere",
+        "gemini",
+        "vertex_ai",
+        "mistral",
+        "openrouter",
+        "vllm",
+        "watsonx",
+        "nvidia_nim",
+        "fal_ai",
+        "gigachat",
+        "milvus",
+        "langfuse",
+        "bespoke",
+        "laya",
+        "tinyfish",
+        "comprehendmedical",
+        "moyai",
+    }
+)
+CONTROL_SEGMENTS = frozenset(
+    {
+        "",
+        ".well-known",
+        "_next",
+        "access_group",
+        "active",
+        "adaptive_router",
+        "add",
+        "agent",
+        "alerting",
+        "api",
+        "audit",
+        "authorize",
+        "auto_router",
+        "budget",
+        "cache",
+        "callback",
+        "callbacks",
+        "claude-code",
+        "cloudzero",
+        "compliance",
+        "config",
+        "config_overrides",
+        "coordination_redis",
+        "cost",
+        "cost_optimization",
+        "credentials",
+        "customer",
+        "debug",
+        "delete",
+        "docs",
+        "email",
+        "end_user",
+        "fallback",
+        "gateway",
+        "get",
+        "get_favicon",
+        "get_image",
+        "get_logo_url",
+        "global",
+        "health",
+        "introspect",
+        "invitation",
+        "jwt",
+        "key",
+        "lazy",
+        "lens",
+        "liteadmin",
+        "litellm",
+        "litellm-asset-prefix",
+        "login",
+        "logs",
+        "management",
+        "memory",
+        "memory-usage-in-mem-cache",
+        "memory-usage-in-mem-cache-items",
+        "model",
+        "model-insights",
+        "model_group",
+        "model_hub",
+        "onboarding",
+        "openapi.json",
+        "organization",
+        "otel-spans",
+        "plugin-proxy",
+        "policies",
+        "policy",
+        "project",
+        "provider",
+        "public",
+        "redoc",
+        "register",
+        "reload",
+        "revoke",
+        "robots.txt",
+        "router",
+        "routes",
+        "rust_control_plane",
+        "schedule",
+        "scim",
+        "search_tools",
+        "session",
+        "settings",
+        "spend",
+        "sso",
+        "swagger",
+        "tag",
+        "team",
+        "telemetry",
+        "test",
+        "token",
+        "tool",
+        "traces",
+        "ui",
+        "unified_access_group",
+        "update",
+        "upload",
+        "usage",
+        "user",
+        "utils",
+        "v1",
+        "v3",
+        "vantage",
+    }
+)
+
+
+def path_class(path: str) -> str | None:
+    """ "model", "pass_through" or "control" for a proxy path; None when this table does not know it."""
+    bare = path
+    for prefix in _PREFIXES:
+        bare = prefix.sub("", bare, count=1)
+    segment = bare.lstrip("/").split("/", 1)[0].split(":", 1)[0]
+    if segment in PASS_THROUGH_SEGMENTS:
+        return "pass_through"
+    if segment in MODEL_SEGMENTS:
+        return "model"
+    if segment in CONTROL_SEGMENTS:
+        return "control"
+    return None

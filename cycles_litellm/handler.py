@@ -194,6 +194,10 @@ class CyclesCallback(CustomLogger):
             return self._refuse_route(route, data, shadow)
         if subject is None:
             assert subject_error is not None
+            if shadow:  # shadow never changes a response
+                self.counters["shadow_would_deny"] += 1
+                log.warning("cycles shadow: would refuse %s (subject): %s", call_id, subject_error.message)
+                return data
             raise budget_error(
                 400, "invalid_request_error", "cycles_subject_invalid", subject_error.message, call_type=call_type
             ) from None

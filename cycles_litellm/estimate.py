@@ -88,14 +88,28 @@ def _tokens_cost(tokens: int, per_million: int) -> int:
     return -(-tokens * per_million // _PER_MILLION)  # ceiling: an estimate never undershoots
 
 
+def model_info(model: str) -> Mapping[str, Any]:
+    """LiteLLM's map entry for a deployment's model. `openai/gpt-3.5-turbo-instruct` is priced under its bare
+    name only (the Router even registers the prefixed name with zero prices), so an entry without any price
+    falls back to the bare name's. {} if unmapped."""
+    found: Mapping[str, Any] = {}
+    for name in (model, model.partition("/")[2]):
+        if not name:
+            continue
+        try:
+            info: Mapping[str, Any] = litellm.get_model_info(name)
+        except Exception:  # noqa: BLE001 - LiteLLM raises several types for an unmapped model
+            continue
+        if any(v for k, v in info.items() if "cost_per" in k and isinstance(v, int | float)):
+            return info
+        found = found or info
+    return found
+
+
 def _litellm_price(model: str, params: Mapping[str, Any] | None = None) -> Price | None:
     params = params or {}
     inp, out = params.get("input_cost_per_token"), params.get("output_cost_per_token")
-    info: Mapping[str, Any] = {}
-    try:
-        info = litellm.get_model_info(model)
-    except Exception:  # noqa: BLE001 - LiteLLM raises several types for an unmapped model
-        info = {}
+    info = model_info(model)
     inp = inp if inp is not None else info.get("input_cost_per_token")
     out = out if out is not None else info.get("output_cost_per_token")
     per_image = info.get("output_cost_per_image")
@@ -254,6 +268,15 @@ _PRIMING_TOKENS = 3
 IMAGE_TOKENS = 1_600
 _SKIP_KEYS = frozenset({"type", "role", "cache_control", "id", "call_id", "status", "tool_use_id", "detail"})
 _IMAGE_TYPES = frozenset({"image", "image_url", "input_image", "image_file"})
+_JSON_KEYS = frozenset({"input", "arguments", "parameters", "input_schema"})
+_PER_TOOL_TOKENS = 2  # slack per tool definition: the provider may render the same JSON in another key order
+
+
+def _json_text(value: Any) -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False, default=str)
+    except (TypeError, ValueError):
+        return str(value)
 
 
 def _billable_texts(value: Any, images: list[int], depth: int = 0) -> Iterable[str]:
@@ -269,7 +292,9 @@ def _billable_texts(value: Any, images: list[int], depth: int = 0) -> Iterable[s
             images[0] += 1
             return
         for key, item in value.items():
-            if key not in _SKIP_KEYS:
+            if key in _JSON_KEYS and not isinstance(item, str):
+                yield _json_text(item)  # a tool call's arguments are billed as the JSON the model wrote
+            elif key not in _SKIP_KEYS:
                 yield from _billable_texts(item, images, depth + 1)
     elif isinstance(value, list | tuple):
         for item in value:
@@ -294,11 +319,8 @@ def _json_tokens(model: str, value: Any) -> int:
     own rendering of them."""
     if not value:
         return 0
-    try:
-        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
-    except (TypeError, ValueError):
-        text = str(value)
-    return _text_tokens(model, text)
+    slack = _PER_TOOL_TOKENS * (len(value) if isinstance(value, list) else 1)
+    return _text_tokens(model, _json_text(value)) + slack
 
 
 def _chat_tokens(model: str, data: Mapping[str, Any]) -> int:
@@ -391,18 +413,11 @@ def estimate_call(group: str, data: Mapping[str, Any], kind: str, settings: Sett
 
 def _tool_prompt_tokens(model: str) -> int:
     """The system prompt a provider adds when tools are given (Anthropic's tool-use prompt), from LiteLLM's map."""
-    try:
-        info: Mapping[str, Any] = litellm.get_model_info(model)
-        return int(info.get("tool_use_system_prompt_tokens") or 0)
-    except Exception:  # noqa: BLE001 - unmapped model: nothing known to add
-        return 0
+    return int(model_info(model).get("tool_use_system_prompt_tokens") or 0)
 
 
 def _model_info(model: str, params: Mapping[str, Any]) -> Mapping[str, Any]:
-    try:
-        info: Mapping[str, Any] = litellm.get_model_info(model)
-    except Exception:  # noqa: BLE001 - LiteLLM raises several types for an unmapped model
-        info = {}
+    info = model_info(model)
     overrides = {k: v for k, v in params.items() if isinstance(k, str) and "cost" in k and v is not None}
     return {**info, **overrides}
 

@@ -79,7 +79,7 @@ def test_anthropic_messages_count_system_and_tools() -> None:
     system_tokens = litellm.token_counter(model="claude-haiku-4-5", text=system_text)
     assert as_text.input_tokens >= base.input_tokens + system_tokens
     assert as_blocks.input_tokens >= base.input_tokens + system_tokens
-    tool_tokens = litellm.token_counter(model="claude-haiku-4-5", text=json.dumps(tools, separators=(",", ":")))
+    tool_tokens = litellm.token_counter(model="claude-haiku-4-5", text=json.dumps(tools))
     assert with_tools.input_tokens >= as_text.input_tokens + tool_tokens
     assert with_tools.cap_field == "max_tokens" and with_tools.output_cap == 100
 

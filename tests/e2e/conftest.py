@@ -190,6 +190,8 @@ def start_proxy(
         {
             "UPSTREAM_API_BASE": upstream_base_url,
             "UPSTREAM_API_KEY": UPSTREAM_KEY,
+            # the base without /v1: the anthropic and cohere providers (configs/litellm-routes.yaml) append it
+            "UPSTREAM_ROOT": upstream_base_url.rstrip("/").removesuffix("/v1"),
             "LITELLM_MASTER_KEY": master_key,
             "LITELLM_LOCAL_MODEL_COST_MAP": "True",
             "CYCLES_CONFIG": str(cycles_path),

@@ -14,6 +14,10 @@ from pathlib import Path
 
 import pytest
 
+# LiteLLM fetches its price map from GitHub on import unless told otherwise: offline, that is three failed
+# attempts and ~7 s per test process. Tests price from the map bundled with the installed LiteLLM.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
 from cycles_ledger import Ledger, open_ledger
 from tests.support.redis_server import RedisCluster, RedisServer, RedisTarget, redis_available, wait_ready
 

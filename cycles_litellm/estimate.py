@@ -37,11 +37,13 @@ from .settings import Settings
 __all__ = [
     "CAP_FIELDS",
     "IMAGE_TOKENS",
+    "MIN_CAP",
     "Estimate",
     "Price",
     "PriceUnknown",
     "cap_field",
     "cost_of_usage",
+    "counting_model",
     "estimate_call",
     "output_cap",
     "price_of_group",
@@ -357,6 +359,9 @@ CAP_FIELDS: dict[str, tuple[str, ...]] = {
     "responses": ("max_output_tokens",),
 }
 _DEFAULT_OUTPUT_CAP = 4096
+# The smallest cap a route accepts: the Responses API raises a smaller max_output_tokens to 16, so a
+# clamp below it would let the provider write (and bill) more than the hold pays for.
+MIN_CAP: dict[str, int] = {"max_output_tokens": 16}
 
 
 def output_cap(data: Mapping[str, Any], price: Price, kind: str = "chat") -> int:
@@ -380,7 +385,10 @@ def estimate_call(group: str, data: Mapping[str, Any], kind: str, settings: Sett
     x input price + every possible output x output price, at the dearest deployment of the group."""
     if kind in ("image", "speech", "transcription", "rerank"):
         return _unit_priced(group, data, kind, settings, router)
-    model, price = price_of_group(group, settings, router)
+    priced, price = price_of_group(group, settings, router)
+    # Count with the tokenizer LiteLLM picks for the name the provider sees (`claude-haiku-4-5`, not
+    # `anthropic/claude-haiku-4-5`, which falls back to a generic encoding that counts fewer tokens).
+    model = counting_model(priced)
     outputs = 1
     if kind == "chat":
         tokens = _chat_tokens(model, data)
@@ -402,13 +410,19 @@ def estimate_call(group: str, data: Mapping[str, Any], kind: str, settings: Sett
         inputs = _prompts(data.get("input", ""))
         tokens = sum(_prompt_tokens(model, i) for i in inputs)
         cost = _tokens_cost(tokens, price.input_per_million)
-        return Estimate(cost, cost, 0, 0, tokens, model)
+        return Estimate(cost, cost, 0, 0, tokens, priced)
     else:
         raise PriceUnknown(f"no estimator for {kind} calls")
     input_cost = _tokens_cost(tokens, price.input_per_million)
     cap = output_cap(data, price, kind)
     amount = input_cost + _tokens_cost(cap * outputs, price.output_per_million)
-    return Estimate(amount, input_cost, price.output_per_million, cap, tokens, model, outputs, cap_field(data, kind))
+    return Estimate(amount, input_cost, price.output_per_million, cap, tokens, priced, outputs, cap_field(data, kind))
+
+
+def counting_model(model: str) -> str:
+    """The model name to count tokens for: the one the provider sees."""
+    _, sep, name = model.partition("/")
+    return name if sep and name else model
 
 
 def _tool_prompt_tokens(model: str) -> int:
@@ -543,6 +557,7 @@ def soft_landing(est: Estimate, min_output_tokens: int) -> SoftLanding | None:
     if not est.output_per_million or est.cap_field is None:
         return None
     per_million = est.output_per_million * est.outputs  # one token more of cap is one more on every output
+    min_output_tokens = max(min_output_tokens, MIN_CAP.get(est.cap_field, 1))
     minimum = est.input_cost + _tokens_cost(min_output_tokens, per_million)
     return SoftLanding(
         min_amount=min(minimum, est.amount),

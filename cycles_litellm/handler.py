@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -41,7 +42,16 @@ from cycles_ledger import (
 )
 
 from .calls import action_kind, action_name, chunk_text, usd_to_microcents
-from .estimate import Estimate, PriceUnknown, cost_of_usage, estimate_call, price_of_group, soft_landing
+from .estimate import (
+    MIN_CAP,
+    Estimate,
+    PriceUnknown,
+    cost_of_usage,
+    counting_model,
+    estimate_call,
+    price_of_group,
+    soft_landing,
+)
 from .routes import Route, classify
 from .settings import Settings, load_settings
 from .subject import subject_from_request
@@ -92,6 +102,10 @@ def budget_error(
         message = json.dumps({"type": "error", "error": error})
 
     class CyclesProxyError(ProxyException):
+        # Routes that re-raise a hook's error as their own (audio transcription) read the status here.
+        status_code = status
+        cycles_refusal = True  # the failure hooks LiteLLM runs for a refused request know it holds nothing
+
         def to_dict(self) -> dict[str, Any]:
             body: dict[str, Any] = {"message": self.message, "type": self.type, "param": None, "code": code}
             if details:
@@ -281,8 +295,10 @@ class CyclesCallback(CustomLogger):
             and est.cap_field is not None
         ):
             # The clamp goes into the field this route sends to the provider, never above the model's maximum.
-            data[est.cap_field] = max(1, min(r.caps.max_tokens, est.output_cap))
+            data[est.cap_field] = max(MIN_CAP.get(est.cap_field, 1), min(r.caps.max_tokens, est.output_cap))
             headers["x-cycles-max-tokens"] = str(data[est.cap_field])
+            held = r.reserved.amount if r.reserved else est.amount
+            est = dataclasses.replace(est, output_cap=data[est.cap_field], amount=held)
         headers["x-cycles-hook-ms"] = f"{(time.perf_counter() - started) * 1000:.3f}"
         self._remember_headers(
             call_id, headers | ({"x-cycles-reservation-id": r.reservation_id} if r.reservation_id else {})
@@ -329,6 +345,9 @@ class CyclesCallback(CustomLogger):
             log.warning("cycles shadow: would refuse %s (CALL_ID_REUSED)", call_id)
             return data
         self.counters["call_id_reused"] += 1
+        # LiteLLM runs the failure hooks for this refused request with its call id, which is the id of the
+        # request in flight: give the refused one an id of its own so they never touch the other's hold.
+        data["litellm_call_id"] = f"{call_id}#refused-{uuid.uuid4().hex[:8]}"
         raise budget_error(
             409,
             "invalid_request_error",
@@ -404,7 +423,10 @@ class CyclesCallback(CustomLogger):
         user_api_key_dict: Any,
         traceback_str: str | None = None,
     ) -> None:
-        """The whole request failed (after retries and fallbacks): give the hold back now."""
+        """The whole request failed (after retries and fallbacks): give the hold back now. A request this
+        plugin refused holds nothing, and must not release the hold of another request with its call id."""
+        if getattr(original_exception, "cycles_refusal", False):
+            return
         pending = self._pending.pop(str(request_data.get("litellm_call_id")), None)
         if pending is not None:
             await self._release(pending, f"call failed: {type(original_exception).__name__}")
@@ -413,6 +435,8 @@ class CyclesCallback(CustomLogger):
         self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
     ) -> None:
         """One attempt failed; a retry or fallback may still succeed, so release only if none does."""
+        if getattr(kwargs.get("exception"), "cycles_refusal", False):
+            return  # our own refusal of a request: it holds nothing
         call_id = str(kwargs.get("litellm_call_id"))
         if call_id in self._pending:
             asyncio.get_running_loop().call_later(
@@ -512,9 +536,13 @@ class CyclesCallback(CustomLogger):
 
 
 def _count_text(pending: _Pending, text: str) -> int:
+    """Output tokens of streamed text, never more than the request could produce (its cap on every output):
+    the hold was sized for exactly that, and a counter's tokens are an estimate of the provider's."""
     import litellm
 
-    return int(litellm.token_counter(model=pending.estimate.model, text=text))
+    counted = int(litellm.token_counter(model=counting_model(pending.estimate.model), text=text))
+    est = pending.estimate
+    return min(counted, est.output_cap * est.outputs) if est.output_cap else counted
 
 
 def _output_cost(pending: _Pending, tokens: int) -> int:

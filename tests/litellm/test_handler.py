@@ -126,3 +126,54 @@ async def test_a_client_chosen_call_id_pays_once(tmp_path: Path) -> None:
         assert sorted(r.idempotency_key for r in held) == ["client-7", "made-by-litellm", "made-by-litellm"]
     finally:
         await ledger.aclose()
+
+
+async def test_the_deployment_gate_refuses_a_client_request_that_skipped_the_pre_call_hook(tmp_path: Path) -> None:
+    """The last gate before a provider: a proxied request of a metered call type whose call id our pre-call
+    hook never saw is refused; one it saw, a free call type, and LiteLLM's own calls (no client request:
+    health checks) pass. Shadow mode logs instead of refusing."""
+    from litellm.types.utils import CallTypes
+
+    url = f"sqlite:///{tmp_path / 'g.db'}"
+    with open_ledger_sync(url) as led:
+        led.set_budget("tenant:h", "1usd")
+    ledger = open_ledger(url)
+    try:
+        cb = CyclesCallback(Settings(), ledger=ledger)
+        proxied = {"proxy_server_request": {"url": "http://proxy/v1/threads/t/runs"}, "litellm_call_id": "unseen"}
+        with pytest.raises(ProxyException) as info:
+            await cb.async_pre_call_deployment_hook(dict(proxied), CallTypes.acompletion)
+        assert info.value.code == "402" and "ROUTE_NOT_METERED" in str(info.value.to_dict())
+        assert "/v1/threads/t/runs" in info.value.message
+        await cb.async_pre_call_hook(None, None, request("seen"), "acompletion")
+        assert (
+            await cb.async_pre_call_deployment_hook({**proxied, "litellm_call_id": "seen"}, CallTypes.acompletion)
+            is None
+        )
+        assert await cb.async_pre_call_deployment_hook(dict(proxied), CallTypes.afile_retrieve) is None
+        assert await cb.async_pre_call_deployment_hook({"litellm_call_id": "health"}, CallTypes.acompletion) is None
+        shadow = CyclesCallback(Settings(mode="shadow"), ledger=ledger)
+        assert await shadow.async_pre_call_deployment_hook(dict(proxied), CallTypes.acompletion) is not None
+        assert shadow.counters["shadow_would_deny"] == 1
+    finally:
+        await ledger.aclose()
+
+
+async def test_refused_routes_and_free_routes(tmp_path: Path) -> None:
+    """A call type the plugin cannot meter is refused before anything else (even without a subject); a
+    free one passes untouched; `unmetered_routes` lets a refused one through, counted."""
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    ledger = open_ledger(url)
+    try:
+        cb = CyclesCallback(Settings(), ledger=ledger)
+        with pytest.raises(ProxyException) as info:
+            await cb.async_pre_call_hook(None, None, {"model": "x"}, "pass_through_endpoint")
+        assert info.value.code == "402" and "unmetered_routes: [pass_through_endpoint]" in info.value.message
+        data = {"file_id": "f"}
+        assert await cb.async_pre_call_hook(None, None, data, "afile_retrieve") is data
+        opened = CyclesCallback(Settings(unmetered_routes=frozenset({"pass_through_endpoint"})), ledger=ledger)
+        assert await opened.async_pre_call_hook(None, None, {"model": "x"}, "pass_through_endpoint") == {"model": "x"}
+        assert opened.counters["unmetered:pass_through_endpoint"] == 1
+        assert await ledger.list_reservations() == []
+    finally:
+        await ledger.aclose()

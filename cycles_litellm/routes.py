@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["FREE", "METERED", "MODEL_SEGMENTS", "ROUTE_TABLE", "Kind", "Route", "classify", "path_class"]
+__all__ = ["FREE", "METERED", "MODEL_SEGMENTS", "Kind", "Route", "classify", "path_class"]
 
 Kind = Literal[
     "chat",
@@ -136,83 +136,6 @@ def classify(call_type: str, allowed_unmetered: frozenset[str] = frozenset()) ->
     if call_type in FREE or call_type in allowed_unmetered:
         return Route(call_type, "free")
     return Route(call_type, "refused")
-
-
-# The README's route table, kept next to the code it documents (tests check both agree).
-ROUTE_TABLE: tuple[tuple[str, str, str, str, str], ...] = (
-    # route, call types, estimate (worst case), clamp sent to the provider, settled from
-    (
-        "/v1/chat/completions",
-        "acompletion",
-        "messages + tools (as JSON) x input price + n x output cap x output price",
-        "`max_completion_tokens` or `max_tokens` (the one the client used)",
-        "response_cost; streams without usage: streamed text counted",
-    ),
-    (
-        "/v1/completions",
-        "atext_completion",
-        "prompts x input price + prompts x max(n, best_of) x output cap x output price",
-        "`max_tokens`",
-        "response_cost; streams without usage: streamed text counted",
-    ),
-    (
-        "/v1/embeddings",
-        "aembedding",
-        "input texts x input price",
-        "-",
-        "response_cost",
-    ),
-    (
-        "/v1/messages",
-        "anthropic_messages",
-        "system + messages + tools x input price + `max_tokens` x output price",
-        "`max_tokens`",
-        "response_cost (streams: usage of message_delta)",
-    ),
-    (
-        "/v1/responses",
-        "aresponses",
-        "instructions + input items + tools x input price + `max_output_tokens` x output price",
-        "`max_output_tokens`",
-        "response_cost (streams: usage of response.completed)",
-    ),
-    (
-        "/v1/images/generations",
-        "image_generation",
-        "prompt x input price + n x LiteLLM's price per image at the size and quality (worst when absent)",
-        "-",
-        "response_cost",
-    ),
-    (
-        "/v1/audio/speech",
-        "aspeech",
-        "input characters x price per character (or tokens x price per token)",
-        "-",
-        "response_cost",
-    ),
-    (
-        "/v1/audio/transcriptions",
-        "transcription",
-        "audio seconds (read from the WAV file) x price per second",
-        "-",
-        "response_cost",
-    ),
-    (
-        "/v1/rerank",
-        "rerank",
-        "search units (100 documents each) x price per query + tokens x input price",
-        "-",
-        "response_cost",
-    ),
-    (
-        "pass-through (/anthropic/..., /openai/..., ...), batches, fine-tuning, realtime, assistants runs, "
-        "video, OCR, search, Gemini-native, image edits, any other",
-        "pass_through_endpoint, acreate_batch, ...",
-        "refused: 402 ROUTE_NOT_METERED (or let through by `unmetered_routes:`)",
-        "-",
-        "-",
-    ),
-)
 
 
 # --- the proxy's HTTP routes ---------------------------------------------------------------------------

@@ -73,9 +73,9 @@ class Route:
     out_price: int = 0  # USD_MICROCENTS per output token
     anthropic_shape: bool = False
     stream_settles_from_text: bool = False  # no usage in the stream: the commit counts the streamed text
-    # LiteLLM's image, transcription and rerank endpoints re-raise a hook's error as its own ProxyException: the type and message
-    # survive, the reason code, the `cycles` block and the x-should-retry header do not (a 402 is still not
-    # retried by the OpenAI SDK).
+    # LiteLLM's image, transcription and rerank endpoints re-raise a hook's error as their own ProxyException:
+    # the type and message survive, the reason code, the `cycles` block and the x-should-retry header do not
+    # (a 402 is still not retried by the OpenAI SDK).
     rewrapped_error: bool = False
 
 

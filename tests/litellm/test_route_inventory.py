@@ -5,12 +5,16 @@ upgrade that adds a route fails here until someone classifies it in cycles_litel
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from cycles_litellm.routes import MODEL_SEGMENTS, ROUTE_TABLE, path_class
+from cycles_litellm.routes import METERED, MODEL_SEGMENTS, path_class
+
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 _LIST_ROUTES = """
 import json, os, warnings
@@ -63,12 +67,15 @@ def test_classification_examples() -> None:
     assert path_class("/v1/brand-new-billable-thing") is None
 
 
-def test_the_readme_route_table_names_routes_the_proxy_serves(proxy_paths: set[str]) -> None:
-    for route, *_ in ROUTE_TABLE:
-        if route.startswith("/"):
-            assert route in proxy_paths, route
+def test_the_readme_route_table_names_routes_the_proxy_serves_and_metered_call_types(proxy_paths: set[str]) -> None:
+    rows = [line for line in README.read_text().splitlines() if line.startswith("| `/v1/")]
+    assert len(rows) >= 9
+    for row in rows:
+        path, call_type = re.match(r"\| `([^`]+)` \(`([^`]+)`\)", row).groups()  # type: ignore[union-attr]
+        assert path in proxy_paths, path
+        assert call_type in METERED, call_type
     assert {path_class(p) for p in proxy_paths} == {"model", "pass_through", "control"}
     # every model segment names at least one route the proxy serves (no stale entries)
-    segments = {p for p in proxy_paths if path_class(p) == "model"}
+    model_paths = {p for p in proxy_paths if path_class(p) == "model"}
     for segment in MODEL_SEGMENTS:
-        assert any(f"/{segment}" in p for p in segments), segment
+        assert any(f"/{segment}" in p for p in model_paths), segment

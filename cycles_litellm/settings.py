@@ -36,23 +36,34 @@ class _Strict(BaseModel):
 
 
 class SubjectMapping(_Strict):
-    """Where each subject level comes from, tried in order: request metadata `cycles.<level>`, the
-    `x-cycles-<level>` header, then the listed virtual-key fields, then `defaults`."""
+    """Who pays. The authenticated virtual key is the identity: its fields (`key_fields`, by LiteLLM's
+    metadata names) fix their levels, and a client may only add the levels in `client_levels` that the key
+    left open (from request metadata `cycles.<level>` or `x-cycles-<level>` headers). A key's or its team's
+    metadata `{"cycles": {"client_levels": [...]}}` may open more levels for that key. Without a virtual
+    key (the master key), metadata and headers choose every level. `defaults` fill what is still empty."""
 
     from_metadata: bool = True
     from_headers: bool = True
     key_fields: dict[str, list[str]] = Field(
         default_factory=lambda: {
-            "tenant": ["user_api_key_org_id", "user_api_key_team_id"],
+            "tenant": ["user_api_key_org_id", "user_api_key_team_id", "user_api_key_user_id"],
             "app": ["user_api_key_alias"],
-            "agent": ["user_api_key_end_user_id", "user_api_key_user_id"],
         }
     )
+    client_levels: list[str] = Field(default_factory=lambda: ["workflow", "agent", "toolset"])
     defaults: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("key_fields", "defaults")
     @classmethod
     def _levels(cls, v: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(v) - set(_LEVELS)
+        if unknown:
+            raise ValueError(f"unknown subject level(s) {sorted(unknown)}; known: {', '.join(_LEVELS)}")
+        return v
+
+    @field_validator("client_levels")
+    @classmethod
+    def _client_levels(cls, v: list[str]) -> list[str]:
         unknown = set(v) - set(_LEVELS)
         if unknown:
             raise ValueError(f"unknown subject level(s) {sorted(unknown)}; known: {', '.join(_LEVELS)}")

@@ -1,8 +1,19 @@
-"""Who pays for a proxied call: build the ledger Subject from request metadata, headers and the key."""
+"""Who pays for a proxied call: the authenticated key fixes the payer, the client only refines below it.
+
+A virtual key's fields (team, organization, user, alias) are the identity: they fill their levels and
+no header or metadata can replace them. The client may add the levels `client_levels` leaves open
+(workflow, agent, toolset by default), from request metadata `cycles` or `x-cycles-<level>` headers.
+Without a virtual key (master key only) metadata and headers fill every level, as before keys existed.
+
+Names become scope values by one deterministic rule (`scope_value`): a LiteLLM team id, alias or user
+id with spaces or other characters is a valid scope, never a 400.
+"""
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -10,7 +21,7 @@ from cycles_ledger import InvalidRequestError, Subject
 
 from .settings import SubjectMapping
 
-__all__ = ["LEVELS", "subject_from_request"]
+__all__ = ["LEVELS", "scope_value", "subject_from_request"]
 
 LEVELS = ("tenant", "workspace", "app", "workflow", "agent", "toolset")
 # What LiteLLM fills in for the master key or keyless calls: not anyone's identity.
@@ -25,6 +36,21 @@ _KEY_ATTRS = {
     "user_api_key_user_id": "user_id",
     "user_api_key_end_user_id": "end_user_id",
 }
+_VALID = re.compile(r"^[a-zA-Z0-9_.-]{1,128}$")
+_INVALID_RUN = re.compile(r"[^a-zA-Z0-9_.-]+")
+
+
+@functools.lru_cache(maxsize=4096)
+def scope_value(name: str) -> str:
+    """A scope value for any name: a valid one (`[a-zA-Z0-9_.-]`, at most 128 characters) is kept as is;
+    any other becomes its valid characters with each run of others as `_`, then `.` and the first 8 hex
+    digits of the name's SHA-256 (`CI bot` -> `CI_bot.4f1c2b9a`), at most 128 characters. Two different
+    names map to the same value only if a valid name is spelled exactly like another's mapped form."""
+    if _VALID.match(name):
+        return name
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    readable = _INVALID_RUN.sub("_", name).strip("_")[:119] or "_"
+    return f"{readable}.{digest}"
 
 
 class _Metadata:
@@ -49,7 +75,9 @@ def _cycles_headers(*sources: Any) -> dict[str, Any]:
     """The `x-cycles-*` headers, names lowercased; a later source wins over an earlier one."""
     out: dict[str, Any] = {}
     for headers in sources:
-        for name, value in (headers or {}).items():
+        if not isinstance(headers, Mapping):
+            continue
+        for name, value in headers.items():
             lowered = str(name).lower()
             if lowered.startswith(_HEADER_PREFIX):
                 out[lowered] = value
@@ -62,10 +90,29 @@ def _subject(fields: tuple[tuple[str, str], ...]) -> Subject:
     return Subject.model_validate(dict(fields))
 
 
+def _key_value(name: str, key_info: Any) -> str | None:
+    """A virtual-key field, from the key object the proxy authenticated. Never from request metadata: the
+    proxy copies the key's fields there (`user_api_key_team_id`, ...), but a client can send metadata."""
+    value = getattr(key_info, _KEY_ATTRS.get(name, name), None) if key_info is not None else None
+    if value in (None, "") or value in _PLACEHOLDERS:
+        return None
+    return str(value)
+
+
+def _opened_levels(key_info: Any) -> set[str]:
+    """Levels a key's or its team's metadata lets the client choose: `{"cycles": {"client_levels": [...]}}`."""
+    opened: set[str] = set()
+    for attr in ("metadata", "team_metadata"):
+        cycles = (getattr(key_info, attr, None) or {}).get("cycles") if key_info is not None else None
+        levels = cycles.get("client_levels") if isinstance(cycles, Mapping) else None
+        if isinstance(levels, list):
+            opened |= {str(level) for level in levels if level in LEVELS}
+    return opened
+
+
 def subject_from_request(data: Mapping[str, Any], key_info: Any, mapping: SubjectMapping) -> Subject:
-    """Fill each level from, in order: metadata `cycles`, `x-cycles-<level>` headers, the virtual key's
-    fields, then configured defaults. Raises InvalidRequestError when no level can be filled or a
-    value is malformed, so the caller answers 400 instead of letting the call pass."""
+    """The payer of one request. Raises InvalidRequestError when no level can be filled or the metadata is
+    malformed (the caller answers 400 when enforcing, lets the call through in shadow)."""
     meta = _Metadata(data)
     explicit = meta.get("cycles") if mapping.from_metadata else None
     if explicit is not None and not isinstance(explicit, Mapping):
@@ -75,34 +122,38 @@ def subject_from_request(data: Mapping[str, Any], key_info: Any, mapping: Subjec
         if mapping.from_headers
         else {}
     )
-    fields: dict[str, Any] = {}
+    fixed: dict[str, str] = {}
     for level in LEVELS:
+        for name in mapping.key_fields.get(level, []):
+            value = _key_value(name, key_info)
+            if value is not None:
+                fixed[level] = value
+                break
+    # A key that names the payer restricts the client to the levels left open for it.
+    allowed = set(LEVELS) if "tenant" not in fixed else set(mapping.client_levels) | _opened_levels(key_info)
+    fields: dict[str, str] = dict(fixed)
+    for level in LEVELS:
+        if level in fixed:
+            continue
         value = None
-        if explicit is not None:
-            value = explicit.get(level)
-        if value is None and mapping.from_headers:
-            value = headers.get(_HEADER_PREFIX + level)
-        if value is None:
-            for name in mapping.key_fields.get(level, []):
-                value = meta.get(name) or getattr(key_info, _KEY_ATTRS.get(name, name), None)
-                if value in _PLACEHOLDERS:
-                    value = None
-                if value:
-                    break
+        if level in allowed:
+            value = explicit.get(level) if explicit is not None else None
+            if value is None:
+                value = headers.get(_HEADER_PREFIX + level)
         if value is None:
             value = mapping.defaults.get(level)
         if value not in (None, ""):
             fields[level] = str(value)
-    dimensions = explicit.get("dimensions") if explicit is not None else None
     if not any(level in fields for level in LEVELS):
         raise InvalidRequestError(
             "cannot tell who pays for this call: send metadata {'cycles': {'tenant': ...}} or an "
             "x-cycles-tenant header, use a virtual key with a team, or set subject.defaults in cycles.yaml"
         )
+    values = {level: scope_value(fields[level]) for level in LEVELS if level in fields}
+    dimensions = explicit.get("dimensions") if explicit is not None else None
     try:
         if isinstance(dimensions, Mapping):
-            fields["dimensions"] = {str(k): str(v) for k, v in dimensions.items()}
-            return Subject.model_validate(fields)
-        return _subject(tuple(fields.items()))
+            return Subject.model_validate({**values, "dimensions": {str(k): str(v) for k, v in dimensions.items()}})
+        return _subject(tuple(values.items()))
     except ValueError as exc:
-        raise InvalidRequestError(f"invalid budget subject {fields}: {exc}") from None
+        raise InvalidRequestError(f"invalid budget subject {values}: {exc}") from None

@@ -15,6 +15,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import uuid
 from collections.abc import Mapping
 from types import TracebackType
@@ -51,11 +52,14 @@ from .stores.base import (
     CommitCommand,
     EventCommand,
     ExtendCommand,
+    NoteCommand,
     ReleaseCommand,
     ReserveCommand,
 )
 
 __all__ = ["Ledger", "open_ledger"]
+
+_REASON = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
 
 log = logging.getLogger("cycles_ledger")
 
@@ -529,6 +533,20 @@ class Ledger:
             metadata=payload["metadata"],
         )
         return EventResult.model_validate(await self.store.record_event(cmd))
+
+    async def note(
+        self, scope: str, reason_code: str, *, would: bool = False, data: Mapping[str, Any] | None = None
+    ) -> int:
+        """Log a refusal decided before any budget was looked at (an unknown payer, an unpriced model, an
+        unmetered route) as a `denied` event, or `would_deny` when it was only evaluated (shadow mode).
+        Changes no balance; returns the event id."""
+        parse_scope(scope)
+        if not isinstance(reason_code, str) or not _REASON.match(reason_code):
+            raise InvalidRequestError(f"reason_code must be UPPER_SNAKE_CASE, got {reason_code!r}")
+        cmd = NoteCommand(
+            "would_deny" if would else "denied", scope, reason_code, _jsonable(data, "data") if data else None
+        )
+        return await self.store.note(cmd)
 
     # --- reads ---------------------------------------------------------------------------------
 

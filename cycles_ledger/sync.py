@@ -54,6 +54,7 @@ class SyncLedger:
     release = _twin(Ledger.release)
     extend = _twin(Ledger.extend)
     record_event = _twin(Ledger.record_event)
+    note = _twin(Ledger.note)
     balances = _twin(Ledger.balances)
     balance = _twin(Ledger.balance)
     get_reservation = _twin(Ledger.get_reservation)

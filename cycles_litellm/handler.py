@@ -61,6 +61,8 @@ __all__ = ["CyclesCallback", "budget_error"]
 log = logging.getLogger("cycles_litellm")
 
 _USD = Unit.USD_MICROCENTS
+# Where refusals of requests without a payer are logged (no tenant could be told).
+UNIDENTIFIED_SCOPE = "tenant:_unidentified"
 _FAILURE_GRACE_S = 30.0  # a failed attempt may still be retried or fall back inside the same request
 
 
@@ -205,39 +207,34 @@ class CyclesCallback(CustomLogger):
             subject, subject_error = None, exc
         shadow = self.settings.is_shadow(subject.scopes()) if subject is not None else self.settings.mode == "shadow"
         if route.kind == "refused":
-            return self._refuse_route(route, data, shadow)
+            return self._refuse_route(route, data, shadow, subject)
         if subject is None:
             assert subject_error is not None
-            if shadow:  # shadow never changes a response
-                self.counters["shadow_would_deny"] += 1
-                log.warning("cycles shadow: would refuse %s (subject): %s", call_id, subject_error.message)
-                return data
-            raise budget_error(
-                400, "invalid_request_error", "cycles_subject_invalid", subject_error.message, call_type=call_type
-            ) from None
+            return self._refuse(
+                "SUBJECT_INVALID",
+                400,
+                "invalid_request_error",
+                subject_error.message,
+                data,
+                call_type,
+                shadow,
+                code="cycles_subject_invalid",
+            )
         group = str(data.get("model", ""))
         try:
             est = estimate_call(group, data, route.kind, self.settings, _router())
         except PriceUnknown as exc:
-            self.counters["price_unknown"] += 1
-            if shadow:
-                log.warning("cycles shadow: would deny %s (PRICE_UNKNOWN): %s", call_id, exc)
-                return data
-            raise budget_error(
-                402,
-                "budget_exceeded",
-                "PRICE_UNKNOWN",
-                f"{exc}",
-                {"reason": "PRICE_UNKNOWN", "model": group, "route": _route_name(data, call_type)},
-                call_type,
-            ) from None
+            details = {"reason": "PRICE_UNKNOWN", "model": group, "route": _route_name(data, call_type)}
+            return self._refuse(
+                "PRICE_UNKNOWN", 402, "budget_exceeded", f"{exc}", data, call_type, shadow, subject, details
+            )
         # A call id the client chose can come again (a retry, a replay, two requests at once): one call id,
         # one paid call. A repeat is refused with 409, in this process at once and across processes and
         # replicas by the ledger (same idempotency key, another request's payload -> mismatch).
         client_id = _client_call_id(data) == call_id
         request_id = uuid.uuid4().hex if client_id else call_id
         if client_id and call_id in self._pending:
-            return self._call_id_reused(call_id, data, shadow, call_type)
+            return self._call_id_reused(call_id, data, shadow, call_type, subject)
         action = _action(action_kind(route.kind), action_name(est.model))
         # Shadow evaluates the soft landing too (so its would-be decision is enforce's), but never clamps.
         soft = soft_landing(est, self.settings.min_output_tokens)
@@ -263,7 +260,7 @@ class CyclesCallback(CustomLogger):
         except StoreUnavailableError as exc:
             return self._unavailable(call_id, data, exc)
         except IdempotencyMismatchError:
-            return self._call_id_reused(call_id, data, shadow, call_type)
+            return self._call_id_reused(call_id, data, shadow, call_type, subject)
         except CyclesError as exc:
             raise budget_error(
                 exc.http_status, "invalid_request_error", exc.code, exc.message, call_type=call_type
@@ -321,41 +318,74 @@ class CyclesCallback(CustomLogger):
             return None
         return self._refuse_route(Route(name, "refused"), kwargs, self.settings.mode == "shadow")
 
-    def _refuse_route(self, route: Route, data: dict[str, Any], shadow: bool) -> dict[str, Any]:
+    def _refuse_route(
+        self, route: Route, data: dict[str, Any], shadow: bool, subject: Subject | None = None
+    ) -> dict[str, Any]:
         """A call type the plugin can neither price nor settle: refused before the provider (shadow: logged)."""
         name = _route_name(data, route.call_type)
-        if shadow:
-            self.counters["shadow_would_deny"] += 1
-            log.warning("cycles shadow: would refuse %s (ROUTE_NOT_METERED)", name)
-            return data
-        self.counters["route_not_metered"] += 1
-        raise budget_error(
-            402,
-            "budget_exceeded",
-            "ROUTE_NOT_METERED",
+        message = (
             f"route {name} is not metered by the budget plugin, so it is refused before the provider; "
-            f"an operator can let it through with unmetered_routes: [{route.call_type}] in cycles.yaml",
-            {"reason": "ROUTE_NOT_METERED", "route": name, "call_type": route.call_type},
-            route.call_type,
+            f"an operator can let it through with unmetered_routes: [{route.call_type}] in cycles.yaml"
+        )
+        details = {"reason": "ROUTE_NOT_METERED", "route": name, "call_type": route.call_type}
+        return self._refuse(
+            "ROUTE_NOT_METERED", 402, "budget_exceeded", message, data, route.call_type, shadow, subject, details
         )
 
-    def _call_id_reused(self, call_id: str, data: dict[str, Any], shadow: bool, call_type: str) -> dict[str, Any]:
+    def _call_id_reused(
+        self, call_id: str, data: dict[str, Any], shadow: bool, call_type: str, subject: Subject | None = None
+    ) -> dict[str, Any]:
+        message = (
+            f"x-litellm-call-id {call_id!r} was already used by another request; send a new call id for a new call"
+        )
+        if not shadow:
+            # LiteLLM runs the failure hooks for this refused request with its call id, which is the id of the
+            # request in flight: give the refused one an id of its own so they never touch the other's hold.
+            data["litellm_call_id"] = f"{call_id}#refused-{uuid.uuid4().hex[:8]}"
+        details = {"reason": "CALL_ID_REUSED", "call_id": call_id}
+        return self._refuse(
+            "CALL_ID_REUSED", 409, "invalid_request_error", message, data, call_type, shadow, subject, details
+        )
+
+    def _refuse(
+        self,
+        reason: str,
+        status: int,
+        error_type: str,
+        message: str,
+        data: dict[str, Any],
+        call_type: str,
+        shadow: bool,
+        subject: Subject | None = None,
+        details: Mapping[str, Any] | None = None,
+        *,
+        code: str | None = None,
+    ) -> dict[str, Any]:
+        """A refusal decided before any budget was read. It is logged in the ledger (`denied`, or in shadow
+        mode `would_deny`, on the payer's scope or tenant:_unidentified) with the call id, route and model;
+        enforcing, the client gets the error, in shadow the request goes on unchanged."""
+        call_id = str(data.get("litellm_call_id"))
+        scope = subject.scope_path if subject is not None else UNIDENTIFIED_SCOPE
+        note = {"call_id": call_id, "route": _route_name(data, call_type), "message": message[:500]}
+        if data.get("model"):
+            note["model"] = str(data["model"])[:200]
+        self._spawn(self._note(scope, reason, shadow, note))
         if shadow:
             self.counters["shadow_would_deny"] += 1
-            log.warning("cycles shadow: would refuse %s (CALL_ID_REUSED)", call_id)
+            log.warning("cycles shadow: would refuse %s (%s): %s", call_id, reason, message)
             return data
-        self.counters["call_id_reused"] += 1
-        # LiteLLM runs the failure hooks for this refused request with its call id, which is the id of the
-        # request in flight: give the refused one an id of its own so they never touch the other's hold.
-        data["litellm_call_id"] = f"{call_id}#refused-{uuid.uuid4().hex[:8]}"
-        raise budget_error(
-            409,
-            "invalid_request_error",
-            "CALL_ID_REUSED",
-            f"x-litellm-call-id {call_id!r} was already used by another request; send a new call id for a new call",
-            {"reason": "CALL_ID_REUSED", "call_id": call_id},
-            call_type,
-        )
+        self.counters[reason.lower()] += 1
+        raise budget_error(status, error_type, code or reason, message, details, call_type)
+
+    async def _note(self, scope: str, reason: str, shadow: bool, data: dict[str, Any]) -> None:
+        async def attempt() -> bool:
+            await (await self.ledger()).note(scope, reason, would=shadow, data=data)
+            return True
+
+        try:
+            await self._retrying("note", str(data.get("call_id")), attempt)
+        except CyclesError as exc:  # a note must never fail a request; say why it is missing
+            log.error("cycles: could not log %s for %s: %s", reason, data.get("call_id"), exc)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

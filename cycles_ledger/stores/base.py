@@ -17,6 +17,7 @@ __all__ = [
     "CommitCommand",
     "EventCommand",
     "ExtendCommand",
+    "NoteCommand",
     "ReleaseCommand",
     "ReserveCommand",
     "Store",
@@ -86,6 +87,16 @@ class EventCommand:
 
 
 @dataclass(frozen=True, slots=True)
+class NoteCommand:
+    """A decision event on its own: `type` denied or would_deny, on `scope`, with a reason code."""
+
+    type: str
+    scope: str
+    reason_code: str
+    data: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class BudgetCommand:
     """Admin change to one (scope, unit) budget: `op` is set, fund, freeze, unfreeze or close."""
 
@@ -135,6 +146,11 @@ class Store(ABC):
     @abstractmethod
     async def record_event(self, cmd: EventCommand) -> dict[str, Any]:
         """Direct debit of `actual` on every budgeted derived scope, all or none."""
+
+    @abstractmethod
+    async def note(self, cmd: NoteCommand) -> int:
+        """Append one decision event that changes no balance (a refusal before any budget was looked at:
+        unknown payer, unpriced model, unmetered route); returns its event id."""
 
     @abstractmethod
     async def change_budget(self, cmd: BudgetCommand) -> dict[str, Any]:

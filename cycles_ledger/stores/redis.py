@@ -47,6 +47,7 @@ from .base import (
     CommitCommand,
     EventCommand,
     ExtendCommand,
+    NoteCommand,
     ReleaseCommand,
     ReserveCommand,
     Store,
@@ -277,6 +278,22 @@ def _event(stream_id: str, fields: dict[str, str]) -> dict[str, Any]:
 _TLS_PARAMS = ("ssl_ca_certs", "ssl_cert_reqs", "ssl_certfile", "ssl_keyfile")
 
 
+# One decision event appended to its tenant's stream, stamped with the server's clock like every other.
+_NOTE_SCRIPT = """
+local now = ARGV[1]
+if now == '' then
+  local t = redis.call('TIME')
+  now = string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+end
+local f = {'ts', now, 'type', ARGV[3], 'scope', ARGV[4], 'reason', ARGV[5]}
+if ARGV[6] ~= '' then
+  f[#f + 1] = 'data'
+  f[#f + 1] = ARGV[6]
+end
+return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(f))
+"""
+
+
 def _tls_settings(url: str, query: dict[str, str]) -> dict[str, Any]:
     """Pop and check the TLS parameters: only on rediss URLs, files that exist, a known `ssl_cert_reqs`.
     Certificates are verified unless `ssl_cert_reqs=none` says otherwise."""
@@ -461,6 +478,7 @@ class RedisStore(Store, SupportsSweep):
         self._prefix = prefix
         self._clock = clock  # tests only: replaces Redis TIME so a test can move time by hand
         self._config = _SEP.join((str(sweep_per_call), str(event_retention), str(retention_ms)))
+        self._event_retention = event_retention
         self._sources = _scripts()
         self._shas = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in self._sources.items()}
         self._by_sha = {sha: self._sources[name] for name, sha in self._shas.items()}
@@ -971,6 +989,14 @@ class RedisStore(Store, SupportsSweep):
             "charged": {"unit": cmd.unit, "amount": int(f[1])},
             "balances": _balances(reply, start),
         }
+
+    async def note(self, cmd: NoteCommand) -> int:
+        tag = _tag_of_scope(cmd.scope)
+        await self._register(tag)
+        now = "" if self._clock is None else str(self._clock())
+        args = [now, str(self._event_retention), cmd.type, cmd.scope, cmd.reason_code, _raw(cmd.data) or ""]
+        stream_id = await self._redis(self._client.eval(_NOTE_SCRIPT, 1, self._keys(tag)[3], *args))
+        return _event_id(stream_id)
 
     async def change_budget(self, cmd: BudgetCommand) -> dict[str, Any]:
         _exact(cmd.amount, "amount")

@@ -52,6 +52,7 @@ from .base import (
     CommitCommand,
     EventCommand,
     ExtendCommand,
+    NoteCommand,
     ReleaseCommand,
     ReserveCommand,
     Store,
@@ -487,6 +488,9 @@ class SqliteStore(Store, SupportsSweep):
 
     async def record_event(self, cmd: EventCommand) -> dict[str, Any]:
         return await self._call(_op_event, cmd)  # type: ignore[no-any-return]
+
+    async def note(self, cmd: NoteCommand) -> int:
+        return await self._call(_op_note, cmd)  # type: ignore[no-any-return]
 
     async def change_budget(self, cmd: BudgetCommand) -> dict[str, Any]:
         return await self._call(_op_budget, cmd)  # type: ignore[no-any-return]
@@ -970,6 +974,10 @@ def _op_extend(conn: sqlite3.Connection, now: int, cmd: ExtendCommand) -> dict[s
     }
     _remember(conn, "extend", tenant, cmd.idempotency_key, cmd.payload_hash, body, now)
     return _with_balances(conn, body, json.loads(row["budgeted_scopes"]), row["unit"])
+
+
+def _op_note(conn: sqlite3.Connection, now: int, cmd: NoteCommand) -> int:
+    return _event(conn, now, cmd.type, scope=cmd.scope, reason_code=cmd.reason_code, data=cmd.data)
 
 
 def _op_event(conn: sqlite3.Connection, now: int, cmd: EventCommand) -> dict[str, Any]:

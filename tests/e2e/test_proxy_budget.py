@@ -179,6 +179,11 @@ def test_unpriced_model_is_denied(proxy: LiteLLMProxy, fake_upstream: FakeUpstre
     assert r.status_code == 402
     assert r.json()["error"]["code"] == "PRICE_UNKNOWN"
     assert fake_upstream.requests == []
+    with proxy.ledger() as led:  # the refusal is in the log, with the call id and the model
+        wait_until(lambda: any(e.type == "denied" for e in led.events(scope="tenant:e2e-price")))
+        [note] = [e for e in led.events(scope="tenant:e2e-price") if e.type == "denied"]
+        assert note.reason_code == "PRICE_UNKNOWN" and note.data["model"] == "private-model"
+        assert note.data["call_id"] == r.headers["x-litellm-call-id"]
 
 
 def test_missing_subject_is_400(proxy: LiteLLMProxy, fake_upstream: FakeUpstream) -> None:
@@ -186,6 +191,11 @@ def test_missing_subject_is_400(proxy: LiteLLMProxy, fake_upstream: FakeUpstream
     r = httpx.post(f"{proxy.url}/v1/chat/completions", json=chat("x"), headers=proxy.auth_headers, timeout=60)
     assert r.status_code == 400
     assert r.json()["error"]["code"] == "cycles_subject_invalid"
+    with proxy.ledger() as led:
+        call_id = r.headers["x-litellm-call-id"]
+        wait_until(lambda: any(e.data.get("call_id") == call_id for e in led.events(scope="tenant:_unidentified")))
+        [note] = [e for e in led.events(scope="tenant:_unidentified") if e.data.get("call_id") == call_id]
+        assert (note.type, note.reason_code) == ("denied", "SUBJECT_INVALID")
 
 
 def test_shadow_never_blocks_and_records_the_would_be_denial(proxy: LiteLLMProxy, fake_upstream: FakeUpstream) -> None:

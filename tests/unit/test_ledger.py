@@ -107,6 +107,32 @@ async def test_no_budget_is_not_found_unless_allowed(db_url: str, clock: FakeClo
         assert await led.balances() == []
 
 
+async def test_a_note_is_a_decision_event_that_changes_nothing(db_url: str, clock: FakeClock) -> None:
+    """A refusal decided before any budget was read (unknown payer, unpriced model, unmetered route) is in the
+    log as denied / would_deny with its reason and data, on every store; balances do not move; bad input is
+    a typed error."""
+    async with open_ledger(db_url, clock=clock) as led:
+        await led.set_budget("tenant:n", "1usd")
+        first = await led.note("tenant:n/agent:a", "PRICE_UNKNOWN", data={"model": "m", "call_id": "c1"})
+        second = await led.note("tenant:n", "ROUTE_NOT_METERED", would=True)
+        assert second > first
+        notes = [e for e in await led.events(scope="tenant:n") if e.type in ("denied", "would_deny")]
+        assert [(e.type, e.scope, e.reason_code, e.data) for e in notes] == [
+            ("denied", "tenant:n/agent:a", "PRICE_UNKNOWN", {"model": "m", "call_id": "c1"}),
+            ("would_deny", "tenant:n", "ROUTE_NOT_METERED", {}),
+        ]
+        assert notes[0].ts_ms == clock.now
+        b = await led.balance("tenant:n")
+        assert (b.spent, b.reserved, b.remaining) == (0, 0, USD)
+        for scope, reason, data in (
+            ("acme", "X", None),
+            ("tenant:n", "not upper", None),
+            ("tenant:n", "X", {1: object()}),
+        ):
+            with pytest.raises(InvalidRequestError):
+                await led.note(scope, reason, data=data)  # type: ignore[arg-type]
+
+
 async def test_unit_mismatch(two_level: Ledger) -> None:
     """Budgets that exist only in another unit give UNIT_MISMATCH naming the units."""
     with pytest.raises(UnitMismatchError) as info:

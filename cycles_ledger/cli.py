@@ -1,7 +1,10 @@
 """`cycles`: budgets, balances, reservations and the event log from the command line.
 
-The store comes from `--store`, else `CYCLES_STORE`, else `sqlite:///cycles.db`. Exit status: 0 done,
-1 a reservation was denied, 2 the request failed (the message says why).
+The store is the one the proxy uses: `--store`, else `$CYCLES_STORE`, else `store:` of the settings file
+(`--config`, else `$CYCLES_CONFIG`, else `./cycles.yaml` or `./configs/cycles.yaml`; a relative SQLite
+path lives beside that file), else `sqlite:///cycles.db`. Every command names the store it used (on
+stderr). Read commands never create a ledger. Exit status: 0 done, 1 a reservation was denied, 2 the
+request failed (the message says why).
 """
 
 from __future__ import annotations
@@ -10,11 +13,13 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
-from .config import load_budgets, store_url
+from .config import SettingsFile, find_settings, load_budgets, store_url
 from .errors import CyclesError
 from .ledger import Ledger, open_ledger
 from .models import Amount, Balance, LedgerEvent, Reservation, Unit, format_amount
@@ -191,7 +196,8 @@ async def _verify(ledger: Ledger, args: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cycles", description="Budget authority ledger for AI agents.")
-    p.add_argument("--store", help="store URL (default: $CYCLES_STORE or sqlite:///cycles.db)")
+    p.add_argument("--store", help="store URL (default: $CYCLES_STORE, else store: of the settings file)")
+    p.add_argument("--config", help="the settings file (default: $CYCLES_CONFIG, ./cycles.yaml, ./configs/cycles.yaml)")
     sub = p.add_subparsers(dest="command", required=True)
 
     units = [u.value for u in Unit]
@@ -265,16 +271,52 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+_READS = frozenset({"balances", "reservations", "events", "verify"})
+
+
+def _missing_sqlite_file(url: str) -> Path | None:
+    """The file of a `sqlite:///` URL that does not exist yet (None for other stores and :memory:)."""
+    if not url.startswith("sqlite:///") or ":memory:" in url:
+        return None
+    path = Path(url[len("sqlite:///") :].split("?", 1)[0])
+    return None if path.exists() else path
+
+
+def _store_for(args: argparse.Namespace) -> tuple[str, str]:
+    """The store URL and where it came from, as the proxy would find it."""
+    found: SettingsFile = find_settings(args.config)
+    url = store_url(args.store, found)
+    if args.store:
+        origin = "--store"
+    elif os.environ.get("CYCLES_STORE"):
+        origin = "$CYCLES_STORE"
+    elif found.path is not None:
+        origin = f"store: of {found.path}"
+    else:
+        origin = f"default; {found.found_by}"
+    return url, origin
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     fn: Callable[[Ledger, argparse.Namespace], Awaitable[int]] = args.fn
 
-    async def run() -> int:
-        async with open_ledger(store_url(args.store)) as ledger:
+    async def run(url: str) -> int:
+        async with open_ledger(url) as ledger:
             return await fn(ledger, args)
 
     try:
-        return asyncio.run(run())
+        url, origin = _store_for(args)
+        print(f"store: {url} ({origin})", file=sys.stderr)
+        missing = _missing_sqlite_file(url)
+        if missing is not None and args.command in _READS:
+            print(
+                f"error: no ledger at {missing}: nothing to show. Check --config / --store, or create it with "
+                "`cycles budget set` or `cycles budgets apply`",
+                file=sys.stderr,
+            )
+            return 2
+        return asyncio.run(run(url))
     except CyclesError as exc:
         print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
         return 2

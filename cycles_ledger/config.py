@@ -21,15 +21,87 @@ import yaml
 from .errors import ConfigError, CyclesError
 from .models import Amount, Caps, Unit, parse_scope
 
-__all__ = ["DEFAULT_STORE_URL", "BudgetEntry", "load_budgets", "store_url"]
+__all__ = [
+    "DEFAULT_STORE_URL",
+    "SETTINGS_ENV",
+    "BudgetEntry",
+    "SettingsFile",
+    "find_settings",
+    "load_budgets",
+    "resolve_store",
+    "store_url",
+]
 
 DEFAULT_STORE_URL = "sqlite:///cycles.db"
+SETTINGS_ENV = "CYCLES_CONFIG"
+SETTINGS_NAME = "cycles.yaml"
 _ENTRY_KEYS = {"scope", "allocated", "unit", "overdraft_limit", "caps"}
 
 
-def store_url(explicit: str | None = None) -> str:
-    """The store URL: an explicit value, else `CYCLES_STORE`, else a SQLite file in the working directory."""
-    return explicit or os.environ.get("CYCLES_STORE") or DEFAULT_STORE_URL
+@dataclass(frozen=True)
+class SettingsFile:
+    """Where the settings came from: `path` (None: none found, defaults apply) and how it was found."""
+
+    path: Path | None
+    found_by: str
+
+
+def find_settings(explicit: str | os.PathLike[str] | None = None, beside: str | None = None) -> SettingsFile:
+    """The settings file (`cycles.yaml`) the proxy and the CLI share, found the same way by both: an explicit
+    path (`--config`), else `$CYCLES_CONFIG`, else `cycles.yaml` beside LiteLLM's `--config` file (`beside`),
+    else `./cycles.yaml` or `./configs/cycles.yaml`; none of these: defaults. A named file that does not
+    exist is a ConfigError, never a silent fallback."""
+    for value, how in ((explicit, "--config"), (os.environ.get(SETTINGS_ENV), f"${SETTINGS_ENV}")):
+        if value:
+            path = Path(value).expanduser().resolve()
+            if not path.is_file():
+                raise ConfigError(f"cycles settings file {path} ({how}) does not exist")
+            return SettingsFile(path, how)
+    candidates: list[tuple[Path, str]] = []
+    if beside:
+        candidates.append((Path(beside).expanduser().resolve().parent / SETTINGS_NAME, f"beside {beside}"))
+    cwd = Path.cwd()
+    candidates += [(cwd / SETTINGS_NAME, "working directory"), (cwd / "configs" / SETTINGS_NAME, "working directory")]
+    for path, how in candidates:
+        if path.is_file():
+            return SettingsFile(path.resolve(), how)
+    looked = ", ".join(str(p) for p, _ in candidates)
+    return SettingsFile(None, f"no {SETTINGS_NAME} found (looked at {looked})")
+
+
+def resolve_store(url: str, base_dir: Path | None) -> str:
+    """A relative SQLite path in a settings file means beside that file, wherever the process was started:
+    `sqlite:///cycles.db` in /etc/litellm/cycles.yaml is /etc/litellm/cycles.db. Other URLs are unchanged."""
+    prefix = "sqlite:///"
+    if base_dir is None or not url.startswith(prefix):
+        return url
+    rest = url[len(prefix) :]
+    if not rest or rest.startswith("/") or rest.startswith(":memory:"):
+        return url
+    return prefix + str((base_dir / rest).resolve())
+
+
+def store_url(explicit: str | None = None, settings: SettingsFile | None = None) -> str:
+    """The store URL: an explicit value (`--store`), else `$CYCLES_STORE`, else the settings file's `store:`
+    (a relative SQLite path resolved beside that file), else a SQLite file in the working directory."""
+    if explicit or os.environ.get("CYCLES_STORE"):
+        return explicit or os.environ["CYCLES_STORE"]
+    if settings is not None and settings.path is not None:
+        store = _settings_store(settings.path)
+        if store:
+            return resolve_store(store, settings.path.parent)
+    return DEFAULT_STORE_URL
+
+
+def _settings_store(path: Path) -> str | None:
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read the settings: {exc}") from None
+    store = raw.get("store") if isinstance(raw, dict) else None
+    if store is not None and not isinstance(store, str):
+        raise ConfigError(f"{path}: store must be a URL such as sqlite:///cycles.db")
+    return store
 
 
 @dataclass(frozen=True)

@@ -135,6 +135,20 @@ def _client_call_id(data: Mapping[str, Any]) -> Any:
     return ((data.get("proxy_server_request") or {}).get("headers") or {}).get("x-litellm-call-id")
 
 
+def _announce(settings: Settings) -> None:
+    """One line at start: which settings file, mode, store and payer sources are in force. Printed even
+    when nobody configured logging (the proxy configures only LiteLLM's own loggers)."""
+    if not log.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    if settings.source.path is None and settings.source.found_by != "built in code":
+        log.warning("%s - no settings file: defaults apply", settings.describe())
+    else:
+        log.info("%s", settings.describe())
+
+
 def _route_name(data: Mapping[str, Any], call_type: str) -> str:
     """The request's path (`/anthropic/v1/messages`) when the proxy recorded it, else its call type."""
     url = (data.get("proxy_server_request") or {}).get("url")
@@ -159,6 +173,7 @@ class CyclesCallback(CustomLogger):
     def __init__(self, settings: Settings | None = None, ledger: Ledger | None = None) -> None:
         super().__init__()
         self.settings = settings or load_settings()
+        _announce(self.settings)
         self._ledger = ledger
         self._ledger_lock = asyncio.Lock()
         self._pending: dict[str, _Pending] = {}

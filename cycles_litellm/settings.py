@@ -13,20 +13,21 @@ unmetered_routes: [pass_through_endpoint]   # call types let through unmetered (
 
 from __future__ import annotations
 
+import json
 import os
-from pathlib import Path
+import sys
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from cycles_ledger import Amount, ConfigError, OveragePolicy, Unit
+from cycles_ledger.config import DEFAULT_STORE_URL, SETTINGS_ENV, SettingsFile, find_settings, resolve_store
 from cycles_ledger.models import parse_scope
 
-__all__ = ["CONFIG_ENV", "DEFAULT_CONFIG", "ModelPrice", "Settings", "SubjectMapping", "load_settings"]
+__all__ = ["CONFIG_ENV", "ModelPrice", "Settings", "SubjectMapping", "load_settings"]
 
-CONFIG_ENV = "CYCLES_CONFIG"
-DEFAULT_CONFIG = "configs/cycles.yaml"
+CONFIG_ENV = SETTINGS_ENV
 
 _LEVELS = ("tenant", "workspace", "app", "workflow", "agent", "toolset")
 
@@ -105,6 +106,7 @@ class Settings(_Strict):
     # operator's choice; every other unmetered call type is refused with 402 ROUTE_NOT_METERED.
     unmetered_routes: frozenset[str] = frozenset()
     settle_retries: Annotated[int, Field(ge=0, le=10)] = 3
+    _source: SettingsFile = PrivateAttr(default_factory=lambda: SettingsFile(None, "built in code"))
 
     @field_validator("shadow_scopes")
     @classmethod
@@ -113,8 +115,31 @@ class Settings(_Strict):
             parse_scope(scope)
         return v
 
+    @property
+    def source(self) -> SettingsFile:
+        """The file these settings came from (`path` None: defaults), and how it was found."""
+        return self._source
+
     def store_url(self) -> str:
-        return os.environ.get("CYCLES_STORE") or self.store or "sqlite:///cycles.db"
+        """`$CYCLES_STORE`, else `store:` (a relative SQLite path lives beside the settings file, so the
+        proxy and the CLI open the same ledger wherever they start), else ./cycles.db."""
+        env = os.environ.get("CYCLES_STORE")
+        if env:
+            return env
+        if self.store:
+            return resolve_store(self.store, self._source.path.parent if self._source.path else None)
+        return DEFAULT_STORE_URL
+
+    def describe(self) -> str:
+        """One line for the proxy's log at start: which settings, mode, store and payer sources are in force."""
+        where = f"{self._source.path} ({self._source.found_by})" if self._source.path else self._source.found_by
+        keys = ", ".join(f"{level} <- {'|'.join(fields)}" for level, fields in self.subject.key_fields.items())
+        return (
+            f"cycles: settings {where}; mode {self.mode}"
+            + (f" (shadow for {', '.join(self.shadow_scopes)})" if self.shadow_scopes else "")
+            + f"; store {self.store_url()}; payer: virtual key ({keys}), client may add "
+            f"{', '.join(self.subject.client_levels)}; without a key: metadata.cycles and x-cycles-* headers"
+        )
 
     def fail_open(self) -> bool:
         """What to do when the ledger cannot be reached: never silent, always logged and counted."""
@@ -129,15 +154,29 @@ class Settings(_Strict):
         return any(s == sh or s.startswith(sh + "/") for s in scopes for sh in self.shadow_scopes)
 
 
-def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
-    """Read the settings file named by `path`, `$CYCLES_CONFIG`, or `configs/cycles.yaml`; defaults if
-    that default file does not exist. A broken file is a ConfigError that names it."""
-    explicit = path or os.environ.get(CONFIG_ENV)
-    p = Path(explicit or DEFAULT_CONFIG)
-    if not p.exists():
-        if explicit:
-            raise ConfigError(f"cycles settings file {p} does not exist")
-        return Settings()
+def litellm_config_path() -> str | None:
+    """LiteLLM's `--config` file when this process is its proxy: the proxy module's own record of it, else
+    what its CLI handed the workers (`$WORKER_CONFIG`), else `$CONFIG_FILE_PATH`."""
+    module = sys.modules.get("litellm.proxy.proxy_server")
+    path = getattr(module, "user_config_file_path", None) if module is not None else None
+    if not path:
+        try:
+            path = (json.loads(os.environ.get("WORKER_CONFIG") or "{}") or {}).get("config")
+        except (ValueError, AttributeError):
+            path = None
+    return str(path or os.environ.get("CONFIG_FILE_PATH") or "") or None
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, *, beside: str | None = None) -> Settings:
+    """The plugin's settings, found as `cycles_ledger.config.find_settings` says (an explicit path, else
+    `$CYCLES_CONFIG`, else `cycles.yaml` beside LiteLLM's config file, else the working directory's);
+    defaults when there is none (`Settings.source` says so). A broken file is a ConfigError that names it."""
+    found = find_settings(path, beside if beside is not None else litellm_config_path())
+    if found.path is None:
+        settings = Settings()
+        settings._source = found
+        return settings
+    p = found.path
     try:
         raw = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -147,9 +186,11 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: expected a mapping of settings")
     try:
-        return Settings.model_validate(raw)
+        settings = Settings.model_validate(raw)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"{p}: {problems}") from None
     except ValueError as exc:
         raise ConfigError(f"{p}: {exc}") from None
+    settings._source = found
+    return settings

@@ -168,20 +168,30 @@ def start_proxy(
     env: Mapping[str, str] | None = None,
     master_key: str = MASTER_KEY,
     timeout: float = STARTUP_TIMEOUT_S,
+    cwd: Path | None = None,
+    cycles_config: Path | None = None,
 ) -> LiteLLMProxy:
     """Start `litellm --config ... --host 127.0.0.1 --port <free>` and wait until /health/liveliness answers.
 
     Writes `workdir/cycles.yaml` (configs/cycles.yaml deep-merged with `cycles_overrides`, with
-    `store: sqlite:///<workdir>/ledger.db`) and passes it as $CYCLES_CONFIG. Raises ProxyStartError with
-    the log tail if the process exits or is not live within `timeout` seconds.
+    `store: sqlite:///<workdir>/ledger.db`) and passes it as $CYCLES_CONFIG; with `cycles_config` given,
+    writes nothing and sets no $CYCLES_CONFIG (the plugin finds its settings itself; `store_url` is then
+    read from that file). `cwd`: where the proxy starts (default the repository). Raises ProxyStartError
+    with the log tail if the process exits or is not live within `timeout` seconds.
     """
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    store_url = f"sqlite:///{workdir / 'ledger.db'}"
-    cycles = deep_merge(yaml.safe_load(CYCLES_CONFIG.read_text()) or {}, cycles_overrides or {})
-    cycles["store"] = store_url
-    cycles_path = workdir / "cycles.yaml"
-    cycles_path.write_text(yaml.safe_dump(cycles, sort_keys=False))
+    if cycles_config is None:
+        store_url = f"sqlite:///{workdir / 'ledger.db'}"
+        cycles = deep_merge(yaml.safe_load(CYCLES_CONFIG.read_text()) or {}, cycles_overrides or {})
+        cycles["store"] = store_url
+        cycles_path = workdir / "cycles.yaml"
+        cycles_path.write_text(yaml.safe_dump(cycles, sort_keys=False))
+    else:
+        from cycles_litellm.settings import load_settings
+
+        cycles_path = cycles_config.resolve()
+        store_url = load_settings(cycles_path).store_url()
 
     port = free_port()
     proc_env = dict(os.environ)
@@ -194,12 +204,15 @@ def start_proxy(
             "UPSTREAM_ROOT": upstream_base_url.rstrip("/").removesuffix("/v1"),
             "LITELLM_MASTER_KEY": master_key,
             "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-            "CYCLES_CONFIG": str(cycles_path),
             "PYTHONUNBUFFERED": "1",
             # the repo's packages must import in the proxy even if the editable install omits one
             "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p),
         }
     )
+    if cycles_config is None:
+        proc_env["CYCLES_CONFIG"] = str(cycles_path)
+    else:
+        proc_env.pop("CYCLES_CONFIG", None)
     proc_env.update(env or {})
     if env and "CYCLES_STORE" in env:  # the test overrode the store: report the one the plugin really uses
         store_url = env["CYCLES_STORE"]
@@ -211,7 +224,7 @@ def start_proxy(
     log_file.flush()
     process = subprocess.Popen(
         cmd,
-        cwd=REPO_ROOT,
+        cwd=cwd or REPO_ROOT,
         env=proc_env,
         stdin=subprocess.DEVNULL,
         stdout=log_file,

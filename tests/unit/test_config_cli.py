@@ -165,3 +165,39 @@ def test_cli_events_follow(db_url: str) -> None:
     finally:
         proc.kill()
         proc.communicate()
+
+
+def test_cli_finds_the_proxys_settings_and_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The CLI opens the store named in cycles.yaml (a relative SQLite path beside that file, wherever the
+    command runs), the same file the proxy's settings resolve to; every command names its store; read
+    commands never create a ledger."""
+    from cycles_litellm.settings import load_settings
+
+    conf = tmp_path / "etc"
+    conf.mkdir()
+    (conf / "cycles.yaml").write_text("store: sqlite:///ledger.db\nmode: shadow\n")
+    elsewhere = tmp_path / "somewhere-else"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("CYCLES_STORE", raising=False)
+    monkeypatch.delenv("CYCLES_CONFIG", raising=False)
+    expected = f"sqlite:///{conf / 'ledger.db'}"
+    assert load_settings(beside=str(conf / "litellm.yaml")).store_url() == expected  # what the proxy opens
+
+    assert main(["--config", str(conf / "cycles.yaml"), "balances"]) == 2  # nothing there yet: not created
+    err = capsys.readouterr().err
+    assert f"store: {expected} (store: of {conf / 'cycles.yaml'})" in err and "no ledger at" in err
+    assert not (conf / "ledger.db").exists()
+
+    assert main(["--config", str(conf / "cycles.yaml"), "budget", "set", "tenant:x", "1usd"]) == 0
+    assert (conf / "ledger.db").exists() and not list(elsewhere.iterdir())
+    monkeypatch.setenv("CYCLES_CONFIG", str(conf / "cycles.yaml"))
+    capsys.readouterr()
+    assert main(["balances", "tenant:x"]) == 0
+    out = capsys.readouterr()
+    assert "tenant:x" in out.out and "$CYCLES_CONFIG" not in out.err and expected in out.err
+    monkeypatch.setenv("CYCLES_CONFIG", str(conf / "missing.yaml"))
+    assert main(["balances"]) == 2
+    assert "does not exist" in capsys.readouterr().err

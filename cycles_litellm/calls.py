@@ -57,26 +57,39 @@ def _get(obj: Any, key: str) -> Any:
 
 
 def chunk_text(chunk: Any) -> str:
-    """The generated text in one streamed chunk, whatever the route: chat deltas, text completions,
-    Responses API `output_text` deltas, Anthropic `text_delta`s (objects, dicts or raw SSE bytes)."""
+    """Everything generated in one streamed chunk, whatever the route: chat deltas (content, reasoning,
+    tool-call arguments), text completions, Responses API `output_text` / `function_call_arguments` /
+    reasoning deltas, Anthropic `text_delta` / `thinking_delta` / `input_json_delta` (objects, dicts or raw
+    SSE bytes). An aborted stream is charged for all of it, not only the visible text."""
     if isinstance(chunk, bytes | bytearray):
         return "".join(_sse_texts(bytes(chunk)))
     try:
         parts: list[str] = []
         for choice in _get(chunk, "choices") or []:
             delta = _get(choice, "delta")
-            content = _get(delta, "content") if delta is not None else None
-            text = content if content is not None else _get(choice, "text")
-            if isinstance(text, str):
-                parts.append(text)
+            if delta is not None:
+                for key in ("content", "reasoning_content"):
+                    text = _get(delta, key)
+                    if isinstance(text, str):
+                        parts.append(text)
+                for call in _get(delta, "tool_calls") or []:
+                    function = _get(call, "function")
+                    for key in ("name", "arguments"):
+                        text = _get(function, key) if function is not None else None
+                        if isinstance(text, str):
+                            parts.append(text)
+            else:
+                text = _get(choice, "text")
+                if isinstance(text, str):
+                    parts.append(text)
         if parts:
             return "".join(parts)
         delta = _get(chunk, "delta")
-        if isinstance(delta, str) and str(_get(chunk, "type") or "").endswith("output_text.delta"):
-            return delta
+        if isinstance(delta, str) and str(_get(chunk, "type") or "").endswith(".delta"):
+            return delta  # Responses: output_text, function_call_arguments, reasoning_summary_text, ...
         if delta is not None and not isinstance(delta, str):
-            text = _get(delta, "text")
-            return text if isinstance(text, str) else ""
+            out = [t for key in ("text", "thinking", "partial_json") if isinstance(t := _get(delta, key), str)]
+            return "".join(out)
         return ""
     except (AttributeError, TypeError):
         return ""

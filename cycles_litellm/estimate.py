@@ -41,7 +41,11 @@ __all__ = [
     "Estimate",
     "Price",
     "PriceUnknown",
+    "RequestInvalid",
+    "fallback_groups",
+    "prices_of_group",
     "cap_field",
+    "cap_to_send",
     "cost_of_usage",
     "counting_model",
     "estimate_call",
@@ -56,6 +60,10 @@ _PER_MILLION = 10**6
 
 class PriceUnknown(LookupError):
     """No trustworthy price for a model: the caller denies with reason PRICE_UNKNOWN."""
+
+
+class RequestInvalid(ValueError):
+    """A request the plugin cannot estimate (absurd counts, hostile nesting): refused with 400 REQUEST_INVALID."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,36 +133,60 @@ def _litellm_price(model: str, params: Mapping[str, Any] | None = None) -> Price
     )
 
 
+_FALLBACK_KEYS = ("fallbacks", "context_window_fallbacks", "content_policy_fallbacks")
+
+
+def _fallback_groups(group: str, entries: Any) -> list[str]:
+    """Groups a fallback list names for `group`: `[{"gpt-4o": ["o1"]}]` (router and request form), or a
+    request's own `["o1", {"model": "o3"}]`."""
+    out: list[str] = []
+    for entry in entries if isinstance(entries, list) else []:
+        if isinstance(entry, str):
+            out.append(entry)
+        elif isinstance(entry, Mapping):
+            if isinstance(entry.get("model"), str):
+                out.append(entry["model"])
+            targets = entry.get(group)
+            out.extend(t for t in (targets if isinstance(targets, list) else [targets]) if isinstance(t, str))
+    return out
+
+
+def fallback_groups(group: str, data: Mapping[str, Any], router: Any) -> list[str]:
+    """The group and every group LiteLLM may fall back to for this request: the router's fallbacks,
+    context-window and content-policy fallbacks, and the ones the request body names."""
+    groups = [group]
+    for key in _FALLBACK_KEYS:
+        for source in (getattr(router, key, None) if router is not None else None, data.get(key)):
+            for g in _fallback_groups(group, source):
+                if g not in groups:
+                    groups.append(g)
+    return groups[:16]  # a hostile list cannot make pricing unbounded
+
+
 def _deployments(group: str, router: Any) -> list[tuple[str, Mapping[str, Any]]]:
-    """(provider model, litellm_params) of every deployment of `group` and of its fallback groups."""
+    """(provider model, litellm_params) of every deployment of `group`."""
     if router is None:
         return [(group, {})]
-    groups = [group]
-    for entry in getattr(router, "fallbacks", None) or []:
-        if isinstance(entry, Mapping) and group in entry:
-            groups.extend(entry[group] if isinstance(entry[group], list) else [entry[group]])
     out: list[tuple[str, Mapping[str, Any]]] = []
-    for g in groups:
-        for dep in router.get_model_list(model_name=g) or []:
-            params = dep.get("litellm_params", {})
-            out.append((params.get("model", g), params))
+    for dep in router.get_model_list(model_name=group) or []:
+        params = dep.get("litellm_params", {})
+        out.append((params.get("model", group), params))
     return out or [(group, {})]
 
 
 _PRICE_TTL_S = 60.0  # deployments can change at runtime (proxy admin API): re-read them every minute
-_price_cache: dict[tuple[str, int, int], tuple[float, tuple[str, Price] | PriceUnknown]] = {}
+_price_cache: dict[tuple[str, int, int], tuple[float, tuple[tuple[str, Price], ...] | PriceUnknown]] = {}
 
 
-def price_of_group(group: str, settings: Settings, router: Any = None) -> tuple[str, Price]:
-    """The dearest price over the group's deployments and fallbacks; PriceUnknown if any is unpriced.
-
-    Cached for a minute per (group, settings, router): pricing sits on every request's path."""
+def prices_of_group(group: str, settings: Settings, router: Any = None) -> tuple[tuple[str, Price], ...]:
+    """Every deployment of the group with its price; PriceUnknown if any is unpriced. Cached for a minute per
+    (group, settings, router): pricing sits on every request's path."""
     key = (group, id(settings), id(router))
     hit = _price_cache.get(key)
     now = time.monotonic()
     if hit is None or now - hit[0] > _PRICE_TTL_S:
         try:
-            value: tuple[str, Price] | PriceUnknown = _price_of_group(group, settings, router)
+            value: tuple[tuple[str, Price], ...] | PriceUnknown = _prices_of_group(group, settings, router)
         except PriceUnknown as exc:
             value = exc
         if len(_price_cache) > 4096:
@@ -165,14 +197,23 @@ def price_of_group(group: str, settings: Settings, router: Any = None) -> tuple[
     return hit[1]
 
 
-def _price_of_group(group: str, settings: Settings, router: Any = None) -> tuple[str, Price]:
+def price_of_group(group: str, settings: Settings, router: Any = None) -> tuple[str, Price]:
+    """The dearest deployment of a group by output, then input price (what a settle without LiteLLM's cost
+    falls back to); PriceUnknown if any is unpriced."""
+    return max(
+        prices_of_group(group, settings, router),
+        key=lambda mp: (mp[1].output_per_million, mp[1].input_per_million, mp[1].per_image),
+    )
+
+
+def _prices_of_group(group: str, settings: Settings, router: Any = None) -> tuple[tuple[str, Price], ...]:
     if group in settings.free_models:
-        return group, Price(0, 0)
+        return ((group, Price(0, 0)),)
     if group in settings.prices:
         p = settings.prices[group]
         inp, out = p.per_million()
-        return group, Price(inp, out, p.max_output_tokens)
-    best: tuple[str, Price] | None = None
+        return ((group, Price(inp, out, p.max_output_tokens)),)
+    priced: list[tuple[str, Price]] = []
     for model, params in _deployments(group, router):
         if model in settings.free_models:
             price: Price | None = Price(0, 0)
@@ -183,14 +224,8 @@ def _price_of_group(group: str, settings: Settings, router: Any = None) -> tuple
             price = _litellm_price(model, params)
         if price is None:
             raise PriceUnknown(f"no price for {model} (model group {group}); price it in cycles.yaml or mark it free")
-        if best is None or (price.output_per_million, price.input_per_million, price.per_image) > (
-            best[1].output_per_million,
-            best[1].input_per_million,
-            best[1].per_image,
-        ):
-            best = (model, price)
-    assert best is not None
-    return best
+        priced.append((model, price))
+    return tuple(priced)
 
 
 class _TextCounts:
@@ -270,6 +305,35 @@ _PRIMING_TOKENS = 3
 IMAGE_TOKENS = 1_600
 _SKIP_KEYS = frozenset({"type", "role", "cache_control", "id", "call_id", "status", "tool_use_id", "detail"})
 _IMAGE_TYPES = frozenset({"image", "image_url", "input_image", "image_file"})
+_FILE_TYPES = frozenset({"file", "input_file", "document", "input_audio", "audio"})
+_FILE_BYTES_PER_UNIT = 100_000  # a file or document block: one image's worth of tokens per 100 kB of it
+
+
+def _media_units(block: Mapping[str, Any]) -> int:
+    """Images in one content block (1), or a file / document / audio block sized in image-equivalents; 0
+    for anything else. A provider bills these by their content, which the plugin does not decode."""
+    kind = block.get("type")
+    if kind in _IMAGE_TYPES:
+        return 1
+    if kind in _FILE_TYPES:
+        return max(1, -(-len(_json_text(block)) // _FILE_BYTES_PER_UNIT))
+    return 0
+
+
+def _media_tokens(value: Any, depth: int = 0) -> int:
+    """IMAGE_TOKENS for every image-equivalent inside a request field (see _media_units)."""
+    if depth > 32:
+        return 0
+    if isinstance(value, Mapping):
+        units = _media_units(value)
+        if units:
+            return IMAGE_TOKENS * units
+        return sum(_media_tokens(v, depth + 1) for v in value.values() if isinstance(v, Mapping | list))
+    if isinstance(value, list):
+        return sum(_media_tokens(v, depth + 1) for v in value if isinstance(v, Mapping | list))
+    return 0
+
+
 _JSON_KEYS = frozenset({"input", "arguments", "parameters", "input_schema"})
 _PER_TOOL_TOKENS = 2  # slack per tool definition: the provider may render the same JSON in another key order
 
@@ -279,6 +343,8 @@ def _json_text(value: Any) -> str:
         return json.dumps(value, ensure_ascii=False, default=str)
     except (TypeError, ValueError):
         return str(value)
+    except RecursionError:
+        raise RequestInvalid("the request nests too deeply to be counted") from None
 
 
 def _billable_texts(value: Any, images: list[int], depth: int = 0) -> Iterable[str]:
@@ -290,8 +356,9 @@ def _billable_texts(value: Any, images: list[int], depth: int = 0) -> Iterable[s
     if isinstance(value, str):
         yield value
     elif isinstance(value, Mapping):
-        if value.get("type") in _IMAGE_TYPES:
-            images[0] += 1
+        units = _media_units(value)
+        if units:
+            images[0] += units
             return
         for key, item in value.items():
             if key in _JSON_KEYS and not isinstance(item, str):
@@ -329,6 +396,9 @@ def _chat_tokens(model: str, data: Mapping[str, Any]) -> int:
     messages = data.get("messages")
     try:
         tokens = _message_tokens(model, messages) if isinstance(messages, list) else _walk_tokens(model, messages)
+        # LiteLLM's counter takes an image at its default size (and a file at nearly nothing): pay for
+        # every image and file at the plugin's worst case on top of that.
+        tokens += _media_tokens(messages)
     except Exception:  # noqa: BLE001 - a shape LiteLLM's counter rejects is still counted, by walking it
         tokens = _walk_tokens(model, messages)
     return tokens + _json_tokens(model, data.get("tools")) + _json_tokens(model, data.get("functions"))
@@ -348,7 +418,28 @@ def _prompt_tokens(model: str, prompt: Any) -> int:
 
 
 def _positive_int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+    """A positive whole number however the client wrote it (5, 5.0, "5", 4.2 -> 5), else None: providers and
+    LiteLLM accept such forms for counts, so the estimate must too."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return None
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        value = math.ceil(value)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def _count_param(value: Any) -> int:
+    """`n` / `best_of`: how many answers, at least one."""
+    return _positive_int(value) or 1
+
+
+_MAX_OUTPUTS = 1_000  # answers per request (OpenAI's n is at most 128): beyond, the request is refused
 
 
 # The request field that carries the output cap, per kind (the first present wins).
@@ -365,13 +456,27 @@ MIN_CAP: dict[str, int] = {"max_output_tokens": 16}
 
 
 def output_cap(data: Mapping[str, Any], price: Price, kind: str = "chat") -> int:
-    """The most output tokens one answer may have: the cap the request names, never above the model's
-    own maximum; the model's maximum when the request names none."""
-    requested = next((v for f in CAP_FIELDS.get(kind, ()) if (v := _positive_int(data.get(f))) is not None), None)
+    """The most output tokens one answer may have: the cap the request names (never below the route's floor,
+    which LiteLLM raises it to), never above the model's own maximum; the model's maximum when the request
+    names none (4,096 when even that is unknown: the plugin then writes that cap into the request)."""
+    field = cap_field(data, kind)
+    requested = _positive_int(data.get(field)) if field else None
     ceiling = price.max_output_tokens
     if requested is None:
         return ceiling or _DEFAULT_OUTPUT_CAP
+    requested = max(requested, MIN_CAP.get(field or "", 1))
     return min(requested, ceiling) if ceiling else requested
+
+
+def cap_to_send(data: Mapping[str, Any], est: Estimate) -> int | None:
+    """The cap to write into the request so the provider cannot write more than the hold pays for, or None
+    when the request already bounds it: its own cap is above the model's maximum (or unknown, and absent)."""
+    if est.cap_field is None or not est.output_cap:
+        return None
+    requested = _positive_int(data.get(est.cap_field))
+    if requested is None:
+        return est.output_cap if est.output_cap == _DEFAULT_OUTPUT_CAP else None
+    return est.output_cap if requested > est.output_cap else None
 
 
 def cap_field(data: Mapping[str, Any], kind: str) -> str | None:
@@ -382,40 +487,65 @@ def cap_field(data: Mapping[str, Any], kind: str) -> str | None:
 
 def estimate_call(group: str, data: Mapping[str, Any], kind: str, settings: Settings, router: Any = None) -> Estimate:
     """Worst case of one request of a metered `kind` (see routes.py) in USD_MICROCENTS: every billed input
-    x input price + every possible output x output price, at the dearest deployment of the group."""
+    x input price + every possible output x output price, at whichever deployment of the group or of a
+    group it may fall back to costs most for this request."""
+    groups = fallback_groups(group, data, router)
     if kind in ("image", "speech", "transcription", "rerank"):
-        return _unit_priced(group, data, kind, settings, router)
-    priced, price = price_of_group(group, settings, router)
-    # Count with the tokenizer LiteLLM picks for the name the provider sees (`claude-haiku-4-5`, not
-    # `anthropic/claude-haiku-4-5`, which falls back to a generic encoding that counts fewer tokens).
-    model = counting_model(priced)
+        return max((_unit_priced(g, data, kind, settings, router) for g in groups), key=lambda e: e.amount)
+    candidates = [mp for g in groups for mp in prices_of_group(g, settings, router)]
+    tokens_by_model: dict[str, int] = {}
+    best: Estimate | None = None
+    for priced, price in candidates:
+        # Count with the tokenizer LiteLLM picks for the name the provider sees (`claude-haiku-4-5`, not
+        # `anthropic/claude-haiku-4-5`, which falls back to a generic encoding that counts fewer tokens).
+        model = counting_model(priced)
+        if model not in tokens_by_model:
+            tokens_by_model[model] = _input_tokens(model, data, kind)
+        est = _token_estimate(priced, price, tokens_by_model[model], data, kind)
+        if best is None or est.amount > best.amount:
+            best = est
+    assert best is not None
+    return best
+
+
+def _input_tokens(model: str, data: Mapping[str, Any], kind: str) -> int:
+    try:
+        if kind == "chat":
+            return _chat_tokens(model, data) + _json_tokens(model, data.get("response_format"))
+        if kind == "text":
+            prompts = _prompts(data.get("prompt", ""))
+            return sum(_prompt_tokens(model, p) for p in prompts) + _prompt_tokens(model, data.get("suffix") or "")
+        if kind == "messages":
+            tokens = _walk_tokens(model, data.get("system"), data.get("messages"))
+            tokens += _json_tokens(model, data.get("tools")) + _json_tokens(model, data.get("output_format"))
+            return tokens + (_tool_prompt_tokens(model) if data.get("tools") else 0)
+        if kind == "responses":
+            tokens = _walk_tokens(model, data.get("instructions"), data.get("input"))
+            return tokens + _json_tokens(model, data.get("tools")) + _json_tokens(model, data.get("text"))
+        if kind == "embedding":
+            return sum(_prompt_tokens(model, i) for i in _prompts(data.get("input", "")))
+    except RecursionError:
+        raise RequestInvalid("the request nests too deeply to be counted") from None
+    raise PriceUnknown(f"no estimator for {kind} calls")
+
+
+def _token_estimate(priced: str, price: Price, tokens: int, data: Mapping[str, Any], kind: str) -> Estimate:
+    input_cost = _tokens_cost(tokens, price.input_per_million)
+    if kind == "embedding":
+        return Estimate(input_cost, input_cost, 0, 0, tokens, priced)
     outputs = 1
     if kind == "chat":
-        tokens = _chat_tokens(model, data)
-        outputs = _positive_int(data.get("n")) or 1
+        outputs = _count_param(data.get("n"))
     elif kind == "text":
-        prompts = _prompts(data.get("prompt", ""))
-        tokens = sum(_prompt_tokens(model, p) for p in prompts)
-        per_prompt = max(_positive_int(data.get("n")) or 1, _positive_int(data.get("best_of")) or 1)
-        outputs = len(prompts) * per_prompt
-    elif kind == "messages":
-        tokens = _walk_tokens(model, data.get("system"), data.get("messages")) + _json_tokens(model, data.get("tools"))
-        if data.get("tools"):
-            tokens += _tool_prompt_tokens(model)
-    elif kind == "responses":
-        tokens = _walk_tokens(model, data.get("instructions"), data.get("input")) + _json_tokens(
-            model, data.get("tools")
+        outputs = len(_prompts(data.get("prompt", ""))) * max(
+            _count_param(data.get("n")), _count_param(data.get("best_of"))
         )
-    elif kind == "embedding":
-        inputs = _prompts(data.get("input", ""))
-        tokens = sum(_prompt_tokens(model, i) for i in inputs)
-        cost = _tokens_cost(tokens, price.input_per_million)
-        return Estimate(cost, cost, 0, 0, tokens, priced)
-    else:
-        raise PriceUnknown(f"no estimator for {kind} calls")
-    input_cost = _tokens_cost(tokens, price.input_per_million)
+    if outputs > _MAX_OUTPUTS:
+        raise RequestInvalid(f"{outputs} answers in one request is more than the {_MAX_OUTPUTS} the plugin will hold")
     cap = output_cap(data, price, kind)
     amount = input_cost + _tokens_cost(cap * outputs, price.output_per_million)
+    if amount >= 2**53:
+        raise RequestInvalid("the worst case of this request is beyond what the ledger holds")
     return Estimate(amount, input_cost, price.output_per_million, cap, tokens, priced, outputs, cap_field(data, kind))
 
 
@@ -478,8 +608,14 @@ def _audio_seconds(file: Any) -> float:
     try:
         if hasattr(file, "seek"):
             file.seek(0)
-        with wave.open(file if hasattr(file, "read") else io.BytesIO(bytes(file)), "rb") as w:
+        stream = file if hasattr(file, "read") else io.BytesIO(bytes(file))
+        with wave.open(stream, "rb") as w:
+            byte_rate = w.getframerate() * w.getnchannels() * w.getsampwidth()
             seconds = w.getnframes() / float(w.getframerate())
+        # The header names the first data chunk only; a file may hold more (players read them all). Every
+        # byte of the file as audio is never less than what is there.
+        stream.seek(0, io.SEEK_END)
+        seconds = max(seconds, max(0, stream.tell() - 44) / byte_rate if byte_rate else 0.0)
     except Exception:  # noqa: BLE001 - not a WAV file: ask LiteLLM
         from litellm.litellm_core_utils.audio_utils.utils import calculate_request_duration
 

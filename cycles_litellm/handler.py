@@ -46,6 +46,8 @@ from .estimate import (
     MIN_CAP,
     Estimate,
     PriceUnknown,
+    RequestInvalid,
+    cap_to_send,
     cost_of_usage,
     counting_model,
     estimate_call,
@@ -133,6 +135,17 @@ def _client_call_id(data: Mapping[str, Any]) -> Any:
     """The `x-litellm-call-id` header the client sent, if any (LiteLLM then uses it as the call id).
     The proxy keeps request headers under lowercase names."""
     return ((data.get("proxy_server_request") or {}).get("headers") or {}).get("x-litellm-call-id")
+
+
+_THREAD_ESTIMATE_BYTES = 256_000
+
+
+def _body_bytes(data: Mapping[str, Any]) -> int:
+    headers = (data.get("proxy_server_request") or {}).get("headers") or {}
+    try:
+        return int(headers.get("content-length") or 0) if isinstance(headers, Mapping) else 0
+    except (TypeError, ValueError):
+        return 0
 
 
 def _announce(settings: Settings) -> None:
@@ -237,7 +250,14 @@ class CyclesCallback(CustomLogger):
             )
         group = str(data.get("model", ""))
         try:
-            est = estimate_call(group, data, route.kind, self.settings, _router())
+            if _body_bytes(data) > _THREAD_ESTIMATE_BYTES:  # counting megabytes of text must not stall the loop
+                est = await asyncio.to_thread(estimate_call, group, data, route.kind, self.settings, _router())
+            else:
+                est = estimate_call(group, data, route.kind, self.settings, _router())
+        except RequestInvalid as exc:
+            return self._refuse(
+                "REQUEST_INVALID", 400, "invalid_request_error", f"{exc}", data, call_type, shadow, subject
+            )
         except PriceUnknown as exc:
             details = {"reason": "PRICE_UNKNOWN", "model": group, "route": _route_name(data, call_type)}
             return self._refuse(
@@ -311,6 +331,12 @@ class CyclesCallback(CustomLogger):
             headers["x-cycles-max-tokens"] = str(data[est.cap_field])
             held = r.reserved.amount if r.reserved else est.amount
             est = dataclasses.replace(est, output_cap=data[est.cap_field], amount=held)
+        elif not shadow:
+            # The hold assumed this cap: the provider must not be asked for more (a cap above the model's
+            # maximum, or none where the maximum is unknown).
+            bound = cap_to_send(data, est)
+            if bound is not None and est.cap_field is not None:
+                data[est.cap_field] = bound
         headers["x-cycles-hook-ms"] = f"{(time.perf_counter() - started) * 1000:.3f}"
         self._remember_headers(
             call_id, headers | ({"x-cycles-reservation-id": r.reservation_id} if r.reservation_id else {})
@@ -331,6 +357,8 @@ class CyclesCallback(CustomLogger):
         route = classify(name, self.settings.unmetered_routes)
         if route.kind == "free" or str(kwargs.get("litellm_call_id")) in self._seen:
             return None
+        # No key object reaches this hook, so the payer is unknown here; a client-named shadow scope must not
+        # open the gate, so only a proxy wholly in shadow mode lets such a call through.
         return self._refuse_route(Route(name, "refused"), kwargs, self.settings.mode == "shadow")
 
     def _refuse_route(
@@ -353,10 +381,14 @@ class CyclesCallback(CustomLogger):
         message = (
             f"x-litellm-call-id {call_id!r} was already used by another request; send a new call id for a new call"
         )
-        if not shadow:
-            # LiteLLM runs the failure hooks for this refused request with its call id, which is the id of the
-            # request in flight: give the refused one an id of its own so they never touch the other's hold.
-            data["litellm_call_id"] = f"{call_id}#refused-{uuid.uuid4().hex[:8]}"
+        # LiteLLM runs the success or failure hooks of this request with its call id, which is the id of the
+        # request in flight: give this one an id of its own (refused, or let through in shadow) so that it never
+        # touches the other's hold.
+        own = f"{call_id}#dup-{uuid.uuid4().hex[:8]}"
+        data["litellm_call_id"] = own
+        logging_obj = data.get("litellm_logging_obj")  # made before the hook, with the shared id
+        if logging_obj is not None and hasattr(logging_obj, "litellm_call_id"):
+            logging_obj.litellm_call_id = own
         details = {"reason": "CALL_ID_REUSED", "call_id": call_id}
         return self._refuse(
             "CALL_ID_REUSED", 409, "invalid_request_error", message, data, call_type, shadow, subject, details
@@ -489,9 +521,20 @@ class CyclesCallback(CustomLogger):
             )
 
     async def _release_if_pending(self, call_id: str) -> None:
-        pending = self._pending.pop(call_id, None)
-        if pending is not None:
-            await self._release(pending, "call failed")
+        """No success within the grace after a failed attempt: give the hold back, but keep the call known.
+        A retry or fallback that still succeeds later (a long Retry-After, a slow model) is then recorded as
+        a direct debit of its real cost instead of being lost; the entry goes after the reservation TTL."""
+        pending = self._pending.get(call_id)
+        if pending is None or pending.reservation_id is None:
+            return
+        rid, pending.reservation_id = pending.reservation_id, None  # from now on a success debits directly
+        await self._release(pending, "call failed", rid)
+
+        def forget() -> None:
+            if self._pending.get(call_id) is pending:
+                del self._pending[call_id]
+
+        asyncio.get_running_loop().call_later(self.settings.ttl_ms / 1000, forget)
 
     async def async_post_call_streaming_iterator_hook(
         self, user_api_key_dict: Any, response: Any, request_data: dict[str, Any]
@@ -553,8 +596,8 @@ class CyclesCallback(CustomLogger):
         if not await self._retrying("settle", pending.call_id, attempt):
             log.error("cycles: could not settle %s; its hold expires with the reservation TTL", pending.call_id)
 
-    async def _release(self, pending: _Pending, reason: str) -> None:
-        rid = pending.reservation_id
+    async def _release(self, pending: _Pending, reason: str, rid: str | None = None) -> None:
+        rid = rid or pending.reservation_id
         if rid is None:
             return
 

@@ -71,9 +71,43 @@ def test_group_priced_by_dearest_deployment_and_fallback() -> None:
         ],
         fallbacks=[{"smart": ["big"]}],
     )
-    model, price = price_of_group("smart", Settings(), router)
-    assert model == "openai/gpt-4o"
-    assert price.output_per_million == 10 * 10**8
+    assert price_of_group("smart", Settings(), router)[0] == "openai/gpt-4o-mini"  # the group's own
+    est = estimate_call("smart", {"messages": MSGS, "max_tokens": 10}, "chat", Settings(), router)
+    assert est.model == "openai/gpt-4o" and est.output_per_million == 10 * 10**8  # its fallback costs more
+    # fallbacks the request itself names (LiteLLM honours them) are priced too
+    plain = litellm.Router(model_list=router.model_list)
+    asked = {"messages": MSGS, "max_tokens": 10, "fallbacks": ["big"]}
+    assert estimate_call("smart", asked, "chat", Settings(), plain).model == "openai/gpt-4o"
+    assert estimate_call("smart", {**asked, "fallbacks": None}, "chat", Settings(), plain).model == "openai/gpt-4o-mini"
+
+
+def test_the_worst_deployment_is_the_dearest_for_this_request() -> None:
+    """Not the dearest output price: an input-heavy request is dearest where input costs most."""
+    settings = Settings(
+        prices={
+            "openai/out-heavy": {
+                "input_per_million": "0.10usd",
+                "output_per_million": "10usd",
+                "max_output_tokens": 100,
+            },
+            "openai/in-heavy": {"input_per_million": "5usd", "output_per_million": "1usd", "max_output_tokens": 100},
+        }
+    )
+    router = litellm.Router(
+        model_list=[
+            {"model_name": "g", "litellm_params": {"model": "openai/out-heavy", "api_key": "x"}},
+            {"model_name": "g", "litellm_params": {"model": "openai/in-heavy", "api_key": "x"}},
+        ]
+    )
+    big_prompt = [{"role": "user", "content": "word " * 5000}]
+    assert (
+        estimate_call("g", {"messages": big_prompt, "max_tokens": 10}, "chat", settings, router).model
+        == "openai/in-heavy"
+    )
+    small = [{"role": "user", "content": "hi"}]
+    assert (
+        estimate_call("g", {"messages": small, "max_tokens": 100}, "chat", settings, router).model == "openai/out-heavy"
+    )
 
 
 TOOLS = [

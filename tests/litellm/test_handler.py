@@ -177,3 +177,57 @@ async def test_refused_routes_and_free_routes(tmp_path: Path) -> None:
         assert await ledger.list_reservations() == []
     finally:
         await ledger.aclose()
+
+
+async def test_a_retry_that_succeeds_after_the_failure_grace_is_still_paid(tmp_path: Path) -> None:
+    """An attempt fails; nothing succeeds within the grace, so the hold goes back; then a slow retry or
+    fallback succeeds: its real cost is recorded as a direct debit, never lost."""
+    url = f"sqlite:///{tmp_path / 'f.db'}"
+    with open_ledger_sync(url) as led:
+        led.set_budget("tenant:h", "1usd")
+    ledger = open_ledger(url)
+    try:
+        cb = CyclesCallback(Settings(), ledger=ledger)
+        await cb.async_pre_call_hook(None, None, request("slow-1"), "acompletion")
+        assert (await ledger.balance("tenant:h")).reserved > 0
+        await cb._release_if_pending("slow-1")  # what the grace timer runs after a failed attempt
+        b = await ledger.balance("tenant:h")
+        assert (b.reserved, b.spent) == (0, 0)
+        await cb.async_log_success_event({"litellm_call_id": "slow-1", "response_cost": 0.0005}, None, None, None)
+        for _ in range(100):
+            if (await ledger.balance("tenant:h")).spent:
+                break
+            await asyncio.sleep(0.02)
+        assert (await ledger.balance("tenant:h")).spent == 50_000
+    finally:
+        await ledger.aclose()
+
+
+async def test_a_duplicate_call_id_let_through_in_shadow_never_settles_the_enforced_one(tmp_path: Path) -> None:
+    """The enforced request holds under call id X; a second request with X in a shadow scope goes on with an
+    id of its own, so its success settles nothing of the first; the first commits its own cost."""
+    url = f"sqlite:///{tmp_path / 'd.db'}"
+    with open_ledger_sync(url) as led:
+        led.set_budget("tenant:h", "1usd")
+    ledger = open_ledger(url)
+    try:
+        cb = CyclesCallback(Settings(shadow_scopes=["tenant:h/workflow:trial"]), ledger=ledger)
+        first = request("X", proxy_server_request={"headers": {"x-cycles-tenant": "h", "x-litellm-call-id": "X"}})
+        await cb.async_pre_call_hook(None, None, first, "acompletion")
+        headers = {"x-cycles-tenant": "h", "x-cycles-workflow": "trial", "x-litellm-call-id": "X"}
+        dup = await cb.async_pre_call_hook(
+            None, None, request("X", proxy_server_request={"headers": headers}), "acompletion"
+        )
+        assert dup["litellm_call_id"] != "X"
+        await cb.async_log_success_event(
+            {"litellm_call_id": dup["litellm_call_id"], "response_cost": 0.0001}, None, None, None
+        )
+        await cb.async_log_success_event({"litellm_call_id": "X", "response_cost": 0.0009}, None, None, None)
+        for _ in range(100):
+            if (await ledger.balance("tenant:h")).reserved == 0:
+                break
+            await asyncio.sleep(0.02)
+        [held] = await ledger.list_reservations()
+        assert held.status.value == "COMMITTED" and held.committed and held.committed.amount == 90_000
+    finally:
+        await ledger.aclose()

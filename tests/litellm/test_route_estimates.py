@@ -14,7 +14,7 @@ import pytest
 from litellm.types.utils import CallTypes
 
 from cycles_litellm.calls import chunk_text
-from cycles_litellm.estimate import PriceUnknown, estimate_call, price_of_group
+from cycles_litellm.estimate import PriceUnknown, RequestInvalid, estimate_call, price_of_group
 from cycles_litellm.routes import FREE, METERED, classify
 from cycles_litellm.settings import Settings
 
@@ -34,10 +34,48 @@ def test_n_choices_multiply_the_output() -> None:
     assert three.outputs == 3 and three.output_cap == 100
 
 
-@pytest.mark.parametrize("bad", [0, -2, True, "3", 2.5, None])
-def test_a_malformed_n_counts_as_one(bad: object) -> None:
-    est = estimate_call("gpt-4o-mini", {"messages": MSGS, "max_tokens": 10, "n": bad}, "chat", S)
-    assert est.outputs == 1
+@pytest.mark.parametrize(("n", "outputs"), [(0, 1), (-2, 1), (True, 1), (None, 1), ("x", 1), (float("nan"), 1)])
+def test_a_meaningless_n_counts_as_one(n: object, outputs: int) -> None:
+    est = estimate_call("gpt-4o-mini", {"messages": MSGS, "max_tokens": 10, "n": n}, "chat", S)
+    assert est.outputs == outputs
+
+
+@pytest.mark.parametrize(("n", "outputs"), [("3", 3), (3.0, 3), (2.5, 3), (" 4 ", 4)])
+def test_n_written_as_text_or_float_counts_as_providers_read_it(n: object, outputs: int) -> None:
+    """LiteLLM forwards n unchanged and lax providers parse "3" and 3.0: the hold pays for every answer."""
+    est = estimate_call("gpt-4o-mini", {"messages": MSGS, "max_tokens": 10, "n": n}, "chat", S)
+    assert est.outputs == outputs
+
+
+def test_absurd_requests_are_invalid_not_a_crash() -> None:
+    with pytest.raises(RequestInvalid):
+        estimate_call("gpt-4o-mini", {"messages": MSGS, "max_tokens": 10, "n": 10**13}, "chat", S)
+    deep: dict[str, object] = {"type": "object"}
+    for _ in range(2000):
+        deep = {"type": "object", "properties": {"x": deep}}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": deep}}]
+    with pytest.raises(RequestInvalid):
+        estimate_call("gpt-4o-mini", {"messages": MSGS, "max_tokens": 10, "tools": tools}, "chat", S)
+
+
+def test_responses_cap_below_the_floor_holds_the_floor() -> None:
+    """LiteLLM raises max_output_tokens below 16 to 16: the hold pays for 16."""
+    est = estimate_call("gpt-4o-mini", {"input": "hi", "max_output_tokens": 1}, "responses", S)
+    assert est.output_cap == 16
+
+
+def test_response_format_and_suffix_are_counted() -> None:
+    schema = {
+        "type": "json_schema",
+        "json_schema": {"name": "s", "schema": {"properties": {f"p{i}": {"type": "string"} for i in range(300)}}},
+    }
+    bare = estimate_call("gpt-4o-mini", {"messages": MSGS, "max_tokens": 1}, "chat", S)
+    shaped = estimate_call("gpt-4o-mini", {"messages": MSGS, "max_tokens": 1, "response_format": schema}, "chat", S)
+    assert shaped.input_tokens > bare.input_tokens + 300
+    suffix = estimate_call(
+        "gpt-3.5-turbo-instruct", {"prompt": "a", "suffix": "word " * 2000, "max_tokens": 1}, "text", S
+    )
+    assert suffix.input_tokens > 2000
 
 
 def test_output_cap_never_above_the_models_maximum() -> None:
@@ -111,6 +149,15 @@ def test_images_in_content_count_as_images_not_base64_text() -> None:
     assert 1_600 <= est.input_tokens < 2_000
 
 
+def test_chat_images_and_files_are_paid_at_the_worst_case() -> None:
+    image = {"type": "image_url", "image_url": {"url": "https://example.invalid/x.png", "detail": "high"}}
+    pdf = {"type": "file", "file": {"file_data": "data:application/pdf;base64," + "A" * 450_000}}
+    bare = estimate_call("gpt-4o-mini", {"messages": MSGS, "max_tokens": 1}, "chat", S)
+    with_media = [{"role": "user", "content": [{"type": "text", "text": "hello there"}, image, image, pdf]}]
+    est = estimate_call("gpt-4o-mini", {"messages": with_media, "max_tokens": 1}, "chat", S)
+    assert est.input_tokens >= bare.input_tokens + 2 * 1_600 + 5 * 1_600  # two images, a 450 kB file
+
+
 def test_image_generation_priced_by_litellms_map_at_the_worst_quality() -> None:
     named = estimate_call("gpt-image-1", {"prompt": "a cat", "n": 2, "size": "1024x1024", "quality": "low"}, "image", S)
     prompt_cost = -(-litellm.token_counter(model="gpt-image-1", text="a cat") * 500 // 1)  # 5e-6 USD = 500 µ¢
@@ -140,6 +187,9 @@ def test_transcription_priced_per_second_of_the_uploaded_wav() -> None:
     est = estimate_call("whisper-1", {"file": f}, "transcription", S)
     assert est.amount == 3 * usd(0.0001)  # 2.5 s rounds up to 3 s
     assert f.tell() == 0  # the file is left where the provider call reads it from
+    hidden = wav_bytes(1.0) + b"data" + (60 * 16000).to_bytes(4, "little") + b"\0" * (60 * 16000)
+    est = estimate_call("whisper-1", {"file": io.BytesIO(hidden)}, "transcription", S)
+    assert est.amount >= 61 * usd(0.0001)  # a second data chunk the header does not count is still paid
     with pytest.raises(PriceUnknown, match="duration"):
         estimate_call("whisper-1", {"file": io.BytesIO(b"not audio")}, "transcription", S)
 
@@ -178,6 +228,11 @@ def test_every_litellm_call_type_is_classified_and_unknown_ones_are_refused() ->
         ({"type": "content_block_delta", "delta": {"type": "text_delta", "text": "gh"}}, "gh"),
         (b'event: content_block_delta\ndata: {"type":"content_block_delta","delta":{"text":"ij"}}\n\n', "ij"),
         ({"type": "response.created", "response": {}}, ""),
+        ({"choices": [{"delta": {"tool_calls": [{"function": {"name": "f", "arguments": '{"a":'}}]}}]}, 'f{"a":'),
+        ({"choices": [{"delta": {"reasoning_content": "hmm", "content": None}}]}, "hmm"),
+        ({"type": "response.function_call_arguments.delta", "delta": '{"x"'}, '{"x"'),
+        ({"type": "content_block_delta", "delta": {"type": "thinking_delta", "thinking": "think"}}, "think"),
+        ({"type": "content_block_delta", "delta": {"type": "input_json_delta", "partial_json": "[1"}}, "[1"),
         (object(), ""),
     ],
 )

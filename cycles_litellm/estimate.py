@@ -530,7 +530,8 @@ def _input_tokens(model: str, data: Mapping[str, Any], kind: str) -> int:
 
 
 def _token_estimate(priced: str, price: Price, tokens: int, data: Mapping[str, Any], kind: str) -> Estimate:
-    input_cost = _tokens_cost(tokens, price.input_per_million)
+    in_rate, out_rate = _request_rates(priced, price, tokens, data)
+    input_cost = _tokens_cost(tokens, in_rate)
     if kind == "embedding":
         return Estimate(input_cost, input_cost, 0, 0, tokens, priced)
     outputs = 1
@@ -543,10 +544,68 @@ def _token_estimate(priced: str, price: Price, tokens: int, data: Mapping[str, A
     if outputs > _MAX_OUTPUTS:
         raise RequestInvalid(f"{outputs} answers in one request is more than the {_MAX_OUTPUTS} the plugin will hold")
     cap = output_cap(data, price, kind)
-    amount = input_cost + _tokens_cost(cap * outputs, price.output_per_million)
+    amount = input_cost + _tokens_cost(cap * outputs, out_rate)
     if amount >= 2**53:
         raise RequestInvalid("the worst case of this request is beyond what the ledger holds")
-    return Estimate(amount, input_cost, price.output_per_million, cap, tokens, priced, outputs, cap_field(data, kind))
+    return Estimate(amount, input_cost, out_rate, cap, tokens, priced, outputs, cap_field(data, kind))
+
+
+_THRESHOLDS_K = (100, 128, 200, 272, 512)  # LiteLLM's long-context price tiers, in thousands of input tokens
+_STANDARD_TIERS = frozenset({"auto", "default", "standard"})
+_rates_cache: dict[str, tuple[float, dict[str, int]]] = {}
+
+
+def _rates(model: str) -> dict[str, int]:
+    """Every per-token rate LiteLLM's map has for a model (service tiers, long-context tiers, audio, cache
+    writes, reasoning), in USD_MICROCENTS per million tokens; cached like prices."""
+    hit = _rates_cache.get(model)
+    now = time.monotonic()
+    if hit is None or now - hit[0] > _PRICE_TTL_S:
+        info = model_info(model)
+        rates = {k: _per_million(v) for k, v in info.items() if isinstance(v, int | float) and "cost" in k and v}
+        if len(_rates_cache) > 4096:
+            _rates_cache.clear()
+        hit = _rates_cache[model] = (now, rates)
+    return hit[1]
+
+
+def _request_rates(model: str, price: Price, tokens: int, data: Mapping[str, Any]) -> tuple[int, int]:
+    """The input and output rates this request can be billed at, never below the base price: the service
+    tier it asks for, the long-context tier its input reaches, audio output, cache writes, reasoning."""
+    inp, out = price.input_per_million, price.output_per_million
+    rates = _rates(model)
+    if not rates or (inp == 0 and out == 0):  # free, or priced in cycles.yaml: the configured price holds
+        return inp, out
+    tier = data.get("service_tier")
+    suffixes = [""]
+    if isinstance(tier, str) and tier not in _STANDARD_TIERS:
+        suffixes.append("_" + tier)
+    levels = [""] + [f"_above_{k}k_tokens" for k in _THRESHOLDS_K if tokens > k * 1000]
+    caching = any(_mentions(data.get(f), "cache_control") for f in ("system", "messages", "tools", "input"))
+    for level in levels:
+        for suffix in suffixes:
+            inp = max(inp, rates.get(f"input_cost_per_token{level}{suffix}", 0))
+            out = max(out, rates.get(f"output_cost_per_token{level}{suffix}", 0))
+            if caching:  # a cache write bills the prompt above the input rate (1.25x, 2x for an hour's TTL)
+                inp = max(inp, rates.get(f"cache_creation_input_token_cost{level}{suffix}", 0))
+                inp = max(inp, rates.get("cache_creation_input_token_cost_above_1hr", 0))
+    modalities = data.get("modalities")
+    if data.get("audio") or (isinstance(modalities, list) and "audio" in modalities):
+        out = max(out, rates.get("output_cost_per_audio_token", 0))
+    return inp, max(out, rates.get("output_cost_per_reasoning_token", 0))
+
+
+def _mentions(value: Any, key: str, depth: int = 0) -> bool:
+    """Whether `key` appears in any mapping inside `value` (e.g. a cache_control marker on a block)."""
+    if depth > 32:
+        return False
+    if isinstance(value, Mapping):
+        return key in value or any(
+            _mentions(v, key, depth + 1) for v in value.values() if isinstance(v, Mapping | list)
+        )
+    if isinstance(value, list):
+        return any(_mentions(v, key, depth + 1) for v in value if isinstance(v, Mapping | list))
+    return False
 
 
 def counting_model(model: str) -> str:

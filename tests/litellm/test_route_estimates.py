@@ -149,6 +149,26 @@ def test_images_in_content_count_as_images_not_base64_text() -> None:
     assert 1_600 <= est.input_tokens < 2_000
 
 
+def test_rates_the_request_selects_are_held() -> None:
+    """A service tier, a long-context tier, audio output and cache writes bill above the base rate: the
+    hold uses the rate LiteLLM's map gives for what the request asks."""
+    base = estimate_call("gpt-5", {"messages": MSGS, "max_tokens": 100}, "chat", S)
+    priority = estimate_call("gpt-5", {"messages": MSGS, "max_tokens": 100, "service_tier": "priority"}, "chat", S)
+    out_priority = _per_million_of("gpt-5", "output_cost_per_token_priority")
+    assert priority.output_per_million == out_priority > base.output_per_million
+    long_prompt = [{"role": "user", "content": "word " * 210_000}]
+    long = estimate_call("gemini-2.5-pro", {"messages": long_prompt, "max_tokens": 10}, "chat", S)
+    assert long.output_per_million == _per_million_of("gemini-2.5-pro", "output_cost_per_token_above_200k_tokens")
+    cached = [{"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}]}]
+    write = estimate_call("claude-haiku-4-5", {"messages": cached, "max_tokens": 10}, "messages", S)
+    plain = estimate_call("claude-haiku-4-5", {"messages": MSGS, "max_tokens": 10}, "messages", S)
+    assert write.input_cost > plain.input_cost
+
+
+def _per_million_of(model: str, key: str) -> int:
+    return math.ceil(Decimal(str(litellm.model_cost[model][key])) * 10**8 * 10**6)
+
+
 def test_chat_images_and_files_are_paid_at_the_worst_case() -> None:
     image = {"type": "image_url", "image_url": {"url": "https://example.invalid/x.png", "detail": "high"}}
     pdf = {"type": "file", "file": {"file_data": "data:application/pdf;base64," + "A" * 450_000}}

@@ -581,31 +581,38 @@ def _request_rates(model: str, price: Price, tokens: int, data: Mapping[str, Any
     if isinstance(tier, str) and tier not in _STANDARD_TIERS:
         suffixes.append("_" + tier)
     levels = [""] + [f"_above_{k}k_tokens" for k in _THRESHOLDS_K if tokens > k * 1000]
-    caching = any(_mentions(data.get(f), "cache_control") for f in ("system", "messages", "tools", "input"))
+    ttls: set[str] = set()
+    for f in ("system", "messages", "tools", "input"):
+        _cache_ttls(data.get(f), ttls)
     for level in levels:
         for suffix in suffixes:
             inp = max(inp, rates.get(f"input_cost_per_token{level}{suffix}", 0))
             out = max(out, rates.get(f"output_cost_per_token{level}{suffix}", 0))
-            if caching:  # a cache write bills the prompt above the input rate (1.25x, 2x for an hour's TTL)
+            if ttls:  # a cache write bills the prompt above the input rate (1.25x; 2x for an hour's TTL)
                 inp = max(inp, rates.get(f"cache_creation_input_token_cost{level}{suffix}", 0))
-                inp = max(inp, rates.get("cache_creation_input_token_cost_above_1hr", 0))
+                if "1h" in ttls:
+                    inp = max(inp, rates.get("cache_creation_input_token_cost_above_1hr", 0))
     modalities = data.get("modalities")
     if data.get("audio") or (isinstance(modalities, list) and "audio" in modalities):
         out = max(out, rates.get("output_cost_per_audio_token", 0))
     return inp, max(out, rates.get("output_cost_per_reasoning_token", 0))
 
 
-def _mentions(value: Any, key: str, depth: int = 0) -> bool:
-    """Whether `key` appears in any mapping inside `value` (e.g. a cache_control marker on a block)."""
+def _cache_ttls(value: Any, found: set[str], depth: int = 0) -> None:
+    """The TTLs of the cache_control markers inside `value` ("5m" when a marker names none)."""
     if depth > 32:
-        return False
+        return
     if isinstance(value, Mapping):
-        return key in value or any(
-            _mentions(v, key, depth + 1) for v in value.values() if isinstance(v, Mapping | list)
-        )
-    if isinstance(value, list):
-        return any(_mentions(v, key, depth + 1) for v in value if isinstance(v, Mapping | list))
-    return False
+        marker = value.get("cache_control")
+        if isinstance(marker, Mapping):
+            found.add(str(marker.get("ttl") or "5m"))
+        for v in value.values():
+            if isinstance(v, Mapping | list):
+                _cache_ttls(v, found, depth + 1)
+    elif isinstance(value, list):
+        for v in value:
+            if isinstance(v, Mapping | list):
+                _cache_ttls(v, found, depth + 1)
 
 
 def counting_model(model: str) -> str:

@@ -154,9 +154,11 @@ def _fallback_groups(group: str, entries: Any) -> list[str]:
 def fallback_groups(group: str, data: Mapping[str, Any], router: Any) -> list[str]:
     """The group and every group LiteLLM may fall back to for this request: the router's fallbacks,
     context-window and content-policy fallbacks, and the ones the request body names."""
+    sources = [getattr(router, key, None) for key in _FALLBACK_KEYS] if router is not None else []
+    sources += [data.get(key) for key in _FALLBACK_KEYS]
     groups = [group]
-    for key in _FALLBACK_KEYS:
-        for source in (getattr(router, key, None) if router is not None else None, data.get(key)):
+    for source in sources:
+        if source:
             for g in _fallback_groups(group, source):
                 if g not in groups:
                     groups.append(g)
@@ -324,13 +326,13 @@ def _media_tokens(value: Any, depth: int = 0) -> int:
     """IMAGE_TOKENS for every image-equivalent inside a request field (see _media_units)."""
     if depth > 32:
         return 0
-    if isinstance(value, Mapping):
+    if isinstance(value, dict):  # parsed JSON: concrete types (an ABC check costs more than the scan)
         units = _media_units(value)
         if units:
             return IMAGE_TOKENS * units
-        return sum(_media_tokens(v, depth + 1) for v in value.values() if isinstance(v, Mapping | list))
+        return sum(_media_tokens(v, depth + 1) for v in value.values() if isinstance(v, dict | list))
     if isinstance(value, list):
-        return sum(_media_tokens(v, depth + 1) for v in value if isinstance(v, Mapping | list))
+        return sum(_media_tokens(v, depth + 1) for v in value if isinstance(v, dict | list))
     return 0
 
 
@@ -552,20 +554,36 @@ def _token_estimate(priced: str, price: Price, tokens: int, data: Mapping[str, A
 
 _THRESHOLDS_K = (100, 128, 200, 272, 512)  # LiteLLM's long-context price tiers, in thousands of input tokens
 _STANDARD_TIERS = frozenset({"auto", "default", "standard"})
-_rates_cache: dict[str, tuple[float, dict[str, int]]] = {}
+_rates_cache: dict[str, tuple[float, _Rates]] = {}
 
 
-def _rates(model: str) -> dict[str, int]:
+@dataclass(frozen=True, slots=True)
+class _Rates:
+    all: dict[str, int]  # every per-token cost in LiteLLM's map for the model, USD_MICROCENTS per million
+    reasoning_out: int  # output_cost_per_reasoning_token (a floor for the output rate)
+    tiered: bool  # any service-tier, long-context, cache-write or audio-output rate at all
+    cache_writes: bool
+
+
+def _rates(model: str) -> _Rates:
     """Every per-token rate LiteLLM's map has for a model (service tiers, long-context tiers, audio, cache
-    writes, reasoning), in USD_MICROCENTS per million tokens; cached like prices."""
+    writes, reasoning); cached like prices."""
     hit = _rates_cache.get(model)
     now = time.monotonic()
     if hit is None or now - hit[0] > _PRICE_TTL_S:
         info = model_info(model)
         rates = {k: _per_million(v) for k, v in info.items() if isinstance(v, int | float) and "cost" in k and v}
+        tiered = any(
+            k.startswith(("input_cost_per_token_", "output_cost_per_token_", "cache_creation_input_token_cost"))
+            or k == "output_cost_per_audio_token"
+            for k in rates
+        )
+        value = _Rates(
+            rates, rates.get("output_cost_per_reasoning_token", 0), tiered, "cache_creation_input_token_cost" in rates
+        )
         if len(_rates_cache) > 4096:
             _rates_cache.clear()
-        hit = _rates_cache[model] = (now, rates)
+        hit = _rates_cache[model] = (now, value)
     return hit[1]
 
 
@@ -573,17 +591,22 @@ def _request_rates(model: str, price: Price, tokens: int, data: Mapping[str, Any
     """The input and output rates this request can be billed at, never below the base price: the service
     tier it asks for, the long-context tier its input reaches, audio output, cache writes, reasoning."""
     inp, out = price.input_per_million, price.output_per_million
-    rates = _rates(model)
-    if not rates or (inp == 0 and out == 0):  # free, or priced in cycles.yaml: the configured price holds
+    if inp == 0 and out == 0:  # free
         return inp, out
+    table = _rates(model)
+    out = max(out, table.reasoning_out)
+    if not table.tiered:
+        return inp, out
+    rates = table.all
     tier = data.get("service_tier")
     suffixes = [""]
     if isinstance(tier, str) and tier not in _STANDARD_TIERS:
         suffixes.append("_" + tier)
     levels = [""] + [f"_above_{k}k_tokens" for k in _THRESHOLDS_K if tokens > k * 1000]
     ttls: set[str] = set()
-    for f in ("system", "messages", "tools", "input"):
-        _cache_ttls(data.get(f), ttls)
+    if table.cache_writes:
+        for f in ("system", "messages", "tools", "input"):
+            _cache_ttls(data.get(f), ttls)
     for level in levels:
         for suffix in suffixes:
             inp = max(inp, rates.get(f"input_cost_per_token{level}{suffix}", 0))
@@ -595,23 +618,23 @@ def _request_rates(model: str, price: Price, tokens: int, data: Mapping[str, Any
     modalities = data.get("modalities")
     if data.get("audio") or (isinstance(modalities, list) and "audio" in modalities):
         out = max(out, rates.get("output_cost_per_audio_token", 0))
-    return inp, max(out, rates.get("output_cost_per_reasoning_token", 0))
+    return inp, out
 
 
 def _cache_ttls(value: Any, found: set[str], depth: int = 0) -> None:
     """The TTLs of the cache_control markers inside `value` ("5m" when a marker names none)."""
     if depth > 32:
         return
-    if isinstance(value, Mapping):
+    if isinstance(value, dict):
         marker = value.get("cache_control")
-        if isinstance(marker, Mapping):
+        if isinstance(marker, dict):
             found.add(str(marker.get("ttl") or "5m"))
         for v in value.values():
-            if isinstance(v, Mapping | list):
+            if isinstance(v, dict | list):
                 _cache_ttls(v, found, depth + 1)
     elif isinstance(value, list):
         for v in value:
-            if isinstance(v, Mapping | list):
+            if isinstance(v, dict | list):
                 _cache_ttls(v, found, depth + 1)
 
 

@@ -400,7 +400,10 @@ def _chat_tokens(model: str, data: Mapping[str, Any]) -> int:
         tokens = _message_tokens(model, messages) if isinstance(messages, list) else _walk_tokens(model, messages)
         # LiteLLM's counter takes an image at its default size (and a file at nearly nothing): pay for
         # every image and file at the plugin's worst case on top of that.
-        tokens += _media_tokens(messages)
+        if isinstance(messages, list) and any(
+            isinstance(m, dict) and not isinstance(m.get("content"), str | None) for m in messages
+        ):
+            tokens += _media_tokens(messages)
     except Exception:  # noqa: BLE001 - a shape LiteLLM's counter rejects is still counted, by walking it
         tokens = _walk_tokens(model, messages)
     return tokens + _json_tokens(model, data.get("tools")) + _json_tokens(model, data.get("functions"))
@@ -573,9 +576,8 @@ def _rates(model: str) -> _Rates:
     if hit is None or now - hit[0] > _PRICE_TTL_S:
         info = model_info(model)
         rates = {k: _per_million(v) for k, v in info.items() if isinstance(v, int | float) and "cost" in k and v}
-        tiered = any(
-            k.startswith(("input_cost_per_token_", "output_cost_per_token_", "cache_creation_input_token_cost"))
-            or k == "output_cost_per_audio_token"
+        tiered = any(  # rates a request can select by its size, caching or audio (service tiers: by name)
+            "_above_" in k or k.startswith("cache_creation_input_token_cost") or k == "output_cost_per_audio_token"
             for k in rates
         )
         value = _Rates(
@@ -595,10 +597,10 @@ def _request_rates(model: str, price: Price, tokens: int, data: Mapping[str, Any
         return inp, out
     table = _rates(model)
     out = max(out, table.reasoning_out)
-    if not table.tiered:
+    tier = data.get("service_tier")
+    if not table.tiered and not tier:
         return inp, out
     rates = table.all
-    tier = data.get("service_tier")
     suffixes = [""]
     if isinstance(tier, str) and tier not in _STANDARD_TIERS:
         suffixes.append("_" + tier)

@@ -79,22 +79,51 @@ def _reservations_table(rows: list[Reservation]) -> str:
     )
 
 
-def _event_rows(rows: list[LedgerEvent]) -> list[list[Any]]:
-    return [
-        [
-            e.event_id,
-            _ts(e.ts_ms),
-            e.type,
-            e.scope,
-            format_amount(e.amount, e.unit) if e.amount is not None and e.unit else "",
-            e.reservation_id or "",
-            e.reason_code or "",
-        ]
-        for e in rows
-    ]
+async def _call_and_model(ledger: Ledger, e: LedgerEvent, cache: dict[str, tuple[str, str]]) -> tuple[str, str]:
+    """The call id and model behind an event: from its own data (refusals, denials, debits), else from its
+    reservation (reserved, committed, released, expired), looked up once per reservation."""
+    data = e.data or {}
+    raw_action = data.get("action")
+    action: dict[str, Any] = raw_action if isinstance(raw_action, dict) else {}
+    call_id = str(data.get("call_id") or data.get("key") or "")
+    model = str(data.get("model") or action.get("name") or "")
+    if e.reservation_id and (not call_id or not model):
+        if e.reservation_id not in cache:
+            try:
+                r = await ledger.get_reservation(e.reservation_id)
+                meta = r.metadata or {}
+                cache[e.reservation_id] = (r.idempotency_key or "", str(meta.get("model_group") or r.action.name))
+            except CyclesError:
+                cache[e.reservation_id] = ("", "")
+        call_id, model = call_id or cache[e.reservation_id][0], model or cache[e.reservation_id][1]
+    return call_id, model
 
 
-_EVENT_HEADERS = ["id", "time", "type", "scope", "amount", "reservation", "reason"]
+async def _event_rows(ledger: Ledger, rows: list[LedgerEvent], cache: dict[str, tuple[str, str]]) -> list[list[Any]]:
+    out = []
+    for e in rows:
+        call_id, model = await _call_and_model(ledger, e, cache)
+        out.append(
+            [
+                e.event_id,
+                _ts(e.ts_ms),
+                e.type,
+                e.scope,
+                format_amount(e.amount, e.unit) if e.amount is not None and e.unit else "",
+                model,
+                call_id,
+                e.reason_code or "",
+            ]
+        )
+    return out
+
+
+_EVENT_HEADERS = ["id", "time", "type", "scope", "amount", "model", "call id", "reason"]
+_EVENT_WIDTHS = [8, 23, 12, 36, 14, 28, 36, 20]  # --follow pads to these (or the first table's, if wider)
+
+
+def _line(row: list[Any], widths: list[int]) -> str:
+    return "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
 
 
 async def _apply(ledger: Ledger, args: argparse.Namespace) -> int:
@@ -131,20 +160,40 @@ async def _reservations(ledger: Ledger, args: argparse.Namespace) -> int:
 
 
 async def _events(ledger: Ledger, args: argparse.Namespace) -> int:
-    rows = await ledger.events(after=args.after, limit=args.limit, scope=args.scope, reservation_id=args.reservation)
+    """Without --after: the newest --tail events, newest first (with --follow: oldest first, then new ones as
+    they come, like `tail -f`). With --after: --limit events after that id, oldest first (paging)."""
+    cache: dict[str, tuple[str, str]] = {}
+    filters = {"scope": args.scope, "reservation_id": args.reservation}
+    if args.after:
+        rows = await ledger.events(after=args.after, limit=args.limit, **filters)
+    else:
+        rows = await ledger.events(limit=args.tail, newest=True, **filters)
+        if args.follow:
+            rows.reverse()
+    last = max((e.event_id for e in rows), default=args.after)
     if args.json:
         for e in rows:
             print(json.dumps(e.model_dump(mode="json")))
     else:
-        print(_table(_EVENT_HEADERS, _event_rows(rows)))
-    last = rows[-1].event_id if rows else args.after
+        table = await _event_rows(ledger, rows, cache)
+        widths = [
+            max([w, len(h)] + [len(str(r[i])) for r in table])
+            for i, (h, w) in enumerate(zip(_EVENT_HEADERS, _EVENT_WIDTHS, strict=True))
+        ]
+        print(_line(_EVENT_HEADERS, widths))
+        print(_line(["-" * w for w in widths], widths))
+        for row in table:
+            print(_line(row, widths))
     while args.follow:
-        await asyncio.sleep(0.5)
-        rows = await ledger.events(after=last, limit=1000, scope=args.scope, reservation_id=args.reservation)
-        for e in rows:
-            print(json.dumps(e.model_dump(mode="json")) if args.json else "  ".join(map(str, _event_rows([e])[0])))
-            last = e.event_id
         sys.stdout.flush()
+        await asyncio.sleep(0.5)
+        rows = await ledger.events(after=last, limit=1000, **filters)
+        for e in rows:
+            if args.json:
+                print(json.dumps(e.model_dump(mode="json")))
+            else:
+                print(_line((await _event_rows(ledger, [e], cache))[0], widths))
+            last = e.event_id
     return 0
 
 
@@ -236,10 +285,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true")
     r.set_defaults(fn=_reservations)
 
-    e = sub.add_parser("events", help="the audit log")
-    e.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
-    e.add_argument("--after", type=int, default=0)
-    e.add_argument("--limit", type=int, default=100)
+    e = sub.add_parser("events", help="the audit log: the newest events first, with model and call id")
+    e.add_argument("--tail", type=int, default=20, help="how many of the newest events (default 20)")
+    e.add_argument("--follow", "-f", action="store_true", help="then keep printing new events as they come")
+    e.add_argument("--after", type=int, default=0, help="page instead: events after this id, oldest first")
+    e.add_argument("--limit", type=int, default=100, help="with --after: how many")
     e.add_argument("--scope")
     e.add_argument("--reservation")
     e.add_argument("--json", action="store_true")

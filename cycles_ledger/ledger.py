@@ -595,14 +595,24 @@ class Ledger:
         return [Reservation.model_validate(r) for r in rows]
 
     async def events(
-        self, *, after: int = 0, limit: int = 100, reservation_id: str | None = None, scope: str | None = None
+        self,
+        *,
+        after: int = 0,
+        limit: int = 100,
+        reservation_id: str | None = None,
+        scope: str | None = None,
+        newest: bool = False,
     ) -> list[LedgerEvent]:
-        """The audit log, oldest first, from `event_id > after` (page with the last id you saw)."""
+        """The audit log, oldest first, from `event_id > after` (page with the last id you saw); with
+        `newest`, the last `limit` events, newest first."""
+        if not isinstance(newest, bool):
+            raise InvalidRequestError("newest must be a bool")
         rows = await self.store.events(
             after=_int(after, "after", 0, INT64_MAX),
             limit=_int(limit, "limit", 1, 100_000),
             reservation_id=reservation_id,
             scope_prefix=None if scope is None else _scope(scope),
+            newest=newest,
         )
         return [LedgerEvent.model_validate(r) for r in rows]
 

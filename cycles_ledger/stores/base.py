@@ -175,9 +175,15 @@ class Store(ABC):
 
     @abstractmethod
     async def events(
-        self, *, after: int = 0, limit: int = 100, reservation_id: str | None = None, scope_prefix: str | None = None
+        self,
+        *,
+        after: int = 0,
+        limit: int = 100,
+        reservation_id: str | None = None,
+        scope_prefix: str | None = None,
+        newest: bool = False,
     ) -> list[dict[str, Any]]:
-        """Events with `event_id > after`, oldest first."""
+        """Events with `event_id > after`, oldest first; `newest`: the last `limit` of them, newest first."""
 
     @abstractmethod
     async def aclose(self) -> None: ...

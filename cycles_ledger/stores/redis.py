@@ -1071,7 +1071,13 @@ class RedisStore(Store, SupportsSweep):
         return found[:limit]
 
     async def events(
-        self, *, after: int = 0, limit: int = 100, reservation_id: str | None = None, scope_prefix: str | None = None
+        self,
+        *,
+        after: int = 0,
+        limit: int = 100,
+        reservation_id: str | None = None,
+        scope_prefix: str | None = None,
+        newest: bool = False,
     ) -> list[dict[str, Any]]:
         if reservation_id is not None:
             rid_tag = _tag_of_rid(reservation_id)
@@ -1081,12 +1087,16 @@ class RedisStore(Store, SupportsSweep):
         else:
             tags = await self._tags(scope_prefix)
         found: list[dict[str, Any]] = []
+        floor = f"({_stream_id(after)}" if after else "-"
         for tag in tags:
             key = self._keys(tag)[3]
-            start = f"({_stream_id(after)}" if after else "-"
+            start, end = (floor, "+") if not newest else ("+", floor)
             mine = 0
             while mine < limit:
-                entries = await self._redis(self._client.xrange(key, start, "+", count=max(limit, 256)))
+                if newest:
+                    entries = await self._redis(self._client.xrevrange(key, start, end, count=max(limit, 256)))
+                else:
+                    entries = await self._redis(self._client.xrange(key, start, end, count=max(limit, 256)))
                 if not entries:
                     break
                 for sid, fields in entries:
@@ -1099,7 +1109,7 @@ class RedisStore(Store, SupportsSweep):
                     if mine >= limit:
                         break
                 start = f"({entries[-1][0]}"
-        found.sort(key=lambda e: e["event_id"])
+        found.sort(key=lambda e: e["event_id"], reverse=newest)
         return found[:limit]
 
     # --- sweeping and checking ----------------------------------------------------------------

@@ -514,10 +514,16 @@ class SqliteStore(Store, SupportsSweep):
         )
 
     async def events(
-        self, *, after: int = 0, limit: int = 100, reservation_id: str | None = None, scope_prefix: str | None = None
+        self,
+        *,
+        after: int = 0,
+        limit: int = 100,
+        reservation_id: str | None = None,
+        scope_prefix: str | None = None,
+        newest: bool = False,
     ) -> list[dict[str, Any]]:
         return await self._call(  # type: ignore[no-any-return]
-            _op_events, after, limit, reservation_id, scope_prefix, readonly=True
+            _op_events, after, limit, reservation_id, scope_prefix, newest, readonly=True
         )
 
     async def expire_due(self, limit: int = 1000) -> int:
@@ -1150,7 +1156,13 @@ def _op_list_reservations(
 
 
 def _op_events(
-    conn: sqlite3.Connection, now: int, after: int, limit: int, reservation_id: str | None, scope_prefix: str | None
+    conn: sqlite3.Connection,
+    now: int,
+    after: int,
+    limit: int,
+    reservation_id: str | None,
+    scope_prefix: str | None,
+    newest: bool = False,
 ) -> list[dict[str, Any]]:
     sql = (
         "SELECT event_id, ts_ms, type, scope, unit, amount, reservation_id, reason_code, data"
@@ -1163,7 +1175,7 @@ def _op_events(
     if scope_prefix:
         sql += " AND (scope = ? OR scope GLOB ?)"
         params += [scope_prefix, scope_prefix + "/*"]
-    sql += " ORDER BY event_id LIMIT ?"
+    sql += " ORDER BY event_id DESC LIMIT ?" if newest else " ORDER BY event_id LIMIT ?"
     params.append(limit)
     keys = ("event_id", "ts_ms", "type", "scope", "unit", "amount", "reservation_id", "reason_code")
     out = []

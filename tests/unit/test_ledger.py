@@ -133,6 +133,22 @@ async def test_a_note_is_a_decision_event_that_changes_nothing(db_url: str, cloc
                 await led.note(scope, reason, data=data)  # type: ignore[arg-type]
 
 
+async def test_the_newest_events_first(db_url: str, clock: FakeClock) -> None:
+    """`events(newest=True, limit=N)`: the last N events (of a scope, if given), newest first, on every store."""
+    async with open_ledger(db_url, clock=clock) as led:
+        await led.set_budget("tenant:o", "1usd")
+        await led.set_budget("tenant:p", "1usd")
+        for i in range(5):
+            await led.note("tenant:o", f"R{i}")
+            clock.now += 1
+        await led.note("tenant:p", "OTHER")
+        everything = await led.events(limit=100)
+        newest = await led.events(limit=3, newest=True)
+        assert [e.event_id for e in newest] == [e.event_id for e in everything][::-1][:3]
+        mine = await led.events(limit=2, newest=True, scope="tenant:o")
+        assert [e.reason_code for e in mine] == ["R4", "R3"]
+
+
 async def test_unit_mismatch(two_level: Ledger) -> None:
     """Budgets that exist only in another unit give UNIT_MISMATCH naming the units."""
     with pytest.raises(UnitMismatchError) as info:

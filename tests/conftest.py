@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -104,3 +105,18 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 async def ledger(db_url: str, clock: FakeClock) -> AsyncIterator[Ledger]:
     async with open_ledger(db_url, clock=clock) as led:
         yield led
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """One line saying how to run the Redis suite when this machine could not (no redis-server)."""
+    skipped = [
+        r
+        for r in terminalreporter.stats.get("skipped", [])
+        if "redis-server / redis-cli not installed" in str(r.longrepr)
+    ]
+    if skipped:
+        terminalreporter.write_line(
+            f"{len(skipped)} Redis tests skipped: redis-server is not installed. Install it "
+            "(`sudo apt-get install redis-server`) and `make test` starts a throwaway one; or run `bash .ci/run`.",
+            yellow=True,
+        )

@@ -200,7 +200,9 @@ class CyclesCallback(CustomLogger):
             async with self._ledger_lock:
                 if self._ledger is None:
                     try:
-                        led = open_ledger(self.settings.store_url(), allow_unbudgeted=self.settings.allow_unbudgeted)
+                        led = open_ledger(
+                            self.settings.store_url(), allow_unbudgeted=self.settings.ledger_allows_unbudgeted()
+                        )
                     except CyclesError as exc:  # a store we cannot open is an unavailable ledger
                         raise StoreUnavailableError(
                             f"cannot open the ledger {self.settings.store_url()}: {exc}"
@@ -303,6 +305,7 @@ class CyclesCallback(CustomLogger):
         headers = {"x-cycles-decision": r.decision.value, "x-cycles-scope": r.scope or subject.scope_path}
         if r.remaining is not None:
             headers["x-cycles-remaining"] = format_amount(r.remaining - (r.reserved.amount if r.reserved else 0), _USD)
+        clamped = False
         if r.decision is Decision.DENY:
             if shadow:
                 self.counters["shadow_would_deny"] += 1
@@ -331,7 +334,13 @@ class CyclesCallback(CustomLogger):
             headers["x-cycles-max-tokens"] = str(data[est.cap_field])
             held = r.reserved.amount if r.reserved else est.amount
             est = dataclasses.replace(est, output_cap=data[est.cap_field], amount=held)
-        elif not shadow:
+            clamped = True
+        elif not r.balances and self.settings.unbudgeted_policy() == "shadow":
+            # Nobody budgets this payer: it passes, and the log says enforcement would have refused it.
+            self.counters["unbudgeted_would_deny"] += 1
+            note = {"call_id": str(call_id), "route": _route_name(data, call_type), "model": group}
+            self._spawn(self._note(subject.scope_path, "BUDGET_NOT_FOUND", True, note))
+        if r.decision is not Decision.DENY and not shadow and not clamped:
             # The hold assumed this cap: the provider must not be asked for more (a cap above the model's
             # maximum, or none where the maximum is unknown).
             bound = cap_to_send(data, est)

@@ -113,12 +113,12 @@ class Guard:
 
     def ledger(self) -> Ledger:
         if self._ledger is None:
-            self._ledger = open_ledger(self._url(), allow_unbudgeted=self.settings.allow_unbudgeted)
+            self._ledger = open_ledger(self._url(), allow_unbudgeted=self.settings.ledger_allows_unbudgeted())
         return self._ledger
 
     def sync_ledger(self) -> SyncLedger:
         if self._sync is None:
-            self._sync = open_ledger_sync(self._url(), allow_unbudgeted=self.settings.allow_unbudgeted)
+            self._sync = open_ledger_sync(self._url(), allow_unbudgeted=self.settings.ledger_allows_unbudgeted())
         return self._sync
 
     def _plan(

@@ -99,7 +99,10 @@ class Settings(_Strict):
     min_output_tokens: Annotated[int, Field(ge=1)] = 256
     ttl_ms: Annotated[int, Field(ge=1_000, le=86_400_000)] = 600_000
     overage_policy: OveragePolicy = OveragePolicy.ALLOW_IF_AVAILABLE
-    allow_unbudgeted: bool = False
+    allow_unbudgeted: bool = False  # the older spelling of `unbudgeted: allow`
+    # A payer with no budget at any of its scopes: deny (402 BUDGET_NOT_FOUND, the default), allow (pass,
+    # nothing recorded), or shadow (pass, and a would_deny BUDGET_NOT_FOUND event names the call).
+    unbudgeted: Literal["deny", "allow", "shadow"] | None = None
     prices: dict[str, ModelPrice] = Field(default_factory=dict)
     free_models: list[str] = Field(default_factory=list)
     # LiteLLM call types (routes.py) the plugin cannot price or settle, let through without a hold by the
@@ -140,6 +143,12 @@ class Settings(_Strict):
             + f"; store {self.store_url()}; payer: virtual key ({keys}), client may add "
             f"{', '.join(self.subject.client_levels)}; without a key: metadata.cycles and x-cycles-* headers"
         )
+
+    def unbudgeted_policy(self) -> str:
+        return self.unbudgeted or ("allow" if self.allow_unbudgeted else "deny")
+
+    def ledger_allows_unbudgeted(self) -> bool:
+        return self.unbudgeted_policy() != "deny"
 
     def fail_open(self) -> bool:
         """What to do when the ledger cannot be reached: never silent, always logged and counted."""

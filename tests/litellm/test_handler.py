@@ -231,3 +231,31 @@ async def test_a_duplicate_call_id_let_through_in_shadow_never_settles_the_enfor
         assert held.status.value == "COMMITTED" and held.committed and held.committed.amount == 90_000
     finally:
         await ledger.aclose()
+
+
+@pytest.mark.parametrize("policy", ["deny", "allow", "shadow"])
+async def test_unbudgeted_payers(tmp_path: Path, policy: str) -> None:
+    """`unbudgeted:` deny refuses a payer nobody budgets (402 BUDGET_NOT_FOUND); allow lets it pass; shadow
+    lets it pass and logs would_deny BUDGET_NOT_FOUND with the call id."""
+    url = f"sqlite:///{tmp_path / 'u.db'}"
+    settings = Settings(unbudgeted=policy)  # type: ignore[arg-type]
+    ledger = open_ledger(url, allow_unbudgeted=settings.ledger_allows_unbudgeted())
+    try:
+        cb = CyclesCallback(settings, ledger=ledger)
+        if policy == "deny":
+            with pytest.raises(ProxyException) as info:
+                await cb.async_pre_call_hook(None, None, request("u-1", tenant="nobody"), "acompletion")
+            assert info.value.code == "402" and "BUDGET_NOT_FOUND" in str(info.value.to_dict())
+            return
+        await cb.async_pre_call_hook(None, None, request("u-1", tenant="nobody"), "acompletion")
+        for _ in range(100):
+            if policy == "allow" or cb._tasks == set():
+                break
+            await asyncio.sleep(0.02)
+        notes = [e for e in await ledger.events(scope="tenant:nobody") if e.type == "would_deny"]
+        if policy == "shadow":
+            assert [(n.reason_code, n.data["call_id"]) for n in notes] == [("BUDGET_NOT_FOUND", "u-1")]
+        else:
+            assert notes == []
+    finally:
+        await ledger.aclose()

@@ -1165,3 +1165,26 @@ class FakeUpstream:
                 },
             }
         )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve the fake provider until interrupted, for trying the proxy without keys (README, step 1):
+
+    .venv/bin/python -m tests.e2e.fake_upstream --port 4001
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(description="A fake OpenAI/Anthropic-compatible provider on loopback.")
+    parser.add_argument("--port", type=int, default=4001)
+    args = parser.parse_args(argv)
+    with FakeUpstream(port=args.port) as up:
+        print(f"fake provider on {up.root_url}: UPSTREAM_API_BASE={up.base_url}", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()

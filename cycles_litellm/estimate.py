@@ -46,6 +46,7 @@ __all__ = [
     "prices_of_group",
     "cap_field",
     "cap_to_send",
+    "set_cap",
     "cost_of_usage",
     "counting_model",
     "estimate_call",
@@ -86,6 +87,7 @@ class Estimate:
     model: str  # the provider model priced (the dearest deployment)
     outputs: int = 1  # answers of up to output_cap tokens each (n choices x prompts)
     cap_field: str | None = None  # the request field a max-tokens clamp goes into on this route
+    kind: str = "chat"  # the route kind estimated (routes.py)
 
 
 def _per_million(usd_per_token: Any) -> int:
@@ -465,7 +467,10 @@ def output_cap(data: Mapping[str, Any], price: Price, kind: str = "chat") -> int
     which LiteLLM raises it to), never above the model's own maximum; the model's maximum when the request
     names none (4,096 when even that is unknown: the plugin then writes that cap into the request)."""
     field = cap_field(data, kind)
-    requested = _positive_int(data.get(field)) if field else None
+    # Both max_tokens and max_completion_tokens may come (LiteLLM forwards both to some providers): the
+    # larger one is what a provider may honour.
+    named = [v for f in CAP_FIELDS.get(kind, ()) if (v := _positive_int(data.get(f))) is not None]
+    requested = max(named) if named else None
     ceiling = price.max_output_tokens
     if requested is None:
         return ceiling or _DEFAULT_OUTPUT_CAP
@@ -478,10 +483,19 @@ def cap_to_send(data: Mapping[str, Any], est: Estimate) -> int | None:
     when the request already bounds it: its own cap is above the model's maximum (or unknown, and absent)."""
     if est.cap_field is None or not est.output_cap:
         return None
-    requested = _positive_int(data.get(est.cap_field))
+    named = [v for f in CAP_FIELDS.get(est.kind, ()) if (v := _positive_int(data.get(f))) is not None]
+    requested = max(named) if named else None
     if requested is None:
         return est.output_cap if est.output_cap == _DEFAULT_OUTPUT_CAP else None
     return est.output_cap if requested > est.output_cap else None
+
+
+def set_cap(data: dict[str, Any], est: Estimate, value: int) -> None:
+    """Write a cap into every cap field of the route the request names (the route's first when none), so no
+    other field lets the provider write more."""
+    fields = [f for f in CAP_FIELDS.get(est.kind, ()) if data.get(f) is not None]
+    for f in fields or ([est.cap_field] if est.cap_field else []):
+        data[f] = value
 
 
 def cap_field(data: Mapping[str, Any], kind: str) -> str | None:
@@ -552,7 +566,7 @@ def _token_estimate(priced: str, price: Price, tokens: int, data: Mapping[str, A
     amount = input_cost + _tokens_cost(cap * outputs, out_rate)
     if amount >= 2**53:
         raise RequestInvalid("the worst case of this request is beyond what the ledger holds")
-    return Estimate(amount, input_cost, out_rate, cap, tokens, priced, outputs, cap_field(data, kind))
+    return Estimate(amount, input_cost, out_rate, cap, tokens, priced, outputs, cap_field(data, kind), kind)
 
 
 _THRESHOLDS_K = (100, 128, 200, 272, 512)  # LiteLLM's long-context price tiers, in thousands of input tokens

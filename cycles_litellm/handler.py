@@ -52,6 +52,7 @@ from .estimate import (
     counting_model,
     estimate_call,
     price_of_group,
+    set_cap,
     soft_landing,
 )
 from .routes import Route, classify
@@ -330,10 +331,11 @@ class CyclesCallback(CustomLogger):
             and est.cap_field is not None
         ):
             # The clamp goes into the field this route sends to the provider, never above the model's maximum.
-            data[est.cap_field] = max(MIN_CAP.get(est.cap_field, 1), min(r.caps.max_tokens, est.output_cap))
-            headers["x-cycles-max-tokens"] = str(data[est.cap_field])
+            cap = max(MIN_CAP.get(est.cap_field, 1), min(r.caps.max_tokens, est.output_cap))
+            set_cap(data, est, cap)
+            headers["x-cycles-max-tokens"] = str(cap)
             held = r.reserved.amount if r.reserved else est.amount
-            est = dataclasses.replace(est, output_cap=data[est.cap_field], amount=held)
+            est = dataclasses.replace(est, output_cap=cap, amount=held)
             clamped = True
         elif not r.balances and self.settings.unbudgeted_policy() == "shadow":
             # Nobody budgets this payer: it passes, and the log says enforcement would have refused it.
@@ -344,8 +346,8 @@ class CyclesCallback(CustomLogger):
             # The hold assumed this cap: the provider must not be asked for more (a cap above the model's
             # maximum, or none where the maximum is unknown).
             bound = cap_to_send(data, est)
-            if bound is not None and est.cap_field is not None:
-                data[est.cap_field] = bound
+            if bound is not None:
+                set_cap(data, est, bound)
         headers["x-cycles-hook-ms"] = f"{(time.perf_counter() - started) * 1000:.3f}"
         self._remember_headers(
             call_id, headers | ({"x-cycles-reservation-id": r.reservation_id} if r.reservation_id else {})

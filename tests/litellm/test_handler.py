@@ -259,3 +259,21 @@ async def test_unbudgeted_payers(tmp_path: Path, policy: str) -> None:
             assert notes == []
     finally:
         await ledger.aclose()
+
+
+async def test_a_clamp_lands_in_every_cap_field_the_request_names(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    with open_ledger_sync(url) as led:
+        led.set_budget("tenant:h", "0.0005usd")  # 50,000 microcents: well under 10,000 output tokens
+        led.set_budget("tenant:h2", "10usd")
+    ledger = open_ledger(url)
+    try:
+        cb = CyclesCallback(Settings(), ledger=ledger)
+        data = await cb.async_pre_call_hook(
+            None, None, request("c-1", max_tokens=10_000, max_completion_tokens=10_000), "acompletion"
+        )
+        assert data["max_tokens"] == data["max_completion_tokens"] < 10_000
+        huge = await cb.async_pre_call_hook(None, None, request("c-2", "h2", max_tokens=10**7), "acompletion")
+        assert huge["max_tokens"] == 16_384  # never above the model's maximum, whatever was asked
+    finally:
+        await ledger.aclose()

@@ -85,6 +85,12 @@ def test_output_cap_never_above_the_models_maximum() -> None:
     assert est.output_cap == 50 and est.cap_field == "max_completion_tokens"
 
 
+def test_both_cap_fields_the_larger_one_holds() -> None:
+    """max_tokens and max_completion_tokens together: a provider may honour either, so the larger is held."""
+    est = estimate_call("gpt-4o-mini", {"messages": MSGS, "max_completion_tokens": 10, "max_tokens": 500}, "chat", S)
+    assert est.output_cap == 500
+
+
 def test_text_completions_pay_every_prompt_times_n_or_best_of() -> None:
     data = {"prompt": ["one two", "three"], "max_tokens": 20, "n": 2, "best_of": 3}
     est = estimate_call("gpt-3.5-turbo-instruct", data, "text", S)

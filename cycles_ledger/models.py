@@ -66,6 +66,10 @@ class OveragePolicy(StrEnum):
     REJECT = "REJECT"
     ALLOW_IF_AVAILABLE = "ALLOW_IF_AVAILABLE"
     ALLOW_WITH_OVERDRAFT = "ALLOW_WITH_OVERDRAFT"
+    # Extension to the protocol's three: record every unit of the actual cost, what the budget cannot cover
+    # as debt past any overdraft limit (marked over-limit). What shadow mode records, so balances show how
+    # far past the budget the traffic would have gone.
+    RECORD_ALL = "RECORD_ALL"
 
 
 class ReservationStatus(StrEnum):

@@ -192,12 +192,16 @@ def settle(
             b.reserved -= held
             b.spent += held + extra
         return held + extra, flagged
-    # ALLOW_WITH_OVERDRAFT: check every scope first, then apply.
+    # ALLOW_WITH_OVERDRAFT (and RECORD_ALL, which knows no limit): check every scope first, then apply.
     plan = []
+    flagged = []
     for b in budgets:
         covered = min(delta, max(b.remaining, 0))
         shortfall = delta - covered
-        if shortfall and b.debt + shortfall > b.overdraft_limit:
+        if policy is OveragePolicy.RECORD_ALL:
+            if shortfall and not b.is_over_limit:
+                flagged.append(b.scope)
+        elif shortfall and b.debt + shortfall > b.overdraft_limit:
             raise OverdraftLimitExceededError(
                 f"overage of {delta} would take debt on {b.scope} to {b.debt + shortfall}, "
                 f"past its overdraft limit {b.overdraft_limit}",
@@ -211,7 +215,9 @@ def settle(
         b.reserved -= held
         b.spent += held + covered
         b.debt += shortfall
-    return actual, []
+        if shortfall and policy is OveragePolicy.RECORD_ALL:
+            b.is_over_limit = True
+    return actual, flagged
 
 
 def fund(b: BudgetState, amount: int) -> int:

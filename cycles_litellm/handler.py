@@ -32,6 +32,7 @@ from cycles_ledger import (
     InvalidRequestError,
     Ledger,
     NotFoundError,
+    OveragePolicy,
     ReservationExpiredError,
     ReservationFinalizedError,
     StoreUnavailableError,
@@ -583,10 +584,15 @@ class CyclesCallback(CustomLogger):
             ledger = await self.ledger()
             try:
                 if pending.reservation_id is None:
+                    # Shadow records every unit of what the call cost, past the budget as debt, so the
+                    # balances show how far enforcement would have let it go; a real call whose hold is
+                    # gone is debited under the configured overage policy.
+                    policy = OveragePolicy.RECORD_ALL if pending.shadow else self.settings.overage_policy
                     await ledger.record_event(
                         pending.subject,
                         pending.action,
                         amount,
+                        overage_policy=policy,
                         idempotency_key=f"actual:{pending.call_id}",
                         metrics=metrics,
                     )
@@ -596,9 +602,7 @@ class CyclesCallback(CustomLogger):
                 pass  # another path settled it first
             except ReservationExpiredError:
                 # The hold is gone but the spend happened: record it as a direct debit next.
-                pending = _Pending(
-                    pending.call_id, None, pending.subject, pending.action, pending.estimate, pending.group, True
-                )
+                pending = dataclasses.replace(pending, reservation_id=None)
                 return False
             except NotFoundError:
                 log.info("cycles: no budget for %s; spend of %s not recorded", pending.subject.scope_path, amount)

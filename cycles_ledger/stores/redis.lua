@@ -622,10 +622,14 @@ local function settle(budgets, held, actual, policy, is_commit)
     return held + extra, flagged
   end
   local plan = {}
+  local flagged = {}
+  local record_all = policy == 'RECORD_ALL' -- no overdraft limit; the uncovered part is debt, over-limit
   for i, b in ipairs(budgets) do
     local covered = min(delta, max(rem(b), 0))
     local shortfall = delta - covered
-    if shortfall > 0 and b.d + shortfall > b.o then
+    if record_all then
+      if shortfall > 0 and not b.x then flagged[#flagged + 1] = b.scope end
+    elseif shortfall > 0 and b.d + shortfall > b.o then
       return nil, fail('OVERDRAFT_LIMIT_EXCEEDED',
         'overage of ' .. I(delta) .. ' would take debt on ' .. b.scope .. ' to ' .. I(b.d + shortfall) ..
         ', past its overdraft limit ' .. I(b.o),
@@ -637,8 +641,9 @@ local function settle(budgets, held, actual, policy, is_commit)
     b.r = b.r - held
     b.s = b.s + held + plan[i][1]
     b.d = b.d + plan[i][2]
+    if record_all and plan[i][2] > 0 then b.x = true end
   end
-  return actual, {}
+  return actual, flagged
 end
 
 -- --- shared by reserve, decide and event ------------------------------------------------------------

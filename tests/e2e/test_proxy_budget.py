@@ -213,6 +213,11 @@ def test_shadow_never_blocks_and_records_the_would_be_denial(proxy: LiteLLMProxy
         assert verdicts == [("would_allow", ids[0]), ("would_allow", ids[1]), ("would_deny", ids[2])]
         debits = [e for e in events if e.type == "debited"]
         assert [e.data["actual"] for e in debits] == [cost(25, 40)] * 3
+        assert [e.amount for e in debits] == [cost(25, 40)] * 3  # all of it, past the budget too
+        b = led.balance("tenant:e2e-shadow")
+        # the balance shows how far past the budget the traffic went: the excess is debt, over-limit
+        assert (b.spent, b.debt, b.remaining) == (6_000, 3 * cost(25, 40) - 6_000, 6_000 - 3 * cost(25, 40))
+        assert b.is_over_limit
         assert led.list_reservations(scope="tenant:e2e-shadow") == []
 
 

@@ -149,6 +149,23 @@ async def test_the_newest_events_first(db_url: str, clock: FakeClock) -> None:
         assert [e.reason_code for e in mine] == ["R4", "R3"]
 
 
+async def test_record_all_keeps_every_unit_of_the_actual(db_url: str, clock: FakeClock) -> None:
+    """RECORD_ALL (what shadow mode records): the budget's remainder is spent, the rest is debt past any
+    overdraft limit, the scope is over-limit, and the books still balance, on every store."""
+    async with open_ledger(db_url, clock=clock) as led:
+        await led.set_budget("tenant:r", "1usd")
+        await led.set_budget("tenant:r/agent:a", "5usd")
+        res = await led.record_event({"tenant": "r", "agent": "a"}, ACT, "3usd", overage_policy="RECORD_ALL")
+        assert res.charged.amount == 3 * USD
+        top = await led.balance("tenant:r")
+        assert (top.spent, top.debt, top.remaining, top.is_over_limit) == (USD, 2 * USD, -2 * USD, True)
+        agent = await led.balance("tenant:r/agent:a")
+        assert (agent.spent, agent.debt, agent.is_over_limit) == (3 * USD, 0, False)
+        r = await led.reserve({"tenant": "r"}, ACT, "0.01usd")
+        assert r.decision is Decision.DENY
+        assert await led.verify() == []
+
+
 async def test_unit_mismatch(two_level: Ledger) -> None:
     """Budgets that exist only in another unit give UNIT_MISMATCH naming the units."""
     with pytest.raises(UnitMismatchError) as info:

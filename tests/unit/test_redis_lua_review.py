@@ -39,7 +39,7 @@ SUBJECTS = [
 ]
 SCOPES = ["tenant:a", "tenant:a/workspace:w", "tenant:a/workspace:w/app:x", "tenant:a/app:y"]
 KEYS = ["k1", "k2", "k3", "k4"]
-POLICIES = ["REJECT", "ALLOW_IF_AVAILABLE", "ALLOW_WITH_OVERDRAFT"]
+POLICIES = ["REJECT", "ALLOW_IF_AVAILABLE", "ALLOW_WITH_OVERDRAFT", "RECORD_ALL"]
 UNKNOWN = "rsv_" + "0" * 26 + "@tenant:a"
 SCRIPT = {"set": "budget", "fund": "budget", "freeze": "budget", "unfreeze": "budget", "close": "budget"}
 

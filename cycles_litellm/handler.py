@@ -194,6 +194,8 @@ class CyclesCallback(CustomLogger):
         self._pending: dict[str, _Pending] = {}
         self._headers: collections.OrderedDict[str, dict[str, str]] = collections.OrderedDict()
         self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()  # call ids our hook passed
+        self._backlog: collections.deque[tuple[str, str, bool, dict[str, Any]]] = collections.deque(maxlen=10_000)
+        self._flushing = False
         self.counters: collections.Counter[str] = collections.Counter()
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -297,13 +299,15 @@ class CyclesCallback(CustomLogger):
                 metadata=metadata,
             )
         except StoreUnavailableError as exc:
-            return self._unavailable(call_id, data, exc)
+            return self._unavailable(call_id, data, exc, subject, call_type)
         except IdempotencyMismatchError:
             return self._call_id_reused(call_id, data, shadow, call_type, subject)
         except CyclesError as exc:
             raise budget_error(
                 exc.http_status, "invalid_request_error", exc.code, exc.message, call_type=call_type
             ) from None
+        if self._backlog and not self._flushing:  # the ledger is back: write the refusals that waited
+            self._spawn(self._flush())
         headers = {"x-cycles-decision": r.decision.value, "x-cycles-scope": r.scope or subject.scope_path}
         if r.remaining is not None:
             headers["x-cycles-remaining"] = format_amount(r.remaining - (r.reserved.amount if r.reserved else 0), _USD)
@@ -437,23 +441,49 @@ class CyclesCallback(CustomLogger):
         raise budget_error(status, error_type, code or reason, message, details, call_type)
 
     async def _note(self, scope: str, reason: str, shadow: bool, data: dict[str, Any]) -> None:
-        async def attempt() -> bool:
-            await (await self.ledger()).note(scope, reason, would=shadow, data=data)
-            return True
+        """Log a refusal in the ledger. While the ledger is away the note waits in memory (the newest 10,000)
+        and is written, with any others waiting, once a later note reaches the ledger."""
+        self._backlog.append((scope, reason, shadow, data))
+        await self._flush()
 
+    async def _flush(self) -> None:
+        if self._flushing or not self._backlog:
+            return
+        self._flushing = True
         try:
-            await self._retrying("note", str(data.get("call_id")), attempt)
-        except CyclesError as exc:  # a note must never fail a request; say why it is missing
-            log.error("cycles: could not log %s for %s: %s", reason, data.get("call_id"), exc)
+            while self._backlog:
+                s, r, w, d = self._backlog[0]
+
+                async def attempt(s: str = s, r: str = r, w: bool = w, d: dict[str, Any] = d) -> bool:
+                    await (await self.ledger()).note(s, r, would=w, data=d)
+                    return True
+
+                try:
+                    if not await self._retrying("note", str(d.get("call_id")), attempt):
+                        log.warning("cycles: %d refusal(s) wait for the ledger to be logged", len(self._backlog))
+                        return
+                except CyclesError as exc:  # a note must never fail a request; say why it is missing
+                    log.error("cycles: could not log %s for %s: %s", r, d.get("call_id"), exc)
+                self._backlog.popleft()
+        finally:
+            self._flushing = False
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)  # keep a reference until done, or the task may be collected mid-flight
         task.add_done_callback(self._tasks.discard)
 
-    def _unavailable(self, call_id: str, data: dict[str, Any], exc: Exception) -> dict[str, Any]:
+    def _unavailable(
+        self, call_id: str, data: dict[str, Any], exc: Exception, subject: Subject, call_type: str
+    ) -> dict[str, Any]:
         self.counters["ledger_unavailable"] += 1
-        if self.settings.fail_open():
+        fail_open = self.settings.fail_open()
+        # The decision goes into the log once the ledger answers again (kept in memory until then).
+        note = {"call_id": str(call_id), "route": _route_name(data, call_type), "message": str(exc)[:300]}
+        if data.get("model"):
+            note["model"] = str(data["model"])[:200]
+        self._spawn(self._note(subject.scope_path, "LEDGER_UNAVAILABLE", fail_open, note))
+        if fail_open:
             self.counters["fail_open"] += 1
             log.warning("cycles: ledger unavailable (%s); on_unavailable=fail_open lets %s through", exc, call_id)
             return data

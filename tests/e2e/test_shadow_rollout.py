@@ -80,3 +80,21 @@ def test_an_unmetered_route_is_not_refused_in_shadow(shadow_proxy: LiteLLMProxy,
                 for e in led.events(scope="tenant:_unidentified", limit=1000)
             )
         )
+
+
+def test_a_dead_ledger_passes_in_shadow_and_is_logged_once_it_is_back(
+    proxy_factory: ProxyFactory, fake_upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Shadow fails open: with the ledger unreachable the call passes; the would_deny LEDGER_UNAVAILABLE
+    decision waits in memory and is in the log as soon as the ledger answers again."""
+    missing = tmp_path_factory.mktemp("dead-ledger") / "not-yet"
+    store = f"sqlite:///{missing / 'ledger.db'}"
+    proxy = proxy_factory({"mode": "shadow"}, env={"CYCLES_STORE": store})
+    first = post(proxy, {"x-cycles-tenant": "dead"})
+    assert first.status_code == 200, first.text
+    assert "ledger unavailable" in proxy.logs()
+    missing.mkdir()  # the ledger comes back
+    second = post(proxy, {"x-cycles-tenant": "dead"})
+    assert second.status_code == 200, second.text
+    event = would_deny(proxy, "tenant:dead", first.headers["x-litellm-call-id"])
+    assert (event.type, event.reason_code) == ("would_deny", "LEDGER_UNAVAILABLE")

@@ -58,6 +58,7 @@ def find_settings(explicit: str | os.PathLike[str] | None = None, beside: str | 
                 raise ConfigError(f"cycles settings file {path} ({how}) does not exist")
             return SettingsFile(path, how)
     candidates: list[tuple[Path, str]] = []
+    beside = beside or os.environ.get("CONFIG_FILE_PATH")  # LiteLLM's own variable for its config file
     if beside:
         candidates.append((Path(beside).expanduser().resolve().parent / SETTINGS_NAME, f"beside {beside}"))
     cwd = Path.cwd()
@@ -83,13 +84,12 @@ def resolve_store(url: str, base_dir: Path | None) -> str:
 
 def store_url(explicit: str | None = None, settings: SettingsFile | None = None) -> str:
     """The store URL: an explicit value (`--store`), else `$CYCLES_STORE`, else the settings file's `store:`
-    (a relative SQLite path resolved beside that file), else a SQLite file in the working directory."""
+    (a relative SQLite path resolved beside that file; `cycles.db` beside it when the file names none), else a
+    SQLite file in the working directory."""
     if explicit or os.environ.get("CYCLES_STORE"):
         return explicit or os.environ["CYCLES_STORE"]
     if settings is not None and settings.path is not None:
-        store = _settings_store(settings.path)
-        if store:
-            return resolve_store(store, settings.path.parent)
+        return resolve_store(_settings_store(settings.path) or DEFAULT_STORE_URL, settings.path.parent)
     return DEFAULT_STORE_URL
 
 

@@ -26,6 +26,7 @@ from litellm.integrations.custom_logger import CustomLogger
 from cycles_ledger import (
     Action,
     Amount,
+    BudgetExceededError,
     CyclesError,
     Decision,
     IdempotencyMismatchError,
@@ -33,6 +34,7 @@ from cycles_ledger import (
     Ledger,
     NotFoundError,
     OveragePolicy,
+    OverdraftLimitExceededError,
     ReservationExpiredError,
     ReservationFinalizedError,
     StoreUnavailableError,
@@ -58,7 +60,7 @@ from .estimate import (
 )
 from .routes import Route, classify
 from .settings import Settings, load_settings
-from .subject import subject_from_request
+from .subject import payer_from_request
 
 __all__ = ["CyclesCallback", "budget_error"]
 
@@ -82,6 +84,9 @@ class _Pending:
     kind: str = "chat"
     request_id: str = ""  # this request's own id: a client may send the same call id twice
     streamed: list[str] = field(default_factory=list)
+    # The key of a direct debit of this call (shadow, or a hold that is gone): one per call, whatever its
+    # call id (which a client may repeat, or make longer than a key may be).
+    debit_key: str = field(default_factory=lambda: f"actual:{uuid.uuid4().hex}")
 
 
 _ANTHROPIC_CALL_TYPES = frozenset({"anthropic_messages", "aanthropic_messages"})
@@ -235,11 +240,13 @@ class CyclesCallback(CustomLogger):
         while len(self._seen) > 100_000:
             self._seen.popitem(last=False)
         try:
-            subject: Subject | None = subject_from_request(data, user_api_key_dict, self.settings.subject)
+            subject: Subject | None
+            subject, unchosen = payer_from_request(data, user_api_key_dict, self.settings.subject)
             subject_error = None
         except InvalidRequestError as exc:
-            subject, subject_error = None, exc
-        shadow = self.settings.is_shadow(subject.scopes()) if subject is not None else self.settings.mode == "shadow"
+            subject, unchosen, subject_error = None, [], exc
+        # Shadow scopes are matched against the levels no client chose: naming a level cannot switch it on.
+        shadow = self.settings.is_shadow(unchosen) if subject is not None else self.settings.mode == "shadow"
         if route.kind == "refused":
             return self._refuse_route(route, data, shadow, subject)
         if subject is None:
@@ -272,10 +279,14 @@ class CyclesCallback(CustomLogger):
         # A call id the client chose can come again (a retry, a replay, two requests at once): one call id,
         # one paid call. A repeat is refused with 409, in this process at once and across processes and
         # replicas by the ledger (same idempotency key, another request's payload -> mismatch).
-        client_id = _client_call_id(data) == call_id
+        client_id = client_chosen = _client_call_id(data) == call_id
         request_id = uuid.uuid4().hex if client_id else call_id
         if client_id and call_id in self._pending:
-            return self._call_id_reused(call_id, data, shadow, call_type, subject)
+            self._call_id_reused(call_id, data, shadow, call_type, subject)  # raises unless shadow
+            call_id = str(data["litellm_call_id"])  # shadow: evaluated and recorded under an id of its own
+        if client_id and shadow:
+            # Shadow holds nothing: no replay record is needed, and a repeat is recorded like any call.
+            client_id, request_id = False, call_id
         action = _action(action_kind(route.kind), action_name(est.model))
         # Shadow evaluates the soft landing too (so its would-be decision is enforce's), but never clamps.
         soft = soft_landing(est, self.settings.min_output_tokens)
@@ -299,13 +310,13 @@ class CyclesCallback(CustomLogger):
                 metadata=metadata,
             )
         except StoreUnavailableError as exc:
-            return self._unavailable(call_id, data, exc, subject, call_type)
+            return self._unavailable(call_id, data, exc, subject, call_type, shadow)
         except IdempotencyMismatchError:
             return self._call_id_reused(call_id, data, shadow, call_type, subject)
         except CyclesError as exc:
-            raise budget_error(
-                exc.http_status, "invalid_request_error", exc.code, exc.message, call_type=call_type
-            ) from None
+            return self._refuse(
+                exc.code, exc.http_status, "invalid_request_error", exc.message, data, call_type, shadow, subject
+            )
         if self._backlog and not self._flushing:  # the ledger is back: write the refusals that waited
             self._spawn(self._flush())
         headers = {"x-cycles-decision": r.decision.value, "x-cycles-scope": r.scope or subject.scope_path}
@@ -354,12 +365,14 @@ class CyclesCallback(CustomLogger):
             if bound is not None:
                 set_cap(data, est, bound)
         headers["x-cycles-hook-ms"] = f"{(time.perf_counter() - started) * 1000:.3f}"
-        self._remember_headers(
-            call_id, headers | ({"x-cycles-reservation-id": r.reservation_id} if r.reservation_id else {})
-        )
-        self._pending[call_id] = _Pending(
-            call_id, r.reservation_id, subject, action, est, group, shadow, route.kind, request_id
-        )
+        if not shadow:  # shadow never changes a response, its headers included: the decision is in the log
+            self._remember_headers(
+                call_id, headers | ({"x-cycles-reservation-id": r.reservation_id} if r.reservation_id else {})
+            )
+        pending = _Pending(call_id, r.reservation_id, subject, action, est, group, shadow, route.kind, request_id)
+        if not client_chosen and len(call_id) <= 200:  # an id LiteLLM made: unique, and what a reader looks for
+            pending.debit_key = f"actual:{call_id}"
+        self._pending[call_id] = pending
         return data
 
     async def async_pre_call_deployment_hook(self, kwargs: dict[str, Any], call_type: Any) -> dict[str, Any] | None:
@@ -402,6 +415,7 @@ class CyclesCallback(CustomLogger):
         # touches the other's hold.
         own = f"{call_id}#dup-{uuid.uuid4().hex[:8]}"
         data["litellm_call_id"] = own
+        self._seen[own] = None  # the deployment gate must know it
         logging_obj = data.get("litellm_logging_obj")  # made before the hook, with the shared id
         if logging_obj is not None and hasattr(logging_obj, "litellm_call_id"):
             logging_obj.litellm_call_id = own
@@ -474,10 +488,10 @@ class CyclesCallback(CustomLogger):
         task.add_done_callback(self._tasks.discard)
 
     def _unavailable(
-        self, call_id: str, data: dict[str, Any], exc: Exception, subject: Subject, call_type: str
+        self, call_id: str, data: dict[str, Any], exc: Exception, subject: Subject, call_type: str, shadow: bool
     ) -> dict[str, Any]:
         self.counters["ledger_unavailable"] += 1
-        fail_open = self.settings.fail_open()
+        fail_open = self.settings.fail_open() or shadow  # a shadow request passes whatever on_unavailable says
         # The decision goes into the log once the ledger answers again (kept in memory until then).
         note = {"call_id": str(call_id), "route": _route_name(data, call_type), "message": str(exc)[:300]}
         if data.get("model"):
@@ -623,11 +637,19 @@ class CyclesCallback(CustomLogger):
                         pending.action,
                         amount,
                         overage_policy=policy,
-                        idempotency_key=f"actual:{pending.call_id}",
+                        idempotency_key=pending.debit_key,
                         metrics=metrics,
                     )
                 else:
-                    await ledger.commit(pending.reservation_id, amount, metrics=metrics)
+                    try:
+                        await ledger.commit(pending.reservation_id, amount, metrics=metrics)
+                    except (BudgetExceededError, OverdraftLimitExceededError) as exc:
+                        # The overage policy refuses the overage (REJECT, or an overdraft past its limit):
+                        # charge what was held rather than leave the hold to expire with nothing charged.
+                        held = Amount(unit=_USD, amount=min(actual, pending.estimate.amount))
+                        log.warning("cycles: %s: %s; committing the %s held", pending.call_id, exc.message, held)
+                        self.counters["settle_capped"] += 1
+                        await ledger.commit(pending.reservation_id, held, metrics=metrics)
             except (ReservationFinalizedError, IdempotencyMismatchError):
                 pass  # another path settled it first
             except ReservationExpiredError:
@@ -636,6 +658,11 @@ class CyclesCallback(CustomLogger):
                 return False
             except NotFoundError:
                 log.info("cycles: no budget for %s; spend of %s not recorded", pending.subject.scope_path, amount)
+            except StoreUnavailableError:
+                raise
+            except CyclesError as exc:  # a frozen or closed budget, a refused debit: say so, never crash
+                self.counters["settle_refused"] += 1
+                log.error("cycles: the ledger refused the spend of %s (%s): %s", pending.call_id, exc.code, exc.message)
             return True
 
         if not await self._retrying("settle", pending.call_id, attempt):

@@ -111,6 +111,13 @@ class Settings(_Strict):
     settle_retries: Annotated[int, Field(ge=0, le=10)] = 3
     _source: SettingsFile = PrivateAttr(default_factory=lambda: SettingsFile(None, "built in code"))
 
+    @field_validator("overage_policy")
+    @classmethod
+    def _protocol_policy(cls, v: OveragePolicy) -> OveragePolicy:
+        if v is OveragePolicy.RECORD_ALL:
+            raise ValueError("RECORD_ALL is what shadow mode records, not a policy for enforced commits")
+        return v
+
     @field_validator("shadow_scopes")
     @classmethod
     def _scopes(cls, v: list[str]) -> list[str]:
@@ -129,9 +136,8 @@ class Settings(_Strict):
         env = os.environ.get("CYCLES_STORE")
         if env:
             return env
-        if self.store:
-            return resolve_store(self.store, self._source.path.parent if self._source.path else None)
-        return DEFAULT_STORE_URL
+        base = self._source.path.parent if self._source.path else None
+        return resolve_store(self.store or DEFAULT_STORE_URL, base)
 
     def describe(self) -> str:
         """One line for the proxy's log at start: which settings, mode, store and payer sources are in force."""

@@ -21,7 +21,7 @@ from cycles_ledger import InvalidRequestError, Subject
 
 from .settings import SubjectMapping
 
-__all__ = ["LEVELS", "scope_value", "subject_from_request"]
+__all__ = ["LEVELS", "payer_from_request", "scope_value", "subject_from_request"]
 
 LEVELS = ("tenant", "workspace", "app", "workflow", "agent", "toolset")
 # What LiteLLM fills in for the master key or keyless calls: not anyone's identity.
@@ -110,9 +110,38 @@ def _opened_levels(key_info: Any) -> set[str]:
     return opened
 
 
+_MASTER_KEY_ALIASES = frozenset({"litellm_proxy_master_key"})  # what LiteLLM puts as api_key for the master key
+
+
+def _virtual_key(key_info: Any) -> str | None:
+    """A label for the virtual key that authenticated the request (its alias, else `key-` and 12 hex digits
+    of its hashed token), or None for no key object and for the master key."""
+    if key_info is None:
+        return None
+    api_key, token = getattr(key_info, "api_key", None), getattr(key_info, "token", None)
+    if not (api_key or token) or api_key in _MASTER_KEY_ALIASES:
+        return None
+    role = str(getattr(getattr(key_info, "user_role", None), "value", getattr(key_info, "user_role", "")) or "")
+    named = any(getattr(key_info, a, None) for a in ("team_id", "org_id", "key_alias"))
+    if role == "proxy_admin" and getattr(key_info, "user_id", None) in _PLACEHOLDERS and not named:
+        return None  # the master key as a custom_auth hook or an older LiteLLM presents it
+    alias = getattr(key_info, "key_alias", None)
+    if alias:
+        return str(alias)
+    secret = str(token or api_key)
+    return "key-" + hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+
+
 def subject_from_request(data: Mapping[str, Any], key_info: Any, mapping: SubjectMapping) -> Subject:
-    """The payer of one request. Raises InvalidRequestError when no level can be filled or the metadata is
-    malformed (the caller answers 400 when enforcing, lets the call through in shadow)."""
+    """The payer of one request (see `payer_from_request`)."""
+    return payer_from_request(data, key_info, mapping)[0]
+
+
+def payer_from_request(data: Mapping[str, Any], key_info: Any, mapping: SubjectMapping) -> tuple[Subject, list[str]]:
+    """The payer of one request, and the scopes of it no client chose (the key's levels; every scope when
+    no virtual key authenticated the request): what shadow scopes are matched against, so a client cannot
+    switch shadow mode on by naming a level. Raises InvalidRequestError when no level can be filled or
+    the metadata is malformed (the caller answers 400 when enforcing, lets the call through in shadow)."""
     meta = _Metadata(data)
     explicit = meta.get("cycles") if mapping.from_metadata else None
     if explicit is not None and not isinstance(explicit, Mapping):
@@ -129,6 +158,9 @@ def subject_from_request(data: Mapping[str, Any], key_info: Any, mapping: Subjec
             if value is not None:
                 fixed[level] = value
                 break
+    key = _virtual_key(key_info)
+    if key is not None and "tenant" not in fixed:
+        fixed["tenant"] = key  # a key with no team, organization or user pays as itself, never as a header says
     # A key that names the payer restricts the client to the levels left open for it.
     allowed = set(LEVELS) if "tenant" not in fixed else set(mapping.client_levels) | _opened_levels(key_info)
     fields: dict[str, str] = dict(fixed)
@@ -153,7 +185,11 @@ def subject_from_request(data: Mapping[str, Any], key_info: Any, mapping: Subjec
     dimensions = explicit.get("dimensions") if explicit is not None else None
     try:
         if isinstance(dimensions, Mapping):
-            return Subject.model_validate({**values, "dimensions": {str(k): str(v) for k, v in dimensions.items()}})
-        return _subject(tuple(values.items()))
+            subject = Subject.model_validate({**values, "dimensions": {str(k): str(v) for k, v in dimensions.items()}})
+        else:
+            subject = _subject(tuple(values.items()))
     except ValueError as exc:
         raise InvalidRequestError(f"invalid budget subject {values}: {exc}") from None
+    if "tenant" not in fixed:
+        return subject, subject.scopes()
+    return subject, _subject(tuple((lv, scope_value(fixed[lv])) for lv in LEVELS if lv in fixed)).scopes()

@@ -222,6 +222,23 @@ def test_the_key_fixes_the_payer_and_the_client_only_refines_below() -> None:
     assert subject_from_request(forged, user_key, SubjectMapping()).tenant == scope_value("alice@example.com")
 
 
+def test_a_key_without_team_org_or_user_pays_as_itself() -> None:
+    """A virtual key with no team, organization or user (or owned by LiteLLM's placeholder admin user) is
+    still the identity: it pays as its alias, else as a hash of its token; a forged tenant changes nothing.
+    The master key (LiteLLM's alias for it) leaves every level to the request."""
+    from litellm.proxy._types import LitellmUserRoles, UserAPIKeyAuth
+
+    forged = _req({"cycles": {"tenant": "victim"}}, {"x-cycles-tenant": "victim", "x-cycles-agent": "a"})
+    alias_only = UserAPIKeyAuth(api_key="sk-1", key_alias="ci-bot")
+    s = subject_from_request(forged, alias_only, SubjectMapping())
+    assert (s.tenant, s.agent) == ("ci-bot", "a")
+    admin_owned = UserAPIKeyAuth(api_key="sk-2", token="hashed-2", user_id="default_user_id")
+    s2 = subject_from_request(forged, admin_owned, SubjectMapping())
+    assert s2.tenant is not None and s2.tenant.startswith("key-") and s2.tenant != "victim"
+    master = UserAPIKeyAuth(api_key="litellm_proxy_master_key", user_role=LitellmUserRoles.PROXY_ADMIN)
+    assert subject_from_request(forged, master, SubjectMapping()).tenant == "victim"
+
+
 def test_any_litellm_name_is_a_scope_by_one_deterministic_rule() -> None:
     """Names with spaces or other characters map to valid, distinct scope values; valid ones stay as they are."""
     assert scope_value("team-a") == "team-a" and scope_value("Acme") == "Acme"

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from litellm.proxy._types import ProxyException
 
-from cycles_ledger import open_ledger, open_ledger_sync
+from cycles_ledger import ConfigError, open_ledger, open_ledger_sync
 from cycles_litellm import CyclesCallback, Settings
 
 MSGS = [{"role": "user", "content": "hello there"}]
@@ -277,3 +277,79 @@ async def test_a_clamp_lands_in_every_cap_field_the_request_names(tmp_path: Path
         assert huge["max_tokens"] == 16_384  # never above the model's maximum, whatever was asked
     finally:
         await ledger.aclose()
+
+
+async def test_a_client_cannot_switch_shadow_on_by_naming_a_level(tmp_path: Path) -> None:
+    """shadow_scopes match the levels the key fixed: a team-h key whose tenant is spent out is still refused
+    when it names the shadow workflow (a master-key request names every level and is matched as a whole)."""
+    from litellm.proxy._types import UserAPIKeyAuth
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    with open_ledger_sync(url) as led:
+        led.set_budget("tenant:h", "0.00000001usd")
+    ledger = open_ledger(url)
+    try:
+        cb = CyclesCallback(Settings(shadow_scopes=["tenant:h/workflow:trial"]), ledger=ledger)
+        key = UserAPIKeyAuth(api_key="sk-h", team_id="h")
+        named = request("s-1", proxy_server_request={"headers": {"x-cycles-workflow": "trial"}})
+        with pytest.raises(ProxyException) as info:
+            await cb.async_pre_call_hook(key, None, named, "acompletion")
+        assert info.value.code == "402"
+        open_all = CyclesCallback(Settings(shadow_scopes=["tenant:h"]), ledger=ledger)
+        assert await open_all.async_pre_call_hook(key, None, request("s-2"), "acompletion")  # the key's own scope
+    finally:
+        await ledger.aclose()
+
+
+async def test_shadow_never_raises_for_ledger_errors_and_adds_no_headers(tmp_path: Path) -> None:
+    """A payer budgeted only in TOKENS (UNIT_MISMATCH), and a dead ledger under on_unavailable: fail_closed,
+    still pass in shadow; a shadow response carries no x-cycles-* header."""
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    with open_ledger_sync(url) as led:
+        led.set_budget("tenant:t", "1000tokens")
+        led.set_budget("tenant:h", "1usd")
+    ledger = open_ledger(url)
+    try:
+        cb = CyclesCallback(Settings(mode="shadow", on_unavailable="fail_closed"), ledger=ledger)
+        data = await cb.async_pre_call_hook(None, None, request("m-1", tenant="t"), "acompletion")
+        assert data["litellm_call_id"] == "m-1"
+        await cb.async_pre_call_hook(None, None, request("m-2"), "acompletion")
+        assert await cb.async_post_call_response_headers_hook({"litellm_call_id": "m-2"}, None, None) is None
+        await ledger.aclose()  # the ledger goes away
+        assert await cb.async_pre_call_hook(None, None, request("m-3"), "acompletion")
+    finally:
+        await ledger.aclose()
+
+
+async def test_a_commit_the_overage_policy_refuses_still_charges_the_hold(tmp_path: Path) -> None:
+    """Under REJECT a commit above the hold is refused by the ledger: the plugin charges what was held
+    instead of leaving the hold to expire with nothing charged."""
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    with open_ledger_sync(url) as led:
+        led.set_budget("tenant:h", "1usd")
+    ledger = open_ledger(url)
+    try:
+        cb = CyclesCallback(Settings(overage_policy="REJECT"), ledger=ledger)  # type: ignore[arg-type]
+        await cb.async_pre_call_hook(None, None, request("r-1"), "acompletion")
+        held = (await ledger.balance("tenant:h")).reserved
+        await cb.async_log_success_event({"litellm_call_id": "r-1", "response_cost": 1.0}, None, None, None)
+        for _ in range(100):
+            if (await ledger.balance("tenant:h")).reserved == 0:
+                break
+            await asyncio.sleep(0.02)
+        b = await ledger.balance("tenant:h")
+        assert (b.reserved, b.spent) == (0, held) and cb.counters["settle_capped"] == 1
+        with pytest.raises(ConfigError):
+            load_settings_from({"overage_policy": "RECORD_ALL"}, tmp_path)
+    finally:
+        await ledger.aclose()
+
+
+def load_settings_from(values: dict[str, Any], tmp_path: Path) -> Settings:
+    import yaml
+
+    from cycles_litellm.settings import load_settings
+
+    path = tmp_path / "cycles.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return load_settings(path)

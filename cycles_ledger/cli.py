@@ -359,7 +359,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         url, origin = _store_for(args)
         print(f"store: {url} ({origin})", file=sys.stderr)
         missing = _missing_sqlite_file(url)
-        if missing is not None and args.command in _READS:
+        reading = args.command in _READS or (args.command == "reserve" and args.dry_run)
+        if missing is not None and reading:
             print(
                 f"error: no ledger at {missing}: nothing to show. Check --config / --store, or create it with "
                 "`cycles budget set` or `cycles budgets apply`",

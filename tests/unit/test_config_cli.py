@@ -196,6 +196,8 @@ def test_cli_finds_the_proxys_settings_and_store(
     assert f"store: {expected} (store: of {conf / 'cycles.yaml'})" in err and "no ledger at" in err
     assert not (conf / "ledger.db").exists()
 
+    assert main(["--config", str(conf / "cycles.yaml"), "reserve", "tenant:x", "1usd", "--dry-run"]) == 2
+    assert not (conf / "ledger.db").exists()
     assert main(["--config", str(conf / "cycles.yaml"), "budget", "set", "tenant:x", "1usd"]) == 0
     assert (conf / "ledger.db").exists() and not list(elsewhere.iterdir())
     monkeypatch.setenv("CYCLES_CONFIG", str(conf / "cycles.yaml"))

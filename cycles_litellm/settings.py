@@ -62,6 +62,18 @@ class SubjectMapping(_Strict):
             raise ValueError(f"unknown subject level(s) {sorted(unknown)}; known: {', '.join(_LEVELS)}")
         return v
 
+    @field_validator("key_fields")
+    @classmethod
+    def _trusted_fields(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        # The end user comes from the request's own `user` field: a client could name any payer with it.
+        for level, names in v.items():
+            if "user_api_key_end_user_id" in names and level in ("tenant", "workspace", "app"):
+                raise ValueError(
+                    f"key_fields.{level}: user_api_key_end_user_id is set by the client (the request's `user`), "
+                    "so it cannot fix an upper level; use it for workflow, agent or toolset"
+                )
+        return v
+
     @field_validator("client_levels")
     @classmethod
     def _client_levels(cls, v: list[str]) -> list[str]:

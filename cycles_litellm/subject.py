@@ -25,7 +25,10 @@ __all__ = ["LEVELS", "payer_from_request", "scope_value", "subject_from_request"
 
 LEVELS = ("tenant", "workspace", "app", "workflow", "agent", "toolset")
 # What LiteLLM fills in for the master key or keyless calls: not anyone's identity.
-_PLACEHOLDERS = frozenset({"default_user_id", "litellm_proxy_master_key", "litellm-proxy-master-key"})
+# (and the team LiteLLM's admin UI puts on every dashboard session, which would pool all their users).
+_PLACEHOLDERS = frozenset(
+    {"default_user_id", "litellm_proxy_master_key", "litellm-proxy-master-key", "litellm-dashboard"}
+)
 _HEADER_PREFIX = "x-cycles-"
 # The proxy's metadata names for the virtual key's fields -> the attributes of its UserAPIKeyAuth.
 _KEY_ATTRS = {

@@ -239,6 +239,18 @@ def test_a_key_without_team_org_or_user_pays_as_itself() -> None:
     assert subject_from_request(forged, master, SubjectMapping()).tenant == "victim"
 
 
+def test_untrusted_key_fields_cannot_fix_the_payer() -> None:
+    """The end user comes from the request's `user` field: it may refine (agent) but never fix an upper
+    level; the admin UI's shared dashboard team is nobody's identity."""
+    from litellm.proxy._types import UserAPIKeyAuth
+
+    with pytest.raises(ValueError, match="set by the client"):
+        SubjectMapping(key_fields={"tenant": ["user_api_key_end_user_id"]})
+    SubjectMapping(key_fields={"tenant": ["user_api_key_team_id"], "agent": ["user_api_key_end_user_id"]})
+    dashboard = UserAPIKeyAuth(api_key="sk-ui", team_id="litellm-dashboard", user_id="alice")
+    assert subject_from_request(_req(), dashboard, SubjectMapping()).tenant == "alice"
+
+
 def test_any_litellm_name_is_a_scope_by_one_deterministic_rule() -> None:
     """Names with spaces or other characters map to valid, distinct scope values; valid ones stay as they are."""
     assert scope_value("team-a") == "team-a" and scope_value("Acme") == "Acme"

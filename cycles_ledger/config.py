@@ -29,6 +29,7 @@ __all__ = [
     "find_settings",
     "load_budgets",
     "resolve_store",
+    "settings_store_url",
     "store_url",
 ]
 
@@ -83,14 +84,22 @@ def resolve_store(url: str, base_dir: Path | None) -> str:
 
 
 def store_url(explicit: str | None = None, settings: SettingsFile | None = None) -> str:
-    """The store URL: an explicit value (`--store`), else `$CYCLES_STORE`, else the settings file's `store:`
-    (a relative SQLite path resolved beside that file; `cycles.db` beside it when the file names none), else a
-    SQLite file in the working directory."""
-    if explicit or os.environ.get("CYCLES_STORE"):
-        return explicit or os.environ["CYCLES_STORE"]
-    if settings is not None and settings.path is not None:
-        return resolve_store(_settings_store(settings.path) or DEFAULT_STORE_URL, settings.path.parent)
-    return DEFAULT_STORE_URL
+    """The store URL: an explicit value (`--store`), else what `settings_store_url` says for the settings
+    file's `store:`."""
+    if explicit:
+        return explicit
+    path = settings.path if settings is not None else None
+    return settings_store_url(_settings_store(path) if path is not None else None, path)
+
+
+def settings_store_url(store: str | None, settings_path: Path | None) -> str:
+    """`$CYCLES_STORE`, else `store` (a relative SQLite path resolved beside the settings file; `cycles.db`
+    beside it when the file names none), else a SQLite file in the working directory. The one rule the
+    CLI and the proxy's settings share, so both open the same ledger."""
+    env = os.environ.get("CYCLES_STORE")
+    if env:
+        return env
+    return resolve_store(store or DEFAULT_STORE_URL, settings_path.parent if settings_path is not None else None)
 
 
 def _settings_store(path: Path) -> str | None:

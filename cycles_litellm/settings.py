@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from cycles_ledger import Amount, ConfigError, OveragePolicy, Unit
-from cycles_ledger.config import DEFAULT_STORE_URL, SETTINGS_ENV, SettingsFile, find_settings, resolve_store
+from cycles_ledger.config import SETTINGS_ENV, SettingsFile, find_settings, settings_store_url
 from cycles_ledger.models import parse_scope
 
 __all__ = ["CONFIG_ENV", "ModelPrice", "Settings", "SubjectMapping", "load_settings"]
@@ -145,11 +145,7 @@ class Settings(_Strict):
     def store_url(self) -> str:
         """`$CYCLES_STORE`, else `store:` (a relative SQLite path lives beside the settings file, so the
         proxy and the CLI open the same ledger wherever they start), else ./cycles.db."""
-        env = os.environ.get("CYCLES_STORE")
-        if env:
-            return env
-        base = self._source.path.parent if self._source.path else None
-        return resolve_store(self.store or DEFAULT_STORE_URL, base)
+        return settings_store_url(self.store, self._source.path)
 
     def describe(self) -> str:
         """One line for the proxy's log at start: which settings, mode, store and payer sources are in force."""

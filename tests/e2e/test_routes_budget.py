@@ -128,6 +128,16 @@ OPENAI_TOOLS = [
 RESPONSES_TOOLS = [{"type": "function", **OPENAI_TOOLS[0]["function"]}]
 
 
+def _send(resource: Any, stream: bool, kwargs: dict[str, Any]) -> Any:
+    """One SDK call: the raw response, or a stream read to its end (the proxy settles it when it ends)."""
+    if stream:
+        with resource.with_streaming_response.create(stream=True, **kwargs) as r:
+            for _ in r.iter_lines():
+                pass
+            return r
+    return resource.with_raw_response.create(**kwargs)
+
+
 def _chat(stream: bool) -> Call:
     def call(proxy: LiteLLMProxy, headers: dict[str, str]) -> Any:
         kwargs: dict[str, Any] = {
@@ -138,12 +148,8 @@ def _chat(stream: bool) -> Call:
             "max_tokens": CAP,
         }
         if stream:
-            kwargs |= {"stream": True, "stream_options": {"include_usage": True}}
-            with _oc(proxy, headers).chat.completions.with_streaming_response.create(**kwargs) as r:
-                for _ in r.iter_lines():
-                    pass
-                return r
-        return _oc(proxy, headers).chat.completions.with_raw_response.create(**kwargs)
+            kwargs["stream_options"] = {"include_usage": True}
+        return _send(_oc(proxy, headers).chat.completions, stream, kwargs)
 
     return call
 
@@ -160,12 +166,8 @@ def _completions(stream: bool) -> Call:
             "n": 2,
             "max_tokens": CAP,
         }
-        if stream:  # no include_usage: the stream never says what it cost
-            with _oc(proxy, headers).completions.with_streaming_response.create(stream=True, **kwargs) as r:
-                for _ in r.iter_lines():
-                    pass
-                return r
-        return _oc(proxy, headers).completions.with_raw_response.create(**kwargs)
+        # streamed without include_usage: the stream never says what it cost
+        return _send(_oc(proxy, headers).completions, stream, kwargs)
 
     return call
 
@@ -184,13 +186,7 @@ def _messages(stream: bool) -> Call:
             "tools": ANTHROPIC_TOOLS,
             "messages": [{"role": "user", "content": "What is the status of INV-001?"}],
         }
-        client = _ac(proxy, headers)
-        if stream:
-            with client.messages.with_streaming_response.create(stream=True, **kwargs) as r:
-                for _ in r.iter_lines():
-                    pass
-                return r
-        return client.messages.with_raw_response.create(**kwargs)
+        return _send(_ac(proxy, headers).messages, stream, kwargs)
 
     return call
 
@@ -210,12 +206,7 @@ def _responses(stream: bool) -> Call:
             "tools": RESPONSES_TOOLS,
             "max_output_tokens": CAP,
         }
-        if stream:
-            with _oc(proxy, headers).responses.with_streaming_response.create(stream=True, **kwargs) as r:
-                for _ in r.iter_lines():
-                    pass
-                return r
-        return _oc(proxy, headers).responses.with_raw_response.create(**kwargs)
+        return _send(_oc(proxy, headers).responses, stream, kwargs)
 
     return call
 

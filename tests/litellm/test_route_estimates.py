@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import wave
 from decimal import Decimal
 
 import litellm
@@ -17,6 +16,7 @@ from cycles_litellm.calls import chunk_text
 from cycles_litellm.estimate import PriceUnknown, RequestInvalid, estimate_call, price_of_group
 from cycles_litellm.routes import FREE, METERED, classify
 from cycles_litellm.settings import Settings
+from tests.e2e.fake_upstream import wav_bytes
 
 S = Settings()
 MSGS = [{"role": "user", "content": "hello there"}]
@@ -196,16 +196,6 @@ def test_speech_priced_per_character() -> None:
     text = "Hello, this is a test of speech. " * 3
     est = estimate_call("tts-1", {"input": text, "voice": "alloy"}, "speech", S)
     assert est.amount == math.ceil(Decimal("0.000015") * len(text) * 10**8)
-
-
-def wav_bytes(seconds: float, rate: int = 8000) -> bytes:
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(b"\0\0" * int(seconds * rate))
-    return buf.getvalue()
 
 
 def test_transcription_priced_per_second_of_the_uploaded_wav() -> None:

@@ -1,6 +1,6 @@
 """Proxy overhead benchmark: what the Cycles callback adds to a request through a real LiteLLM proxy.
 
-What it measures: one run starts the fake OpenAI upstream (tests/e2e/fake_upstream.py) and TWO real
+What it measures: one run starts the fake provider (cycles_litellm.fake_provider) and TWO real
 `litellm` proxy subprocesses pointed at it - A = configs/litellm.yaml (with `callbacks:
 cycles_litellm.proxy_handler`), B = the same config minus that line - each with its own cycles.yaml and
 SQLite ledger. A budget that never denies is set on `tenant:bench` in A's ledger, and every request
@@ -44,6 +44,7 @@ import random
 import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -53,20 +54,15 @@ from typing import Any
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from cycles_ledger import open_ledger_sync  # noqa: E402
-from tests.e2e.conftest import (  # noqa: E402
+from cycles_ledger import open_ledger_sync
+from cycles_litellm.fake_provider import FakeUpstream
+from cycles_litellm.launch import (
     LITELLM_CONFIG,
     LiteLLMProxy,
     ProxyStartError,
     litellm_config_without_callbacks,
-    make_tmp_dir,
     start_proxy,
 )
-from tests.e2e.fake_upstream import FakeUpstream  # noqa: E402
 
 TENANT = "bench"
 SCOPE = f"tenant:{TENANT}"
@@ -445,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
 
-    tmp = make_tmp_dir("cycles-proxy-bench-")
+    tmp = Path(tempfile.mkdtemp(prefix="cycles-proxy-bench-"))
     upstream = FakeUpstream().start()
     proxies: list[LiteLLMProxy] = []
     code = 0

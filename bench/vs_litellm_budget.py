@@ -18,7 +18,7 @@ through and what they cost against the budget.
 from __future__ import annotations
 
 import argparse
-import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -26,18 +26,13 @@ from typing import Any
 import httpx
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from cycles_ledger import Amount, Unit, open_ledger_sync  # noqa: E402
-from tests.e2e.conftest import (  # noqa: E402
+from cycles_ledger import Amount, Unit, open_ledger_sync
+from cycles_litellm.fake_provider import MAX_COMPLETION_TOKENS, FakeUpstream, count_input_tokens
+from cycles_litellm.launch import (
     LiteLLMProxy,
     litellm_config_without_callbacks,
-    make_tmp_dir,
     start_proxy,
 )
-from tests.e2e.fake_upstream import MAX_COMPLETION_TOKENS, FakeUpstream, count_input_tokens  # noqa: E402
 
 IN, OUT = 15, 60  # gpt-4o-mini, USD_MICROCENTS per token
 # COUNTINPUT: the fake provider bills the prompt's real token count (not its fixed 25), like a provider does
@@ -64,7 +59,7 @@ def main() -> None:
     ap.add_argument("--sequential", type=int, default=30, help="then requests one after another (default 30)")
     args = ap.parse_args()
     budget = args.calls * COST  # USD_MICROCENTS
-    work = make_tmp_dir("cycles-vs-litellm-")
+    work = Path(tempfile.mkdtemp(prefix="cycles-vs-litellm-"))
     config = yaml.safe_load(litellm_config_without_callbacks(work / "l").read_text())
     config.setdefault("litellm_settings", {})["max_budget"] = budget / 10**8
     lite_config = work / "l" / "litellm-max-budget.yaml"

@@ -33,14 +33,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # `tests.e2e` (fake upstream, proxy launcher) and the packages, from any cwd
-    sys.path.insert(0, str(ROOT))
+import httpx
 
-import httpx  # noqa: E402
-
-import cycles_tools  # noqa: E402
-from cycles_ledger import (  # noqa: E402
+import cycles_tools
+from cycles_ledger import (
     Action,
     Amount,
     BudgetDenied,
@@ -50,7 +46,7 @@ from cycles_ledger import (  # noqa: E402
     Unit,
     open_ledger_sync,
 )
-from cycles_tools import budget_scope, litellm_headers, metered  # noqa: E402
+from cycles_tools import budget_scope, litellm_headers, metered
 
 TENANT, WORKFLOW = "acme", "doc-processing"
 SCOPE = f"tenant:{TENANT}/workflow:{WORKFLOW}"
@@ -535,8 +531,8 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_sigterm)  # `kill` stops the proxy too, like Ctrl-C
 
-    from tests.e2e.conftest import ProxyStartError, start_proxy
-    from tests.e2e.fake_upstream import FakeUpstream
+    from cycles_litellm.fake_provider import FakeUpstream
+    from cycles_litellm.launch import ProxyStartError, start_proxy
 
     workdir = Path(tempfile.mkdtemp(prefix="cycles-runaway-"))
     upstream = FakeUpstream()

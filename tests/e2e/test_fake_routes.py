@@ -30,8 +30,7 @@ import pytest
 import yaml
 from litellm.integrations.custom_logger import CustomLogger
 
-from tests.e2e.conftest import REPO_ROOT, LiteLLMProxy, litellm_config_without_callbacks, start_proxy
-from tests.e2e.fake_upstream import (
+from cycles_litellm.fake_provider import (
     IMAGE_OUTPUT_TOKENS,
     PROMPT_TOKENS,
     FakeUpstream,
@@ -43,6 +42,7 @@ from tests.e2e.fake_upstream import (
     transcription_duration_s,
     wav_bytes,
 )
+from cycles_litellm.launch import REPO_ROOT, LiteLLMProxy, litellm_config_without_callbacks, start_proxy
 
 pytestmark = pytest.mark.e2e
 

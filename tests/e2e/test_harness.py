@@ -15,8 +15,7 @@ import openai
 import pytest
 import yaml
 
-from tests.e2e.conftest import LITELLM_CONFIG, LiteLLMProxy, ProxyFactory
-from tests.e2e.fake_upstream import (
+from cycles_litellm.fake_provider import (
     EMBEDDING_DIM,
     EMBEDDING_TOKENS_PER_INPUT,
     MAX_COMPLETION_TOKENS,
@@ -25,6 +24,8 @@ from tests.e2e.fake_upstream import (
     RecordedRequest,
     expected_content,
 )
+from cycles_litellm.launch import LITELLM_CONFIG, LiteLLMProxy
+from tests.e2e.conftest import ProxyFactory
 
 pytestmark = pytest.mark.e2e
 

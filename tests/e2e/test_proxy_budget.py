@@ -15,8 +15,9 @@ import httpx
 import litellm
 import pytest
 
-from tests.e2e.conftest import LiteLLMProxy, ProxyFactory
-from tests.e2e.fake_upstream import FakeUpstream
+from cycles_litellm.fake_provider import FakeUpstream
+from cycles_litellm.launch import LiteLLMProxy
+from tests.e2e.conftest import ProxyFactory
 
 IN, OUT = 15, 60  # USD_MICROCENTS per token for gpt-4o-mini
 SHADOW = {"shadow_scopes": ["tenant:e2e-shadow"]}

@@ -9,8 +9,9 @@ import httpx
 import pytest
 import yaml
 
-from tests.e2e.conftest import LITELLM_CONFIG, LiteLLMProxy, ProxyFactory
-from tests.e2e.fake_upstream import FakeUpstream
+from cycles_litellm.fake_provider import FakeUpstream
+from cycles_litellm.launch import LITELLM_CONFIG, LiteLLMProxy
+from tests.e2e.conftest import ProxyFactory
 
 IN, OUT = 15, 60  # gpt-4o-mini, USD_MICROCENTS per token
 GPT4O_OUT = 1000  # gpt-4o output, USD_MICROCENTS per token

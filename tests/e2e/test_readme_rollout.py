@@ -9,7 +9,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tests.e2e.conftest import REPO_ROOT, free_port
+from cycles_litellm.launch import REPO_ROOT, free_port
 
 
 def readme_block() -> str:
@@ -22,7 +22,6 @@ def readme_block() -> str:
 def test_the_readme_rollout_steps_run_as_written(tmp_path: Path) -> None:
     shutil.copytree(REPO_ROOT / "configs", tmp_path / "configs")
     (tmp_path / ".venv").symlink_to(REPO_ROOT / ".venv")
-    (tmp_path / "tests").symlink_to(REPO_ROOT / "tests")
     env = {k: v for k, v in os.environ.items() if not k.startswith("CYCLES_")}
     env |= {
         "PROVIDER_PORT": str(free_port()),

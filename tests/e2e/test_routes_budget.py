@@ -26,9 +26,10 @@ import openai
 import pytest
 
 from cycles_ledger import Amount, Unit
+from cycles_litellm.fake_provider import FakeUpstream, RecordedRequest
+from cycles_litellm.launch import REPO_ROOT, LiteLLMProxy, litellm_config_without_callbacks
 from tests.e2e import fake_upstream as fake
-from tests.e2e.conftest import REPO_ROOT, LiteLLMProxy, ProxyFactory, litellm_config_without_callbacks
-from tests.e2e.fake_upstream import FakeUpstream, RecordedRequest
+from tests.e2e.conftest import ProxyFactory
 
 ROUTES_CONFIG = REPO_ROOT / "configs" / "litellm-routes.yaml"
 OVERRIDES: dict[str, Any] = {"min_output_tokens": 5}  # a tight budget is clamped to 10 tokens, not denied

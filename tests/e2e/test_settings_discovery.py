@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.conftest import LITELLM_CONFIG, LiteLLMProxy, start_proxy
-from tests.e2e.fake_upstream import FakeUpstream
+from cycles_litellm.fake_provider import FakeUpstream
+from cycles_litellm.launch import LITELLM_CONFIG, LiteLLMProxy, start_proxy
 from tests.e2e.test_routes_budget import wait_until
 
 

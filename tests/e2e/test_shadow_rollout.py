@@ -9,9 +9,10 @@ from typing import Any
 import httpx
 import pytest
 
+from cycles_litellm.fake_provider import FakeUpstream
+from cycles_litellm.launch import LiteLLMProxy
 from cycles_litellm.subject import scope_value
-from tests.e2e.conftest import LiteLLMProxy, ProxyFactory
-from tests.e2e.fake_upstream import FakeUpstream
+from tests.e2e.conftest import ProxyFactory
 from tests.e2e.test_routes_budget import ROUTES_CONFIG, wait_until
 
 

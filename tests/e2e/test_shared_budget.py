@@ -8,9 +8,10 @@ import httpx
 import pytest
 
 import cycles_tools
+from cycles_litellm.fake_provider import FakeUpstream
+from cycles_litellm.launch import LiteLLMProxy
 from cycles_tools import BudgetExceeded, budget_scope, litellm_headers, metered
-from tests.e2e.conftest import LiteLLMProxy, ProxyFactory
-from tests.e2e.fake_upstream import FakeUpstream
+from tests.e2e.conftest import ProxyFactory
 
 SCOPE = "tenant:e2e-mix/workflow:w"
 TOOL_COST = 1_000  # USD_MICROCENTS per tool call

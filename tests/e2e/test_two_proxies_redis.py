@@ -19,9 +19,9 @@ import httpx
 import pytest
 
 from cycles_ledger import ReservationStatus
+from cycles_litellm.fake_provider import MAX_COMPLETION_TOKENS, PROMPT_TOKENS, FakeUpstream
+from cycles_litellm.launch import LiteLLMProxy, start_proxy
 from tests.conftest import RedisTarget
-from tests.e2e.conftest import LiteLLMProxy, start_proxy
-from tests.e2e.fake_upstream import MAX_COMPLETION_TOKENS, PROMPT_TOKENS, FakeUpstream
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis]
 

@@ -10,9 +10,10 @@ import httpx
 import pytest
 import yaml
 
+from cycles_litellm.fake_provider import FakeUpstream
+from cycles_litellm.launch import LITELLM_CONFIG, LiteLLMProxy
 from cycles_litellm.subject import scope_value
-from tests.e2e.conftest import LITELLM_CONFIG, LiteLLMProxy, ProxyFactory
-from tests.e2e.fake_upstream import FakeUpstream
+from tests.e2e.conftest import ProxyFactory
 from tests.e2e.test_routes_budget import settled_spend, wait_until
 
 APP_A = f"tenant:team-a/app:{scope_value('CI bot')}"

@@ -14,9 +14,9 @@ from litellm.types.utils import CallTypes
 
 from cycles_litellm.calls import chunk_text
 from cycles_litellm.estimate import PriceUnknown, RequestInvalid, estimate_call, price_of_group
+from cycles_litellm.fake_provider import wav_bytes
 from cycles_litellm.routes import FREE, METERED, classify
 from cycles_litellm.settings import Settings
-from tests.e2e.fake_upstream import wav_bytes
 
 S = Settings()
 MSGS = [{"role": "user", "content": "hello there"}]

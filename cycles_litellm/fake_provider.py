@@ -1,4 +1,4 @@
-"""A fake OpenAI-compatible upstream for end-to-end tests: deterministic answers, every request recorded.
+"""A fake OpenAI-compatible provider for tests, benchmarks and the demo: deterministic answers, every request recorded.
 
     with FakeUpstream() as up:          # uvicorn in a daemon thread on 127.0.0.1:<free port>
         up.base_url                     # "http://127.0.0.1:<port>/v1" -> UPSTREAM_API_BASE
@@ -1170,7 +1170,7 @@ class FakeUpstream:
 def main(argv: list[str] | None = None) -> None:
     """Serve the fake provider until interrupted, for trying the proxy without keys (README, step 1):
 
-    .venv/bin/python -m tests.e2e.fake_upstream --port 4001
+    .venv/bin/python -m cycles_litellm.fake_provider --port 4001
     """
     import argparse
 

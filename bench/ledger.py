@@ -37,8 +37,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,9 +44,12 @@ import traceback
 import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cycles_ledger import Amount, open_ledger
+
+if TYPE_CHECKING:
+    from cycles_ledger.redis_server import RedisServer
 
 SUBJECT = {"tenant": "b", "workspace": "w", "agent": "a"}
 SCOPES = ("tenant:b", "tenant:b/workspace:w", "tenant:b/workspace:w/agent:a")
@@ -323,45 +324,21 @@ def _table(rows: list[dict[str, Any]]) -> str:
 # --- main -----------------------------------------------------------------------------------------------
 
 
-class _RedisServer:
+def _redis_server() -> RedisServer:
     """A throwaway redis-server for `--store redis`: AOF on with fsync every second, a free loopback port."""
+    if shutil.which("redis-server") is None:
+        raise SystemExit("--store redis needs redis-server on PATH (apt-get install redis-server)")
+    from cycles_ledger.redis_server import RedisServer
 
-    def __init__(self, tmp: str) -> None:
-        if shutil.which("redis-server") is None:
-            raise SystemExit("--store redis needs redis-server on PATH (apt-get install redis-server)")
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        workdir = os.path.join(tmp, "redis")
-        os.makedirs(workdir)
-        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", workdir, "--save", ""]
-        args += ["--appendonly", "yes", "--appendfsync", "everysec"]
-        self.proc = subprocess.Popen(["redis-server", *args], stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as conn:
-                    conn.sendall(b"PING\r\n")
-                    if conn.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise SystemExit(f"redis-server did not come up on port {self.port}")
-
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
+    return RedisServer(appendonly=True, appendfsync="everysec")
 
 
-def _scenario_url(store: str, tmp: str, sc: Scenario, redis_server: _RedisServer | None) -> str:
+def _scenario_url(store: str, tmp: str, sc: Scenario, redis_server: RedisServer | None) -> str:
     if store == "sqlite":
         return f"sqlite:///{os.path.join(tmp, f'bench-{sc.key}-{uuid.uuid4().hex[:6]}.db')}"
     if store == "redis":
         assert redis_server is not None
-        store = redis_server.url()
+        return redis_server.url(f"bench-{sc.key}-{uuid.uuid4().hex[:6]}")
     if _kind(store) == "redis" and "prefix=" not in store:
         return f"{store}{'&' if '?' in store else '?'}prefix=bench-{sc.key}-{uuid.uuid4().hex[:6]}"
     return store
@@ -434,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     say = sys.stderr if args.json else sys.stdout
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="cycles-bench-") as tmp:
-        redis_server = _RedisServer(tmp) if "redis" in args.store else None
+        redis_server = _redis_server() if "redis" in args.store else None
         try:
             for sc in args.chosen:
                 for store in args.store:

@@ -20,7 +20,7 @@ import pytest
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 from cycles_ledger import Ledger, open_ledger
-from tests.support.redis_server import RedisCluster, RedisServer, RedisTarget, redis_available, wait_ready
+from cycles_ledger.redis_server import RedisCluster, RedisServer, RedisTarget, redis_available, wait_ready
 
 __all__ = ["FakeClock", "RedisTarget", "need_redis"]
 

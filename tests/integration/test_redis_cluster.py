@@ -19,8 +19,8 @@ import redis
 from redis.crc import key_slot
 
 from cycles_ledger import Decision, Ledger, ReservationStatus, open_ledger
+from cycles_ledger.redis_server import RedisCluster, unique_prefix
 from tests.conftest import FakeClock
-from tests.support.redis_server import RedisCluster, unique_prefix
 
 pytestmark = pytest.mark.redis
 

@@ -12,8 +12,8 @@ import random
 import pytest
 
 from cycles_ledger import open_ledger
+from cycles_ledger.redis_server import RedisCluster
 from tests.integration import test_concurrency as conc
-from tests.support.redis_server import RedisCluster
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 

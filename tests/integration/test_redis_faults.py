@@ -1,7 +1,7 @@
 """The Redis store under faults: a server SIGKILLed and restarted mid-load, a stalled server, no server,
 and a restart that loses every script and key.
 
-Each test starts its own redis-server (tests/support/redis_server.py), so killing or stopping it touches
+Each test starts its own redis-server (cycles_ledger/redis_server.py), so killing or stopping it touches
 nothing else. The crash test runs worker processes (multiprocessing "spawn") doing reserve → settle loops
 with explicit idempotency keys; a worker reports a step to the parent only once the ledger has answered
 it, and retries a step that raised StoreUnavailableError with the same key until it succeeds. The parent
@@ -29,8 +29,9 @@ import pytest
 import redis
 
 from cycles_ledger import Ledger, ReservationStatus, StoreUnavailableError, open_ledger
+from cycles_ledger.ports import free_port
+from cycles_ledger.redis_server import RedisServer, unique_prefix
 from tests.conftest import _need_redis
-from tests.support.redis_server import RedisServer, free_port, unique_prefix
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 

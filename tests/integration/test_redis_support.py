@@ -7,8 +7,8 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from cycles_ledger.redis_server import RedisCluster, RedisServer, RedisTarget, with_prefix
 from tests.conftest import need_redis
-from tests.support.redis_server import RedisCluster, RedisServer, RedisTarget, with_prefix
 
 pytestmark = pytest.mark.redis
 

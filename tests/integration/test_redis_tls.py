@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from cycles_ledger import ConfigError, StoreUnavailableError, open_ledger
-
-from ..support.redis_server import RedisServer, free_port
+from cycles_ledger.ports import free_port
+from cycles_ledger.redis_server import RedisServer
 
 pytestmark = pytest.mark.redis
 

@@ -38,7 +38,7 @@ from cycles_ledger import (
     ReservationFinalizedError,
     open_ledger_sync,
 )
-from tests.support.redis_server import RedisTarget
+from cycles_ledger.redis_server import RedisTarget
 
 UNIT = "USD_MICROCENTS"
 T = "tenant:t"

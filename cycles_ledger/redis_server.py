@@ -1,15 +1,15 @@
-"""Real redis-server processes on loopback for tests and benches: one server, or a 3-master cluster.
+"""Throwaway redis-server processes on loopback for tests, benchmarks and demos: one server, or a cluster.
 
-Each server gets a free port and its own directory; `kill()` is SIGKILL and `restart()` comes back on
-the same port and directory, so an append-only file is replayed as after a crash. Readiness is polled
-(PING, and `cluster_state:ok` for cluster nodes) against a deadline; nothing sleeps a fixed time.
+Not used by the ledger itself; it needs `redis-server` (and `redis-cli` for a cluster) on PATH and the
+`redis` extra. Each server gets a free port and its own directory; `kill()` is SIGKILL and `restart()`
+comes back on the same port and directory, so an append-only file is replayed as after a crash.
+Readiness is polled (PING, and `cluster_state:ok` for cluster nodes) against a deadline; nothing sleeps
+a fixed time. `url()` hands out a fresh key prefix per call, so callers sharing one server never meet.
 """
 
 from __future__ import annotations
 
-import random
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -20,16 +20,20 @@ from types import TracebackType
 from typing import Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+try:
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("cycles_ledger.redis_server needs the redis driver: pip install 'cycles-litellm[redis]'") from exc
+
+from .ports import free_port
 
 __all__ = [
     "AppendFsync",
     "RedisCluster",
     "RedisServer",
     "RedisTarget",
-    "free_port",
     "redis_available",
     "session_stem",
     "unique_prefix",
@@ -49,37 +53,13 @@ def redis_available() -> bool:
     return shutil.which("redis-server") is not None and shutil.which("redis-cli") is not None
 
 
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
-def free_port(*, cluster_bus: bool = False) -> int:
-    """A loopback port nobody listens on now. `cluster_bus`: also port + 10000 (Redis Cluster's bus), and the
-    port at most 55535 as redis-server demands, taken below Linux's ephemeral range (32768+) so outgoing
-    connections do not grab it meanwhile."""
-    if not cluster_bus:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return int(s.getsockname()[1])
-    rng = random.Random()
-    for _ in range(1000):
-        port = rng.randrange(12_000, 22_767)
-        if _bindable(port) and _bindable(port + 10_000):
-            return port
-    raise RuntimeError("no free port pair (p, p + 10000) for a Redis Cluster node")
-
-
 def session_stem() -> str:
+    """The start of every prefix this process hands out (what `RedisTarget.wipe` deletes)."""
     return _STEM
 
 
 def unique_prefix() -> str:
-    """A key prefix no other test uses: an empty namespace on a shared server."""
+    """A key prefix nobody else uses: an empty namespace on a shared server."""
     return _STEM + uuid.uuid4().hex[:10]
 
 
@@ -90,7 +70,7 @@ def with_prefix(base: str, prefix: str | None = None, **params: object) -> str:
 
 
 def _fail_fast() -> dict[str, Any]:
-    # redis-py retries a refused connection 3 times with back-off (~4 s): tests want the error at once.
+    # redis-py retries a refused connection 3 times with back-off (~4 s): callers want the error at once.
     return {"retry": Retry(NoBackoff(), 0), "socket_connect_timeout": 2}
 
 
@@ -101,7 +81,8 @@ def _client(target: int | str, **kwargs: Any) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=target, **kwargs)
     # Drop the query: store parameters (prefix, timeout, …) are not redis-py's.
     parts = urlsplit(target)
-    return redis.Redis.from_url(urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")), **kwargs)
+    url = urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+    return redis.Redis.from_url(url, **kwargs)
 
 
 def _cluster_state(client: redis.Redis) -> str:

@@ -358,6 +358,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         url, origin = _store_for(args)
         print(f"store: {url} ({origin})", file=sys.stderr)
+        if url.lower().startswith("memory://"):
+            print(
+                "error: memory:// lives inside one process and every `cycles` command is a new one; "
+                "point --store at sqlite:///… or redis://… to keep budgets between commands",
+                file=sys.stderr,
+            )
+            return 2
         missing = _missing_sqlite_file(url)
         reading = args.command in _READS or (args.command == "reserve" and args.dry_run)
         if missing is not None and reading:

@@ -1,8 +1,9 @@
-"""The ledger's arithmetic and policy as pure functions over a snapshot of budgets.
+"""The ledger's arithmetic and policy as pure functions over snapshots of budgets and reservations.
 
-Stores load the budgets a request touches, call these functions inside their own atomic section, and
-write back what changed. Nothing here does I/O or reads a clock, so every store applies the same rules
-and the rules are tested once.
+`cycles_ledger.operations` loads what a request touches through a store's transaction, calls these
+functions, and writes back what changed; the Redis store runs a Lua copy of them, checked against this
+module by rule vectors (tests/integration/test_rule_vectors.py). Nothing here does I/O or reads a
+clock (`now` is an argument), so every store applies the same rules and they are tested once.
 
 A `BudgetState` is one (scope, unit) budget. Invariant after every function here:
     remaining = allocated - spent - reserved - debt
@@ -13,17 +14,41 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import BudgetExceededError, OverdraftLimitExceededError
+from .errors import (
+    BudgetClosedError,
+    BudgetExceededError,
+    BudgetFrozenError,
+    IdempotencyMismatchError,
+    MaxExtensionsExceededError,
+    NotFoundError,
+    OverdraftLimitExceededError,
+    ReservationExpiredError,
+    ReservationFinalizedError,
+    UnitMismatchError,
+)
 from .models import Decision, OveragePolicy, SoftLanding
 
 __all__ = [
     "BudgetState",
     "Evaluation",
+    "ReservationState",
+    "budgets_by_unit",
+    "change_status",
+    "check_debit",
     "evaluate_reserve",
+    "evaluate_units",
+    "expired_error",
+    "extend_verdict",
+    "found",
     "fund",
     "hold",
+    "merge_cap_dicts",
     "merge_caps",
+    "retry_after_expiry",
+    "set_allocation",
     "settle",
+    "settle_verdict",
+    "tenant_of",
     "unhold",
 ]
 
@@ -71,6 +96,8 @@ class Evaluation:
     scope: str | None = None
     remaining: int | None = None
     caps: dict[str, Any] | None = field(default=None)
+    unit: str | None = None  # the unit whose budget decided a DENY (a multi-unit hold can fail on any)
+    also: dict[str, int] = field(default_factory=dict)  # other units to hold (those with a budget)
 
 
 # Hard denials, in the order they are checked on each scope (broadest scope first).
@@ -89,9 +116,13 @@ def _hard_denial(b: BudgetState) -> str | None:
 def merge_caps(budgets: list[BudgetState]) -> dict[str, Any] | None:
     """Combine operator caps of several scopes: the strictest number wins, deny lists add up,
     allow lists intersect."""
+    return merge_cap_dicts([b.caps for b in budgets])
+
+
+def merge_cap_dicts(cap_sets: list[dict[str, Any] | None]) -> dict[str, Any] | None:
     merged: dict[str, Any] = {}
-    for b in budgets:
-        for key, val in (b.caps or {}).items():
+    for caps in cap_sets:
+        for key, val in (caps or {}).items():
             if val is None:
                 continue
             if key not in merged:
@@ -229,3 +260,221 @@ def fund(b: BudgetState, amount: int) -> int:
     if b.debt == 0 and b.remaining >= 0:
         b.is_over_limit = False
     return repaid
+
+
+# --- which budgets a request touches ------------------------------------------------------------
+
+
+def tenant_of(scope: str) -> str:
+    """The effective tenant of a request: its top-level scope. Idempotency keys are per tenant (protocol)."""
+    return scope.split("/", 1)[0]
+
+
+def budgets_by_unit(
+    all_budgets: list[BudgetState], scopes: list[str], units: list[str], allow_unbudgeted: bool
+) -> dict[str, list[BudgetState]] | None:
+    """Split the budgets found on a request's scopes by the units it holds or charges.
+
+    None means no budget at any scope (BUDGET_NOT_FOUND), unless unbudgeted subjects are allowed. Budgets
+    only in other units are a UNIT_MISMATCH error: the caller named the wrong unit for this subject.
+    """
+    if not all_budgets and not allow_unbudgeted:
+        return None
+    by_unit = {u: [b for b in all_budgets if b.unit == u] for u in units}
+    if all_budgets and not any(by_unit.values()) and not allow_unbudgeted:
+        found = sorted({b.unit for b in all_budgets})
+        raise UnitMismatchError(
+            f"no budget in {units[0]} for {scopes[-1]}; budgets there are in " + ", ".join(found),
+            scope=all_budgets[-1].scope,
+            requested_unit=units[0],
+            expected_units=found,
+        )
+    return by_unit
+
+
+def evaluate_units(
+    by_unit: dict[str, list[BudgetState]],
+    unit: str,
+    estimate: int,
+    soft_landing: SoftLanding | None = None,
+    also: dict[str, int] | None = None,
+) -> Evaluation:
+    """`evaluate_reserve` for a hold in `unit` plus holds in other units (`also`), as one decision.
+
+    The soft landing applies to the main unit only; another unit's hold either fits or denies (its
+    `Evaluation.unit` names it). `Evaluation.also` keeps the other units that have a budget to hold on.
+    """
+    ev = evaluate_reserve(by_unit.get(unit, []), estimate, soft_landing)
+    ev.unit = unit
+    if ev.decision is Decision.DENY or not also:
+        return ev
+    cap_sets = [ev.caps]
+    for other, amount in also.items():
+        budgets = by_unit.get(other, [])
+        if not budgets:
+            continue
+        sub = evaluate_reserve(budgets, amount)
+        if sub.decision is Decision.DENY:
+            sub.unit = other
+            return sub
+        ev.also[other] = amount
+        cap_sets.append(sub.caps)
+    ev.caps = merge_cap_dicts(cap_sets)
+    if ev.caps and ev.decision is Decision.ALLOW:
+        ev.decision = Decision.ALLOW_WITH_CAPS
+    return ev
+
+
+def check_debit(budgets: list[BudgetState]) -> None:
+    """A direct debit needs no headroom (its policy decides) but an open budget."""
+    for b in budgets:
+        check_open(b)
+        if b.status == "FROZEN":
+            raise BudgetFrozenError(f"budget {b.scope} is frozen", scope=b.scope)
+
+
+def check_open(b: BudgetState) -> None:
+    if b.status == "CLOSED":
+        raise BudgetClosedError(f"budget {b.scope} is closed", scope=b.scope)
+
+
+# --- admin changes ------------------------------------------------------------------------------
+
+
+def set_allocation(
+    b: BudgetState, amount: int, overdraft_limit: int | None, caps: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Change an existing budget's allocation (spent, reserved and debt stay); returns the event data."""
+    data = {"previous_allocated": b.allocated}
+    b.allocated = amount
+    if overdraft_limit is not None:
+        b.overdraft_limit = overdraft_limit
+    if caps is not None:
+        b.caps = caps or None
+    if b.debt > b.overdraft_limit:  # a lowered limit can leave existing debt above it
+        b.is_over_limit = True
+    elif b.remaining >= 0:
+        b.is_over_limit = False
+    return data
+
+
+_STATUS_CHANGES = {"freeze": ("FROZEN", "frozen"), "unfreeze": ("ACTIVE", "unfrozen"), "close": ("CLOSED", "closed")}
+
+
+def change_status(b: BudgetState, op: str) -> str:
+    """freeze / unfreeze / close; a closed budget stays closed. Returns the event type."""
+    check_open(b)
+    b.status, kind = _STATUS_CHANGES[op]
+    return kind
+
+
+# --- reservations -------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ReservationState:
+    """One reservation as the rules see it.
+
+    Subject, action, metadata and affected scopes are JSON text the rules never look into; stores keep
+    them as written. `extra` holds the other units of a multi-unit hold:
+    `{unit: {"amount": held, "scopes": [budgeted scopes], "charged": charged or None}}`.
+    """
+
+    reservation_id: str
+    status: str
+    idempotency_key: str
+    subject_json: str
+    action_json: str
+    unit: str
+    estimate: int
+    overage_policy: str
+    created_at_ms: int
+    expires_at_ms: int
+    grace_ms: int
+    scope_path: str
+    affected_json: str
+    budgeted_scopes: list[str]
+    charged: int | None = None
+    finalized_at_ms: int | None = None
+    extension_count: int = 0
+    metadata_json: str | None = None
+    caps: dict[str, Any] | None = None
+    settle_op: str | None = None
+    settle_key: str | None = None
+    settle_hash: str | None = None
+    settle_response: dict[str, Any] | None = None
+    extra: dict[str, dict[str, Any]] | None = None
+
+    @property
+    def deadline_ms(self) -> int:
+        """Commit and release are accepted until here; then the hold is returned (expiry)."""
+        return self.expires_at_ms + self.grace_ms
+
+    def holds(self) -> list[tuple[str, int, list[str]]]:
+        """(unit, amount held, budgeted scopes) for every unit of the hold, the main unit first."""
+        out = [(self.unit, self.estimate, self.budgeted_scopes)]
+        for unit, h in (self.extra or {}).items():
+            out.append((unit, h["amount"], h["scopes"]))
+        return out
+
+
+def found(r: ReservationState | None, reservation_id: str) -> ReservationState:
+    if r is None:
+        raise NotFoundError(f"reservation {reservation_id!r} not found", reservation_id=reservation_id)
+    return r
+
+
+def settle_verdict(r: ReservationState, now: int, op: str, key: str, payload_hash: str) -> str:
+    """May `op` (commit or release) settle `r` now? "replay": answer the first settle again; "live": go
+    on; "expire": the grace is over, expire it and answer RESERVATION_EXPIRED. Raises the other refusals.
+
+    Settlement idempotency lives on the reservation itself: one settle per reservation.
+    """
+    if r.settle_key is not None and r.settle_key == key:
+        if r.settle_op != op or r.settle_hash != payload_hash:
+            raise IdempotencyMismatchError(
+                f"idempotency key {key!r} was already used for a different {r.settle_op} request",
+                idempotency_key=key,
+            )
+        return "replay"
+    if r.status == "EXPIRED":
+        raise ReservationExpiredError(f"reservation {r.reservation_id} expired", reservation_id=r.reservation_id)
+    if r.status != "ACTIVE":
+        raise ReservationFinalizedError(
+            f"reservation {r.reservation_id} is already {r.status}", reservation_id=r.reservation_id, status=r.status
+        )
+    return "expire" if now > r.deadline_ms else "live"
+
+
+def expired_error(r: ReservationState) -> ReservationExpiredError:
+    return ReservationExpiredError(
+        f"reservation {r.reservation_id} expired at {r.expires_at_ms} (+{r.grace_ms} ms grace)",
+        reservation_id=r.reservation_id,
+    )
+
+
+def extend_verdict(r: ReservationState, now: int, max_extensions: int | None) -> str:
+    """May `r` be extended now? "live" or "expire" (past its grace: expire it, answer EXPIRED); raises
+    otherwise. In the grace period (past expiry, before the deadline) only commit or release are allowed."""
+    if r.status == "EXPIRED" or (r.status == "ACTIVE" and now > r.expires_at_ms):
+        if r.status == "ACTIVE" and now > r.deadline_ms:
+            return "expire"
+        raise ReservationExpiredError(
+            f"reservation {r.reservation_id} passed its expiry; in the grace period only commit or release",
+            reservation_id=r.reservation_id,
+        )
+    if r.status != "ACTIVE":
+        raise ReservationFinalizedError(
+            f"reservation {r.reservation_id} is already {r.status}", reservation_id=r.reservation_id, status=r.status
+        )
+    if max_extensions is not None and r.extension_count >= max_extensions:
+        raise MaxExtensionsExceededError(
+            f"reservation {r.reservation_id} was already extended {r.extension_count} times",
+            reservation_id=r.reservation_id,
+        )
+    return "live"
+
+
+def retry_after_expiry(ev: Evaluation) -> bool:
+    """A reserve denied for lack of room looks again after expiring overdue holds (they still counted)."""
+    return ev.reason_code == "BUDGET_EXCEEDED"

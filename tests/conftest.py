@@ -9,6 +9,7 @@ suite and runs once per store (markers `sqlite` and `redis`). Redis comes from `
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -91,10 +92,28 @@ def sqlite_url(tmp_path: Path) -> str:
 
 
 @pytest.fixture(
-    params=[pytest.param("sqlite", marks=pytest.mark.sqlite), pytest.param("redis", marks=pytest.mark.redis)]
+    params=[
+        pytest.param("sqlite", marks=pytest.mark.sqlite),
+        pytest.param("memory", marks=pytest.mark.memory),
+        pytest.param("redis", marks=pytest.mark.redis),
+    ]
 )
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A fresh, empty store of each kind: the conformance suite runs once per backend."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ledger.db'}"
+    if request.param == "memory":
+        return f"memory://{uuid.uuid4().hex}"  # named: reopening the URL in a test finds the same ledger
+    target: RedisTarget = request.getfixturevalue("redis_server")
+    return target.url()
+
+
+@pytest.fixture(
+    params=[pytest.param("sqlite", marks=pytest.mark.sqlite), pytest.param("redis", marks=pytest.mark.redis)]
+)
+def durable_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh store that outlives a process and is shared between processes (SQLite, Redis): for the CLI
+    (each command is one process) and the many-process tests."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'ledger.db'}"
     target: RedisTarget = request.getfixturevalue("redis_server")

@@ -16,6 +16,7 @@ __all__ = ["Store", "SupportsSweep", "known_schemes", "store_from_url"]
 
 # scheme → "module:Class", resolved lazily so optional drivers load only on use.
 _REGISTRY: dict[str, str] = {
+    "memory": "cycles_ledger.stores.memory:MemoryStore",
     "sqlite": "cycles_ledger.stores.sqlite:SqliteStore",
     "redis": "cycles_ledger.stores.redis:RedisStore",
     "rediss": "cycles_ledger.stores.redis:RedisStore",

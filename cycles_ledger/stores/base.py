@@ -9,8 +9,12 @@ to a Cycles server. Results come back as plain JSON-able dicts shaped like the r
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from ..rules import BudgetState, ReservationState
 
 __all__ = [
     "BudgetCommand",
@@ -22,6 +26,7 @@ __all__ = [
     "ReserveCommand",
     "Store",
     "SupportsSweep",
+    "Txn",
 ]
 
 
@@ -41,6 +46,7 @@ class ReserveCommand:
     allow_unbudgeted: bool
     metadata: dict[str, Any] | None = None
     soft_landing: dict[str, Any] | None = None
+    also: tuple[tuple[str, int], ...] = ()  # holds in other units, in the same decision
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +58,7 @@ class CommitCommand:
     actual: int
     metrics: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
+    also: tuple[tuple[str, int], ...] = ()  # actuals in the hold's other units (unnamed: charged as held)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +91,7 @@ class EventCommand:
     allow_unbudgeted: bool
     metrics: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
+    also: tuple[tuple[str, int], ...] = ()  # charges in other units, in the same debit
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,3 +207,86 @@ class SupportsSweep(ABC):
     @abstractmethod
     async def verify(self) -> list[str]:
         """Reconcile every budget with reservations and events; returns the discrepancies found."""
+
+
+class Txn(ABC):
+    """One atomic section of a store, as `cycles_ledger.operations` sees it.
+
+    A store that implements this gets every ledger operation from `operations` (SQLite, memory). The
+    store begins the section, calls the operation, and commits what it wrote, or discards all of it
+    when the operation raises. Budgets come back in the order of the scopes asked for (canonical order:
+    broadest first), then by unit; callers mutate the returned objects and hand them to `save_budgets`.
+    """
+
+    @abstractmethod
+    def budgets(self, scopes: list[str], unit: str | None = None) -> list[BudgetState]:
+        """Budgets on exactly these scopes (in `unit`, or every unit)."""
+
+    @abstractmethod
+    def save_budgets(self, budgets: list[BudgetState]) -> None: ...
+
+    @abstractmethod
+    def insert_budget(self, budget: BudgetState) -> None: ...
+
+    @abstractmethod
+    def reservation(self, reservation_id: str) -> ReservationState | None: ...
+
+    @abstractmethod
+    def insert_reservation(self, r: ReservationState) -> None: ...
+
+    @abstractmethod
+    def update_reservation(self, r: ReservationState) -> None:
+        """Write back the mutable fields: status, charged, finalized_at, expiry, extensions, settle, extra."""
+
+    @abstractmethod
+    def due(self, now: int, limit: int) -> list[ReservationState]:
+        """ACTIVE reservations whose deadline (expiry + grace) is before `now`, earliest first."""
+
+    @abstractmethod
+    def append_event(
+        self,
+        now: int,
+        type_: str,
+        scope: str | None,
+        unit: str | None,
+        amount: int | None,
+        reservation_id: str | None,
+        reason_code: str | None,
+        data: dict[str, Any] | None,
+    ) -> int:
+        """Append to the audit log; returns the event id (increasing)."""
+
+    @abstractmethod
+    def idempotency(self, op: str, key: str) -> tuple[str, dict[str, Any]] | None:
+        """(payload hash, remembered answer) for an operation's key, if seen."""
+
+    @abstractmethod
+    def remember(self, op: str, key: str, payload_hash: str, response: dict[str, Any]) -> None: ...
+
+    @abstractmethod
+    def prune_idempotency(self, before_ms: int) -> None: ...
+
+    # --- reads ---
+
+    @abstractmethod
+    def all_budgets(self, scope_prefix: str | None, unit: str | None) -> list[BudgetState]:
+        """Budgets at `scope_prefix` or under it (all when None), ordered by scope then unit."""
+
+    @abstractmethod
+    def find_reservations(
+        self, status: str | None, scope_prefix: str | None, idempotency_key: str | None, limit: int
+    ) -> list[ReservationState]:
+        """Newest first."""
+
+    @abstractmethod
+    def find_events(
+        self, after: int, limit: int, reservation_id: str | None, scope_prefix: str | None, newest: bool
+    ) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    def active_reservations(self) -> Iterable[ReservationState]: ...
+
+    @abstractmethod
+    def charges(self) -> Iterable[tuple[str, int, list[str]]]:
+        """(unit, amount, scopes) of every charge in the log: what `operations.charges_of` makes of each
+        committed and debited event."""

@@ -28,25 +28,12 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from .. import rules
-from ..errors import (
-    BudgetClosedError,
-    BudgetFrozenError,
-    ConfigError,
-    CyclesError,
-    IdempotencyMismatchError,
-    MaxExtensionsExceededError,
-    NotFoundError,
-    ReservationExpiredError,
-    ReservationFinalizedError,
-    StoreUnavailableError,
-    UnitMismatchError,
-)
-from ..models import Decision, OveragePolicy, SoftLanding
-from ._ids import reservation_id
+from .. import operations, rules
+from ..errors import ConfigError, StoreUnavailableError
+from ..operations import Failed
 from .base import (
     BudgetCommand,
     CommitCommand,
@@ -57,6 +44,7 @@ from .base import (
     ReserveCommand,
     Store,
     SupportsSweep,
+    Txn,
 )
 
 __all__ = ["SqliteStore"]
@@ -103,7 +91,8 @@ CREATE TABLE IF NOT EXISTS reservations (
     settle_op TEXT,
     settle_key TEXT,
     settle_hash TEXT,
-    settle_response TEXT
+    settle_response TEXT,
+    extra TEXT  -- holds in other units: {"TOKENS": {"amount": n, "scopes": [...], "charged": m}}
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS reservations_due ON reservations (deadline_ms) WHERE status = 'ACTIVE';
 CREATE TABLE IF NOT EXISTS idempotency (
@@ -131,23 +120,21 @@ _BUDGET_COLS = "scope, unit, allocated, spent, reserved, debt, overdraft_limit, 
 _RES_COLS = (
     "id, status, idempotency_key, subject, action, unit, estimate, charged, overage_policy, created_at_ms,"
     " expires_at_ms, grace_ms, deadline_ms, finalized_at_ms, scope_path, affected_scopes, budgeted_scopes,"
-    " extension_count, metadata, caps, settle_op, settle_key, settle_hash, settle_response"
+    " extension_count, metadata, caps, settle_op, settle_key, settle_hash, settle_response, extra"
 )
 _RES_INSERT = f"INSERT INTO reservations ({_RES_COLS}) VALUES ({','.join('?' * len(_RES_COLS.split(',')))})"
 Row = sqlite3.Row
 
 
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a ledger file written by an older version up to this schema (columns added since)."""
+    cols = {r[1] for r in conn.execute("PRAGMA table_info(reservations)")}
+    if "extra" not in cols:
+        conn.execute("ALTER TABLE reservations ADD COLUMN extra TEXT")
+
+
 def _wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-class _Fail:
-    """An operation outcome that keeps its writes (e.g. a lazy expiry) and still answers with an error."""
-
-    __slots__ = ("error",)
-
-    def __init__(self, error: CyclesError) -> None:
-        self.error = error
 
 
 _STOP = object()
@@ -219,6 +206,7 @@ class _Writer(threading.Thread):
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.row_factory = sqlite3.Row
             conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
+            _migrate(conn)
             # From here on we wait for the write lock ourselves (see _begin_write): SQLite's own busy
             # handler sleeps up to 100 ms at a time, leaving the lock idle while processes doze.
             conn.execute("PRAGMA busy_timeout=0")
@@ -320,7 +308,7 @@ class _Writer(threading.Thread):
                     outcomes.append((j, None, exc))
                     continue
                 conn.execute("RELEASE op")
-                if isinstance(result, _Fail):
+                if isinstance(result, Failed):
                     outcomes.append((j, None, result.error))
                 else:
                     outcomes.append((j, result, None))
@@ -467,7 +455,7 @@ class SqliteStore(Store, SupportsSweep):
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
             return None, StoreUnavailableError(f"SQLite ledger unavailable: {exc}")
-        if isinstance(result, _Fail):
+        if isinstance(result, Failed):
             return None, result.error
         return result, None
 
@@ -548,37 +536,94 @@ class SqliteStore(Store, SupportsSweep):
         await asyncio.get_running_loop().run_in_executor(None, self._writer.join)
 
 
-# --- helpers run on the writer thread, inside the transaction ---------------------------------------
+# --- the transaction the operations run in (on the writer thread, or inline) -------------------------
 
 
-_new_id = reservation_id  # time-ordered: inserts land on the B-tree's last page
+def _budget(r: Row | tuple[Any, ...]) -> rules.BudgetState:
+    return rules.BudgetState(
+        r[0], r[1], r[2], r[3], r[4], r[5], r[6], bool(r[7]), r[8], json.loads(r[9]) if r[9] else None
+    )
 
 
-def _load_budgets(conn: sqlite3.Connection, scopes: list[str], unit: str | None = None) -> list[rules.BudgetState]:
-    if not scopes:
-        return []
-    marks = ",".join("?" * len(scopes))
-    sql = f"SELECT {_BUDGET_COLS} FROM budgets WHERE scope IN ({marks})"
-    params: list[Any] = list(scopes)
-    if unit is not None:
-        sql += " AND unit = ?"
-        params.append(unit)
-    order = {s: i for i, s in enumerate(scopes)}
-    rows = sorted(conn.execute(sql, params).fetchall(), key=lambda r: (order[r[0]], r[1]))
-    return [
-        rules.BudgetState(
-            r[0], r[1], r[2], r[3], r[4], r[5], r[6], bool(r[7]), r[8], json.loads(r[9]) if r[9] else None
+def _reservation(row: Row) -> rules.ReservationState:
+    return rules.ReservationState(
+        reservation_id=row[0],
+        status=row[1],
+        idempotency_key=row[2],
+        subject_json=row[3],
+        action_json=row[4],
+        unit=row[5],
+        estimate=row[6],
+        charged=row[7],
+        overage_policy=row[8],
+        created_at_ms=row[9],
+        expires_at_ms=row[10],
+        grace_ms=row[11],
+        finalized_at_ms=row[13],
+        scope_path=row[14],
+        affected_json=row[15],
+        budgeted_scopes=json.loads(row[16]),
+        extension_count=row[17],
+        metadata_json=row[18],
+        caps=json.loads(row[19]) if row[19] else None,
+        settle_op=row[20],
+        settle_key=row[21],
+        settle_hash=row[22],
+        settle_response=json.loads(row[23]) if row[23] else None,
+        extra=json.loads(row[24]) if row[24] else None,
+    )
+
+
+class SqliteTxn(Txn):
+    """`operations` over one SQLite connection inside an open transaction (or savepoint)."""
+
+    __slots__ = ("conn", "now")
+
+    def __init__(self, conn: sqlite3.Connection, now: int) -> None:
+        self.conn = conn
+        self.now = now
+
+    def budgets(self, scopes: list[str], unit: str | None = None) -> list[rules.BudgetState]:
+        if not scopes:
+            return []
+        marks = ",".join("?" * len(scopes))
+        sql = f"SELECT {_BUDGET_COLS} FROM budgets WHERE scope IN ({marks})"
+        params: list[Any] = list(scopes)
+        if unit is not None:
+            sql += " AND unit = ?"
+            params.append(unit)
+        order = {s: i for i, s in enumerate(scopes)}
+        rows = sorted(self.conn.execute(sql, params).fetchall(), key=lambda r: (order[r[0]], r[1]))
+        return [_budget(r) for r in rows]
+
+    def save_budgets(self, budgets: list[rules.BudgetState]) -> None:
+        self.conn.executemany(
+            "UPDATE budgets SET allocated=?, spent=?, reserved=?, debt=?, overdraft_limit=?, is_over_limit=?,"
+            " status=?, caps=?, updated_at_ms=? WHERE scope=? AND unit=?",
+            [
+                (
+                    b.allocated,
+                    b.spent,
+                    b.reserved,
+                    b.debt,
+                    b.overdraft_limit,
+                    int(b.is_over_limit),
+                    b.status,
+                    _JSON(b.caps) if b.caps else None,
+                    self.now,
+                    b.scope,
+                    b.unit,
+                )
+                for b in budgets
+            ],
         )
-        for r in rows
-    ]
 
-
-def _save_budgets(conn: sqlite3.Connection, budgets: list[rules.BudgetState], now: int) -> None:
-    conn.executemany(
-        "UPDATE budgets SET allocated=?, spent=?, reserved=?, debt=?, overdraft_limit=?, is_over_limit=?, status=?,"
-        " caps=?, updated_at_ms=? WHERE scope=? AND unit=?",
-        [
+    def insert_budget(self, b: rules.BudgetState) -> None:
+        self.conn.execute(
+            f"INSERT INTO budgets ({_BUDGET_COLS}, updated_at_ms) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             (
+                b.scope,
+                b.unit,
                 b.allocated,
                 b.spent,
                 b.reserved,
@@ -587,642 +632,205 @@ def _save_budgets(conn: sqlite3.Connection, budgets: list[rules.BudgetState], no
                 int(b.is_over_limit),
                 b.status,
                 _JSON(b.caps) if b.caps else None,
-                now,
-                b.scope,
-                b.unit,
-            )
-            for b in budgets
-        ],
-    )
-
-
-def _event(
-    conn: sqlite3.Connection,
-    now: int,
-    type_: str,
-    *,
-    scope: str | None = None,
-    unit: str | None = None,
-    amount: int | None = None,
-    reservation_id: str | None = None,
-    reason_code: str | None = None,
-    data: dict[str, Any] | None = None,
-) -> int:
-    cur = conn.execute(
-        "INSERT INTO events (ts_ms, type, scope, unit, amount, reservation_id, reason_code, data)"
-        " VALUES (?,?,?,?,?,?,?,?)",
-        (now, type_, scope, unit, amount, reservation_id, reason_code, _JSON(data) if data else None),
-    )
-    return int(cur.lastrowid or 0)
-
-
-def _tenant(scope: str) -> str:
-    """The effective tenant of a request: its top-level scope. Idempotency keys are per tenant (protocol)."""
-    return scope.split("/", 1)[0]
-
-
-def _replay(conn: sqlite3.Connection, op: str, tenant: str, key: str, payload_hash: str) -> dict[str, Any] | None:
-    row = conn.execute(
-        "SELECT payload_hash, response FROM idempotency WHERE op=? AND key=?", (op, f"{tenant}|{key}")
-    ).fetchone()
-    if row is None:
-        return None
-    if row[0] != payload_hash:
-        raise IdempotencyMismatchError(
-            f"idempotency key {key!r} was already used for a different {op} request", idempotency_key=key
+                self.now,
+            ),
         )
-    return json.loads(row[1])  # type: ignore[no-any-return]
+
+    def reservation(self, reservation_id: str) -> rules.ReservationState | None:
+        row = self.conn.execute(f"SELECT {_RES_COLS} FROM reservations WHERE id=?", (reservation_id,)).fetchone()
+        return None if row is None else _reservation(row)
+
+    def insert_reservation(self, r: rules.ReservationState) -> None:
+        self.conn.execute(
+            _RES_INSERT,
+            (
+                r.reservation_id,
+                r.status,
+                r.idempotency_key,
+                r.subject_json,
+                r.action_json,
+                r.unit,
+                r.estimate,
+                r.charged,
+                r.overage_policy,
+                r.created_at_ms,
+                r.expires_at_ms,
+                r.grace_ms,
+                r.deadline_ms,
+                r.finalized_at_ms,
+                r.scope_path,
+                r.affected_json,
+                _JSON(r.budgeted_scopes),
+                r.extension_count,
+                r.metadata_json,
+                _JSON(r.caps) if r.caps else None,
+                None,
+                None,
+                None,
+                None,
+                _JSON(r.extra) if r.extra else None,
+            ),
+        )
+
+    def update_reservation(self, r: rules.ReservationState) -> None:
+        self.conn.execute(
+            "UPDATE reservations SET status=?, charged=?, finalized_at_ms=?, expires_at_ms=?, deadline_ms=?,"
+            " extension_count=?, settle_op=?, settle_key=?, settle_hash=?, settle_response=?, extra=? WHERE id=?",
+            (
+                r.status,
+                r.charged,
+                r.finalized_at_ms,
+                r.expires_at_ms,
+                r.deadline_ms,
+                r.extension_count,
+                r.settle_op,
+                r.settle_key,
+                r.settle_hash,
+                _JSON(r.settle_response) if r.settle_response is not None else None,
+                _JSON(r.extra) if r.extra else None,
+                r.reservation_id,
+            ),
+        )
+
+    def due(self, now: int, limit: int) -> list[rules.ReservationState]:
+        rows = self.conn.execute(
+            f"SELECT {_RES_COLS} FROM reservations WHERE status='ACTIVE' AND deadline_ms < ?"
+            " ORDER BY deadline_ms LIMIT ?",
+            (now, limit),
+        ).fetchall()
+        return [_reservation(r) for r in rows]
+
+    def append_event(
+        self,
+        now: int,
+        type_: str,
+        scope: str | None,
+        unit: str | None,
+        amount: int | None,
+        reservation_id: str | None,
+        reason_code: str | None,
+        data: dict[str, Any] | None,
+    ) -> int:
+        cur = self.conn.execute(
+            "INSERT INTO events (ts_ms, type, scope, unit, amount, reservation_id, reason_code, data)"
+            " VALUES (?,?,?,?,?,?,?,?)",
+            (now, type_, scope, unit, amount, reservation_id, reason_code, _JSON(data) if data else None),
+        )
+        return int(cur.lastrowid or 0)
+
+    def idempotency(self, op: str, key: str) -> tuple[str, dict[str, Any]] | None:
+        row = self.conn.execute(
+            "SELECT payload_hash, response FROM idempotency WHERE op=? AND key=?", (op, key)
+        ).fetchone()
+        return None if row is None else (row[0], json.loads(row[1]))
+
+    def remember(self, op: str, key: str, payload_hash: str, response: dict[str, Any]) -> None:
+        self.conn.execute(
+            "INSERT INTO idempotency (op, key, payload_hash, response, created_at_ms) VALUES (?,?,?,?,?)",
+            (op, key, payload_hash, _JSON(response), self.now),
+        )
+
+    def prune_idempotency(self, before_ms: int) -> None:
+        # A full scan, so the store asks for it only every few minutes.
+        self.conn.execute("DELETE FROM idempotency WHERE created_at_ms < ?", (before_ms,))
+
+    def all_budgets(self, scope_prefix: str | None, unit: str | None) -> list[rules.BudgetState]:
+        sql = f"SELECT {_BUDGET_COLS} FROM budgets WHERE 1=1"
+        params: list[Any] = []
+        if scope_prefix:
+            sql += " AND (scope = ? OR scope GLOB ?)"
+            params += [scope_prefix, _glob_under(scope_prefix)]
+        if unit:
+            sql += " AND unit = ?"
+            params.append(unit)
+        sql += " ORDER BY scope, unit"
+        return [_budget(r) for r in self.conn.execute(sql, params)]
+
+    def find_reservations(
+        self, status: str | None, scope_prefix: str | None, idempotency_key: str | None, limit: int
+    ) -> list[rules.ReservationState]:
+        sql = f"SELECT {_RES_COLS} FROM reservations WHERE 1=1"
+        params: list[Any] = []
+        if status:
+            sql += " AND status = ?"
+            params.append(status)
+        if scope_prefix:
+            sql += " AND (scope_path = ? OR scope_path GLOB ?)"
+            params += [scope_prefix, _glob_under(scope_prefix)]
+        if idempotency_key:
+            sql += " AND idempotency_key = ?"
+            params.append(idempotency_key)
+        sql += " ORDER BY id DESC LIMIT ?"
+        params.append(limit)
+        return [_reservation(r) for r in self.conn.execute(sql, params)]
+
+    def find_events(
+        self, after: int, limit: int, reservation_id: str | None, scope_prefix: str | None, newest: bool
+    ) -> list[dict[str, Any]]:
+        sql = (
+            "SELECT event_id, ts_ms, type, scope, unit, amount, reservation_id, reason_code, data"
+            " FROM events WHERE event_id > ?"
+        )
+        params: list[Any] = [after]
+        if reservation_id:
+            sql += " AND reservation_id = ?"
+            params.append(reservation_id)
+        if scope_prefix:
+            sql += " AND (scope = ? OR scope GLOB ?)"
+            params += [scope_prefix, _glob_under(scope_prefix)]
+        sql += " ORDER BY event_id DESC LIMIT ?" if newest else " ORDER BY event_id LIMIT ?"
+        params.append(limit)
+        keys = ("event_id", "ts_ms", "type", "scope", "unit", "amount", "reservation_id", "reason_code")
+        out = []
+        for r in self.conn.execute(sql, params):
+            d = dict(zip(keys, r[:8], strict=True))
+            d["data"] = json.loads(r[8]) if r[8] else {}
+            out.append(d)
+        return out
+
+    def active_reservations(self) -> Iterable[rules.ReservationState]:
+        for row in self.conn.execute(f"SELECT {_RES_COLS} FROM reservations WHERE status='ACTIVE'"):
+            yield _reservation(row)
+
+    def charges(self) -> Iterable[tuple[str, int, list[str]]]:
+        rows = self.conn.execute(
+            "SELECT type, unit, amount, data, reservation_id FROM events WHERE type IN ('committed', 'debited')"
+        )
+        for type_, unit, amount, data, rid in rows:
+            r = self.reservation(rid) if type_ == "committed" else None
+            yield from operations.charges_of(type_, unit, amount, json.loads(data) if data else {}, r)
 
 
-def _remember(
-    conn: sqlite3.Connection, op: str, tenant: str, key: str, payload_hash: str, response: dict[str, Any], now: int
-) -> None:
-    """Keep the answer without balances (they are re-read on replay), so records stay small."""
-    slim = {k: v for k, v in response.items() if k != "balances"}
-    conn.execute(
-        "INSERT INTO idempotency (op, key, payload_hash, response, created_at_ms) VALUES (?,?,?,?,?)",
-        (op, f"{tenant}|{key}", payload_hash, _JSON(slim), now),
-    )
+def _glob_under(scope: str) -> str:
+    """GLOB pattern for the scopes below `scope` (scope ids never contain GLOB's special characters)."""
+    return scope + "/*"
 
 
-def _with_balances(conn: sqlite3.Connection, body: dict[str, Any], scopes: list[str], unit: str) -> dict[str, Any]:
-    body["balances"] = [b.as_balance() for b in _load_budgets(conn, scopes, unit)]
-    return body
+def _bind(op: Callable[..., Any]) -> Callable[..., Any]:
+    """An operation as a writer job: `fn(conn, now, *args)`."""
 
+    def job(conn: sqlite3.Connection, now: int, *args: Any) -> Any:
+        return op(SqliteTxn(conn, now), now, *args)
 
-def _amount(unit: str, n: int) -> dict[str, Any]:
-    return {"unit": unit, "amount": n}
-
-
-def _res_row(conn: sqlite3.Connection, reservation_id: str) -> Row:
-    row: Row | None = conn.execute(f"SELECT {_RES_COLS} FROM reservations WHERE id=?", (reservation_id,)).fetchone()
-    if row is None:
-        raise NotFoundError(f"reservation {reservation_id!r} not found", reservation_id=reservation_id)
-    return row
-
-
-def _expire_row(conn: sqlite3.Connection, now: int, row: Row) -> None:
-    rid, unit, estimate = row["id"], row["unit"], row["estimate"]
-    budgets = _load_budgets(conn, json.loads(row["budgeted_scopes"]), unit)
-    rules.unhold(budgets, estimate)
-    _save_budgets(conn, budgets, now)
-    conn.execute("UPDATE reservations SET status='EXPIRED', finalized_at_ms=? WHERE id=?", (now, rid))
-    _event(conn, now, "expired", scope=row["scope_path"], unit=unit, amount=estimate, reservation_id=rid)
+    job.__name__ = op.__name__
+    return job
 
 
 def _expire_due(conn: sqlite3.Connection, now: int, limit: int) -> int:
-    rows = conn.execute(
-        f"SELECT {_RES_COLS} FROM reservations WHERE status='ACTIVE' AND deadline_ms < ? ORDER BY deadline_ms LIMIT ?",
-        (now, limit),
-    ).fetchall()
-    for row in rows:
-        _expire_row(conn, now, row)
-    return len(rows)
+    return operations.expire_due(SqliteTxn(conn, now), now, limit)
 
 
-def _settle_target(
-    conn: sqlite3.Connection, now: int, op: str, reservation_id: str, key: str, payload_hash: str
-) -> Row | dict[str, Any] | _Fail:
-    """Load a reservation to commit or release: a replay answer, the live row, or an error.
-
-    Settlement idempotency lives on the reservation row itself (one settle per reservation).
-    A row whose grace is over is expired here, lazily, and the caller gets RESERVATION_EXPIRED.
-    """
-    row = _res_row(conn, reservation_id)
-    if row["settle_key"] is not None and row["settle_key"] == key:
-        if row["settle_op"] != op or row["settle_hash"] != payload_hash:
-            raise IdempotencyMismatchError(
-                f"idempotency key {key!r} was already used for a different {row['settle_op']} request",
-                idempotency_key=key,
-            )
-        body: dict[str, Any] = json.loads(row["settle_response"])
-        return _with_balances(conn, body, json.loads(row["budgeted_scopes"]), row["unit"])
-    status = row["status"]
-    if status == "EXPIRED":
-        raise ReservationExpiredError(f"reservation {reservation_id} expired", reservation_id=reservation_id)
-    if status != "ACTIVE":
-        raise ReservationFinalizedError(
-            f"reservation {reservation_id} is already {status}", reservation_id=reservation_id, status=status
-        )
-    if now > row["deadline_ms"]:
-        _expire_row(conn, now, row)
-        return _Fail(
-            ReservationExpiredError(
-                f"reservation {reservation_id} expired at {row['expires_at_ms']} (+{row['grace_ms']} ms grace)",
-                reservation_id=reservation_id,
-            )
-        )
-    return row
-
-
-def _finalize(
-    conn: sqlite3.Connection,
-    now: int,
-    row: Row,
-    status: str,
-    charged: int | None,
-    op: str,
-    key: str,
-    h: str,
-    body: dict[str, Any],
-) -> None:
-    slim = {k: v for k, v in body.items() if k != "balances"}
-    conn.execute(
-        "UPDATE reservations SET status=?, charged=?, finalized_at_ms=?, settle_op=?, settle_key=?, settle_hash=?,"
-        " settle_response=? WHERE id=?",
-        (status, charged, now, op, key, h, _JSON(slim), row["id"]),
-    )
-
-
-def _scope_details(
-    cmd: ReserveCommand | EventCommand, in_unit: list[rules.BudgetState], all_budgets: list[rules.BudgetState]
-) -> None:
-    if all_budgets and not in_unit and not cmd.allow_unbudgeted:
-        raise UnitMismatchError(
-            f"no budget in {cmd.unit} for {cmd.scopes[-1]}; budgets there are in "
-            + ", ".join(sorted({b.unit for b in all_budgets})),
-            scope=all_budgets[-1].scope,
-            requested_unit=cmd.unit,
-            expected_units=sorted({b.unit for b in all_budgets}),
-        )
-
-
-def _evaluate(conn: sqlite3.Connection, cmd: ReserveCommand) -> tuple[rules.Evaluation, list[rules.BudgetState]]:
-    all_budgets = _load_budgets(conn, cmd.scopes)
-    in_unit = [b for b in all_budgets if b.unit == cmd.unit]
-    if not all_budgets and not cmd.allow_unbudgeted:
-        ev = rules.Evaluation(Decision.DENY, reason_code="BUDGET_NOT_FOUND", scope=cmd.scopes[-1])
-        return ev, []
-    _scope_details(cmd, in_unit, all_budgets)
-    soft = SoftLanding(**cmd.soft_landing) if cmd.soft_landing else None
-    return rules.evaluate_reserve(in_unit, cmd.estimate, soft), in_unit
-
-
-def _decision_body(
-    cmd: ReserveCommand, ev: rules.Evaluation, budgets: list[rules.BudgetState], with_balances: bool = True
-) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "decision": ev.decision.value,
-        "scope_path": cmd.scopes[-1],
-        "affected_scopes": cmd.scopes,
-        "caps": ev.caps,
-        "reason_code": ev.reason_code,
-        "scope": ev.scope,
-        "remaining": ev.remaining,
-    }
-    if with_balances:
-        body["balances"] = [b.as_balance() for b in budgets]
-    return body
-
-
-def _op_decide(conn: sqlite3.Connection, now: int, cmd: ReserveCommand) -> dict[str, Any]:
-    ev, budgets = _evaluate(conn, cmd)
-    return _decision_body(cmd, ev, budgets)
-
-
-def _op_reserve(conn: sqlite3.Connection, now: int, cmd: ReserveCommand) -> dict[str, Any]:
-    # An empty payload_hash marks a fresh key nobody can repeat: no replay lookup, no record.
-    prior = (
-        _replay(conn, "reserve", _tenant(cmd.scopes[0]), cmd.idempotency_key, cmd.payload_hash)
-        if cmd.payload_hash
-        else None
-    )
-    if prior is not None:
-        if prior.get("expires_at_ms") is not None:
-            prior["remaining_ttl_ms"] = max(0, prior["expires_at_ms"] - now)
-        return _with_balances(conn, prior, prior.pop("budgeted_scopes", []), cmd.unit)
-    ev, budgets = _evaluate(conn, cmd)
-    if ev.reason_code == "BUDGET_EXCEEDED" and _expire_due(conn, now, 1000):
-        ev, budgets = _evaluate(conn, cmd)  # overdue holds were still counted; look again without them
-    body = _decision_body(cmd, ev, budgets, with_balances=False)
-    body["dry_run"] = cmd.dry_run
-    if cmd.dry_run or ev.decision is Decision.DENY:
-        body["balances"] = [b.as_balance() for b in budgets]
-        denied = ev.decision is Decision.DENY
-        kind = ("would_deny" if denied else "would_allow") if cmd.dry_run else "denied"
-        info = {"subject": cmd.subject, "action": cmd.action, "key": cmd.idempotency_key, "remaining": ev.remaining}
-        if ev.caps:
-            info["caps"] = ev.caps
-        _event(
-            conn,
-            now,
-            kind,
-            scope=ev.scope or cmd.scopes[-1],
-            unit=cmd.unit,
-            amount=cmd.estimate,
-            reason_code=ev.reason_code,
-            data=info,
-        )
-        if cmd.dry_run and cmd.payload_hash:
-            _remember(conn, "reserve", _tenant(cmd.scopes[0]), cmd.idempotency_key, cmd.payload_hash, body, now)
-        return body
-    rules.hold(budgets, ev.amount)
-    _save_budgets(conn, budgets, now)
-    rid = _new_id(now)
-    expires = now + cmd.ttl_ms
-    budgeted = [b.scope for b in budgets]
-    conn.execute(
-        _RES_INSERT,
-        (
-            rid,
-            "ACTIVE",
-            cmd.idempotency_key,
-            _JSON(cmd.subject),
-            _JSON(cmd.action),
-            cmd.unit,
-            ev.amount,
-            None,
-            cmd.overage_policy,
-            now,
-            expires,
-            cmd.grace_period_ms,
-            expires + cmd.grace_period_ms,
-            None,
-            cmd.scopes[-1],
-            _JSON(cmd.scopes),
-            _JSON(budgeted),
-            0,
-            _JSON(cmd.metadata) if cmd.metadata else None,
-            _JSON(ev.caps) if ev.caps else None,
-            None,
-            None,
-            None,
-            None,
-        ),
-    )
-    # The reservation row holds subject, action and scopes; the event only adds what it decided.
-    data = {"decision": ev.decision.value, "caps": ev.caps} if ev.caps else None
-    _event(conn, now, "reserved", scope=cmd.scopes[-1], unit=cmd.unit, amount=ev.amount, reservation_id=rid, data=data)
-    body["balances"] = [b.as_balance() for b in budgets]
-    body.update(reservation_id=rid, reserved=_amount(cmd.unit, ev.amount), expires_at_ms=expires)
-    body["remaining_ttl_ms"] = cmd.ttl_ms
-    if cmd.payload_hash:
-        _remember(
-            conn,
-            "reserve",
-            _tenant(cmd.scopes[0]),
-            cmd.idempotency_key,
-            cmd.payload_hash,
-            {**body, "budgeted_scopes": budgeted},
-            now,
-        )
-    return body
-
-
-def _op_commit(conn: sqlite3.Connection, now: int, cmd: CommitCommand) -> dict[str, Any] | _Fail:
-    row = _settle_target(conn, now, "commit", cmd.reservation_id, cmd.idempotency_key, cmd.payload_hash)
-    if not isinstance(row, Row):
-        return row
-    unit, estimate, policy = row["unit"], row["estimate"], OveragePolicy(row["overage_policy"])
-    if cmd.unit != unit:
-        raise UnitMismatchError(
-            f"commit in {cmd.unit} for a reservation in {unit}", requested_unit=cmd.unit, expected_units=[unit]
-        )
-    budgets = _load_budgets(conn, json.loads(row["budgeted_scopes"]), unit)
-    charged, flagged = rules.settle(budgets, estimate, cmd.actual, policy)
-    _save_budgets(conn, budgets, now)
-    released = max(estimate - cmd.actual, 0)
-    body: dict[str, Any] = {
-        "reservation_id": cmd.reservation_id,
-        "status": "COMMITTED",
-        "charged": _amount(unit, charged),
-        "released": _amount(unit, released) if released else None,
-        "balances": [b.as_balance() for b in budgets],
-    }
-    _finalize(conn, now, row, "COMMITTED", charged, "commit", cmd.idempotency_key, cmd.payload_hash, body)
-    data: dict[str, Any] = {"actual": cmd.actual, "released": released}
-    if flagged:
-        data["over_limit"] = flagged
-    if cmd.metrics:
-        data["metrics"] = cmd.metrics
-    if cmd.metadata:
-        data["metadata"] = cmd.metadata
-    _event(
-        conn, now, "committed", scope=row["scope_path"], unit=unit, amount=charged, reservation_id=row["id"], data=data
-    )
-    for scope in flagged:
-        _event(conn, now, "over_limit", scope=scope, unit=unit, reservation_id=row["id"])
-    return body
-
-
-def _op_release(conn: sqlite3.Connection, now: int, cmd: ReleaseCommand) -> dict[str, Any] | _Fail:
-    row = _settle_target(conn, now, "release", cmd.reservation_id, cmd.idempotency_key, cmd.payload_hash)
-    if not isinstance(row, Row):
-        return row
-    unit, estimate = row["unit"], row["estimate"]
-    budgets = _load_budgets(conn, json.loads(row["budgeted_scopes"]), unit)
-    rules.unhold(budgets, estimate)
-    _save_budgets(conn, budgets, now)
-    body: dict[str, Any] = {
-        "reservation_id": cmd.reservation_id,
-        "status": "RELEASED",
-        "released": _amount(unit, estimate),
-        "balances": [b.as_balance() for b in budgets],
-    }
-    _finalize(conn, now, row, "RELEASED", None, "release", cmd.idempotency_key, cmd.payload_hash, body)
-    _event(
-        conn,
-        now,
-        "released",
-        scope=row["scope_path"],
-        unit=unit,
-        amount=estimate,
-        reservation_id=row["id"],
-        data={"reason": cmd.reason} if cmd.reason else None,
-    )
-    return body
-
-
-def _op_extend(conn: sqlite3.Connection, now: int, cmd: ExtendCommand) -> dict[str, Any] | _Fail:
-    row = _res_row(conn, cmd.reservation_id)
-    tenant = _tenant(row["scope_path"])
-    prior = _replay(conn, "extend", tenant, cmd.idempotency_key, cmd.payload_hash)
-    if prior is not None:
-        prior["remaining_ttl_ms"] = max(0, prior["expires_at_ms"] - now)
-        return _with_balances(conn, prior, json.loads(row["budgeted_scopes"]), row["unit"])
-    status = row["status"]
-    if status == "EXPIRED" or (status == "ACTIVE" and now > row["expires_at_ms"]):
-        if status == "ACTIVE" and now > row["deadline_ms"]:
-            _expire_row(conn, now, row)
-            return _Fail(ReservationExpiredError(f"reservation {cmd.reservation_id} expired"))
-        raise ReservationExpiredError(
-            f"reservation {cmd.reservation_id} passed its expiry; in the grace period only commit or release",
-            reservation_id=cmd.reservation_id,
-        )
-    if status != "ACTIVE":
-        raise ReservationFinalizedError(
-            f"reservation {cmd.reservation_id} is already {status}", reservation_id=cmd.reservation_id, status=status
-        )
-    count = row["extension_count"]
-    if cmd.max_extensions is not None and count >= cmd.max_extensions:
-        raise MaxExtensionsExceededError(
-            f"reservation {cmd.reservation_id} was already extended {count} times", reservation_id=cmd.reservation_id
-        )
-    new_expiry = row["expires_at_ms"] + cmd.extend_by_ms
-    conn.execute(
-        "UPDATE reservations SET expires_at_ms=?, deadline_ms=?, extension_count=? WHERE id=?",
-        (new_expiry, new_expiry + row["grace_ms"], count + 1, cmd.reservation_id),
-    )
-    _event(
-        conn,
-        now,
-        "extended",
-        scope=row["scope_path"],
-        unit=row["unit"],
-        reservation_id=cmd.reservation_id,
-        data={"expires_at_ms": new_expiry, "extend_by_ms": cmd.extend_by_ms},
-    )
-    body: dict[str, Any] = {
-        "reservation_id": cmd.reservation_id,
-        "status": "ACTIVE",
-        "expires_at_ms": new_expiry,
-        "remaining_ttl_ms": new_expiry - now,
-    }
-    _remember(conn, "extend", tenant, cmd.idempotency_key, cmd.payload_hash, body, now)
-    return _with_balances(conn, body, json.loads(row["budgeted_scopes"]), row["unit"])
-
-
-def _op_note(conn: sqlite3.Connection, now: int, cmd: NoteCommand) -> int:
-    return _event(conn, now, cmd.type, scope=cmd.scope, reason_code=cmd.reason_code, data=cmd.data)
-
-
-def _op_event(conn: sqlite3.Connection, now: int, cmd: EventCommand) -> dict[str, Any]:
-    prior = _replay(conn, "event", _tenant(cmd.scopes[0]), cmd.idempotency_key, cmd.payload_hash)
-    if prior is not None:
-        return _with_balances(conn, prior, prior.pop("budgeted_scopes", []), cmd.unit)
-    all_budgets = _load_budgets(conn, cmd.scopes)
-    budgets = [b for b in all_budgets if b.unit == cmd.unit]
-    if not all_budgets and not cmd.allow_unbudgeted:
-        raise NotFoundError(f"no budget for {cmd.scopes[-1]} or its parents", scope=cmd.scopes[-1])
-    _scope_details(cmd, budgets, all_budgets)
-    for b in budgets:
-        if b.status == "CLOSED":
-            raise BudgetClosedError(f"budget {b.scope} is closed", scope=b.scope)
-        if b.status == "FROZEN":
-            raise BudgetFrozenError(f"budget {b.scope} is frozen", scope=b.scope)
-    charged, flagged = rules.settle(budgets, 0, cmd.actual, OveragePolicy(cmd.overage_policy), is_commit=False)
-    _save_budgets(conn, budgets, now)
-    scopes = [b.scope for b in budgets]
-    event_id = _event(
-        conn,
-        now,
-        "debited",
-        scope=cmd.scopes[-1],
-        unit=cmd.unit,
-        amount=charged,
-        data={
-            "scopes": scopes,
-            "actual": cmd.actual,
-            "subject": cmd.subject,
-            "action": cmd.action,
-            "over_limit": flagged,
-            "metrics": cmd.metrics,
-            "metadata": cmd.metadata,
-            "key": cmd.idempotency_key,
-        },
-    )
-    for scope in flagged:
-        _event(conn, now, "over_limit", scope=scope, unit=cmd.unit)
-    body: dict[str, Any] = {
-        "status": "APPLIED",
-        "event_id": event_id,
-        "charged": _amount(cmd.unit, charged),
-        "balances": [b.as_balance() for b in budgets],
-    }
-    _remember(
-        conn,
-        "event",
-        _tenant(cmd.scopes[0]),
-        cmd.idempotency_key,
-        cmd.payload_hash,
-        {**body, "budgeted_scopes": scopes},
-        now,
-    )
-    return body
-
-
-def _op_budget(conn: sqlite3.Connection, now: int, cmd: BudgetCommand) -> dict[str, Any]:
-    found = _load_budgets(conn, [cmd.scope], cmd.unit)
-    data: dict[str, Any] = {}
-    if cmd.op == "set":
-        assert cmd.amount is not None
-        if not found:
-            conn.execute(
-                "INSERT INTO budgets (scope, unit, allocated, overdraft_limit, caps, updated_at_ms)"
-                " VALUES (?,?,?,?,?,?)",
-                (cmd.scope, cmd.unit, cmd.amount, cmd.overdraft_limit or 0, _JSON(cmd.caps) if cmd.caps else None, now),
-            )
-            b = _load_budgets(conn, [cmd.scope], cmd.unit)[0]
-        else:
-            b = found[0]
-            data["previous_allocated"] = b.allocated
-            b.allocated = cmd.amount
-            if cmd.overdraft_limit is not None:
-                b.overdraft_limit = cmd.overdraft_limit
-            if cmd.caps is not None:
-                b.caps = cmd.caps or None
-            if b.debt > b.overdraft_limit:  # a lowered limit can leave existing debt above it
-                b.is_over_limit = True
-            elif b.remaining >= 0:
-                b.is_over_limit = False
-            _save_budgets(conn, [b], now)
-        _event(conn, now, "budget_set", scope=cmd.scope, unit=cmd.unit, amount=cmd.amount, data=data)
-        return b.as_balance()
-    if not found:
-        raise NotFoundError(f"no {cmd.unit} budget at {cmd.scope}", scope=cmd.scope)
-    b = found[0]
-    if cmd.op == "fund":
-        assert cmd.amount is not None
-        if b.status == "CLOSED":
-            raise BudgetClosedError(f"budget {b.scope} is closed", scope=b.scope)
-        data["debt_repaid"] = rules.fund(b, cmd.amount)
-        kind, amount = "funded", cmd.amount
-    else:
-        if b.status == "CLOSED":
-            raise BudgetClosedError(f"budget {b.scope} is closed", scope=b.scope)
-        b.status = {"freeze": "FROZEN", "unfreeze": "ACTIVE", "close": "CLOSED"}[cmd.op]
-        kind, amount = {"freeze": "frozen", "unfreeze": "unfrozen", "close": "closed"}[cmd.op], None
-    _save_budgets(conn, [b], now)
-    _event(conn, now, kind, scope=cmd.scope, unit=cmd.unit, amount=amount, data=data)
-    return b.as_balance()
-
-
-def _op_balances(
-    conn: sqlite3.Connection, now: int, scope_prefix: str | None, unit: str | None
-) -> list[dict[str, Any]]:
-    sql = f"SELECT {_BUDGET_COLS} FROM budgets WHERE 1=1"
-    params: list[Any] = []
-    if scope_prefix:
-        sql += " AND (scope = ? OR scope GLOB ?)"
-        params += [scope_prefix, scope_prefix + "/*"]
-    if unit:
-        sql += " AND unit = ?"
-        params.append(unit)
-    sql += " ORDER BY scope, unit"
-    return [
-        rules.BudgetState(
-            r[0], r[1], r[2], r[3], r[4], r[5], r[6], bool(r[7]), r[8], json.loads(r[9]) if r[9] else None
-        ).as_balance()
-        for r in conn.execute(sql, params)
-    ]
-
-
-def _reservation_dict(row: Row) -> dict[str, Any]:
-    unit = row["unit"]
-    return {
-        "reservation_id": row["id"],
-        "status": row["status"],
-        "idempotency_key": row["idempotency_key"],
-        "subject": json.loads(row["subject"]),
-        "action": json.loads(row["action"]),
-        "reserved": _amount(unit, row["estimate"]),
-        "committed": _amount(unit, row["charged"]) if row["charged"] is not None else None,
-        "overage_policy": row["overage_policy"],
-        "created_at_ms": row["created_at_ms"],
-        "expires_at_ms": row["expires_at_ms"],
-        "grace_period_ms": row["grace_ms"],
-        "finalized_at_ms": row["finalized_at_ms"],
-        "scope_path": row["scope_path"],
-        "affected_scopes": json.loads(row["affected_scopes"]),
-        "budgeted_scopes": json.loads(row["budgeted_scopes"]),
-        "extension_count": row["extension_count"],
-        "caps": json.loads(row["caps"]) if row["caps"] else None,
-        "metadata": json.loads(row["metadata"]) if row["metadata"] else None,
-    }
-
-
-def _op_get_reservation(conn: sqlite3.Connection, now: int, reservation_id: str) -> dict[str, Any] | None:
-    row = conn.execute(f"SELECT {_RES_COLS} FROM reservations WHERE id=?", (reservation_id,)).fetchone()
-    return _reservation_dict(row) if row else None
-
-
-def _op_list_reservations(
-    conn: sqlite3.Connection, now: int, status: str | None, scope_prefix: str | None, key: str | None, limit: int
-) -> list[dict[str, Any]]:
-    sql = f"SELECT {_RES_COLS} FROM reservations WHERE 1=1"
-    params: list[Any] = []
-    if status:
-        sql += " AND status = ?"
-        params.append(status)
-    if scope_prefix:
-        sql += " AND (scope_path = ? OR scope_path GLOB ?)"
-        params += [scope_prefix, scope_prefix + "/*"]
-    if key:
-        sql += " AND idempotency_key = ?"
-        params.append(key)
-    sql += " ORDER BY id DESC LIMIT ?"
-    params.append(limit)
-    return [_reservation_dict(r) for r in conn.execute(sql, params)]
-
-
-def _op_events(
-    conn: sqlite3.Connection,
-    now: int,
-    after: int,
-    limit: int,
-    reservation_id: str | None,
-    scope_prefix: str | None,
-    newest: bool = False,
-) -> list[dict[str, Any]]:
-    sql = (
-        "SELECT event_id, ts_ms, type, scope, unit, amount, reservation_id, reason_code, data"
-        " FROM events WHERE event_id > ?"
-    )
-    params: list[Any] = [after]
-    if reservation_id:
-        sql += " AND reservation_id = ?"
-        params.append(reservation_id)
-    if scope_prefix:
-        sql += " AND (scope = ? OR scope GLOB ?)"
-        params += [scope_prefix, scope_prefix + "/*"]
-    sql += " ORDER BY event_id DESC LIMIT ?" if newest else " ORDER BY event_id LIMIT ?"
-    params.append(limit)
-    keys = ("event_id", "ts_ms", "type", "scope", "unit", "amount", "reservation_id", "reason_code")
-    out = []
-    for r in conn.execute(sql, params):
-        d = dict(zip(keys, r[:8], strict=True))
-        d["data"] = json.loads(r[8]) if r[8] else {}
-        out.append(d)
-    return out
-
-
-def _op_sweep(conn: sqlite3.Connection, now: int, limit: int, retention_ms: int | None) -> int:
-    n = _expire_due(conn, now, limit)
-    if retention_ms is not None:  # a full scan, so the store asks for it only every few minutes
-        conn.execute("DELETE FROM idempotency WHERE created_at_ms < ?", (now - retention_ms,))
-    return n
-
-
-def _op_verify(conn: sqlite3.Connection, now: int) -> list[str]:
-    """Rebuild each budget's reserved and spent+debt from reservations and events, and compare."""
-    held: dict[tuple[str, str], int] = {}
-    for unit, estimate, scopes in conn.execute(
-        "SELECT unit, estimate, budgeted_scopes FROM reservations WHERE status='ACTIVE'"
-    ):
-        for s in json.loads(scopes):
-            held[(s, unit)] = held.get((s, unit), 0) + estimate
-    charged: dict[tuple[str, str], int] = {}
-    for unit, amount, scopes in conn.execute(
-        "SELECT e.unit, e.amount, r.budgeted_scopes FROM events e JOIN reservations r ON r.id = e.reservation_id"
-        " WHERE e.type = 'committed'"
-        " UNION ALL SELECT unit, amount, json_extract(data, '$.scopes') FROM events WHERE type = 'debited'"
-    ):
-        for s in json.loads(scopes):
-            charged[(s, unit)] = charged.get((s, unit), 0) + amount
-    problems = []
-    for r in conn.execute(f"SELECT {_BUDGET_COLS} FROM budgets"):
-        b = rules.BudgetState(r[0], r[1], r[2], r[3], r[4], r[5], r[6], bool(r[7]), r[8])
-        key = (b.scope, b.unit)
-        if b.reserved != held.get(key, 0):
-            problems.append(
-                f"{b.scope} {b.unit}: reserved {b.reserved} but active reservations hold {held.get(key, 0)}"
-            )
-        if b.spent + b.debt != charged.get(key, 0):
-            problems.append(
-                f"{b.scope} {b.unit}: spent+debt {b.spent + b.debt} but events charged {charged.get(key, 0)}"
-            )
-        if min(b.spent, b.reserved, b.debt) < 0:
-            problems.append(f"{b.scope} {b.unit}: negative field in {b.as_balance()}")
-        if b.debt > b.overdraft_limit and not b.is_over_limit:
-            problems.append(f"{b.scope} {b.unit}: debt {b.debt} above overdraft limit {b.overdraft_limit}")
-    return problems
+_op_reserve = _bind(operations.reserve)
+_op_decide = _bind(operations.decide)
+_op_commit = _bind(operations.commit)
+_op_release = _bind(operations.release)
+_op_extend = _bind(operations.extend)
+_op_event = _bind(operations.record_event)
+_op_note = _bind(operations.note)
+_op_budget = _bind(operations.change_budget)
+_op_balances = _bind(operations.balances)
+_op_get_reservation = _bind(operations.get_reservation)
+_op_list_reservations = _bind(operations.list_reservations)
+_op_events = _bind(operations.events)
+_op_sweep = _bind(operations.sweep)
+_op_verify = _bind(operations.verify)

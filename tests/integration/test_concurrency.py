@@ -1,6 +1,6 @@
 """Real OS processes x asyncio tasks reserving against ONE store: exact admission, reconciled books.
 
-Each test runs once per backend (`db_url`: one SQLite file, or one namespace on a real redis-server).
+Each test runs once per backend (`durable_url`: one SQLite file, or one namespace on a real redis-server).
 
 Every test starts 8 worker processes (multiprocessing "spawn", so each is a fresh interpreter that opens
 its own `open_ledger(url)`; the last test also forks them), each running 25 tasks under `asyncio.gather`
@@ -225,9 +225,9 @@ def _assert_log_matches(
 # --- tests -----------------------------------------------------------------------------------------
 
 
-async def test_equal_estimates_admit_exactly_what_one_budget_pays_for(db_url: str) -> None:
+async def test_equal_estimates_admit_exactly_what_one_budget_pays_for(durable_url: str) -> None:
     """200 equal reservations from 8 processes against a budget for 50 of them get exactly 50 ALLOWs."""
-    url = db_url
+    url = durable_url
     await _setup(url, {TENANT: 50 * E})
     plans = _plans(random.Random(1), lambda p, t: {"subject": SUBJECT_T, "estimate": E})
     outcomes = await asyncio.to_thread(_run_processes, url, plans)
@@ -248,9 +248,9 @@ async def test_equal_estimates_admit_exactly_what_one_budget_pays_for(db_url: st
         assert all(r.status is ReservationStatus.ACTIVE for r in reservations.values())
 
 
-async def test_random_estimates_never_overbook_and_every_deny_was_a_real_shortfall(db_url: str) -> None:
+async def test_random_estimates_never_overbook_and_every_deny_was_a_real_shortfall(durable_url: str) -> None:
     """Random estimates racing on one budget: holds sum to reserved <= allocated, and each DENY did not fit."""
-    url = db_url
+    url = durable_url
     rng = random.Random(2)
     plans = _plans(rng, lambda p, t: {"subject": SUBJECT_T, "estimate": rng.randint(1, 20) * 100_000})
     demand = sum(item["estimate"] for plan in plans for item in plan)
@@ -274,9 +274,9 @@ async def test_random_estimates_never_overbook_and_every_deny_was_a_real_shortfa
         _assert_log_matches(events, reservations, allowed, len(denied))
 
 
-async def test_nested_scopes_the_tighter_workflow_admits_exactly_its_count(db_url: str) -> None:
+async def test_nested_scopes_the_tighter_workflow_admits_exactly_its_count(durable_url: str) -> None:
     """tenant pays for 100, its workflow for 40: 200 racing reservations at the workflow get exactly 40."""
-    url = db_url
+    url = durable_url
     await _setup(url, {TENANT: 100 * E, WORKFLOW: 40 * E})
     plans = _plans(random.Random(3), lambda p, t: {"subject": SUBJECT_W, "estimate": E})
     outcomes = await asyncio.to_thread(_run_processes, url, plans)
@@ -293,9 +293,9 @@ async def test_nested_scopes_the_tighter_workflow_admits_exactly_its_count(db_ur
         assert all(r.budgeted_scopes == [TENANT, WORKFLOW] for r in reservations.values())
 
 
-async def test_nested_scopes_with_a_sibling_the_tenant_admits_exactly_its_count(db_url: str) -> None:
+async def test_nested_scopes_with_a_sibling_the_tenant_admits_exactly_its_count(durable_url: str) -> None:
     """Half the tasks at workflow w (40), half at unbudgeted sibling v, tenant 120: exactly 120 ALLOWs."""
-    url = db_url
+    url = durable_url
     await _setup(url, {TENANT: 120 * E, WORKFLOW: 40 * E})
     plans = _plans(random.Random(4), lambda p, t: {"subject": SUBJECT_W if p % 2 else SUBJECT_V, "estimate": E})
     outcomes = await asyncio.to_thread(_run_processes, url, plans)
@@ -317,10 +317,10 @@ async def test_nested_scopes_with_a_sibling_the_tenant_admits_exactly_its_count(
 
 @pytest.mark.parametrize("policy", [OveragePolicy.REJECT, OveragePolicy.ALLOW_IF_AVAILABLE])
 async def test_reserve_then_commit_random_actuals_reconciles_with_the_event_log(
-    db_url: str, policy: OveragePolicy
+    durable_url: str, policy: OveragePolicy
 ) -> None:
     """Racing reserve→commit with random actuals (some over) keeps spent<=allocated, 0 reserved, log == books."""
-    url = db_url
+    url = durable_url
     rng = random.Random(5 if policy is OveragePolicy.REJECT else 6)
 
     def make(p: int, t: int) -> dict[str, Any]:
@@ -408,13 +408,13 @@ async def test_reserve_then_commit_random_actuals_reconciles_with_the_event_log(
 
 @pytest.mark.parametrize(("start_method", "keys"), [("spawn", "auto"), ("fork", "auto"), ("fork", "explicit")])
 async def test_workers_in_the_same_millisecond_get_their_own_reservations(
-    db_url: str, start_method: str, keys: str
+    durable_url: str, start_method: str, keys: str
 ) -> None:
     """Processes reserving in the same ms (spawned, or forked after import) get 200 distinct holds and charges."""
     # fork (Linux's default start method in 3.11, Celery prefork, gunicorn --preload) copies every module-level
     # value of the parent, including whatever is meant to make keys and ids unique per process. All workers'
     # store clocks are frozen at one millisecond, which real processes hit by chance; here it is certain.
-    url = db_url
+    url = durable_url
     await _setup(url, {TENANT: 1_000 * E})
     rng = random.Random(7)
     plans = _plans(

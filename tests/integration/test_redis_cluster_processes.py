@@ -1,6 +1,6 @@
 """The many-process race of the conformance suite on a real 3-master Redis Cluster (`redis+cluster://`).
 
-`test_concurrency.py` runs it on SQLite and on one redis-server (`db_url`); here every one of the 8 spawned
+`test_concurrency.py` runs it on SQLite and on one redis-server (`durable_url`); here every one of the 8 spawned
 workers opens its own cluster client, as proxy replicas starting under load would.
 """
 

@@ -69,9 +69,9 @@ def cli(store: str, *args: str) -> int:
     return main(["--store", store, *args])
 
 
-def test_cli_walkthrough(db_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_walkthrough(durable_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     """apply, reserve, commit, deny, balances and events work end to end, on every store."""
-    store = db_url
+    store = durable_url
     assert cli(store, "budgets", "apply", str(ROOT / "configs/budgets.yaml")) == 0
     capsys.readouterr()
     assert cli(store, "reserve", "tenant:acme/workflow:doc-processing", "12usd", "--json") == 0
@@ -95,9 +95,9 @@ def test_cli_walkthrough(db_url: str, capsys: pytest.CaptureFixture[str]) -> Non
     assert cli(store, "verify") == 0
 
 
-def test_cli_budget_ops_and_errors(db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_budget_ops_and_errors(durable_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """budget set/fund/freeze change the ledger; bad input exits 2 with the error code and changes nothing."""
-    store = db_url
+    store = durable_url
     assert cli(store, "budget", "set", "tenant:x", "25usd", "--overdraft", "5usd") == 0
     assert cli(store, "budget", "fund", "tenant:x", "5usd") == 0
     assert cli(store, "budget", "freeze", "tenant:x") == 0
@@ -116,18 +116,18 @@ def test_cli_budget_ops_and_errors(db_url: str, tmp_path: Path, capsys: pytest.C
         assert (b.scope, b.allocated, b.status.value) == ("tenant:x", 30 * 10**8, "FROZEN")
 
 
-def test_cli_store_from_environment(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_store_from_environment(durable_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without --store the CLI uses CYCLES_STORE, on every store."""
-    url = db_url
+    url = durable_url
     monkeypatch.setenv("CYCLES_STORE", url)
     assert main(["budget", "set", "tenant:e", "1usd"]) == 0
     with open_ledger_sync(url) as led:
         assert led.balance("tenant:e").allocated == 10**8
 
 
-def test_cli_reservations_and_sweep(db_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_reservations_and_sweep(durable_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     """`cycles reservations --status` lists what is held; release and sweep settle it."""
-    store = db_url
+    store = durable_url
     assert cli(store, "budget", "set", "tenant:r", "5usd") == 0
     assert cli(store, "reserve", "tenant:r", "1usd", "--json") == 0
     assert cli(store, "reserve", "tenant:r", "2usd", "--json", "--ttl-ms", "1000") == 0
@@ -144,13 +144,13 @@ def test_cli_reservations_and_sweep(db_url: str, capsys: pytest.CaptureFixture[s
     assert "expired 0 reservations" in capsys.readouterr().out
 
 
-def test_cli_events_follow(db_url: str) -> None:
+def test_cli_events_follow(durable_url: str) -> None:
     """`cycles events --follow` keeps printing events written by another process, on every store."""
     import select
     import subprocess
     import sys
 
-    url = db_url
+    url = durable_url
     with open_ledger_sync(url) as led:
         led.set_budget("tenant:f", "1usd")
     proc = subprocess.Popen(
@@ -208,3 +208,9 @@ def test_cli_finds_the_proxys_settings_and_store(
     monkeypatch.setenv("CYCLES_CONFIG", str(conf / "missing.yaml"))
     assert main(["balances"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_refuses_memory_store(capsys: pytest.CaptureFixture[str]) -> None:
+    """Each `cycles` command is a new process: a memory ledger would start empty every time."""
+    assert cli("memory://", "balances") == 2
+    assert "memory:// lives inside one process" in capsys.readouterr().err

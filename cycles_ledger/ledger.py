@@ -17,7 +17,7 @@ import logging
 import os
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -163,6 +163,21 @@ def _amount(value: AmountLike, what: str) -> Amount:
     return _build(Amount, value, what)
 
 
+def _also(values: Sequence[AmountLike], main: Unit, what: str) -> list[dict[str, Any]]:
+    """Amounts in other units than `main`, one per unit, as JSON (in the order given)."""
+    if isinstance(values, (str, bytes, Amount)) or not isinstance(values, Sequence):
+        raise InvalidRequestError(f"{what} must be a list of amounts such as ['1200tokens']")
+    out: list[dict[str, Any]] = []
+    seen = {main}
+    for value in values:
+        amt = _amount(value, what)
+        if amt.unit in seen:
+            raise InvalidRequestError(f"{what} names {amt.unit.value} twice (or the main amount's unit)")
+        seen.add(amt.unit)
+        out.append({"unit": amt.unit.value, "amount": amt.amount})
+    return out
+
+
 def _int(value: Any, what: str, lo: int, hi: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidRequestError(f"{what} must be an integer, got {value!r}")
@@ -284,8 +299,12 @@ class Ledger:
         metadata: Mapping[str, Any] | None = None,
         soft_landing: SoftLanding | Mapping[str, Any] | None = None,
         key_is_unique: bool = False,
+        also: Sequence[AmountLike] = (),
     ) -> ReserveResult:
         """Hold `estimate` on every budgeted scope of `subject`, all or none. A DENY is a result.
+
+        `also`: holds in other units taken in the same decision (e.g. the call's tokens next to its
+        dollars), each on the scopes that have a budget in that unit; any that does not fit denies all.
 
         `key_is_unique=True`: the caller vouches that `idempotency_key` is new and never sent again (a
         UUID it just made): the key labels the reservation, but no replay lookup is made and no
@@ -302,6 +321,7 @@ class Ledger:
             metadata,
             soft_landing,
             key_is_unique,
+            also,
         )
         body = await self.store.reserve(cmd)
         return ReserveResult.model_validate(body)
@@ -313,9 +333,12 @@ class Ledger:
         estimate: AmountLike,
         *,
         soft_landing: SoftLanding | Mapping[str, Any] | None = None,
+        also: Sequence[AmountLike] = (),
     ) -> DecideResult:
         """What `reserve` would answer now, without holding anything (not a guarantee)."""
-        cmd = self._reserve_command(subject, action, estimate, None, None, None, None, False, None, soft_landing)
+        cmd = self._reserve_command(
+            subject, action, estimate, None, None, None, None, False, None, soft_landing, False, also
+        )
         body = await self.store.decide(cmd)
         return DecideResult.model_validate(body)
 
@@ -332,10 +355,12 @@ class Ledger:
         metadata: Mapping[str, Any] | None,
         soft_landing: SoftLanding | Mapping[str, Any] | None,
         key_is_unique: bool = False,
+        also: Sequence[AmountLike] = (),
     ) -> ReserveCommand:
         _, subj_json, scopes, subj_text = _subject_parts(subject)
         _, act_json, act_text = _action_parts(action)
         est = _amount(estimate, "estimate")
+        others = _also(also, est.unit, "also")
         ttl = _int(self.default_ttl_ms if ttl_ms is None else ttl_ms, "ttl_ms", 1_000, 86_400_000)
         grace = _int(
             self.default_grace_period_ms if grace_period_ms is None else grace_period_ms, "grace_period_ms", 0, 60_000
@@ -360,6 +385,7 @@ class Ledger:
                     (
                         '{"action":',
                         act_text or _STRICT_JSON(act_json),
+                        (',"also":' + _STRICT_JSON(others)) if others else "",
                         ',"dry_run":',
                         "true" if dry_run else "false",
                         ',"estimate":{"amount":',
@@ -395,6 +421,8 @@ class Ledger:
                     "metadata": meta,
                     "soft_landing": soft_json,
                 }
+                if others:
+                    payload["also"] = others
                 payload_hash = _fingerprint(payload)
         return ReserveCommand(
             idempotency_key=_key(idempotency_key),
@@ -411,6 +439,7 @@ class Ledger:
             allow_unbudgeted=self.allow_unbudgeted,
             metadata=meta,
             soft_landing=soft_json,
+            also=tuple((a["unit"], a["amount"]) for a in others),
         )
 
     @staticmethod
@@ -437,22 +466,28 @@ class Ledger:
         idempotency_key: str | None = None,
         metrics: Mapping[str, Any] | None = None,
         metadata: Mapping[str, Any] | None = None,
+        also: Sequence[AmountLike] = (),
     ) -> CommitResult:
-        """Charge `actual` and return the rest of the hold. The default key makes a retried commit safe."""
+        """Charge `actual` and return the rest of the hold. The default key makes a retried commit safe.
+
+        `also`: the actual amounts in the hold's other units; one not named is charged what it held."""
         rid = _reservation_id(reservation_id)
         amt = _amount(actual, "actual")
         unit = amt.unit.value
+        others = _also(also, amt.unit, "also")
         metrics_copy = _json_copy(metrics, "metrics")
         metadata_copy = _json_copy(metadata, "metadata")
         if metrics_copy is None and metadata_copy is None:
-            payload_hash = f"{rid}|{unit}|{amt.amount}"
+            payload_hash = f"{rid}|{unit}|{amt.amount}" + "".join(f"|{a['unit']}={a['amount']}" for a in others)
         else:
-            payload = {
+            payload: dict[str, Any] = {
                 "reservation_id": rid,
                 "actual": {"unit": unit, "amount": amt.amount},
                 "metrics": metrics_copy,
                 "metadata": metadata_copy,
             }
+            if others:
+                payload["also"] = others
             payload_hash = _checked_fingerprint(payload, {"metrics": metrics, "metadata": metadata})
         cmd = CommitCommand(
             reservation_id=rid,
@@ -462,6 +497,7 @@ class Ledger:
             actual=amt.amount,
             metrics=metrics_copy,
             metadata=metadata_copy,
+            also=tuple((a["unit"], a["amount"]) for a in others),
         )
         return CommitResult.model_validate(await self.store.commit(cmd))
 
@@ -505,10 +541,14 @@ class Ledger:
         idempotency_key: str | None = None,
         metrics: Mapping[str, Any] | None = None,
         metadata: Mapping[str, Any] | None = None,
+        also: Sequence[AmountLike] = (),
     ) -> EventResult:
-        """Direct debit without a reservation (spend known only afterwards), atomic across scopes."""
+        """Direct debit without a reservation (spend known only afterwards), atomic across scopes.
+
+        `also`: charges in other units in the same debit (e.g. the call's tokens next to its dollars)."""
         subj_json, act_json, scopes = self._subject_action(subject, action)
         amt = _amount(actual, "actual")
+        others = _also(also, amt.unit, "also")
         policy = self._policy(overage_policy)
         payload: dict[str, Any] = {
             "subject": subj_json,
@@ -518,6 +558,8 @@ class Ledger:
             "metrics": _json_copy(metrics, "metrics"),
             "metadata": _json_copy(metadata, "metadata"),
         }
+        if others:
+            payload["also"] = others
         payload_hash = _checked_fingerprint(payload, {"metrics": metrics, "metadata": metadata})
         cmd = EventCommand(
             idempotency_key=_key(idempotency_key),
@@ -531,6 +573,7 @@ class Ledger:
             allow_unbudgeted=self.allow_unbudgeted,
             metrics=payload["metrics"],
             metadata=payload["metadata"],
+            also=tuple((a["unit"], a["amount"]) for a in others),
         )
         return EventResult.model_validate(await self.store.record_event(cmd))
 

@@ -350,6 +350,8 @@ class ReserveResult(_Model):
     remaining: int | None = None
     dry_run: bool = False
     balances: list[Balance] = []
+    also_reserved: list[Amount] = []  # holds in other units taken in the same decision (`reserve(also=…)`)
+    unit: Unit | None = None  # on a DENY decided by another unit's budget: the unit `remaining` counts in
 
     @property
     def allowed(self) -> bool:
@@ -365,6 +367,7 @@ class DecideResult(_Model):
     remaining: int | None = None
     affected_scopes: list[str]
     balances: list[Balance] = []
+    unit: Unit | None = None
 
 
 class CommitResult(_Model):
@@ -373,6 +376,7 @@ class CommitResult(_Model):
     charged: Amount
     released: Amount | None = None
     balances: list[Balance] = []
+    also_charged: list[Amount] = []
 
 
 class ReleaseResult(_Model):
@@ -380,6 +384,7 @@ class ReleaseResult(_Model):
     status: Literal["RELEASED"] = "RELEASED"
     released: Amount
     balances: list[Balance] = []
+    also_released: list[Amount] = []
 
 
 class ExtendResult(_Model):
@@ -395,6 +400,7 @@ class EventResult(_Model):
     event_id: int
     charged: Amount
     balances: list[Balance] = []
+    also_charged: list[Amount] = []
 
 
 class Reservation(_Model):
@@ -416,6 +422,8 @@ class Reservation(_Model):
     extension_count: int = 0
     caps: Caps | None = None
     metadata: dict[str, Any] | None = None
+    also_reserved: list[Amount] = []
+    also_committed: list[Amount] = []
 
 
 class LedgerEvent(_Model):

@@ -79,47 +79,25 @@ def _reservations_table(rows: list[Reservation]) -> str:
     )
 
 
-async def _call_and_model(ledger: Ledger, e: LedgerEvent, cache: dict[str, tuple[str, str]]) -> tuple[str, str]:
-    """The call id and model behind an event: from its own data (refusals, denials, debits), else from its
-    reservation (reserved, committed, released, expired), looked up once per reservation."""
-    data = e.data or {}
-    raw_action = data.get("action")
-    action: dict[str, Any] = raw_action if isinstance(raw_action, dict) else {}
-    call_id = str(data.get("call_id") or data.get("key") or "")
-    model = str(data.get("model") or action.get("name") or "")
-    if e.reservation_id and (not call_id or not model):
-        if e.reservation_id not in cache:
-            try:
-                r = await ledger.get_reservation(e.reservation_id)
-                meta = r.metadata or {}
-                cache[e.reservation_id] = (r.idempotency_key or "", str(meta.get("model_group") or r.action.name))
-            except CyclesError:
-                cache[e.reservation_id] = ("", "")
-        call_id, model = call_id or cache[e.reservation_id][0], model or cache[e.reservation_id][1]
-    return call_id, model
+def _event_rows(rows: list[LedgerEvent]) -> list[list[Any]]:
+    return [
+        [
+            e.event_id,
+            _ts(e.ts_ms),
+            e.type,
+            e.scope,
+            format_amount(e.amount, e.unit) if e.amount is not None and e.unit else "",
+            e.model or "",
+            e.route or "",
+            e.call_id or "",
+            e.reason_code or "",
+        ]
+        for e in rows
+    ]
 
 
-async def _event_rows(ledger: Ledger, rows: list[LedgerEvent], cache: dict[str, tuple[str, str]]) -> list[list[Any]]:
-    out = []
-    for e in rows:
-        call_id, model = await _call_and_model(ledger, e, cache)
-        out.append(
-            [
-                e.event_id,
-                _ts(e.ts_ms),
-                e.type,
-                e.scope,
-                format_amount(e.amount, e.unit) if e.amount is not None and e.unit else "",
-                model,
-                call_id,
-                e.reason_code or "",
-            ]
-        )
-    return out
-
-
-_EVENT_HEADERS = ["id", "time", "type", "scope", "amount", "model", "call id", "reason"]
-_EVENT_WIDTHS = [8, 23, 12, 36, 14, 28, 36, 20]  # --follow pads to these (or the first table's, if wider)
+_EVENT_HEADERS = ["id", "time", "type", "scope", "amount", "model", "route", "call id", "reason"]
+_EVENT_WIDTHS = [8, 23, 12, 36, 14, 28, 16, 36, 20]  # --follow pads to these (or the first table's, if wider)
 
 
 def _line(row: list[Any], widths: list[int]) -> str:
@@ -162,7 +140,6 @@ async def _reservations(ledger: Ledger, args: argparse.Namespace) -> int:
 async def _events(ledger: Ledger, args: argparse.Namespace) -> int:
     """Without --after: the newest --tail events, newest first (with --follow: oldest first, then new ones as
     they come, like `tail -f`). With --after: --limit events after that id, oldest first (paging)."""
-    cache: dict[str, tuple[str, str]] = {}
     filters = {"scope": args.scope, "reservation_id": args.reservation}
     if args.after:
         rows = await ledger.events(after=args.after, limit=args.limit, **filters)
@@ -175,7 +152,7 @@ async def _events(ledger: Ledger, args: argparse.Namespace) -> int:
         for e in rows:
             print(json.dumps(e.model_dump(mode="json")))
     else:
-        table = await _event_rows(ledger, rows, cache)
+        table = _event_rows(rows)
         widths = [
             max([w, len(h)] + [len(str(r[i])) for r in table])
             for i, (h, w) in enumerate(zip(_EVENT_HEADERS, _EVENT_WIDTHS, strict=True))
@@ -192,7 +169,7 @@ async def _events(ledger: Ledger, args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps(e.model_dump(mode="json")))
             else:
-                print(_line((await _event_rows(ledger, [e], cache))[0], widths))
+                print(_line(_event_rows([e])[0], widths))
             last = e.event_id
     return 0
 

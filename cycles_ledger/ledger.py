@@ -163,6 +163,10 @@ def _amount(value: AmountLike, what: str) -> Amount:
     return _build(Amount, value, what)
 
 
+def _text(value: Any) -> str | None:
+    return None if value is None or value == "" else str(value)
+
+
 def _also(values: Sequence[AmountLike], main: Unit, what: str) -> list[dict[str, Any]]:
     """Amounts in other units than `main`, one per unit, as JSON (in the order given)."""
     if isinstance(values, (str, bytes, Amount)) or not isinstance(values, Sequence):
@@ -657,7 +661,44 @@ class Ledger:
             scope_prefix=None if scope is None else _scope(scope),
             newest=newest,
         )
-        return [LedgerEvent.model_validate(r) for r in rows]
+        return await self._with_calls(rows)
+
+    async def _with_calls(self, rows: list[dict[str, Any]]) -> list[LedgerEvent]:
+        """Name the call, model and route behind each event. Decisions and debits carry their subject and
+        action; a reservation's events (reserved, committed, released, expired) are joined with the
+        reservation row, read once per reservation, so each event stays small in the log."""
+        found: dict[str, tuple[str | None, str | None, str | None]] = {}
+        out = []
+        for row in rows:
+            data = row.get("data") or {}
+            raw_action, raw_meta = data.get("action"), data.get("metadata")
+            action: dict[str, Any] = raw_action if isinstance(raw_action, dict) else {}
+            meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
+            call = data.get("call_id") or data.get("key")
+            model = data.get("model") or meta.get("model") or action.get("name")
+            route = data.get("route") or meta.get("route") or action.get("kind")
+            rid = row.get("reservation_id")
+            if rid and not (call and model and route):
+                if rid not in found:
+                    r = await self.store.get_reservation(rid)
+                    if r is None:
+                        found[rid] = (None, None, None)
+                    else:
+                        rmeta = r.get("metadata") or {}
+                        act = r.get("action") or {}
+                        found[rid] = (
+                            r.get("idempotency_key"),
+                            rmeta.get("model") or act.get("name"),
+                            rmeta.get("route") or act.get("kind"),
+                        )
+                rc, rm, rr = found[rid]
+                call, model, route = call or rc, model or rm, route or rr
+            out.append(
+                LedgerEvent.model_validate(
+                    {**row, "call_id": _text(call), "model": _text(model), "route": _text(route)}
+                )
+            )
+        return out
 
     # --- admin ---------------------------------------------------------------------------------
 

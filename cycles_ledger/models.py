@@ -438,3 +438,9 @@ class LedgerEvent(_Model):
     reservation_id: str | None = None
     reason_code: str | None = None
     data: dict[str, Any] = {}
+    # Who spent it on what, from the event or its reservation (`Ledger.events` fills these in): the call
+    # id (the idempotency key), the model (metadata `model`, else the action's name) and the route
+    # (metadata `route`, else the action's kind).
+    call_id: str | None = None
+    model: str | None = None
+    route: str | None = None

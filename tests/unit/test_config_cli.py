@@ -89,7 +89,7 @@ def test_cli_walkthrough(durable_url: str, capsys: pytest.CaptureFixture[str]) -
     assert types[:3] == ["denied", "committed", "reserved"]  # the newest first
     assert cli(store, "events", "--tail", "2") == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["id", "time", "type", "scope", "amount", "model", "call", "id", "reason"]
+    assert lines[0].split() == ["id", "time", "type", "scope", "amount", "model", "route", "call", "id", "reason"]
     assert len(lines) == 4 and "denied" in lines[2] and "committed" in lines[3]
     assert "cycles-cli" in lines[3] and "auto-" in lines[3]  # from its reservation: the action and the key
     assert cli(store, "verify") == 0

@@ -18,7 +18,9 @@ async def test_reservation_events_name_call_model_and_route(ledger: Ledger) -> N
     await ledger.release(r2.reservation_id or "")
     denied = await ledger.reserve(SUBJ, ACT, "5usd", idempotency_key="call-3", metadata=meta)
     assert not denied.allowed
-    await ledger.note("tenant:t", "PRICE_UNKNOWN", data={"call_id": "call-4", "model": "mystery", "route": "aembedding"})
+    await ledger.note(
+        "tenant:t", "PRICE_UNKNOWN", data={"call_id": "call-4", "model": "mystery", "route": "aembedding"}
+    )
     got = {(e.type, e.call_id, e.model, e.route) for e in await ledger.events()}
     assert {
         ("reserved", "call-1", "cheap-chat", "acompletion"),

@@ -23,7 +23,7 @@ R = TypeVar("R")
 
 def _twin(method: Callable[Concatenate[Ledger, P], Coroutine[Any, Any, R]]) -> Callable[Concatenate[SyncLedger, P], R]:
     def call(self: SyncLedger, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        return self._run(method(self.ledger, *args, **kwargs))
+        return self.run(method(self.ledger, *args, **kwargs))
 
     call.__name__ = method.__name__
     call.__qualname__ = f"SyncLedger.{method.__name__}"
@@ -43,9 +43,11 @@ class SyncLedger:
         async def make() -> Ledger:
             return ledger_factory()
 
-        self.ledger: Ledger = self._run(make())
+        self.ledger: Ledger = self.run(make())
 
-    def _run(self, coro: Coroutine[Any, Any, R]) -> R:
+    def run(self, coro: Coroutine[Any, Any, R]) -> R:
+        """Run `coro` on this ledger's private loop and wait for its answer (how blocking drivers built on the
+        async API, like `SyncLifecycle`, share the loop, the store and its heartbeats)."""
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     reserve = _twin(Ledger.reserve)
@@ -73,7 +75,7 @@ class SyncLedger:
         if self._closed:
             return
         self._closed = True
-        self._run(self.ledger.aclose())
+        self.run(self.ledger.aclose())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()

@@ -5,34 +5,39 @@
 
 Before the body runs: reserve (DENY raises `BudgetDenied`, and the body never runs). While it runs:
 the reservation is kept alive (heartbeat `extend`) and its caps are readable via `current_caps()`.
-Afterwards: commit `actual` (default: the estimate); if the body raises: release and re-raise.
+Afterwards: commit `actual` (default: the estimate); if the body raises: release and re-raise. The flow
+and its rules (expired holds debited, settle retried, never raising after the body ran) are
+`cycles_ledger.lifecycle`'s, shared with the LiteLLM edges.
+
+Shadow mode (`mode="shadow"`, else `configure(mode=...)`, else `$CYCLES_MODE`, else enforce): the reserve
+is a dry run the ledger logs as `would_deny` / `would_allow`, the body always runs, its cost is debited
+with RECORD_ALL (balances show how far past the budget it went), and neither the budget nor an
+unreachable ledger ever raises or blocks.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import functools
+import hashlib
 import inspect
 import logging
+import os
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar, cast
+from typing import Any, Literal, ParamSpec, TypeVar, cast
 
 from cycles_ledger import (
     Action,
     Amount,
     BudgetDenied,
     Caps,
+    ConfigError,
     CyclesError,
     Decision,
-    IdempotencyMismatchError,
     InvalidRequestError,
     Ledger,
-    ReservationExpiredError,
-    ReservationFinalizedError,
-    ReserveResult,
     Subject,
     SyncLedger,
     Unit,
@@ -42,8 +47,9 @@ from cycles_ledger import (
 )
 from cycles_ledger.config import store_url
 from cycles_ledger.context import current_subject
+from cycles_ledger.lifecycle import Hold, Lifecycle, SyncLifecycle
 
-__all__ = ["configure", "current_caps", "metered"]
+__all__ = ["MODE_ENV", "Mode", "configure", "current_caps", "metered"]
 
 log = logging.getLogger("cycles_tools")
 
@@ -51,6 +57,8 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 AmountSpec = Amount | str | int | Callable[..., Any]
+Mode = Literal["enforce", "shadow"]
+MODE_ENV = "CYCLES_MODE"
 
 _caps_var: contextvars.ContextVar[Caps | None] = contextvars.ContextVar("cycles_caps", default=None)
 
@@ -60,14 +68,27 @@ def current_caps() -> Caps | None:
     return _caps_var.get()
 
 
+def _mode(value: str | None, where: str) -> Mode | None:
+    if value is None or value == "":
+        return None
+    if value in ("enforce", "shadow"):
+        return cast(Mode, value)
+    raise ConfigError(f"{where}: mode must be 'enforce' or 'shadow', got {value!r}")
+
+
 class _Runtime:
     """The ledger shared by every @metered function of this process (async and sync faces)."""
 
-    def __init__(self, store: str | None = None, ledger: Ledger | None = None, **settings: Any) -> None:
+    def __init__(
+        self, store: str | None = None, ledger: Ledger | None = None, mode: Mode | None = None, **settings: Any
+    ) -> None:
         self.url = store_url(store)
+        self.mode = mode
         self.settings = settings
         self._ledger = ledger
         self._sync: SyncLedger | None = None
+        self._life: Lifecycle | None = None
+        self._sync_life: SyncLifecycle | None = None
         self._lock = threading.Lock()
 
     def ledger(self) -> Ledger:
@@ -86,15 +107,32 @@ class _Runtime:
                     self._sync = open_ledger_sync(self.url, **self.settings)
             return self._sync
 
+    def lifecycle(self) -> Lifecycle:
+        ledger = self.ledger()
+        with self._lock:
+            if self._life is None:
+                self._life = Lifecycle(ledger, log=log)
+            return self._life
+
+    def sync_lifecycle(self) -> SyncLifecycle:
+        sync = self.sync()
+        with self._lock:
+            if self._sync_life is None:
+                self._sync_life = SyncLifecycle(sync, log=log)
+            return self._sync_life
+
 
 _runtime: _Runtime | None = None
 
 
-def configure(store: str | None = None, *, ledger: Ledger | None = None, **settings: Any) -> None:
+def configure(
+    store: str | None = None, *, ledger: Ledger | None = None, mode: Mode | None = None, **settings: Any
+) -> None:
     """Choose the ledger for @metered: a store URL (default `$CYCLES_STORE` or `sqlite:///cycles.db`),
-    or an already open `Ledger`. Extra settings go to `open_ledger`."""
+    or an already open `Ledger`; and the mode of every @metered function that names none (default
+    `$CYCLES_MODE`, else enforce). Extra settings go to `open_ledger`."""
     global _runtime
-    _runtime = _Runtime(store, ledger, **settings)
+    _runtime = _Runtime(store, ledger, _mode(mode, "configure"), **settings)
 
 
 def _rt() -> _Runtime:
@@ -128,6 +166,12 @@ class _Meter:
     idempotency_key: str | Callable[..., str] | None
     ttl_ms: int | None
     heartbeat: bool
+    mode: Mode | None
+
+    def shadow(self) -> bool:
+        """The decorator's mode, else configure()'s, else $CYCLES_MODE's, else enforce."""
+        mode = self.mode or _rt().mode or _mode(os.environ.get(MODE_ENV), f"${MODE_ENV}") or "enforce"
+        return mode == "shadow"
 
     def plan(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Subject, Action, Amount, str | None]:
         subject = self.subject or current_subject()
@@ -144,11 +188,12 @@ class _Meter:
             return estimate
         return _resolve(self.actual, estimate.unit, lambda: self.actual(result), "actual")  # type: ignore[misc,operator]
 
-    def check(self, r: ReserveResult, estimate: Amount) -> None:
-        """Turn a DENY, or caps that forbid this tool, into BudgetDenied."""
+    def refusal(self, hold: Hold) -> BudgetDenied | None:
+        """What enforcement raises for this hold: a DENY, or caps that forbid this tool (None: it may run)."""
+        r, estimate = hold.result, hold.estimate
         if r.decision is Decision.DENY:
             left = format_amount(r.remaining, estimate.unit) if r.remaining is not None else "unknown"
-            raise BudgetDenied(
+            return BudgetDenied(
                 f"{self.name} denied ({r.reason_code}) at {r.scope}: remaining {left}, needs {estimate}",
                 reason_code=r.reason_code or "BUDGET_EXCEEDED",
                 scope=r.scope,
@@ -157,8 +202,6 @@ class _Meter:
                 unit=estimate.unit.value,
                 caps=r.caps.model_dump(exclude_none=True) if r.caps else None,
             )
-
-    def denied_by_caps(self, r: ReserveResult, estimate: Amount) -> BudgetDenied | None:
         if r.caps is not None and not r.caps.allows_tool(self.name):
             return BudgetDenied(
                 f"{self.name} is not allowed by the caps on {r.scope_path}",
@@ -170,140 +213,120 @@ class _Meter:
             )
         return None
 
-
-def _key_opts(key: str | None, ttl_ms: int | None) -> dict[str, Any]:
-    opts: dict[str, Any] = {}
-    if key is not None:
-        opts["idempotency_key"] = key
-    if ttl_ms is not None:
-        opts["ttl_ms"] = ttl_ms
-    return opts
+    def note(self, hold: Hold) -> dict[str, Any]:
+        """The data of a shadow `would_deny` decided here, not by the ledger (a tool the caps forbid)."""
+        data: dict[str, Any] = {"action": {"kind": self.kind, "name": self.name}, "estimate": hold.estimate.amount}
+        if hold.result.caps is not None:
+            data["caps"] = hold.result.caps.model_dump(exclude_none=True)
+        return data
 
 
-def _ttl(r: ReserveResult, meter: _Meter) -> float:
-    ttl_ms = r.remaining_ttl_ms or meter.ttl_ms or 60_000
-    return max(ttl_ms / 2 / 1000, 0.05)
+def _shadow_key(key: str | None) -> str | None:
+    """A shadow evaluation's key lives apart from enforce's, so switching modes never replays the other's answer."""
+    if key is None:
+        return None
+    shadow = f"shadow:{key}"
+    return (
+        shadow if len(shadow) <= 256 else f"shadow:{hashlib.sha256(key.encode('utf-8', 'surrogatepass')).hexdigest()}"
+    )
+
+
+def _unmetered(meter: _Meter, exc: CyclesError) -> None:
+    log.warning("cycles shadow: %s runs unmetered (%s): %s", meter.name, exc.code, exc.message)
 
 
 async def _run_async(
     meter: _Meter, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
-    subject, action, estimate, key = meter.plan(args, kwargs)
-    ledger = _rt().ledger()
-    r = await ledger.reserve(subject, action, estimate, **_key_opts(key, meter.ttl_ms))
-    meter.check(r, estimate)
-    rid = r.reservation_id or ""
-    refused = meter.denied_by_caps(r, estimate)
+    shadow = meter.shadow()
+    try:
+        subject, action, estimate, key = meter.plan(args, kwargs)
+        life = _rt().lifecycle()
+        hold = await life.reserve(
+            subject,
+            action,
+            estimate,
+            shadow=shadow,
+            idempotency_key=_shadow_key(key) if shadow else key,
+            ttl_ms=meter.ttl_ms,
+            heartbeat=meter.heartbeat,
+            label=meter.name,
+        )
+        refused = meter.refusal(hold)
+        if refused is not None and shadow:
+            await _note_async(life, meter, refused, hold)
+            refused = None
+    except CyclesError as exc:
+        if not shadow:
+            raise
+        _unmetered(meter, exc)  # shadow never blocks: not for a missing subject, nor for a ledger that is away
+        return await fn(*args, **kwargs)
     if refused is not None:
-        await ledger.release(rid, reason="tool denied by caps")
+        await life.release(hold, "tool denied by caps")
         raise refused
-    beat = asyncio.get_running_loop().create_task(_beat_async(ledger, rid, _ttl(r, meter))) if meter.heartbeat else None
-    token = _caps_var.set(r.caps)
-    try:
-        result = await fn(*args, **kwargs)
-    except BaseException:
-        await asyncio.shield(_release_async(ledger, rid))
-        raise
-    finally:
-        _caps_var.reset(token)
-        if beat is not None:
-            beat.cancel()
-    try:
-        actual = meter.actual_amount(result, estimate)
-    except BaseException:
-        # The body ran, so its cost is real: charge the estimate, then surface the broken `actual`.
-        await _commit_async(ledger, meter, rid, subject, action, estimate, key)
-        raise
-    await _commit_async(ledger, meter, rid, subject, action, actual, key)
-    return result
+
+    async def work() -> Any:
+        token = _caps_var.set(hold.caps)
+        try:
+            return await fn(*args, **kwargs)
+        finally:
+            _caps_var.reset(token)
+
+    return await life.call(hold, work, lambda result: meter.actual_amount(result, estimate), reason="tool raised")
 
 
-async def _beat_async(ledger: Ledger, rid: str, interval_s: float) -> None:
-    """Keep a long call's reservation alive: every half TTL, push expiry out by half a TTL."""
+async def _note_async(life: Lifecycle, meter: _Meter, refused: BudgetDenied, hold: Hold) -> None:
+    """Shadow: log the refusal enforcement would have made here (the caps forbid this tool) as would_deny."""
     try:
-        while True:
-            await asyncio.sleep(interval_s)
-            await ledger.extend(rid, max(int(interval_s * 1000), 1))
-    except asyncio.CancelledError:
-        raise
+        ledger = await life.ledger()
+        await ledger.note(hold.result.scope_path, refused.reason_code, would=True, data=meter.note(hold))
     except CyclesError as exc:
-        log.warning("cycles: heartbeat for %s stopped: %s", rid, exc)
-
-
-async def _release_async(ledger: Ledger, rid: str) -> None:
-    try:
-        await ledger.release(rid, reason="tool raised")
-    except CyclesError as exc:
-        log.warning("cycles: release of %s failed: %s", rid, exc)
-
-
-async def _commit_async(
-    ledger: Ledger, meter: _Meter, rid: str, subject: Subject, action: Action, actual: Amount, key: str | None
-) -> None:
-    try:
-        await ledger.commit(rid, actual)
-    except IdempotencyMismatchError:
-        pass  # a retry of a call already committed (same idempotency key): charged once
-    except (ReservationFinalizedError, ReservationExpiredError):
-        # The hold is gone (released by an earlier failed attempt under a reused key, or expired while
-        # the body ran) but the work happened: pay for it once, as a direct debit under the same key.
-        await ledger.record_event(subject, action, actual, idempotency_key=f"{key or rid}:late")
+        log.warning("cycles shadow: could not log would_deny %s of %s: %s", refused.reason_code, meter.name, exc)
 
 
 def _run_sync(meter: _Meter, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    subject, action, estimate, key = meter.plan(args, kwargs)
-    ledger = _rt().sync()
-    r = ledger.reserve(subject, action, estimate, **_key_opts(key, meter.ttl_ms))
-    meter.check(r, estimate)
-    rid = r.reservation_id or ""
-    refused = meter.denied_by_caps(r, estimate)
+    shadow = meter.shadow()
+    try:
+        subject, action, estimate, key = meter.plan(args, kwargs)
+        life = _rt().sync_lifecycle()
+        hold = life.reserve(
+            subject,
+            action,
+            estimate,
+            shadow=shadow,
+            idempotency_key=_shadow_key(key) if shadow else key,
+            ttl_ms=meter.ttl_ms,
+            heartbeat=meter.heartbeat,
+            label=meter.name,
+        )
+        refused = meter.refusal(hold)
+        if refused is not None and shadow:
+            _note_sync(life, meter, refused, hold)
+            refused = None
+    except CyclesError as exc:
+        if not shadow:
+            raise
+        _unmetered(meter, exc)
+        return fn(*args, **kwargs)
     if refused is not None:
-        ledger.release(rid, reason="tool denied by caps")
+        life.release(hold, "tool denied by caps")
         raise refused
-    stop = threading.Event()
-    beat = None
-    if meter.heartbeat:
-        beat = threading.Thread(target=_beat_sync, args=(ledger, rid, _ttl(r, meter), stop), daemon=True)
-        beat.start()
-    token = _caps_var.set(r.caps)
-    try:
-        result = fn(*args, **kwargs)
-    except BaseException:
+
+    def work() -> Any:
+        token = _caps_var.set(hold.caps)
         try:
-            ledger.release(rid, reason="tool raised")
-        except CyclesError as exc:
-            log.warning("cycles: release of %s failed: %s", rid, exc)
-        raise
-    finally:
-        _caps_var.reset(token)
-        stop.set()
+            return fn(*args, **kwargs)
+        finally:
+            _caps_var.reset(token)
+
+    return life.call(hold, work, lambda result: meter.actual_amount(result, estimate), reason="tool raised")
+
+
+def _note_sync(life: SyncLifecycle, meter: _Meter, refused: BudgetDenied, hold: Hold) -> None:
     try:
-        actual = meter.actual_amount(result, estimate)
-    except BaseException:
-        _commit_sync(ledger, rid, subject, action, estimate, key)
-        raise
-    _commit_sync(ledger, rid, subject, action, actual, key)
-    return result
-
-
-def _commit_sync(
-    ledger: SyncLedger, rid: str, subject: Subject, action: Action, actual: Amount, key: str | None
-) -> None:
-    try:
-        ledger.commit(rid, actual)
-    except IdempotencyMismatchError:
-        pass
-    except (ReservationFinalizedError, ReservationExpiredError):
-        ledger.record_event(subject, action, actual, idempotency_key=f"{key or rid}:late")
-
-
-def _beat_sync(ledger: SyncLedger, rid: str, interval_s: float, stop: threading.Event) -> None:
-    while not stop.wait(interval_s):
-        try:
-            ledger.extend(rid, max(int(interval_s * 1000), 1))
-        except CyclesError as exc:
-            log.warning("cycles: heartbeat for %s stopped: %s", rid, exc)
-            return
+        life.ledger.note(hold.result.scope_path, refused.reason_code, would=True, data=meter.note(hold))
+    except CyclesError as exc:
+        log.warning("cycles shadow: could not log would_deny %s of %s: %s", refused.reason_code, meter.name, exc)
 
 
 def metered(
@@ -317,14 +340,17 @@ def metered(
     idempotency_key: str | Callable[..., str] | None = None,
     ttl_ms: int | None = None,
     heartbeat: bool = True,
+    mode: Mode | None = None,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Meter a sync or async function: reserve `estimate` before it runs, commit `actual` after.
 
     `estimate` is an Amount, text (`"0.02usd"`), an int in `unit`, or a callable of the call's
     arguments; `actual` likewise, or a callable of the result. `idempotency_key` (text or a callable of
-    the arguments) makes a retried call charge once. Generators are refused: their cost is not known
-    when they return.
+    the arguments) makes a retried call charge once. `mode="shadow"` only records what enforcement would
+    do (default: `configure(mode=...)`, else `$CYCLES_MODE`, else enforce). Generators are refused: their
+    cost is not known when they return.
     """
+    mode_ = _mode(mode, "@metered")
     try:
         unit_ = Unit(unit)
     except ValueError:
@@ -339,7 +365,9 @@ def metered(
     def decorate(fn: Callable[P, R]) -> Callable[P, R]:
         if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
             raise TypeError(f"@metered cannot wrap generator {fn.__qualname__}: meter the function that consumes it")
-        meter = _Meter(kind, name or fn.__qualname__, estimate, actual, unit_, subj, idempotency_key, ttl_ms, heartbeat)
+        meter = _Meter(
+            kind, name or fn.__qualname__, estimate, actual, unit_, subj, idempotency_key, ttl_ms, heartbeat, mode_
+        )
         if inspect.iscoroutinefunction(fn):
 
             @functools.wraps(fn)

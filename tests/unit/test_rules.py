@@ -4,6 +4,7 @@ suite and the Redis rule vectors test the same rules once more, through the oper
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -27,8 +28,8 @@ from cycles_ledger.rules import BudgetState, ReservationState
 USD, TOK = "USD_MICROCENTS", "TOKENS"
 
 
-def b(scope: str, allocated: int, unit: str = USD, **kw: object) -> BudgetState:
-    return BudgetState(scope, unit, allocated, **kw)  # type: ignore[arg-type]
+def b(scope: str, allocated: int, unit: str = USD, **kw: Any) -> BudgetState:
+    return BudgetState(scope, unit, allocated, **kw)
 
 
 def res(**kw: object) -> ReservationState:
@@ -61,12 +62,13 @@ def test_the_tightest_scope_decides_and_hard_denials_come_first() -> None:
     assert (ev.decision, ev.scope, ev.remaining) == (Decision.ALLOW, "tenant:t/agent:a", 200)
     ev = rules.evaluate_reserve([top, low], 250)
     assert (ev.decision, ev.reason_code, ev.scope) == (Decision.DENY, "BUDGET_EXCEEDED", "tenant:t/agent:a")
-    for field, value, code in [
+    cases: list[tuple[str, Any, str]] = [
         ("status", "CLOSED", "BUDGET_CLOSED"),
         ("status", "FROZEN", "BUDGET_FROZEN"),
         ("is_over_limit", True, "OVERDRAFT_LIMIT_EXCEEDED"),
         ("debt", 1, "DEBT_OUTSTANDING"),
-    ]:
+    ]
+    for field, value, code in cases:
         bad = dataclasses.replace(top, **{field: value})
         assert rules.evaluate_reserve([bad, low], 1).reason_code == code
 
@@ -113,7 +115,7 @@ def test_evaluate_units_any_unit_denies_and_names_itself() -> None:
 
 
 def test_settle_under_each_policy() -> None:
-    def held(alloc: int, **kw: object) -> BudgetState:
+    def held(alloc: int, **kw: Any) -> BudgetState:
         x = b("tenant:t", alloc, **kw)
         x.reserved = 100
         return x

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
-__all__ = ["action_kind", "action_name", "chunk_text", "usd_to_microcents"]
+__all__ = ["action_kind", "action_name", "chunk_text", "usage_tokens", "usd_to_microcents"]
 
 
 def usd_to_microcents(value: Any) -> int:
@@ -104,3 +104,19 @@ def _sse_texts(raw: bytes) -> list[str]:
             except ValueError:
                 continue
     return out
+
+
+def usage_tokens(response: Any) -> int | None:
+    """Tokens a response reports it used (prompt + output, any route's field names); None without usage."""
+    usage = _get(response, "usage")
+    if usage is None:
+        return None
+    total = _get(usage, "total_tokens")
+    if isinstance(total, int) and total > 0:
+        return total
+    # Anthropic's input_tokens leave out the cached part of the prompt, which it reports on its own.
+    names = ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens")
+    names += ("cache_creation_input_tokens", "cache_read_input_tokens")
+    parts = [_get(usage, k) for k in names]
+    counted = [p for p in parts if isinstance(p, int) and p >= 0]
+    return sum(counted) if counted else None

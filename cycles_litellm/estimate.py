@@ -36,6 +36,7 @@ from .settings import Settings
 
 __all__ = [
     "CAP_FIELDS",
+    "token_hold",
     "IMAGE_TOKENS",
     "MIN_CAP",
     "Estimate",
@@ -783,6 +784,17 @@ def _unit_priced(group: str, data: Mapping[str, Any], kind: str, settings: Setti
             best = est
     assert best is not None
     return best
+
+
+_NOT_IN_TOKENS = frozenset({"image", "speech", "transcription", "rerank"})
+
+
+def token_hold(est: Estimate, kind: str) -> int | None:
+    """The most tokens the call can use (the prompt plus every answer at its cap), held on TOKENS budgets
+    next to the dollars; None on routes that are not counted in tokens (`kind` is the route's kind)."""
+    if kind in _NOT_IN_TOKENS:
+        return None
+    return est.input_tokens + est.output_cap * est.outputs
 
 
 def cost_of_usage(prompt_tokens: int, completion_tokens: int, price: Price) -> int:

@@ -26,9 +26,9 @@ import openai
 import pytest
 
 from cycles_ledger import Amount, Unit
+from cycles_litellm import fake_provider as fake
 from cycles_litellm.fake_provider import FakeUpstream, RecordedRequest
 from cycles_litellm.launch import REPO_ROOT, LiteLLMProxy, litellm_config_without_callbacks
-from tests.e2e import fake_upstream as fake
 from tests.e2e.conftest import ProxyFactory
 
 ROUTES_CONFIG = REPO_ROOT / "configs" / "litellm-routes.yaml"

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import dataclasses
 import functools
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,23 +25,18 @@ from litellm.integrations.custom_logger import CustomLogger
 from cycles_ledger import (
     Action,
     Amount,
-    BudgetExceededError,
     CyclesError,
     Decision,
     IdempotencyMismatchError,
     InvalidRequestError,
     Ledger,
-    NotFoundError,
-    OveragePolicy,
-    OverdraftLimitExceededError,
-    ReservationExpiredError,
-    ReservationFinalizedError,
     StoreUnavailableError,
     Subject,
     Unit,
     format_amount,
     open_ledger,
 )
+from cycles_ledger.lifecycle import Hold, HoldState, Lifecycle
 
 from .calls import action_kind, action_name, chunk_text, usd_to_microcents
 from .estimate import (
@@ -75,18 +69,12 @@ _FAILURE_GRACE_S = 30.0  # a failed attempt may still be retried or fall back in
 @dataclass
 class _Pending:
     call_id: str
-    reservation_id: str | None  # None in shadow mode: nothing is held, spend is recorded as an event
-    subject: Subject
-    action: Action
+    hold: Hold  # in shadow mode nothing is held: the spend is recorded as a debit
     estimate: Estimate
     group: str
-    shadow: bool
     kind: str = "chat"
     request_id: str = ""  # this request's own id: a client may send the same call id twice
     streamed: list[str] = field(default_factory=list)
-    # The key of a direct debit of this call (shadow, or a hold that is gone): one per call, whatever its
-    # call id (which a client may repeat, or make longer than a key may be).
-    debit_key: str = field(default_factory=lambda: f"actual:{uuid.uuid4().hex}")
 
 
 _ANTHROPIC_CALL_TYPES = frozenset({"anthropic_messages", "aanthropic_messages"})
@@ -203,6 +191,8 @@ class CyclesCallback(CustomLogger):
         self._flushing = False
         self.counters: collections.Counter[str] = collections.Counter()
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Reserve, heartbeat and settle as every other edge does; its retries and refusals count here.
+        self.lifecycle = Lifecycle(self.ledger, retries=self.settings.settle_retries, counters=self.counters, log=log)
 
     async def ledger(self) -> Ledger:
         if self._ledger is None:
@@ -293,19 +283,24 @@ class CyclesCallback(CustomLogger):
         metadata: dict[str, Any] = {"model_group": group, "call_type": call_type, "input_tokens": est.input_tokens}
         if client_id:
             metadata["request"] = request_id
+        # The key of a direct debit of this call (shadow, or a hold that is gone): one per call, whatever its call
+        # id (which a client may repeat, or make longer than a key may be); an id LiteLLM made is unique, and what
+        # a reader looks for.
+        debit_key = f"actual:{call_id}" if not client_chosen and len(call_id) <= 200 else f"actual:{uuid.uuid4().hex}"
         try:
-            ledger = await self.ledger()
-            r = await ledger.reserve(
+            hold = await self.lifecycle.reserve(
                 subject,
                 action,
                 Amount(unit=_USD, amount=est.amount),
+                shadow=shadow,
                 idempotency_key=call_id,
                 # LiteLLM made the call id (a fresh UUID) unless the client sent x-litellm-call-id: only a
                 # client's id can come again, so only then is the replay record worth its cost.
                 key_is_unique=not client_id,
+                debit_key=debit_key,
+                label=call_id,
                 ttl_ms=self.settings.ttl_ms,
                 overage_policy=self.settings.overage_policy,
-                dry_run=shadow,
                 soft_landing=soft,
                 metadata=metadata,
             )
@@ -319,6 +314,7 @@ class CyclesCallback(CustomLogger):
             )
         if self._backlog and not self._flushing:  # the ledger is back: write the refusals that waited
             self._spawn(self._flush())
+        r = hold.result
         headers = {"x-cycles-decision": r.decision.value, "x-cycles-scope": r.scope or subject.scope_path}
         if r.remaining is not None:
             headers["x-cycles-remaining"] = format_amount(r.remaining - (r.reserved.amount if r.reserved else 0), _USD)
@@ -369,10 +365,7 @@ class CyclesCallback(CustomLogger):
             self._remember_headers(
                 call_id, headers | ({"x-cycles-reservation-id": r.reservation_id} if r.reservation_id else {})
             )
-        pending = _Pending(call_id, r.reservation_id, subject, action, est, group, shadow, route.kind, request_id)
-        if not client_chosen and len(call_id) <= 200:  # an id LiteLLM made: unique, and what a reader looks for
-            pending.debit_key = f"actual:{call_id}"
-        self._pending[call_id] = pending
+        self._pending[call_id] = _Pending(call_id, hold, est, group, route.kind, request_id)
         return data
 
     async def async_pre_call_deployment_hook(self, kwargs: dict[str, Any], call_type: Any) -> dict[str, Any] | None:
@@ -468,12 +461,11 @@ class CyclesCallback(CustomLogger):
             while self._backlog:
                 s, r, w, d = self._backlog[0]
 
-                async def attempt(s: str = s, r: str = r, w: bool = w, d: dict[str, Any] = d) -> bool:
+                async def attempt(s: str = s, r: str = r, w: bool = w, d: dict[str, Any] = d) -> None:
                     await (await self.ledger()).note(s, r, would=w, data=d)
-                    return True
 
                 try:
-                    if not await self._retrying("note", str(d.get("call_id")), attempt):
+                    if not await self.lifecycle.retry("note", str(d.get("call_id")), attempt):
                         log.warning("cycles: %d refusal(s) wait for the ledger to be logged", len(self._backlog))
                         return
                 except CyclesError as exc:  # a note must never fail a request; say why it is missing
@@ -581,10 +573,9 @@ class CyclesCallback(CustomLogger):
         A retry or fallback that still succeeds later (a long Retry-After, a slow model) is then recorded as
         a direct debit of its real cost instead of being lost; the entry goes after the reservation TTL."""
         pending = self._pending.get(call_id)
-        if pending is None or pending.reservation_id is None:
+        if pending is None or pending.hold.state is not HoldState.HELD:
             return
-        rid, pending.reservation_id = pending.reservation_id, None  # from now on a success debits directly
-        await self._release(pending, "call failed", rid)
+        await self._release(pending, "call failed")  # from now on a success debits directly
 
         def forget() -> None:
             if self._pending.get(call_id) is pending:
@@ -620,79 +611,12 @@ class CyclesCallback(CustomLogger):
         )
 
     async def _settle(self, pending: _Pending, actual: int, metrics: dict[str, Any]) -> None:
-        """Commit (or, in shadow mode, record) the actual cost, retrying while the ledger is away."""
-        amount = Amount(unit=_USD, amount=actual)
+        """Commit the actual cost (in shadow mode, or once the hold is gone: debit it), retrying while the
+        ledger is away; the lifecycle logs and counts what it cannot record."""
+        await self.lifecycle.commit(pending.hold, Amount(unit=_USD, amount=actual), metrics=metrics)
 
-        async def attempt() -> bool:
-            nonlocal pending
-            ledger = await self.ledger()
-            try:
-                if pending.reservation_id is None:
-                    # Shadow records every unit of what the call cost, past the budget as debt, so the
-                    # balances show how far enforcement would have let it go; a real call whose hold is
-                    # gone is debited under the configured overage policy.
-                    policy = OveragePolicy.RECORD_ALL if pending.shadow else self.settings.overage_policy
-                    await ledger.record_event(
-                        pending.subject,
-                        pending.action,
-                        amount,
-                        overage_policy=policy,
-                        idempotency_key=pending.debit_key,
-                        metrics=metrics,
-                    )
-                else:
-                    try:
-                        await ledger.commit(pending.reservation_id, amount, metrics=metrics)
-                    except (BudgetExceededError, OverdraftLimitExceededError) as exc:
-                        # The overage policy refuses the overage (REJECT, or an overdraft past its limit):
-                        # charge what was held rather than leave the hold to expire with nothing charged.
-                        held = Amount(unit=_USD, amount=min(actual, pending.estimate.amount))
-                        log.warning("cycles: %s: %s; committing the %s held", pending.call_id, exc.message, held)
-                        self.counters["settle_capped"] += 1
-                        await ledger.commit(pending.reservation_id, held, metrics=metrics)
-            except (ReservationFinalizedError, IdempotencyMismatchError):
-                pass  # another path settled it first
-            except ReservationExpiredError:
-                # The hold is gone but the spend happened: record it as a direct debit next.
-                pending = dataclasses.replace(pending, reservation_id=None)
-                return False
-            except NotFoundError:
-                log.info("cycles: no budget for %s; spend of %s not recorded", pending.subject.scope_path, amount)
-            except StoreUnavailableError:
-                raise
-            except CyclesError as exc:  # a frozen or closed budget, a refused debit: say so, never crash
-                self.counters["settle_refused"] += 1
-                log.error("cycles: the ledger refused the spend of %s (%s): %s", pending.call_id, exc.code, exc.message)
-            return True
-
-        if not await self._retrying("settle", pending.call_id, attempt):
-            log.error("cycles: could not settle %s; its hold expires with the reservation TTL", pending.call_id)
-
-    async def _release(self, pending: _Pending, reason: str, rid: str | None = None) -> None:
-        rid = rid or pending.reservation_id
-        if rid is None:
-            return
-
-        async def attempt() -> bool:
-            # Already settled, or expired: either way nothing is held any more.
-            with contextlib.suppress(ReservationFinalizedError, ReservationExpiredError, IdempotencyMismatchError):
-                await (await self.ledger()).release(rid, reason=reason[:256])
-            return True
-
-        await self._retrying("release", pending.call_id, attempt)
-
-    async def _retrying(self, what: str, call_id: str, attempt: Callable[[], Awaitable[bool]]) -> bool:
-        """Run `attempt` until it reports done, backing off while the ledger is unreachable; count both."""
-        for n in range(self.settings.settle_retries + 1):
-            try:
-                if await attempt():
-                    return True
-            except StoreUnavailableError as exc:
-                self.counters["settle_retries"] += 1
-                log.warning("cycles: %s of %s failed (%s), attempt %d", what, call_id, exc, n + 1)
-                await asyncio.sleep(0.2 * 2**n)
-        self.counters["settle_failures"] += 1
-        return False
+    async def _release(self, pending: _Pending, reason: str) -> None:
+        await self.lifecycle.release(pending.hold, reason)
 
 
 def _count_text(pending: _Pending, text: str) -> int:

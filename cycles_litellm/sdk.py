@@ -17,8 +17,11 @@ streams whose consumer stops early (no event reports the partial output).
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import litellm
@@ -39,6 +42,7 @@ from cycles_ledger import (
     open_ledger_sync,
 )
 from cycles_ledger.context import current_subject
+from cycles_ledger.lifecycle import Hold, HoldState, Lifecycle, SyncLifecycle
 
 from .calls import action_kind, action_name, chunk_text, usd_to_microcents
 from .estimate import Estimate, PriceUnknown, cost_of_usage, estimate_call, price_of_group, soft_landing
@@ -47,7 +51,14 @@ from .settings import Settings, load_settings
 
 __all__ = ["CyclesGate", "Guard", "acompletion", "aembedding", "completion", "configure"]
 
+log = logging.getLogger("cycles_litellm")
+
 _USD = Unit.USD_MICROCENTS
+_SOFT_LANDING = frozenset({"acompletion", "completion"})  # calls whose output a smaller max_tokens can cap
+
+
+def _usd(amount: int) -> Amount:
+    return Amount(unit=_USD, amount=amount)
 
 
 def _subject(explicit: Any, kwargs: Mapping[str, Any], settings: Settings) -> Subject:
@@ -107,6 +118,8 @@ class Guard:
         self._store = store
         self._ledger = ledger
         self._sync: SyncLedger | None = None
+        self._life: Lifecycle | None = None
+        self._sync_life: SyncLifecycle | None = None
 
     def _url(self) -> str:
         return self._store or self.settings.store_url()
@@ -121,9 +134,18 @@ class Guard:
             self._sync = open_ledger_sync(self._url(), allow_unbudgeted=self.settings.ledger_allows_unbudgeted())
         return self._sync
 
-    def _plan(
-        self, call_type: str, kwargs: dict[str, Any], subject: Any
-    ) -> tuple[Subject, Action, Estimate, str, dict[str, Any]]:
+    def lifecycle(self) -> Lifecycle:
+        """The settle flow every async call (and `CyclesGate`) goes through."""
+        if self._life is None:
+            self._life = Lifecycle(self.ledger(), retries=self.settings.settle_retries, log=log)
+        return self._life
+
+    def sync_lifecycle(self) -> SyncLifecycle:
+        if self._sync_life is None:
+            self._sync_life = SyncLifecycle(self.sync_ledger(), retries=self.settings.settle_retries, log=log)
+        return self._sync_life
+
+    def _plan(self, call_type: str, kwargs: dict[str, Any], subject: Any) -> tuple[Subject, Action, Estimate, str]:
         group = str(kwargs.get("model"))
         subj = _subject(subject, kwargs, self.settings)
         route = classify(call_type)
@@ -135,35 +157,55 @@ class Guard:
             est = estimate_call(group, kwargs, route.kind, self.settings)
         except PriceUnknown as exc:
             raise BudgetDenied(str(exc), reason_code="PRICE_UNKNOWN", scope=subj.scope_path) from None
-        action = Action(kind=action_kind(route.kind), name=action_name(est.model))
-        return subj, action, est, group, {"idempotency_key": f"sdk:{uuid.uuid4().hex}", "ttl_ms": self.settings.ttl_ms}
+        return subj, Action(kind=action_kind(route.kind), name=action_name(est.model)), est, group
 
-    def _apply(self, r: ReserveResult, est: Estimate, kwargs: dict[str, Any]) -> None:
+    def _options(self, call_type: str, est: Estimate, key: str) -> dict[str, Any]:
+        """Reserve options shared by the async and sync calls and the gate."""
+        soft = soft_landing(est, self.settings.min_output_tokens) if call_type in _SOFT_LANDING else None
+        return {
+            "idempotency_key": key,
+            "label": key,
+            "ttl_ms": self.settings.ttl_ms,
+            "overage_policy": self.settings.overage_policy,
+            "soft_landing": soft,
+        }
+
+    def _apply(self, hold: Hold, est: Estimate, kwargs: dict[str, Any]) -> None:
+        r = hold.result
         if r.decision is Decision.DENY:
             raise _denied(r, est.amount)
         if r.decision is Decision.ALLOW_WITH_CAPS and r.caps and r.caps.max_tokens is not None and est.cap_field:
             kwargs[est.cap_field] = max(1, min(r.caps.max_tokens, est.output_cap))
 
-    async def acall(self, call_type: str, fn: Any, kwargs: dict[str, Any], subject: Any = None) -> Any:
-        subj, action, est, group, opts = self._plan(call_type, kwargs, subject)
-        ledger = self.ledger()
-        soft = soft_landing(est, self.settings.min_output_tokens) if call_type == "acompletion" else None
-        r = await ledger.reserve(subj, action, Amount(unit=_USD, amount=est.amount), soft_landing=soft, **opts)
-        self._apply(r, est, kwargs)
-        rid = r.reservation_id or ""
-        if kwargs.get("stream"):
-            kwargs["stream_options"] = {**(kwargs.get("stream_options") or {}), "include_usage": True}
-        try:
-            response = await fn(**kwargs)
-        except BaseException:
-            await asyncio.shield(ledger.release(rid, reason="call failed"))
-            raise
-        if kwargs.get("stream"):
-            return self._stream(response, rid, est, group)
-        await ledger.commit(rid, Amount(unit=_USD, amount=_actual(response, est, group, self.settings)))
-        return response
+    async def reserve(
+        self, call_type: str, kwargs: dict[str, Any], subject: Any = None, key: str | None = None
+    ) -> tuple[Hold, Estimate, str]:
+        """Reserve the worst case of one call (raising BudgetDenied on DENY) and clamp `kwargs` to its caps."""
+        subj, action, est, group = self._plan(call_type, kwargs, subject)
+        key = key or f"sdk:{uuid.uuid4().hex}"
+        hold = await self.lifecycle().reserve(subj, action, _usd(est.amount), **self._options(call_type, est, key))
+        self._apply(hold, est, kwargs)
+        return hold, est, group
 
-    async def _stream(self, stream: Any, rid: str, est: Estimate, group: str) -> AsyncIterator[Any]:
+    async def acall(self, call_type: str, fn: Any, kwargs: dict[str, Any], subject: Any = None) -> Any:
+        hold, est, group = await self.reserve(call_type, kwargs, subject)
+        life = self.lifecycle()
+        if not kwargs.get("stream"):
+            return await life.call(
+                hold,
+                lambda: fn(**kwargs),
+                lambda response: _usd(_actual(response, est, group, self.settings)),
+                reason="call failed",
+            )
+        kwargs["stream_options"] = {**(kwargs.get("stream_options") or {}), "include_usage": True}
+        try:
+            stream = await fn(**kwargs)
+        except BaseException as exc:
+            await asyncio.shield(life.release(hold, f"call failed: {type(exc).__name__}"))
+            raise
+        return self._stream(stream, hold, est, group)
+
+    async def _stream(self, stream: Any, hold: Hold, est: Estimate, group: str) -> AsyncIterator[Any]:
         """Yield the chunks; commit usage x price at the end, or prompt + output so far if abandoned."""
         parts: list[str] = []
         usage = None
@@ -184,24 +226,22 @@ class Guard:
                 actual = cost_of_usage(prompt, out, price_of_group(group, self.settings)[1])
             except PriceUnknown:
                 actual = est.amount
-            await asyncio.shield(self.ledger().commit(rid, Amount(unit=_USD, amount=actual)))
+            await asyncio.shield(self.lifecycle().commit(hold, _usd(actual)))
 
     def call(self, call_type: str, fn: Any, kwargs: dict[str, Any], subject: Any = None) -> Any:
         if kwargs.get("stream"):
             raise NotImplementedError("sync streaming is not metered; use cycles_litellm.acompletion(stream=True)")
-        subj, action, est, group, opts = self._plan(call_type, kwargs, subject)
-        ledger = self.sync_ledger()
-        soft = soft_landing(est, self.settings.min_output_tokens) if call_type == "completion" else None
-        r = ledger.reserve(subj, action, Amount(unit=_USD, amount=est.amount), soft_landing=soft, **opts)
-        self._apply(r, est, kwargs)
-        rid = r.reservation_id or ""
-        try:
-            response = fn(**kwargs)
-        except BaseException:
-            ledger.release(rid, reason="call failed")
-            raise
-        ledger.commit(rid, Amount(unit=_USD, amount=_actual(response, est, group, self.settings)))
-        return response
+        subj, action, est, group = self._plan(call_type, kwargs, subject)
+        life = self.sync_lifecycle()
+        key = f"sdk:{uuid.uuid4().hex}"
+        hold = life.reserve(subj, action, _usd(est.amount), **self._options(call_type, est, key))
+        self._apply(hold, est, kwargs)
+        return life.call(
+            hold,
+            lambda: fn(**kwargs),
+            lambda response: _usd(_actual(response, est, group, self.settings)),
+            reason="call failed",
+        )
 
 
 _default: Guard | None = None
@@ -233,38 +273,79 @@ def completion(*, cycles_subject: Any = None, **kwargs: Any) -> Any:
     return _guard().call("completion", litellm.completion, kwargs, cycles_subject)
 
 
+@dataclass
+class _GateCall:
+    hold: Hold
+    est: Estimate
+    group: str
+    task: asyncio.Task[Any] | None = None
+    on_done: Callable[[asyncio.Task[Any]], None] | None = None
+
+
 class CyclesGate(CustomLogger):
-    """For third-party code calling `litellm.acompletion` directly: `litellm.callbacks.append(CyclesGate())`."""
+    """For third-party code calling `litellm.acompletion` directly: `litellm.callbacks.append(CyclesGate())`.
+
+    LiteLLM reports a call's end in separate callbacks, so the hold made before the call is settled by
+    them. A call whose task is cancelled gets no callback at all: the gate then gives its hold back
+    itself (a success reported after that is still debited)."""
 
     def __init__(self, guard: Guard | None = None) -> None:
         super().__init__()
         self.guard = guard or _guard()
-        self._held: dict[str, tuple[str, Estimate, str]] = {}
+        self._held: dict[str, _GateCall] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     async def async_pre_call_deployment_hook(self, kwargs: dict[str, Any], call_type: Any) -> dict[str, Any]:
         call_id = str(kwargs.get("litellm_call_id") or uuid.uuid4().hex)
         ctype = str(getattr(call_type, "value", call_type))
-        subj, action, est, group, opts = self.guard._plan(ctype, kwargs, None)
-        opts["idempotency_key"] = f"gate:{call_id}"
-        r = await self.guard.ledger().reserve(subj, action, Amount(unit=_USD, amount=est.amount), **opts)
-        self.guard._apply(r, est, kwargs)
-        if r.reservation_id:
-            self._held[call_id] = (r.reservation_id, est, group)
+        hold, est, group = await self.guard.reserve(ctype, kwargs, None, key=f"gate:{call_id}")
+        if hold.state is HoldState.HELD:
+            self._pop(call_id)  # a retry of the same call id replays the same reservation
+            entry = _GateCall(hold, est, group, asyncio.current_task())
+            if entry.task is not None:
+                entry.on_done = functools.partial(self._task_done, call_id, entry)
+                entry.task.add_done_callback(entry.on_done)
+            self._held[call_id] = entry
         return kwargs
+
+    def _pop(self, call_id: str) -> _GateCall | None:
+        entry = self._held.pop(call_id, None)
+        if entry is not None and entry.task is not None and entry.on_done is not None:
+            entry.task.remove_done_callback(entry.on_done)  # a long-lived task must not collect callbacks
+            entry.task = None
+        return entry
+
+    def _task_done(self, call_id: str, entry: _GateCall, task: asyncio.Task[Any]) -> None:
+        """The task that made the call ended; cancelled, no LiteLLM callback will report it."""
+        entry.task = None
+        if not task.cancelled() or self._held.get(call_id) is not entry:
+            self.guard.lifecycle().stop_heartbeat(entry.hold)  # its callback is on the way
+            return
+        loop = asyncio.get_running_loop()
+        release = loop.create_task(self.guard.lifecycle().release(entry.hold, "call cancelled"))
+        self._tasks.add(release)
+        release.add_done_callback(self._tasks.discard)
+
+        def forget() -> None:
+            if self._held.get(call_id) is entry:
+                del self._held[call_id]
+
+        loop.call_later(self.guard.settings.ttl_ms / 1000, forget)
 
     async def async_log_success_event(
         self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
     ) -> None:
-        held = self._held.pop(str(kwargs.get("litellm_call_id")), None)
-        if held is not None:
-            rid, est, group = held
+        entry = self._pop(str(kwargs.get("litellm_call_id")))
+        if entry is not None:
             cost = kwargs.get("response_cost")
-            actual = usd_to_microcents(cost) if cost else _actual(response_obj, est, group, self.guard.settings)
-            await self.guard.ledger().commit(rid, Amount(unit=_USD, amount=actual))
+            actual = (
+                usd_to_microcents(cost) if cost else _actual(response_obj, entry.est, entry.group, self.guard.settings)
+            )
+            await self.guard.lifecycle().commit(entry.hold, _usd(actual))
 
     async def async_log_failure_event(
         self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
     ) -> None:
-        held = self._held.pop(str(kwargs.get("litellm_call_id")), None)
-        if held is not None:
-            await self.guard.ledger().release(held[0], reason="call failed")
+        entry = self._pop(str(kwargs.get("litellm_call_id")))
+        if entry is not None:
+            await self.guard.lifecycle().release(entry.hold, "call failed")

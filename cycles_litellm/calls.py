@@ -115,8 +115,14 @@ def usage_tokens(response: Any) -> int | None:
     if isinstance(total, int) and total > 0:
         return total
     # Anthropic's input_tokens leave out the cached part of the prompt, which it reports on its own.
-    names = ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens")
-    names += ("cache_creation_input_tokens", "cache_read_input_tokens")
+    names = (
+        "prompt_tokens",
+        "completion_tokens",
+        "input_tokens",
+        "output_tokens",
+        "cache_creation_input_tokens",
+        "cache_read_input_tokens",
+    )
     parts = [_get(usage, k) for k in names]
     counted = [p for p in parts if isinstance(p, int) and p >= 0]
     return sum(counted) if counted else None

@@ -37,6 +37,8 @@ from .models import (
     ExtendResult,
     LedgerEvent,
     OveragePolicy,
+    Period,
+    RateLimit,
     ReleaseResult,
     Reservation,
     ReservationStatus,
@@ -46,6 +48,7 @@ from .models import (
     Unit,
     parse_scope,
 )
+from .periods import duration_ms
 from .stores import Store, SupportsSweep, store_from_url
 from .stores.base import (
     BudgetCommand,
@@ -161,6 +164,70 @@ def _amount(value: AmountLike, what: str) -> Amount:
             f"{what} needs a unit: pass an Amount, a mapping {{unit, amount}} or text like '0.25usd'"
         )
     return _build(Amount, value, what)
+
+
+def _period(value: Period | Mapping[str, Any] | str | None) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if value == "" or value == {}:
+        return {}
+    if isinstance(value, str):
+        value = {"every": value}
+    return _build(Period, value, "period").spec()
+
+
+def _rate_limits(values: Sequence[RateLimit | Mapping[str, Any]] | None, unit: Unit) -> list[dict[str, Any]] | None:
+    """Each limit as stored: amount in the budget's unit, window in ms, on_exceed."""
+    if values is None:
+        return None
+    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Sequence):
+        raise InvalidRequestError("rate_limits must be a list such as [{amount: 5usd, window: 10m}]")
+    out = []
+    for value in values:
+        if isinstance(value, RateLimit):
+            out.append(value.model_dump())
+            continue
+        if not isinstance(value, Mapping):
+            raise InvalidRequestError(f"each rate limit is a mapping with amount and window, got {value!r}")
+        raw = dict(value)
+        unknown = set(raw) - {"amount", "window", "window_ms", "on_exceed"}
+        if unknown:
+            raise InvalidRequestError(f"unknown rate limit key(s) {', '.join(sorted(unknown))}")
+        amt = raw.get("amount")
+        if not isinstance(amt, int) or isinstance(amt, bool):
+            parsed = _amount(amt if isinstance(amt, (str, Mapping, Amount)) else str(amt), "rate limit amount")
+            if parsed.unit is not unit:
+                raise InvalidRequestError(f"rate limit amount is in {parsed.unit.value}, the budget in {unit.value}")
+            amt = parsed.amount
+        window = raw.get("window_ms", raw.get("window"))
+        if window is None:
+            raise InvalidRequestError("a rate limit needs a window such as 10m")
+        lim = _build(
+            RateLimit,
+            {
+                "amount": amt,
+                "window_ms": duration_ms(window, "rate limit window"),
+                "on_exceed": raw.get("on_exceed", "throttle"),
+            },
+            "rate limit",
+        )
+        out.append(lim.model_dump())
+    return out
+
+
+def _alerts(values: Sequence[int | str] | None) -> list[int] | None:
+    """Thresholds in percent of the allocation: 80 or "80%" (1 to 1000)."""
+    if values is None:
+        return None
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise InvalidRequestError("alerts must be a list such as [50%, 80%, 100%]")
+    out = set()
+    for v in values:
+        text = str(v).strip().removesuffix("%").strip() if not isinstance(v, bool) else ""
+        if not text.isdigit() or not 1 <= int(text) <= 1000:
+            raise InvalidRequestError(f"alert threshold {v!r} is not a percentage from 1% to 1000%")
+        out.add(int(text))
+    return sorted(out)
 
 
 def _text(value: Any) -> str | None:
@@ -709,8 +776,17 @@ class Ledger:
         *,
         overdraft_limit: AmountLike | int | None = None,
         caps: Caps | Mapping[str, Any] | None = None,
+        period: Period | Mapping[str, Any] | str | None = None,
+        rate_limits: Sequence[RateLimit | Mapping[str, Any]] | None = None,
+        alerts: Sequence[int | str] | None = None,
     ) -> Balance:
-        """Create a budget or change its allocation (spent, reserved and debt are kept)."""
+        """Create a budget or change its allocation (spent, reserved and debt are kept).
+
+        `period` (`"daily"`, `"monthly"`, `{"every": "30d"}`, `{"every": "daily", "tz": "Europe/Paris"}`):
+        spent starts again from zero at each boundary. `rate_limits`: at most `amount` spent or held in
+        any sliding `window` (`{"amount": "5usd", "window": "10m", "on_exceed": "freeze"}`), else DENY
+        RATE_EXCEEDED. `alerts` (`[50, 80, 100]` or `["80%"]`): a `threshold_crossed` event once per period.
+        For these three, None keeps what the budget has and an empty value removes it."""
         amt = _amount(allocated, "allocated")
         limit = None
         if overdraft_limit is not None:
@@ -724,7 +800,20 @@ class Ledger:
         cap_dict = None
         if caps is not None:
             cap_dict = _build(Caps, caps, "caps").model_dump(exclude_none=True)
-        cmd = BudgetCommand("set", _scope(scope), amt.unit.value, amt.amount, limit, cap_dict)
+        timed = [name for name, v in (("period", period), ("rate_limits", rate_limits), ("alerts", alerts)) if v]
+        if timed and not self.store.time_policies:
+            raise ConfigError(f"{type(self.store).__name__} does not keep {', '.join(timed)} yet")
+        cmd = BudgetCommand(
+            "set",
+            _scope(scope),
+            amt.unit.value,
+            amt.amount,
+            limit,
+            cap_dict,
+            period=_period(period),
+            rate_limits=_rate_limits(rate_limits, amt.unit),
+            alerts=_alerts(alerts),
+        )
         return Balance.model_validate(await self.store.change_budget(cmd))
 
     async def fund(self, scope: str, amount: AmountLike) -> Balance:

@@ -30,6 +30,8 @@ __all__ = [
     "ExtendResult",
     "LedgerEvent",
     "OveragePolicy",
+    "Period",
+    "RateLimit",
     "ReleaseResult",
     "Reservation",
     "ReservationStatus",
@@ -318,6 +320,56 @@ class SoftLanding(_Model):
 # --- results -------------------------------------------------------------------------------------
 
 
+class Period(_Model):
+    """When a budget's spend starts again from zero: `every` daily, weekly (Mondays) or monthly (the 1st) at
+    local midnight in `tz`, or a fixed duration (`30d`, `12h`) counted from `anchor_ms` (default: the epoch).
+
+    Unsettled holds keep their amount across a boundary, and debt carries over (it still blocks until repaid).
+    """
+
+    every: Annotated[str, Field(min_length=1, max_length=32)]
+    tz: Annotated[str, Field(max_length=64)] = "UTC"
+    anchor_ms: Annotated[StrictInt, Field(ge=0, le=INT64_MAX)] | None = None
+
+    @field_validator("every")
+    @classmethod
+    def _every(cls, v: str) -> str:
+        from .periods import CALENDAR, duration_ms
+
+        if v not in CALENDAR:
+            duration_ms(v, "period")
+        return v
+
+    @field_validator("tz")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        from .periods import time_zone
+
+        time_zone(v)
+        return v
+
+    def spec(self) -> dict[str, Any]:
+        """The stored form `rules` and the stores read."""
+        from .periods import CALENDAR, duration_ms
+
+        if self.every in CALENDAR:
+            return {"every": self.every, "tz": self.tz}
+        return {"every_ms": duration_ms(self.every), "anchor_ms": self.anchor_ms or 0}
+
+
+class RateLimit(_Model):
+    """At most `amount` (the budget's unit) spent or held in any sliding `window_ms`.
+
+    `throttle` denies (RATE_EXCEEDED, with `retry_after_ms`) only until the window has room, so a loop
+    slows to the limit; `freeze` also freezes the budget, a circuit breaker a person resets with
+    `cycles budget unfreeze`.
+    """
+
+    amount: Annotated[StrictInt, Field(gt=0, le=INT64_MAX)]
+    window_ms: Annotated[StrictInt, Field(ge=1_000, le=31 * 86_400_000)]
+    on_exceed: Literal["throttle", "freeze"] = "throttle"
+
+
 class Balance(_Model):
     """One budget (scope, unit). Invariant: remaining = allocated - spent - reserved - debt."""
 
@@ -332,6 +384,12 @@ class Balance(_Model):
     is_over_limit: bool
     status: BudgetStatus
     caps: Caps | None = None
+    period: dict[str, Any] | None = None  # Period.spec()
+    period_start_ms: int | None = None
+    period_end_ms: int | None = None
+    rate_limits: list[RateLimit] | None = None
+    alerts: list[int] | None = None  # thresholds in percent of the allocation
+    burn: list[int] | None = None  # spent + held in each rate limit's current window (balances reads only)
 
 
 class ReserveResult(_Model):
@@ -350,6 +408,7 @@ class ReserveResult(_Model):
     remaining: int | None = None
     dry_run: bool = False
     balances: list[Balance] = []
+    retry_after_ms: int | None = None  # RATE_EXCEEDED: when the window has room again (None: never, too big)
     also_reserved: list[Amount] = []  # holds in other units taken in the same decision (`reserve(also=…)`)
     unit: Unit | None = None  # on a DENY decided by another unit's budget: the unit `remaining` counts in
 
@@ -368,6 +427,7 @@ class DecideResult(_Model):
     affected_scopes: list[str]
     balances: list[Balance] = []
     unit: Unit | None = None
+    retry_after_ms: int | None = None
 
 
 class CommitResult(_Model):

@@ -72,6 +72,51 @@ def _also_list(amounts: dict[str, int]) -> list[dict[str, Any]]:
     return [_amount(u, n) for u, n in amounts.items()]
 
 
+def _load(tx: Txn, now: int, scopes: list[str], unit: str | None = None, *, write: bool = True) -> list[BudgetState]:
+    """Budgets a write touches, their periods rolled over first: the first touch after a boundary resets
+    spent (and logs `period_reset` with the closed period's totals). A read (`write=False`) sees the rolled
+    state without writing it."""
+    budgets = tx.budgets(scopes, unit)
+    for b in budgets:
+        if b.period is not None:
+            closed = rules.roll_period(b, now)
+            if closed is not None and write:
+                tx.save_budgets([b])
+                tx.append_event(now, "period_reset", b.scope, b.unit, closed["spent"], None, None, closed)
+    return budgets
+
+
+def _after_charge(
+    tx: Txn, now: int, budgets: list[BudgetState], debts: dict[tuple[str, str], int], ref: str | None
+) -> None:
+    """Events a charge can cause: a threshold of the allocation crossed (once per period), new debt."""
+    for b in budgets:
+        if b.alerts:
+            for t in rules.crossed_thresholds(b):
+                data = {"threshold": t, "allocated": b.allocated, "spent": b.spent, "debt": b.debt}
+                tx.append_event(now, "threshold_crossed", b.scope, b.unit, b.spent + b.debt, ref, None, data)
+        before = debts.get((b.scope, b.unit), 0)
+        if b.debt > before:
+            data = {"debt": b.debt, "added": b.debt - before, "overdraft_limit": b.overdraft_limit}
+            tx.append_event(now, "debt", b.scope, b.unit, b.debt - before, ref, None, data)
+
+
+def _debts(budgets: list[BudgetState]) -> dict[tuple[str, str], int]:
+    return {(b.scope, b.unit): b.debt for b in budgets}
+
+
+def _window_add(tx: Txn, now: int, budgets: list[BudgetState], amounts: dict[str, int], ref: str) -> bool:
+    """Log a hold or charge in the spend window of every rate-limited budget; True if any was."""
+    logged = False
+    for b in budgets:
+        span = rules.window_span(b)
+        if span:
+            tx.window_prune(b.scope, b.unit, now - span)
+            tx.window_add(b.scope, b.unit, now, ref, amounts[b.unit])
+            logged = True
+    return logged
+
+
 def _load_holds(tx: Txn, holds: Iterable[tuple[str, list[str]]]) -> list[BudgetState]:
     out: list[BudgetState] = []
     for unit, scopes in holds:
@@ -110,10 +155,11 @@ def _replay(tx: Txn, op: str, scope: str, key: str, payload_hash: str) -> dict[s
 # --- reserve and decide ---------------------------------------------------------------------------
 
 
-def _evaluate(tx: Txn, cmd: ReserveCommand) -> tuple[rules.Evaluation, list[BudgetState]]:
-    """The decision and the budgets it holds on (every unit), before anything is written."""
+def _evaluate(tx: Txn, now: int, cmd: ReserveCommand, write: bool) -> tuple[rules.Evaluation, list[BudgetState]]:
+    """The decision and the budgets it holds on (every unit); only period roll-overs are written."""
     also = dict(cmd.also)
-    by_unit = rules.budgets_by_unit(tx.budgets(cmd.scopes), cmd.scopes, [cmd.unit, *also], cmd.allow_unbudgeted)
+    found = _load(tx, now, cmd.scopes, write=write)
+    by_unit = rules.budgets_by_unit(found, cmd.scopes, [cmd.unit, *also], cmd.allow_unbudgeted)
     if by_unit is None:
         ev = rules.Evaluation(Decision.DENY, reason_code="BUDGET_NOT_FOUND", scope=cmd.scopes[-1], unit=cmd.unit)
         return ev, []
@@ -122,6 +168,15 @@ def _evaluate(tx: Txn, cmd: ReserveCommand) -> tuple[rules.Evaluation, list[Budg
     held = list(by_unit[cmd.unit])
     for unit in ev.also:
         held += by_unit[unit]
+    if ev.decision is not Decision.DENY:
+        amounts = {cmd.unit: ev.amount, **ev.also}
+        for b in held:
+            span = rules.window_span(b)
+            if span:
+                denial = rules.check_rates(b, amounts[b.unit], tx.window(b.scope, b.unit, now - span), now)
+                if denial is not None:
+                    ev = denial
+                    break
     if ev.decision is Decision.DENY and ev.unit != cmd.unit:
         held += by_unit.get(ev.unit or "", [])
     return ev, held
@@ -139,11 +194,13 @@ def _decision_body(cmd: ReserveCommand, ev: rules.Evaluation) -> dict[str, Any]:
     }
     if ev.decision is Decision.DENY and ev.unit and ev.unit != cmd.unit:
         body["unit"] = ev.unit
+    if ev.reason_code == "RATE_EXCEEDED":
+        body["retry_after_ms"] = ev.retry_after_ms
     return body
 
 
 def decide(tx: Txn, now: int, cmd: ReserveCommand) -> dict[str, Any]:
-    ev, budgets = _evaluate(tx, cmd)
+    ev, budgets = _evaluate(tx, now, cmd, write=False)
     body = _decision_body(cmd, ev)
     body["balances"] = [b.as_balance() for b in budgets]
     return body
@@ -157,9 +214,9 @@ def reserve(tx: Txn, now: int, cmd: ReserveCommand) -> dict[str, Any]:
         if prior.get("expires_at_ms") is not None:
             prior["remaining_ttl_ms"] = max(0, prior["expires_at_ms"] - now)
         return _replayed(tx, prior, cmd.unit)
-    ev, budgets = _evaluate(tx, cmd)
+    ev, budgets = _evaluate(tx, now, cmd, write=True)
     if rules.retry_after_expiry(ev) and expire_due(tx, now, 1000):
-        ev, budgets = _evaluate(tx, cmd)  # overdue holds were still counted; look again without them
+        ev, budgets = _evaluate(tx, now, cmd, write=True)  # overdue holds still counted; look again
     body = _decision_body(cmd, ev)
     body["dry_run"] = cmd.dry_run
     if cmd.dry_run or ev.decision is Decision.DENY:
@@ -175,9 +232,17 @@ def reserve(tx: Txn, now: int, cmd: ReserveCommand) -> dict[str, Any]:
             info["caps"] = ev.caps
         if cmd.also:
             info["also"] = dict(cmd.also)
+        if ev.reason_code == "RATE_EXCEEDED":
+            info["retry_after_ms"] = ev.retry_after_ms
         unit = ev.unit or cmd.unit
         amount = cmd.estimate if unit == cmd.unit else dict(cmd.also)[unit]
         tx.append_event(now, kind, ev.scope or cmd.scopes[-1], unit, amount, None, ev.reason_code, info)
+        if ev.freeze and not cmd.dry_run:  # the circuit breaker: the scope stays shut until unfrozen
+            for b in budgets:
+                if b.scope == ev.scope and b.unit == unit:
+                    b.status = "FROZEN"
+                    tx.save_budgets([b])
+                    tx.append_event(now, "frozen", b.scope, b.unit, None, None, "RATE_EXCEEDED", {"by": "rate_limit"})
         if cmd.dry_run and cmd.payload_hash:
             _remember(tx, "reserve", first, cmd.idempotency_key, cmd.payload_hash, body)
         body["balances"] = [b.as_balance() for b in budgets]
@@ -191,6 +256,7 @@ def reserve(tx: Txn, now: int, cmd: ReserveCommand) -> dict[str, Any]:
         extra[unit] = {"amount": amount, "scopes": [b.scope for b in on], "charged": None}
     tx.save_budgets(budgets)
     rid = _new_id(now)
+    windowed = _window_add(tx, now, budgets, {cmd.unit: ev.amount, **ev.also}, rid)
     expires = now + cmd.ttl_ms
     budgeted = [b.scope for b in main]
     tx.insert_reservation(
@@ -212,6 +278,7 @@ def reserve(tx: Txn, now: int, cmd: ReserveCommand) -> dict[str, Any]:
             metadata_json=_JSON(cmd.metadata) if cmd.metadata else None,
             caps=ev.caps,
             extra=extra or None,
+            windowed=windowed,
         )
     )
     # The reservation row holds subject, action and scopes; the event only adds what it decided.
@@ -270,8 +337,10 @@ def _finalize(
 
 def _expire(tx: Txn, now: int, r: ReservationState) -> None:
     budgets: list[BudgetState] = []
+    if r.windowed:
+        tx.window_drop(r.reservation_id)
     for unit, amount, scopes in r.holds():
-        on = tx.budgets(scopes, unit)
+        on = _load(tx, now, scopes, unit)
         rules.unhold(on, amount)
         budgets += on
     tx.save_budgets(budgets)
@@ -299,19 +368,26 @@ def commit(tx: Txn, now: int, cmd: CommitCommand) -> dict[str, Any] | Failed:
             f"commit in {cmd.unit} for a reservation in {r.unit}", requested_unit=cmd.unit, expected_units=[r.unit]
         )
     policy = OveragePolicy(r.overage_policy)
-    budgets = tx.budgets(r.budgeted_scopes, r.unit)
+    budgets = _load(tx, now, r.budgeted_scopes, r.unit)
+    debts = _debts(budgets)
     charged, flagged = rules.settle(budgets, r.estimate, cmd.actual, policy)
     also_actual = dict(cmd.also)
     also_charged: dict[str, int] = {}
     flagged_units = [(s, r.unit) for s in flagged]
     for unit, h in (r.extra or {}).items():
         # A unit the commit does not name is charged what was held: the worst case stands.
-        on = tx.budgets(h["scopes"], unit)
+        on = _load(tx, now, h["scopes"], unit)
+        debts.update(_debts(on))
         also_charged[unit], more = rules.settle(on, h["amount"], also_actual.get(unit, h["amount"]), policy)
         h["charged"] = also_charged[unit]
         flagged_units += [(s, unit) for s in more]
         budgets += on
+    _after_charge(tx, now, budgets, debts, r.reservation_id)
     tx.save_budgets(budgets)
+    if r.windowed:
+        tx.window_set(r.reservation_id, r.unit, charged)
+        for unit, got in also_charged.items():
+            tx.window_set(r.reservation_id, unit, got)
     released = max(r.estimate - cmd.actual, 0)
     body: dict[str, Any] = {
         "reservation_id": cmd.reservation_id,
@@ -345,10 +421,12 @@ def release(tx: Txn, now: int, cmd: ReleaseCommand) -> dict[str, Any] | Failed:
         return r
     budgets: list[BudgetState] = []
     for unit, amount, scopes in r.holds():
-        on = tx.budgets(scopes, unit)
+        on = _load(tx, now, scopes, unit)
         rules.unhold(on, amount)
         budgets += on
     tx.save_budgets(budgets)
+    if r.windowed:
+        tx.window_drop(r.reservation_id)
     body: dict[str, Any] = {
         "reservation_id": cmd.reservation_id,
         "status": "RELEASED",
@@ -410,7 +488,8 @@ def record_event(tx: Txn, now: int, cmd: EventCommand) -> dict[str, Any]:
     if prior is not None:
         return _replayed(tx, prior, cmd.unit)
     also = dict(cmd.also)
-    by_unit = rules.budgets_by_unit(tx.budgets(cmd.scopes), cmd.scopes, [cmd.unit, *also], cmd.allow_unbudgeted)
+    found = _load(tx, now, cmd.scopes)
+    by_unit = rules.budgets_by_unit(found, cmd.scopes, [cmd.unit, *also], cmd.allow_unbudgeted)
     if by_unit is None:
         raise NotFoundError(f"no budget for {cmd.scopes[-1]} or its parents", scope=cmd.scopes[-1])
     policy = OveragePolicy(cmd.overage_policy)
@@ -418,6 +497,7 @@ def record_event(tx: Txn, now: int, cmd: EventCommand) -> dict[str, Any]:
     rules.check_debit(main)
     for unit in also:
         rules.check_debit(by_unit[unit])
+    debts = _debts(found)
     # A refusal on any unit raises before the transaction writes: nothing is charged on the others either.
     charged, flagged = rules.settle(main, 0, cmd.actual, policy, is_commit=False)
     flagged_units = [(s, cmd.unit) for s in flagged]
@@ -430,6 +510,7 @@ def record_event(tx: Txn, now: int, cmd: EventCommand) -> dict[str, Any]:
         also_charged[unit] = {"charged": got, "scopes": [b.scope for b in on]}
         flagged_units += [(s, unit) for s in more]
     budgets = main + [b for u in also_charged for b in by_unit[u]]
+    _after_charge(tx, now, budgets, debts, None)
     tx.save_budgets(budgets)
     scopes = [b.scope for b in main]
     data: dict[str, Any] = {
@@ -445,6 +526,9 @@ def record_event(tx: Txn, now: int, cmd: EventCommand) -> dict[str, Any]:
     if also_charged:
         data["also"] = also_charged
     event_id = tx.append_event(now, "debited", cmd.scopes[-1], cmd.unit, charged, None, None, data)
+    _window_add(
+        tx, now, budgets, {cmd.unit: charged, **{u: c["charged"] for u, c in also_charged.items()}}, f"e{event_id}"
+    )
     for scope, unit in flagged_units:
         tx.append_event(now, "over_limit", scope, unit, None, None, None, None)
     body: dict[str, Any] = {"status": "APPLIED", "event_id": event_id, "charged": _amount(cmd.unit, charged)}
@@ -464,19 +548,23 @@ def note(tx: Txn, now: int, cmd: NoteCommand) -> int:
 
 
 def change_budget(tx: Txn, now: int, cmd: BudgetCommand) -> dict[str, Any]:
-    found = tx.budgets([cmd.scope], cmd.unit)
+    found = _load(tx, now, [cmd.scope], cmd.unit)
     if cmd.op == "set":
         assert cmd.amount is not None
         if not found:
             b = BudgetState(
                 cmd.scope, cmd.unit, cmd.amount, overdraft_limit=cmd.overdraft_limit or 0, caps=cmd.caps or None
             )
+            _set_time_policy(b, cmd, now)
             tx.insert_budget(b)
             data: dict[str, Any] = {}
         else:
             b = found[0]
             data = rules.set_allocation(b, cmd.amount, cmd.overdraft_limit, cmd.caps)
+            _set_time_policy(b, cmd, now)
             tx.save_budgets([b])
+        if b.period is not None:
+            data["period"] = b.period
         tx.append_event(now, "budget_set", cmd.scope, cmd.unit, cmd.amount, None, None, data or None)
         return b.as_balance()
     if not found:
@@ -494,6 +582,18 @@ def change_budget(tx: Txn, now: int, cmd: BudgetCommand) -> dict[str, Any]:
     tx.save_budgets([b])
     tx.append_event(now, kind, cmd.scope, cmd.unit, amount, None, None, data or None)
     return b.as_balance()
+
+
+def _set_time_policy(b: BudgetState, cmd: BudgetCommand, now: int) -> None:
+    """Period, rate limits and alerts as the command says (None: unchanged; empty: removed). A new or changed
+    period starts at the boundary before `now`; spent so far stays (it was spent in this period)."""
+    if cmd.period is not None and (cmd.period or None) != b.period:
+        b.period = cmd.period or None
+        rules.start_period(b, now)
+    if cmd.rate_limits is not None:
+        b.rate_limits = cmd.rate_limits or None
+    if cmd.alerts is not None:
+        b.alerts = sorted(cmd.alerts) or None
 
 
 # --- reads and maintenance --------------------------------------------------------------------------
@@ -529,7 +629,20 @@ def reservation_dict(r: ReservationState) -> dict[str, Any]:
 
 
 def balances(tx: Txn, now: int, scope_prefix: str | None, unit: str | None) -> list[dict[str, Any]]:
-    return [b.as_balance() for b in tx.all_budgets(scope_prefix, unit)]
+    """Budgets as of now: a period that has ended shows its new period (the reset itself is written by the
+    next write or the sweeper), and rate-limited budgets show what each window holds (`burn`)."""
+    out = []
+    for b in tx.all_budgets(scope_prefix, unit):
+        rules.roll_period(b, now)
+        row = b.as_balance()
+        span = rules.window_span(b)
+        if span:
+            entries = tx.window(b.scope, b.unit, now - span)
+            row["burn"] = [
+                sum(a for ts, a in entries if ts > now - int(lim["window_ms"])) for lim in b.rate_limits or ()
+            ]
+        out.append(row)
+    return out
 
 
 def get_reservation(tx: Txn, now: int, reservation_id: str) -> dict[str, Any] | None:
@@ -556,7 +669,10 @@ def events(
 
 
 def sweep(tx: Txn, now: int, limit: int, retention_ms: int | None) -> int:
+    """Expire overdue holds (returns how many) and roll over the periods that ended."""
     n = expire_due(tx, now, limit)
+    for b in tx.period_due(now, limit):
+        _load(tx, now, [b.scope], b.unit)
     if retention_ms is not None:
         tx.prune_idempotency(now - retention_ms)
     return n
@@ -592,10 +708,11 @@ def verify(tx: Txn, now: int) -> list[str]:
 
 
 def charges_of(
-    type_: str, unit: str, amount: int, data: dict[str, Any], r: ReservationState | None
+    type_: str, unit: str, amount: int, data: dict[str, Any], r: ReservationState | None, scope: str | None = None
 ) -> list[tuple[str, int, list[str]]]:
     """What one committed or debited event charged: (unit, amount, scopes) for every unit it names.
-    A commit's scopes are its reservation's; a debit names its own."""
+    A commit's scopes are its reservation's; a debit names its own; a period reset takes its scope's
+    closed spend back out (spent restarts from zero, debt carries over)."""
     if type_ == "committed":
         if r is None:
             return []
@@ -603,6 +720,8 @@ def charges_of(
         for u, got in (data.get("also") or {}).items():
             out.append((u, got, (r.extra or {}).get(u, {}).get("scopes", [])))
         return out
+    if type_ == "period_reset":  # spent starts again: the charges before it no longer count in spent
+        return [(unit, -amount, [scope])] if scope else []
     out = [(unit, amount, data.get("scopes") or [])]
     for u, c in (data.get("also") or {}).items():
         out.append((u, c["charged"], c["scopes"]))

@@ -27,6 +27,7 @@ from .errors import (
     UnitMismatchError,
 )
 from .models import Decision, OveragePolicy, SoftLanding
+from .periods import period_bounds
 
 __all__ = [
     "BudgetState",
@@ -35,6 +36,9 @@ __all__ = [
     "budgets_by_unit",
     "change_status",
     "check_debit",
+    "check_open",
+    "check_rates",
+    "crossed_thresholds",
     "evaluate_reserve",
     "evaluate_units",
     "expired_error",
@@ -45,11 +49,14 @@ __all__ = [
     "merge_cap_dicts",
     "merge_caps",
     "retry_after_expiry",
+    "roll_period",
     "set_allocation",
     "settle",
     "settle_verdict",
+    "start_period",
     "tenant_of",
     "unhold",
+    "window_span",
 ]
 
 
@@ -65,6 +72,12 @@ class BudgetState:
     is_over_limit: bool = False
     status: str = "ACTIVE"
     caps: dict[str, Any] | None = None
+    period: dict[str, Any] | None = None  # models.Period.spec()
+    period_start_ms: int | None = None
+    period_end_ms: int | None = None
+    rate_limits: list[dict[str, Any]] | None = None  # models.RateLimit dumps
+    alerts: list[int] | None = None  # thresholds, percent of the allocation
+    alerts_fired: list[int] | None = None  # thresholds crossed in the current period
 
     @property
     def remaining(self) -> int:
@@ -83,6 +96,11 @@ class BudgetState:
             "is_over_limit": self.is_over_limit,
             "status": self.status,
             "caps": self.caps,
+            "period": self.period,
+            "period_start_ms": self.period_start_ms,
+            "period_end_ms": self.period_end_ms,
+            "rate_limits": self.rate_limits,
+            "alerts": self.alerts,
         }
 
 
@@ -97,6 +115,8 @@ class Evaluation:
     remaining: int | None = None
     caps: dict[str, Any] | None = field(default=None)
     unit: str | None = None  # the unit whose budget decided a DENY (a multi-unit hold can fail on any)
+    retry_after_ms: int | None = None  # RATE_EXCEEDED: when the window has room again (None: never)
+    freeze: bool = False  # RATE_EXCEEDED by a limit whose on_exceed is freeze
     also: dict[str, int] = field(default_factory=dict)  # other units to hold (those with a budget)
 
 
@@ -404,6 +424,7 @@ class ReservationState:
     settle_hash: str | None = None
     settle_response: dict[str, Any] | None = None
     extra: dict[str, dict[str, Any]] | None = None
+    windowed: bool = False  # logged in the spend window of some rate-limited budget
 
     @property
     def deadline_ms(self) -> int:
@@ -477,4 +498,88 @@ def extend_verdict(r: ReservationState, now: int, max_extensions: int | None) ->
 
 def retry_after_expiry(ev: Evaluation) -> bool:
     """A reserve denied for lack of room looks again after expiring overdue holds (they still counted)."""
-    return ev.reason_code == "BUDGET_EXCEEDED"
+    return ev.reason_code in ("BUDGET_EXCEEDED", "RATE_EXCEEDED")
+
+
+# --- time: periods, burn rate, thresholds -----------------------------------------------------------
+
+
+def start_period(b: BudgetState, now: int) -> None:
+    """Set the bounds of the period containing `now` (a budget given a period, or a new one)."""
+    if b.period is None:
+        b.period_start_ms = b.period_end_ms = None
+    else:
+        b.period_start_ms, b.period_end_ms = period_bounds(b.period, now)
+
+
+def roll_period(b: BudgetState, now: int) -> dict[str, Any] | None:
+    """At the first touch after a period boundary: spent starts again from zero, holds keep their amount,
+    debt carries over (and still blocks until repaid). Returns the closed period's totals (the data of
+    its `period_reset` event), or None when the period has not ended. Applied once: the new bounds are
+    written with the reset, so the next touch finds the period current."""
+    if b.period is None or b.period_end_ms is None or now < b.period_end_ms:
+        return None
+    closed = {
+        "period_start_ms": b.period_start_ms,
+        "period_end_ms": b.period_end_ms,
+        "allocated": b.allocated,
+        "spent": b.spent,
+        "debt": b.debt,
+        "reserved": b.reserved,
+    }
+    b.period_start_ms, b.period_end_ms = period_bounds(b.period, now)
+    b.spent = 0
+    b.alerts_fired = None
+    b.is_over_limit = b.debt > b.overdraft_limit
+    return closed
+
+
+def window_span(b: BudgetState) -> int:
+    """The longest rate-limit window of `b` (how far back its spend log must reach), 0 without limits."""
+    return max((int(lim["window_ms"]) for lim in b.rate_limits or ()), default=0)
+
+
+def check_rates(b: BudgetState, amount: int, entries: list[tuple[int, int]], now: int) -> Evaluation | None:
+    """Would holding `amount` more on `b` now push what was spent or held in a rate limit's sliding window
+    past it? `entries` are (ts_ms, amount) of `b`'s spend log, oldest first, reaching back `window_span`.
+
+    Exact: every hold and charge is one entry at its own millisecond, so no approximation can let more
+    through than the limit says. The denial says when the window has room again: after enough of the
+    oldest entries leave it (None when `amount` alone is above the limit)."""
+    for lim in b.rate_limits or ():
+        window, limit = int(lim["window_ms"]), int(lim["amount"])
+        inside = [(ts, a) for ts, a in entries if ts > now - window]
+        used = sum(a for _, a in inside)
+        if used + amount <= limit:
+            continue
+        retry: int | None = None
+        if amount <= limit:
+            excess, freed = used + amount - limit, 0
+            for ts, a in inside:
+                freed += a
+                if freed >= excess:
+                    retry = ts + window - now  # the entry is out once now - window >= ts
+                    break
+        return Evaluation(
+            Decision.DENY,
+            reason_code="RATE_EXCEEDED",
+            scope=b.scope,
+            remaining=max(limit - used, 0),
+            unit=b.unit,
+            retry_after_ms=retry,
+            freeze=lim.get("on_exceed") == "freeze",
+        )
+    return None
+
+
+def crossed_thresholds(b: BudgetState) -> list[int]:
+    """Alert thresholds (percent of the allocation) that spent + debt has reached and that have not fired
+    in this period; marks them fired, so each fires once per period."""
+    if not b.alerts or b.allocated <= 0:
+        return []
+    used_pct_x100 = (b.spent + b.debt) * 10_000 // b.allocated
+    fired = set(b.alerts_fired or ())
+    new = [t for t in sorted(b.alerts) if t * 100 <= used_pct_x100 and t not in fired]
+    if new:
+        b.alerts_fired = sorted(fired | set(new))
+    return new

@@ -114,6 +114,10 @@ class BudgetCommand:
     amount: int | None = None
     overdraft_limit: int | None = None
     caps: dict[str, Any] | None = None
+    # set only; None leaves them as they are, an empty value removes them
+    period: dict[str, Any] | None = None  # models.Period.spec()
+    rate_limits: list[dict[str, Any]] | None = None
+    alerts: list[int] | None = None
 
 
 class Store(ABC):
@@ -125,6 +129,8 @@ class Store(ABC):
     """
 
     schemes: ClassVar[tuple[str, ...]] = ()
+    # Periods, rate limits and alerts on budgets (issue 14): the stores that run `operations` have them.
+    time_policies: ClassVar[bool] = False
 
     @classmethod
     @abstractmethod
@@ -265,6 +271,30 @@ class Txn(ABC):
 
     @abstractmethod
     def prune_idempotency(self, before_ms: int) -> None: ...
+
+    # --- the spend window of rate-limited budgets: one entry per hold or charge ---
+
+    @abstractmethod
+    def window(self, scope: str, unit: str, since_ms: int) -> list[tuple[int, int]]:
+        """(ts_ms, amount) of the entries after `since_ms`, oldest first."""
+
+    @abstractmethod
+    def window_add(self, scope: str, unit: str, ts_ms: int, ref: str, amount: int) -> None: ...
+
+    @abstractmethod
+    def window_set(self, ref: str, unit: str, amount: int) -> None:
+        """A hold settled: its entries in `unit` now count what was charged."""
+
+    @abstractmethod
+    def window_drop(self, ref: str) -> None:
+        """A hold returned: its entries no longer count."""
+
+    @abstractmethod
+    def window_prune(self, scope: str, unit: str, before_ms: int) -> None: ...
+
+    @abstractmethod
+    def period_due(self, now: int, limit: int) -> list[BudgetState]:
+        """Budgets whose period ended before `now` (for the sweeper's roll-over)."""
 
     # --- reads ---
 

@@ -42,7 +42,7 @@ _LAZY_EXPIRY = 64  # like SQLite: every write first expires up to this many over
 
 
 def _copy_budget(b: rules.BudgetState) -> rules.BudgetState:
-    return dataclasses.replace(b)
+    return dataclasses.replace(b, alerts_fired=list(b.alerts_fired) if b.alerts_fired else b.alerts_fired)
 
 
 def _copy_reservation(r: rules.ReservationState) -> rules.ReservationState:
@@ -57,6 +57,7 @@ class _State:
         self.active: set[str] = set()
         self.events: list[dict[str, Any]] = []
         self.idempotency: dict[tuple[str, str], tuple[str, dict[str, Any], int]] = {}
+        self.window: dict[tuple[str, str], list[tuple[int, str, int]]] = {}  # (scope, unit) → (ts, ref, amount)
 
 
 def _under(scope: str, prefix: str | None) -> bool:
@@ -74,6 +75,7 @@ class MemoryTxn(Txn):
         self.events_w: list[dict[str, Any]] = []
         self.idempotency_w: dict[tuple[str, str], tuple[str, dict[str, Any], int]] = {}
         self.prune_before: int | None = None
+        self.window_w: dict[tuple[str, str], list[tuple[int, str, int]]] | None = None  # copy-on-write
 
     def budgets(self, scopes: list[str], unit: str | None = None) -> list[rules.BudgetState]:
         keys = {**self.state.budgets, **self.budgets_w}
@@ -146,6 +148,39 @@ class MemoryTxn(Txn):
     def prune_idempotency(self, before_ms: int) -> None:
         self.prune_before = before_ms
 
+    def _windows(self) -> dict[tuple[str, str], list[tuple[int, str, int]]]:
+        if self.window_w is None:
+            self.window_w = {k: list(v) for k, v in self.state.window.items()}
+        return self.window_w
+
+    def window(self, scope: str, unit: str, since_ms: int) -> list[tuple[int, int]]:
+        entries = (self.window_w if self.window_w is not None else self.state.window).get((scope, unit), [])
+        return [(ts, a) for ts, _, a in sorted(entries) if ts > since_ms]
+
+    def window_add(self, scope: str, unit: str, ts_ms: int, ref: str, amount: int) -> None:
+        self._windows().setdefault((scope, unit), []).append((ts_ms, ref, amount))
+
+    def window_set(self, ref: str, unit: str, amount: int) -> None:
+        for (_, u), entries in self._windows().items():
+            if u == unit:
+                entries[:] = [(ts, r, amount if r == ref else a) for ts, r, a in entries]
+
+    def window_drop(self, ref: str) -> None:
+        for entries in self._windows().values():
+            entries[:] = [e for e in entries if e[1] != ref]
+
+    def window_prune(self, scope: str, unit: str, before_ms: int) -> None:
+        entries = self._windows().get((scope, unit), [])
+        entries[:] = [e for e in entries if e[0] > before_ms]
+
+    def period_due(self, now: int, limit: int) -> list[rules.BudgetState]:
+        due = [
+            b
+            for b in {**self.state.budgets, **self.budgets_w}.values()
+            if b.period_end_ms is not None and b.period_end_ms <= now
+        ]
+        return [_copy_budget(b) for b in sorted(due, key=lambda b: b.period_end_ms or 0)[:limit]]
+
     def all_budgets(self, scope_prefix: str | None, unit: str | None) -> list[rules.BudgetState]:
         merged = {**self.state.budgets, **self.budgets_w}
         return [
@@ -193,9 +228,9 @@ class MemoryTxn(Txn):
 
     def charges(self) -> Iterable[tuple[str, int, list[str]]]:
         for e in self.state.events:
-            if e["type"] in ("committed", "debited"):
+            if e["type"] in ("committed", "debited", "period_reset"):
                 r = self.state.reservations.get(e["reservation_id"] or "")
-                yield from operations.charges_of(e["type"], e["unit"], e["amount"], e["data"], r)
+                yield from operations.charges_of(e["type"], e["unit"], e["amount"], e["data"], r, e["scope"])
 
     def apply(self) -> None:
         st = self.state
@@ -208,6 +243,8 @@ class MemoryTxn(Txn):
                 st.active.discard(rid)
         st.events.extend(self.events_w)
         st.idempotency.update(self.idempotency_w)
+        if self.window_w is not None:
+            st.window = self.window_w
         if self.prune_before is not None:
             cutoff = self.prune_before
             st.idempotency = {k: v for k, v in st.idempotency.items() if v[2] >= cutoff}
@@ -225,6 +262,7 @@ class MemoryStore(Store, SupportsSweep):
     """`memory://` (a private ledger) or `memory://name` (shared by name within this process)."""
 
     schemes = ("memory",)
+    time_policies = True
 
     def __init__(self, name: str = "", *, clock: Clock | None = None) -> None:
         self.clock: Clock = clock or _wall_clock_ms

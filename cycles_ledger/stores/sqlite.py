@@ -65,6 +65,8 @@ CREATE TABLE IF NOT EXISTS budgets (
     status TEXT NOT NULL DEFAULT 'ACTIVE',
     caps TEXT,
     updated_at_ms INTEGER NOT NULL,
+    timing TEXT,  -- period, its bounds, rate limits, alerts (JSON; NULL for a plain budget)
+    period_end_ms INTEGER,  -- copied out of timing for the sweeper's index
     PRIMARY KEY (scope, unit)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS reservations (
@@ -92,7 +94,8 @@ CREATE TABLE IF NOT EXISTS reservations (
     settle_key TEXT,
     settle_hash TEXT,
     settle_response TEXT,
-    extra TEXT  -- holds in other units: {"TOKENS": {"amount": n, "scopes": [...], "charged": m}}
+    extra TEXT,  -- holds in other units: {"TOKENS": {"amount": n, "scopes": [...], "charged": m}}
+    windowed INTEGER NOT NULL DEFAULT 0  -- logged in some rate-limited budget's spend window
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS reservations_due ON reservations (deadline_ms) WHERE status = 'ACTIVE';
 CREATE TABLE IF NOT EXISTS idempotency (
@@ -103,6 +106,15 @@ CREATE TABLE IF NOT EXISTS idempotency (
     created_at_ms INTEGER NOT NULL,
     PRIMARY KEY (op, key)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS spend_window (  -- one row per hold or charge on a rate-limited budget
+    scope TEXT NOT NULL,
+    unit TEXT NOT NULL,
+    ts_ms INTEGER NOT NULL,
+    ref TEXT NOT NULL,  -- the reservation id, or e<event id> for a direct debit
+    amount INTEGER NOT NULL,
+    PRIMARY KEY (scope, unit, ts_ms, ref)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS spend_window_ref ON spend_window (ref);
 CREATE TABLE IF NOT EXISTS events (
     event_id INTEGER PRIMARY KEY,  -- rowid: increasing, since the log is never deleted from
     ts_ms INTEGER NOT NULL,
@@ -116,11 +128,12 @@ CREATE TABLE IF NOT EXISTS events (
 );
 """
 
-_BUDGET_COLS = "scope, unit, allocated, spent, reserved, debt, overdraft_limit, is_over_limit, status, caps"
+_BUDGET_COLS = "scope, unit, allocated, spent, reserved, debt, overdraft_limit, is_over_limit, status, caps, timing"
+_TIMING = ("period", "period_start_ms", "period_end_ms", "rate_limits", "alerts", "alerts_fired")
 _RES_COLS = (
     "id, status, idempotency_key, subject, action, unit, estimate, charged, overage_policy, created_at_ms,"
     " expires_at_ms, grace_ms, deadline_ms, finalized_at_ms, scope_path, affected_scopes, budgeted_scopes,"
-    " extension_count, metadata, caps, settle_op, settle_key, settle_hash, settle_response, extra"
+    " extension_count, metadata, caps, settle_op, settle_key, settle_hash, settle_response, extra, windowed"
 )
 _RES_INSERT = f"INSERT INTO reservations ({_RES_COLS}) VALUES ({','.join('?' * len(_RES_COLS.split(',')))})"
 Row = sqlite3.Row
@@ -131,6 +144,15 @@ def _migrate(conn: sqlite3.Connection) -> None:
     cols = {r[1] for r in conn.execute("PRAGMA table_info(reservations)")}
     if "extra" not in cols:
         conn.execute("ALTER TABLE reservations ADD COLUMN extra TEXT")
+    if "windowed" not in cols:
+        conn.execute("ALTER TABLE reservations ADD COLUMN windowed INTEGER NOT NULL DEFAULT 0")
+    cols = {r[1] for r in conn.execute("PRAGMA table_info(budgets)")}
+    if "timing" not in cols:
+        conn.execute("ALTER TABLE budgets ADD COLUMN timing TEXT")
+        conn.execute("ALTER TABLE budgets ADD COLUMN period_end_ms INTEGER")
+    conn.execute(
+        "CREATE INDEX IF NOT EXISTS budgets_period_due ON budgets (period_end_ms) WHERE period_end_ms IS NOT NULL"
+    )
 
 
 def _wall_clock_ms() -> int:
@@ -334,6 +356,7 @@ class SqliteStore(Store, SupportsSweep):
     """`sqlite:///relative.db`, `sqlite:////absolute.db` or `sqlite:///:memory:`."""
 
     schemes = ("sqlite",)
+    time_policies = True
 
     def __init__(
         self,
@@ -540,9 +563,20 @@ class SqliteStore(Store, SupportsSweep):
 
 
 def _budget(r: Row | tuple[Any, ...]) -> rules.BudgetState:
-    return rules.BudgetState(
+    b = rules.BudgetState(
         r[0], r[1], r[2], r[3], r[4], r[5], r[6], bool(r[7]), r[8], json.loads(r[9]) if r[9] else None
     )
+    if r[10]:
+        timing = json.loads(r[10])
+        for key in _TIMING:
+            setattr(b, key, timing.get(key))
+    return b
+
+
+def _timing(b: rules.BudgetState) -> str | None:
+    if b.period is None and not b.rate_limits and not b.alerts:
+        return None
+    return _JSON({key: getattr(b, key) for key in _TIMING if getattr(b, key) is not None})
 
 
 def _reservation(row: Row) -> rules.ReservationState:
@@ -571,6 +605,7 @@ def _reservation(row: Row) -> rules.ReservationState:
         settle_hash=row[22],
         settle_response=json.loads(row[23]) if row[23] else None,
         extra=json.loads(row[24]) if row[24] else None,
+        windowed=bool(row[25]),
     )
 
 
@@ -599,7 +634,7 @@ class SqliteTxn(Txn):
     def save_budgets(self, budgets: list[rules.BudgetState]) -> None:
         self.conn.executemany(
             "UPDATE budgets SET allocated=?, spent=?, reserved=?, debt=?, overdraft_limit=?, is_over_limit=?,"
-            " status=?, caps=?, updated_at_ms=? WHERE scope=? AND unit=?",
+            " status=?, caps=?, updated_at_ms=?, timing=?, period_end_ms=? WHERE scope=? AND unit=?",
             [
                 (
                     b.allocated,
@@ -611,6 +646,8 @@ class SqliteTxn(Txn):
                     b.status,
                     _JSON(b.caps) if b.caps else None,
                     self.now,
+                    _timing(b),
+                    b.period_end_ms,
                     b.scope,
                     b.unit,
                 )
@@ -620,7 +657,7 @@ class SqliteTxn(Txn):
 
     def insert_budget(self, b: rules.BudgetState) -> None:
         self.conn.execute(
-            f"INSERT INTO budgets ({_BUDGET_COLS}, updated_at_ms) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            f"INSERT INTO budgets ({_BUDGET_COLS}, period_end_ms, updated_at_ms) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 b.scope,
                 b.unit,
@@ -632,6 +669,8 @@ class SqliteTxn(Txn):
                 int(b.is_over_limit),
                 b.status,
                 _JSON(b.caps) if b.caps else None,
+                _timing(b),
+                b.period_end_ms,
                 self.now,
             ),
         )
@@ -669,6 +708,7 @@ class SqliteTxn(Txn):
                 None,
                 None,
                 _JSON(r.extra) if r.extra else None,
+                int(r.windowed),
             ),
         )
 
@@ -734,6 +774,38 @@ class SqliteTxn(Txn):
         # A full scan, so the store asks for it only every few minutes.
         self.conn.execute("DELETE FROM idempotency WHERE created_at_ms < ?", (before_ms,))
 
+    def window(self, scope: str, unit: str, since_ms: int) -> list[tuple[int, int]]:
+        rows = self.conn.execute(
+            "SELECT ts_ms, amount FROM spend_window WHERE scope=? AND unit=? AND ts_ms > ? ORDER BY ts_ms",
+            (scope, unit, since_ms),
+        )
+        return [(r[0], r[1]) for r in rows]
+
+    def window_add(self, scope: str, unit: str, ts_ms: int, ref: str, amount: int) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO spend_window (scope, unit, ts_ms, ref, amount) VALUES (?,?,?,?,?)",
+            (scope, unit, ts_ms, ref, amount),
+        )
+
+    def window_set(self, ref: str, unit: str, amount: int) -> None:
+        self.conn.execute("UPDATE spend_window SET amount=? WHERE ref=? AND unit=?", (amount, ref, unit))
+
+    def window_drop(self, ref: str) -> None:
+        self.conn.execute("DELETE FROM spend_window WHERE ref=?", (ref,))
+
+    def window_prune(self, scope: str, unit: str, before_ms: int) -> None:
+        self.conn.execute(
+            "DELETE FROM spend_window WHERE scope=? AND unit=? AND ts_ms <= ?", (scope, unit, before_ms)
+        )
+
+    def period_due(self, now: int, limit: int) -> list[rules.BudgetState]:
+        rows = self.conn.execute(
+            f"SELECT {_BUDGET_COLS} FROM budgets WHERE period_end_ms IS NOT NULL AND period_end_ms <= ?"
+            " ORDER BY period_end_ms LIMIT ?",
+            (now, limit),
+        )
+        return [_budget(r) for r in rows]
+
     def all_budgets(self, scope_prefix: str | None, unit: str | None) -> list[rules.BudgetState]:
         sql = f"SELECT {_BUDGET_COLS} FROM budgets WHERE 1=1"
         params: list[Any] = []
@@ -794,11 +866,12 @@ class SqliteTxn(Txn):
 
     def charges(self) -> Iterable[tuple[str, int, list[str]]]:
         rows = self.conn.execute(
-            "SELECT type, unit, amount, data, reservation_id FROM events WHERE type IN ('committed', 'debited')"
+            "SELECT type, unit, amount, data, reservation_id, scope FROM events"
+            " WHERE type IN ('committed', 'debited', 'period_reset')"
         )
-        for type_, unit, amount, data, rid in rows:
+        for type_, unit, amount, data, rid, scope in rows:
             r = self.reservation(rid) if type_ == "committed" else None
-            yield from operations.charges_of(type_, unit, amount, json.loads(data) if data else {}, r)
+            yield from operations.charges_of(type_, unit, amount, json.loads(data) if data else {}, r, scope)
 
 
 def _glob_under(scope: str) -> str:

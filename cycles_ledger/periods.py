@@ -1,0 +1,85 @@
+"""Calendar arithmetic for budget periods: where the period that contains an instant starts and ends.
+
+`daily`, `weekly` (from Monday) and `monthly` (from the 1st) periods start at local midnight in the
+budget's time zone, so a day is 23 or 25 hours across a daylight-saving change; `every: 30d` periods are
+fixed durations counted from an anchor instant. Pure functions of their arguments (the tz database is
+read-only data), used by `rules.roll_period` on every store's clock.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+from functools import lru_cache
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from .errors import InvalidRequestError
+
+__all__ = ["CALENDAR", "duration_ms", "period_bounds", "time_zone"]
+
+CALENDAR = ("daily", "weekly", "monthly")
+_UNITS_MS = {"ms": 1, "s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 7 * 86_400_000}
+_DURATION = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d|w)\s*$")
+
+
+def duration_ms(text: str | int, what: str = "duration") -> int:
+    """`10m`, `1h`, `30d`, `2w`, `500ms` (or whole milliseconds) → milliseconds, > 0."""
+    if isinstance(text, bool):
+        raise InvalidRequestError(f"{what} must be a duration such as 10m or 1h, got {text!r}")
+    if isinstance(text, int):
+        n = text
+    else:
+        m = _DURATION.match(str(text))
+        if not m:
+            raise InvalidRequestError(f"{what} {text!r} is not a duration; use e.g. 500ms, 30s, 10m, 1h, 30d, 2w")
+        n = int(m.group(1)) * _UNITS_MS[m.group(2)]
+    if n <= 0:
+        raise InvalidRequestError(f"{what} must be longer than zero, got {text!r}")
+    return n
+
+
+@lru_cache(maxsize=64)
+def time_zone(name: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise InvalidRequestError(f"unknown time zone {name!r}; use an IANA name such as Europe/Paris or UTC") from None
+
+
+def _ms(dt: datetime) -> int:
+    return int(dt.timestamp() * 1000)
+
+
+def _local_midnight(year: int, month: int, day: int, tz: ZoneInfo) -> datetime:
+    return datetime(year, month, day, tzinfo=tz)
+
+
+def period_bounds(spec: dict[str, Any], now_ms: int) -> tuple[int, int]:
+    """[start, end) in epoch milliseconds of the period of `spec` that contains `now_ms`.
+
+    `spec` is a stored period: `{"every": "daily"|"weekly"|"monthly", "tz": name}` or
+    `{"every_ms": n, "anchor_ms": a}`.
+    """
+    every = spec.get("every")
+    if every in CALENDAR:
+        tz = time_zone(str(spec.get("tz") or "UTC"))
+        local = datetime.fromtimestamp(now_ms / 1000, tz=UTC).astimezone(tz)
+        if every == "daily":
+            start = _local_midnight(local.year, local.month, local.day, tz)
+            nxt = start.date() + timedelta(days=1)
+            end = _local_midnight(nxt.year, nxt.month, nxt.day, tz)
+        elif every == "weekly":
+            monday = local.date() - timedelta(days=local.weekday())
+            start = _local_midnight(monday.year, monday.month, monday.day, tz)
+            nxt = monday + timedelta(days=7)
+            end = _local_midnight(nxt.year, nxt.month, nxt.day, tz)
+        else:
+            start = _local_midnight(local.year, local.month, 1, tz)
+            year, month = (local.year + 1, 1) if local.month == 12 else (local.year, local.month + 1)
+            end = _local_midnight(year, month, 1, tz)
+        return _ms(start), _ms(end)
+    step = int(spec["every_ms"])
+    anchor = int(spec.get("anchor_ms") or 0)
+    start_ms = anchor + ((now_ms - anchor) // step) * step
+    return start_ms, start_ms + step

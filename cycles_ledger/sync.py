@@ -71,14 +71,21 @@ class SyncLedger:
     verify = _twin(Ledger.verify)
 
     def close(self) -> None:
-        """Close the store and stop the private loop."""
+        """Close the store and stop the private loop (ending what still runs on it, such as heartbeats)."""
         if self._closed:
             return
         self._closed = True
-        self.run(self.ledger.aclose())
+        self.run(self._shutdown())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()
+
+    async def _shutdown(self) -> None:
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+        await self.ledger.aclose()
 
     def __enter__(self) -> SyncLedger:
         return self

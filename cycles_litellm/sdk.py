@@ -116,7 +116,7 @@ class Guard:
     def __init__(self, settings: Settings | None = None, ledger: Ledger | None = None, store: str | None = None):
         self.settings = settings or load_settings()
         self._store = store
-        self._ledger = ledger
+        self._ledger = self._given = ledger
         self._sync: SyncLedger | None = None
         self._life: Lifecycle | None = None
         self._sync_life: SyncLifecycle | None = None
@@ -130,8 +130,13 @@ class Guard:
         return self._ledger
 
     def sync_ledger(self) -> SyncLedger:
+        """The blocking face: the ledger this guard was given (on a private loop), else one opened from the URL."""
         if self._sync is None:
-            self._sync = open_ledger_sync(self._url(), allow_unbudgeted=self.settings.ledger_allows_unbudgeted())
+            if self._given is not None:
+                given = self._given
+                self._sync = SyncLedger(lambda: given)
+            else:
+                self._sync = open_ledger_sync(self._url(), allow_unbudgeted=self.settings.ledger_allows_unbudgeted())
         return self._sync
 
     def lifecycle(self) -> Lifecycle:
@@ -292,6 +297,9 @@ class CyclesGate(CustomLogger):
     def __init__(self, guard: Guard | None = None) -> None:
         super().__init__()
         self.guard = guard or _guard()
+        # LiteLLM takes loggers of one class with equal public scalar attributes for one and sends the events of
+        # every call to the first registered: without an id of its own, a second gate would never settle.
+        self.gate_id = uuid.uuid4().hex
         self._held: dict[str, _GateCall] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 

@@ -1,12 +1,26 @@
--- Cycles ledger on Redis: one script per protocol operation, applying the rules of cycles_ledger/rules.py.
+-- Cycles ledger on Redis: the ledger's operations as Lua scripts, one per operation. They apply the rules of
+-- cycles_ledger/rules.py in the order cycles_ledger/operations.py applies them, and are checked against that
+-- Python engine by rule vectors (tests/integration/test_rule_vectors.py): same answers, same errors, same
+-- balances, reservations and events. The sections below mirror the Python by name:
+--   1. prelude      keys, arguments and text helpers
+--   2. cache        the write-back cache of the hashes and zsets a script call reads and writes
+--   3. formats      budgets, reservation records, holds in other units, events, idempotency records
+--   4. rules        cycles_ledger/rules.py (evaluate_reserve, evaluate_units, settle, settle_verdict, …)
+--   5. steps        what operations.py shares between operations (_evaluate, _expire, _settle_target, …)
+--   6. operations   one section per script: reserve, decide, commit, release, extend, event, note, budget, sweep
+-- The client builds one script per operation from sections 1-5 (everything above the prelude-end marker)
+-- and the operation's own section (from its marker line, plus the sections it includes).
+--
 -- One call of a script runs a batch of operations of its kind, in order, each as if it were alone; the
 -- client sends the calls of one loop tick that share a tenant and an operation this way (one EVALSHA
 -- instead of one each, and the shared setup below runs once per batch).
 --
 -- Every script works on the keys of ONE top-level scope (its hash tag), all passed in KEYS:
---   KEYS[1] budgets hash       "<scope>|<unit>" -> "allocated spent reserved debt overdraft over(0|1) STATUS [caps JSON]"
+--   KEYS[1] budgets hash       "<scope>|<unit>" -> "allocated spent reserved debt overdraft_limit
+--                                                   is_over_limit(0|1) STATUS[ caps JSON]"
 --   KEYS[2] reservations hash  "<rid>"   -> "STATUS unit estimate policy created expires grace deadline
---                                            extensions charged(-1) finalized(-1) scope_path scope,scope,…"
+--                                            extensions charged(-1) finalized(-1) scope_path scope,scope,…[ hold…]"
+--                                            where each hold in another unit is "UNIT|amount|charged(-1)|scope,…"
 --                              "<rid>|s" -> static JSON from the client (subject, action, key, metadata)
 --                              "<rid>|c" -> caps JSON (when the decision had caps)
 --                              "<rid>|k" -> "op\nhash\n<key length>\n<key><answer>" once settled
@@ -22,21 +36,28 @@
 --       reason). Few arguments keep the client's command packing cheap.
 --
 -- The reply is one entry per operation, in order. Each is a flat array the client turns into the same
--- dict the SQLite store returns; answers kept for replay are those arrays joined by \31. Lua numbers
+-- dict the Python engine returns; answers kept for replay are those arrays joined by \31. Lua numbers
 -- are doubles: the client refuses amounts above 2^53 - 1 and integers are printed with %d. An operation
 -- never raises after its first write: a refusal is the entry {"err", CODE, message, details JSON}, so
 -- the writes made on purpose (expiring overdue holds) stay and nothing else was written. A Lua error
 -- (a bug) is caught per operation and comes back as {"raise", message}, for that operation's caller only.
 -- The operations' writes to the two hashes and the three zsets are gathered and made once, at the end of
--- the script call (see the write-back cache below); events and idempotency records are written at once.
+-- the script call (see the write-back cache); events and idempotency records are written at once.
+--
+-- Names: tables use the Python engine's field names (a field name costs nothing at run time); the stored
+-- texts keep their compact formats.
 
-local KB, KR, KDUE, KE, KFIN, KIDS = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+-- ═══ 1. prelude ═══════════════════════════════════════════════════════════════════════════════════════
+local BUDGETS_KEY, RESERVATIONS_KEY, DUE_KEY, EVENTS_KEY, FINALIZED_KEY, IDS_KEY =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 -- Globals read often, as locals (a global is a table lookup each time).
 local rcall, tonumber, tostring, type, pairs, ipairs, unpack, pcall, error =
   redis.call, tonumber, tostring, type, pairs, ipairs, unpack, pcall, error
 local rawget, rawset, setmetatable = rawget, rawset, setmetatable
-local max, min, floor, match = math.max, math.min, math.floor, string.match
-local KI, KEY, F, TEXT -- the current operation's idempotency key name, key, fields and text (set by run_batch)
+local max, min, floor, match, gmatch = math.max, math.min, math.floor, string.match, string.gmatch
+local fmt, concat, find, sub = string.format, table.concat, string.find, string.sub
+-- The current operation's idempotency key name, idempotency key, fields and free text (set by run_batch).
+local IDEMPOTENCY_KEY, KEY, F, TEXT
 local NOW
 if ARGV[1] ~= '' then
   NOW = tonumber(ARGV[1])
@@ -44,11 +65,10 @@ else
   local t = rcall('TIME')
   NOW = tonumber(t[1]) * 1000 + floor(tonumber(t[2]) / 1000)
 end
-local NOW_S = string.format('%d', NOW)
+local NOW_S = fmt('%d', NOW)
 local MAX_EXACT = 9007199254740991
-local UNITS = {'CREDITS', 'RISK_POINTS', 'TOKENS', 'USD_MICROCENTS'} -- sorted, like the SQLite store's order
+local UNITS = {'CREDITS', 'RISK_POINTS', 'TOKENS', 'USD_MICROCENTS'} -- sorted, like the Python engine's order
 local SEP = '\31'
-local fmt, concat, find, sub = string.format, table.concat, string.find, string.sub
 
 -- Integers as text (%d); a batch prints the same amounts and times again and again.
 local ITEXT = {}
@@ -60,8 +80,8 @@ local function I(n)
   end
   return text
 end
-local function opt(s) if s == '' then return nil end return s end
-local function num(s) if s == nil or s == '' then return nil end return tonumber(s) end
+local function optional(s) if s == '' then return nil end return s end
+local function number_or_nil(s) if s == nil or s == '' then return nil end return tonumber(s) end
 -- JSON string literals; a batch quotes the same scopes and units again and again.
 local QUOTED = {}
 local function q(s)
@@ -73,6 +93,21 @@ local function q(s)
   return text
 end
 
+-- Python's repr() of a text, as the Python engine puts keys and ids in its messages (ASCII exactly; other
+-- characters as they are).
+local REPR_ESCAPES = {['\\'] = '\\\\', ['\n'] = '\\n', ['\r'] = '\\r', ['\t'] = '\\t'}
+local function pyrepr(s)
+  local quote = "'"
+  if find(s, "'", 1, true) and not find(s, '"', 1, true) then quote = '"' end
+  local body = string.gsub(s, '[%c\\' .. quote .. ']', function(c)
+    if c == quote then return '\\' .. c end
+    return REPR_ESCAPES[c] or fmt('\\x%02x', string.byte(c))
+  end)
+  return quote .. body .. quote
+end
+
+-- A refusal: the reply entry {"err", code, message, details JSON}. A detail that is a table {text} is
+-- JSON already.
 local function fail(code, message, details)
   local parts = {}
   for k, v in pairs(details or {}) do
@@ -93,42 +128,49 @@ local function split(s, sep)
   end
 end
 
-local CFG = split(ARGV[2], SEP)
-local SWEEP, MAXLEN, RETAIN = tonumber(CFG[1]), CFG[2], tonumber(CFG[3])
+local function sorted_keys(set)
+  local out = {}
+  for k in pairs(set) do out[#out + 1] = k end
+  table.sort(out)
+  return out
+end
 
--- --- write-back cache -------------------------------------------------------------------------------
+local SETTINGS = split(ARGV[2], SEP)
+local SWEEP_PER_CALL, EVENT_STREAM_LENGTH, RETENTION_MS = tonumber(SETTINGS[1]), SETTINGS[2], tonumber(SETTINGS[3])
+
+-- ═══ 2. cache ═════════════════════════════════════════════════════════════════════════════════════════
 -- A script call is atomic, so the states between its operations are seen by no one: the budgets and
 -- reservations hashes are read through a cache (field -> stored text, false when absent) and written back,
 -- like the changes to the zsets, once at the end of the batch (run_batch). Only the save helpers change the
 -- cache, with finished texts, so an operation that computes and then refuses leaves no trace. Events and
 -- idempotency records go straight to Redis. A read of a zset first writes out its pending changes.
 local CHUNK = 1000 -- (field, value) or (score, member) pairs per command when writing back
-local function new_hash(key) return {key = key, val = {}, dirty = {}, order = {}} end
-local HB, HR = new_hash(KB), new_hash(KR)
+local function new_hash(key) return {key = key, values = {}, dirty = {}, order = {}} end
+local BUDGETS, RESERVATIONS = new_hash(BUDGETS_KEY), new_hash(RESERVATIONS_KEY)
 
 local function hash_get(h, field)
-  local v = h.val[field]
+  local v = h.values[field]
   if v == nil then
     v = rcall('HGET', h.key, field)
-    h.val[field] = v
+    h.values[field] = v
   end
   return v
 end
 
 -- Read the fields not read yet, with one HMGET per CHUNK.
 local function hash_fetch(h, fields)
-  local val, miss = h.val, nil
+  local values, missing = h.values, nil
   for i = 1, #fields do
-    if val[fields[i]] == nil then
-      miss = miss or {}
-      miss[#miss + 1] = fields[i]
+    if values[fields[i]] == nil then
+      missing = missing or {}
+      missing[#missing + 1] = fields[i]
     end
   end
-  if miss == nil then return end
-  for from = 1, #miss, CHUNK do
-    local to = min(from + CHUNK - 1, #miss)
-    local got = rcall('HMGET', h.key, unpack(miss, from, to))
-    for i = from, to do val[miss[i]] = got[i - from + 1] end
+  if missing == nil then return end
+  for from = 1, #missing, CHUNK do
+    local to = min(from + CHUNK - 1, #missing)
+    local got = rcall('HMGET', h.key, unpack(missing, from, to))
+    for i = from, to do values[missing[i]] = got[i - from + 1] end
   end
 end
 
@@ -137,7 +179,7 @@ local function hash_set(h, field, text)
     h.dirty[field] = true
     h.order[#h.order + 1] = field
   end
-  h.val[field] = text
+  h.values[field] = text
 end
 
 -- `cmd key args…` in commands of at most `per` of the flat list's arguments each.
@@ -148,19 +190,19 @@ local function in_chunks(cmd, key, args, per)
 end
 
 local function hash_flush(h)
-  local order, val = h.order, h.val
+  local order, values = h.order, h.values
   if #order == 0 then return end
   h.order, h.dirty = {}, {}
   local args = {}
   for _, field in ipairs(order) do
     args[#args + 1] = field
-    args[#args + 1] = val[field]
+    args[#args + 1] = values[field]
   end
   in_chunks('HSET', h.key, args, 2 * CHUNK)
 end
 
 local function new_zset(key) return {key = key, score = {}, order = {}} end
-local ZDUE, ZFIN, ZIDS = new_zset(KDUE), new_zset(KFIN), new_zset(KIDS)
+local DUE, FINALIZED, IDS = new_zset(DUE_KEY), new_zset(FINALIZED_KEY), new_zset(IDS_KEY)
 
 -- ZADD (a number) or ZREM (false) of `member`, pending; the last change of a member is the one that counts.
 local function zset_put(z, member, score)
@@ -189,42 +231,46 @@ end
 -- Write back everything pending; each part is tried even when another fails. Returns the first error.
 local function flush()
   local first
-  for _, part in ipairs({{hash_flush, HB}, {hash_flush, HR}, {zset_flush, ZDUE}, {zset_flush, ZFIN},
-                         {zset_flush, ZIDS}}) do
+  for _, part in ipairs({{hash_flush, BUDGETS}, {hash_flush, RESERVATIONS}, {zset_flush, DUE},
+                         {zset_flush, FINALIZED}, {zset_flush, IDS}}) do
     local ok, err = pcall(part[1], part[2])
     if not ok and first == nil then first = err end
   end
   return first
 end
 
--- --- budgets --------------------------------------------------------------------------------------
-local function rem(b) return b.a - b.s - b.r - b.d end
-
--- A budget is a table {scope, unit, f (its field), a, s, r, d, o, x, st, c, text}. Decoding a text is dear,
--- so a batch keeps the budget of each field it decoded (DEC[field], good while its text is the field's
--- cached text) and hands the same table out again: operations change budgets in place, then save them,
--- which sets their text. A refusal or an error may leave a changed budget unsaved, so after one the batch
--- forgets them all (run_batch) and decodes the cached texts again.
-local DEC = {}
+-- ═══ 3. formats ═══════════════════════════════════════════════════════════════════════════════════════
+-- --- budgets ---
+-- A budget is a table {scope, unit, field, allocated, spent, reserved, debt, overdraft_limit, is_over_limit,
+-- status, caps (JSON text, '' for none), text}. Decoding a text is dear, so a batch keeps the budget of each
+-- field it decoded (DECODED[field], good while its text is the field's cached text) and hands the same table
+-- out again: operations change budgets in place, then save them, which sets their text. A refusal or an
+-- error may leave a changed budget unsaved, so after one the batch forgets them all (run_batch) and decodes
+-- the cached texts again.
+local DECODED = {}
 
 local function decode_budget(scope, unit, text)
-  local a, s, r, d, o, x, st, c = match(text, '^(%-?%d+) (%-?%d+) (%-?%d+) (%-?%d+) (%-?%d+) (%d) (%u+) ?(.*)$')
-  return {scope = scope, unit = unit, a = tonumber(a), s = tonumber(s), r = tonumber(r), d = tonumber(d),
-          o = tonumber(o), x = x == '1', st = st, c = c}
+  local allocated, spent, reserved, debt, overdraft_limit, over, status, caps =
+    match(text, '^(%-?%d+) (%-?%d+) (%-?%d+) (%-?%d+) (%-?%d+) (%d) (%u+) ?(.*)$')
+  return {scope = scope, unit = unit, allocated = tonumber(allocated), spent = tonumber(spent),
+          reserved = tonumber(reserved), debt = tonumber(debt), overdraft_limit = tonumber(overdraft_limit),
+          is_over_limit = over == '1', status = status, caps = caps}
 end
 
--- The text of b: "a s r d o x st[ c]", printed as head .. "s r" .. tail where head and tail are kept per field
--- with the values they print (most operations change only spent and reserved).
+-- The text of b, printed as head .. "spent reserved" .. tail where head and tail are kept per field with the
+-- values they print (most operations change only spent and reserved).
 local AROUND = {}
 local function encode_budget(b)
-  local h = AROUND[b.f]
-  if h == nil or h.a ~= b.a or h.d ~= b.d or h.o ~= b.o or h.x ~= b.x or h.st ~= b.st or h.c ~= b.c then
-    local tail = fmt(' %d %d %d %s', b.d, b.o, b.x and 1 or 0, b.st)
-    if b.c ~= '' then tail = tail .. ' ' .. b.c end
-    h = {a = b.a, d = b.d, o = b.o, x = b.x, st = b.st, c = b.c, head = fmt('%d ', b.a), tail = tail}
-    AROUND[b.f] = h
+  local h = AROUND[b.field]
+  if h == nil or h.allocated ~= b.allocated or h.debt ~= b.debt or h.overdraft_limit ~= b.overdraft_limit or
+      h.is_over_limit ~= b.is_over_limit or h.status ~= b.status or h.caps ~= b.caps then
+    local tail = fmt(' %d %d %d %s', b.debt, b.overdraft_limit, b.is_over_limit and 1 or 0, b.status)
+    if b.caps ~= '' then tail = tail .. ' ' .. b.caps end
+    h = {allocated = b.allocated, debt = b.debt, overdraft_limit = b.overdraft_limit, is_over_limit = b.is_over_limit,
+         status = b.status, caps = b.caps, head = fmt('%d ', b.allocated), tail = tail}
+    AROUND[b.field] = h
   end
-  local text = h.head .. fmt('%d %d', b.s, b.r) .. h.tail
+  local text = h.head .. fmt('%d %d', b.spent, b.reserved) .. h.tail
   b.text = text
   return text
 end
@@ -240,35 +286,35 @@ local function budget_fields(scopes, unit)
   end
   local got = per[unit or '']
   if got == nil then
-    local fields, ss, us = {}, {}, {}
+    local fields, field_scopes, field_units = {}, {}, {}
     for _, s in ipairs(scopes) do
       for _, u in ipairs(unit and {unit} or UNITS) do
         fields[#fields + 1] = s .. '|' .. u
-        ss[#fields], us[#fields] = s, u
+        field_scopes[#fields], field_units[#fields] = s, u
       end
     end
-    got = {fields, ss, us}
+    got = {fields, field_scopes, field_units}
     per[unit or ''] = got
   end
   return got[1], got[2], got[3]
 end
 
--- Budgets at `scopes` in `unit` (or in every unit), in scope order then unit order.
+-- Budgets at `scopes` in `unit` (or in every unit), in scope order then unit order (Txn.budgets).
 local function load_budgets(scopes, unit)
-  local fields, ss, us = budget_fields(scopes, unit)
+  local fields, field_scopes, field_units = budget_fields(scopes, unit)
   if #fields == 0 then return {} end
-  hash_fetch(HB, fields)
-  local vals = HB.val
+  hash_fetch(BUDGETS, fields)
+  local values = BUDGETS.values
   local out = {nil, nil, nil} -- (room for three)
   for i = 1, #fields do
-    local f = fields[i]
-    local text = vals[f]
+    local field = fields[i]
+    local text = values[field]
     if text then
-      local b = DEC[f]
+      local b = DECODED[field]
       if b == nil or b.text ~= text then
-        b = decode_budget(ss[i], us[i], text)
-        b.f, b.text = f, text
-        DEC[f] = b
+        b = decode_budget(field_scopes[i], field_units[i], text)
+        b.field, b.text = field, text
+        DECODED[field] = b
       end
       out[#out + 1] = b
     end
@@ -278,144 +324,167 @@ end
 
 local function save_budgets(budgets)
   for _, b in ipairs(budgets) do
-    hash_set(HB, b.f, encode_budget(b))
-    DEC[b.f] = b
+    hash_set(BUDGETS, b.field, encode_budget(b))
+    DECODED[b.field] = b
   end
+end
+
+local function append(list, more)
+  for i = 1, #more do list[#list + 1] = more[i] end
+  return list
 end
 
 -- Balances go back as pairs of field and stored text; the client parses them like HGETALL output.
 local function push_balances(out, budgets)
   for _, b in ipairs(budgets) do
-    out[#out + 1] = b.f
+    out[#out + 1] = b.field
     out[#out + 1] = b.text
   end
   return out
 end
 
--- --- events ----------------------------------------------------------------------------------------
-local function emit(typ, scope, unit, amount, rid, reason, data)
+-- --- lists of scopes ---
+-- Lists of scopes by their text (shared: never change one).
+local LISTS = {}
+local function scope_list(text)
+  local scopes = LISTS[text]
+  if scopes == nil then
+    scopes = {}
+    if text ~= '' then scopes = split(text, ',') end
+    LISTS[text] = scopes
+  end
+  return scopes
+end
+
+local function quoted_list(list)
+  local quoted = {}
+  for i, s in ipairs(list) do quoted[i] = q(s) end
+  return '[' .. concat(quoted, ',') .. ']'
+end
+
+-- --- holds in other units ---
+-- A hold is {unit, amount, charged (-1 until charged), scopes}; the holds of a reservation in other units
+-- than its own are kept after its budgeted scopes, and go back to the client in replies, as
+-- "UNIT|amount|charged|scope,…" each, separated by spaces ('' for none).
+local function decode_holds(text)
+  local out = {}
+  if text == '' then return out end
+  for unit, amount, charged, scopes in gmatch(text, '([%u_]+)|(%d+)|(%-?%d+)|(%S*)') do
+    out[#out + 1] = {unit = unit, amount = tonumber(amount), charged = tonumber(charged), scopes = scope_list(scopes)}
+  end
+  return out
+end
+
+local function encode_holds(holds)
+  local parts = {}
+  for i, h in ipairs(holds) do
+    parts[i] = h.unit .. '|' .. I(h.amount) .. '|' .. I(h.charged) .. '|' .. concat(h.scopes, ',')
+  end
+  return concat(parts, ' ')
+end
+
+-- {"UNIT": n, …} of the holds, with n their `what` (amount or charged).
+local function holds_json(holds, what)
+  local parts = {}
+  for i, h in ipairs(holds) do parts[i] = q(h.unit) .. ':' .. I(h[what]) end
+  return '{' .. concat(parts, ',') .. '}'
+end
+
+-- The amounts in other units a command names, "UNIT|amount UNIT|amount" (in the caller's order), as a list
+-- of {unit, amount}.
+local function decode_amounts(text)
+  local out = {}
+  for unit, amount in gmatch(text, '([%u_]+)|(%d+)') do out[#out + 1] = {unit = unit, amount = tonumber(amount)} end
+  return out
+end
+
+-- --- reservations ---
+-- A record as a table {id, status, unit, estimate, policy, deadline, charged, finalized, scope_path, budgeted,
+-- holds_text}, plus `mid` and `tail`, its text between the status and `charged` and after `finalized`, kept to
+-- write it back around a new status, charged and finalized while the rest is as read (charged and finalized
+-- stay as read, text, until set: they are only written). Settling needs few fields, so created, expires,
+-- grace and extensions are read from `mid` on first use.
+local RECORD_MORE = {__index = function(rec, k)
+  if k ~= 'created' and k ~= 'expires' and k ~= 'grace' and k ~= 'extensions' then return nil end
+  local created, expires, grace, extensions = match(rawget(rec, 'mid'), '^%S+ %d+ %S+ (%d+) (%d+) (%d+) %d+ (%d+)$')
+  expires, extensions = tonumber(expires), tonumber(extensions)
+  rawset(rec, 'created', created)
+  rawset(rec, 'expires', expires)
+  rawset(rec, 'grace', tonumber(grace))
+  rawset(rec, 'extensions', extensions)
+  rawset(rec, 'expires_as_read', expires)
+  rawset(rec, 'extensions_as_read', extensions)
+  return rawget(rec, k)
+end}
+
+local function load_record(rid)
+  local text = hash_get(RESERVATIONS, rid)
+  if not text then return nil end
+  local status, mid, unit, estimate, policy, deadline, charged, finalized, tail, scope_path, budgeted, holds =
+    match(text, '^(%u+) ((%S+) (%d+) (%S+) %d+ %d+ %d+ (%d+) %d+) (%-?%d+) (%-?%d+) ((%S+) ?(%S*) ?(.*))$')
+  estimate, deadline = tonumber(estimate), tonumber(deadline)
+  return setmetatable({id = rid, status = status, unit = unit, estimate = estimate, policy = policy,
+                       deadline = deadline, charged = charged, finalized = finalized, scope_path = scope_path,
+                       budgeted = scope_list(budgeted), holds_text = holds, mid = mid, tail = tail,
+                       estimate_as_read = estimate, deadline_as_read = deadline}, RECORD_MORE)
+end
+
+-- The record's holds in other units (decoded on first use; a commit writes their charges into them).
+local function other_holds(rec)
+  local holds = rawget(rec, 'holds')
+  if holds == nil then
+    holds = decode_holds(rec.holds_text)
+    rec.holds = holds
+  end
+  return holds
+end
+
+-- Write the record, and a further (field, value) of the reservation, in one HSET.
+local function save_record(rec, field, value)
+  local text
+  if rec.tail and rec.estimate == rec.estimate_as_read and rec.deadline == rec.deadline_as_read and
+      (rawget(rec, 'expires_as_read') == nil or
+       (rec.expires == rec.expires_as_read and rec.extensions == rec.extensions_as_read)) then
+    text = rec.status .. ' ' .. rec.mid .. ' ' .. I(rec.charged) .. ' ' .. I(rec.finalized) .. ' ' .. rec.tail
+  else
+    text = fmt('%s %s %d %s %s %d %d %d %d %d %d %s %s', rec.status, rec.unit, rec.estimate, rec.policy, rec.created,
+      rec.expires, rec.grace, rec.deadline, rec.extensions, rec.charged, rec.finalized, rec.scope_path,
+      concat(rec.budgeted, ','))
+    if rec.holds_text ~= '' then text = text .. ' ' .. rec.holds_text end
+  end
+  hash_set(RESERVATIONS, rec.id, text)
+  if field then hash_set(RESERVATIONS, field, value) end
+end
+
+-- --- events ---
+local function emit(kind, scope, unit, amount, rid, reason, data)
   if scope and unit and amount and rid and not reason then -- reserved, committed, released, expired: no table
     if data then
-      return rcall('XADD', KE, 'MAXLEN', '~', MAXLEN, '*', 'ts', NOW_S, 'type', typ, 'scope', scope, 'unit', unit,
-        'amount', I(amount), 'rid', rid, 'data', data)
+      return rcall('XADD', EVENTS_KEY, 'MAXLEN', '~', EVENT_STREAM_LENGTH, '*', 'ts', NOW_S, 'type', kind,
+        'scope', scope, 'unit', unit, 'amount', I(amount), 'rid', rid, 'data', data)
     end
-    return rcall('XADD', KE, 'MAXLEN', '~', MAXLEN, '*', 'ts', NOW_S, 'type', typ, 'scope', scope, 'unit', unit,
-      'amount', I(amount), 'rid', rid)
+    return rcall('XADD', EVENTS_KEY, 'MAXLEN', '~', EVENT_STREAM_LENGTH, '*', 'ts', NOW_S, 'type', kind,
+      'scope', scope, 'unit', unit, 'amount', I(amount), 'rid', rid)
   end
-  local f = {'ts', NOW_S, 'type', typ}
+  local f = {'ts', NOW_S, 'type', kind}
   if scope then f[#f + 1] = 'scope'; f[#f + 1] = scope end
   if unit then f[#f + 1] = 'unit'; f[#f + 1] = unit end
   if amount then f[#f + 1] = 'amount'; f[#f + 1] = I(amount) end
   if rid then f[#f + 1] = 'rid'; f[#f + 1] = rid end
   if reason then f[#f + 1] = 'reason'; f[#f + 1] = reason end
   if data then f[#f + 1] = 'data'; f[#f + 1] = data end
-  return rcall('XADD', KE, 'MAXLEN', '~', MAXLEN, '*', unpack(f))
+  return rcall('XADD', EVENTS_KEY, 'MAXLEN', '~', EVENT_STREAM_LENGTH, '*', unpack(f))
 end
 
--- --- reservations ----------------------------------------------------------------------------------
--- The lists of budgeted scopes of the records read, by their text (shared: never change one).
-local LISTS = {}
-
--- A record as a table. `mid` and `tail` are its text between the status and `charged` and after
--- `finalized`, kept to write it back around a new status, charged and finalized while the rest is as read
--- (charged and finalized stay as read, text, until set: they are only written). Settling needs few
--- fields, so created, expires, grace and extensions (c0, x, g, n) are read from `mid` on first use.
-local REC_MORE = {__index = function(rec, k)
-  if k ~= 'c0' and k ~= 'x' and k ~= 'g' and k ~= 'n' then return nil end
-  local c0, x, g, n = match(rawget(rec, 'mid'), '^%S+ %d+ %S+ (%d+) (%d+) (%d+) %d+ (%d+)$')
-  x, n = tonumber(x), tonumber(n)
-  rawset(rec, 'c0', c0)
-  rawset(rec, 'x', x)
-  rawset(rec, 'g', tonumber(g))
-  rawset(rec, 'n', n)
-  rawset(rec, 'x0', x)
-  rawset(rec, 'n0', n)
-  return rawget(rec, k)
-end}
-
-local function load_rec(rid)
-  local text = hash_get(HR, rid)
-  if not text then return nil end
-  local st, mid, u, e, op, dl, ch, fin, tail, sp, bs = match(text,
-    '^(%u+) ((%S+) (%d+) (%S+) %d+ %d+ %d+ (%d+) %d+) (%-?%d+) (%-?%d+) ((%S+) ?(.*))$')
-  local scopes = LISTS[bs]
-  if scopes == nil then
-    scopes = {}
-    if bs ~= '' then scopes = split(bs, ',') end
-    LISTS[bs] = scopes
-  end
-  e, dl = tonumber(e), tonumber(dl)
-  return setmetatable({id = rid, st = st, u = u, e = e, op = op, dl = dl, ch = ch, fin = fin, sp = sp, bs = scopes,
-                       mid = mid, tail = tail, e0 = e, dl0 = dl}, REC_MORE)
-end
-
--- Write the record, and a further (field, value) of the reservation, in one HSET.
-local function save_rec(rec, field, value)
-  local text
-  if rec.mid and rec.e == rec.e0 and rec.dl == rec.dl0 and (rawget(rec, 'x0') == nil or
-      (rec.x == rec.x0 and rec.n == rec.n0)) then
-    text = rec.st .. ' ' .. rec.mid .. ' ' .. I(rec.ch) .. ' ' .. I(rec.fin) .. ' ' .. rec.tail
-  else
-    text = fmt('%s %s %d %s %s %d %d %d %d %d %d %s %s', rec.st, rec.u, rec.e, rec.op, rec.c0, rec.x, rec.g, rec.dl,
-      rec.n, rec.ch, rec.fin, rec.sp, concat(rec.bs, ','))
-  end
-  hash_set(HR, rec.id, text)
-  if field then hash_set(HR, field, value) end
-end
-
-local function finalize(rec, status, field, value)
-  rec.st = status
-  rec.fin = NOW
-  save_rec(rec, field, value)
-  zset_put(ZDUE, rec.id, false)
-  zset_put(ZFIN, rec.id, NOW)
-end
-
-local function expire_rec(rec)
-  local budgets = load_budgets(rec.bs, rec.u)
-  for _, b in ipairs(budgets) do b.r = b.r - rec.e end
-  save_budgets(budgets)
-  finalize(rec, 'EXPIRED')
-  emit('expired', rec.sp, rec.u, rec.e, rec.id)
-end
-
--- Expire up to `limit` ACTIVE reservations whose deadline has passed; returns how many, and whether
--- that was every overdue one.
-local function expire_due(limit)
-  if limit <= 0 then return 0, false end
-  zset_flush(ZDUE)
-  local due = rcall('ZRANGEBYSCORE', KDUE, '-inf', '(' .. NOW_S, 'LIMIT', 0, limit)
-  local n = 0
-  for _, rid in ipairs(due) do
-    local rec = load_rec(rid)
-    if rec and rec.st == 'ACTIVE' then
-      expire_rec(rec)
-      n = n + 1
-    else
-      zset_put(ZDUE, rid, false)
-    end
-  end
-  return n, #due < limit
-end
-
--- Every write operation first expires overdue holds. NOW is one instant for the whole batch and no
--- operation moves a deadline to before it, so once nothing is left overdue the rest of the batch skips this.
-local none_due = false
-local function expire_overdue()
-  if none_due then return end
-  local _, all = expire_due(SWEEP)
-  none_due = all
-end
-
--- --- idempotency ------------------------------------------------------------------------------------
--- The stored answer for this key: nil, its text, or a mismatch failure.
+-- --- idempotency records ---
+-- The stored answer for this key: nil, its text, or nil and a mismatch failure.
 local function replay(op, key, hash)
-  local stored = rcall('GET', KI)
+  local stored = rcall('GET', IDEMPOTENCY_KEY)
   if not stored then return nil end
   local nl = find(stored, '\n', 1, true)
   if sub(stored, 1, nl - 1) ~= hash then
-    return nil, fail('IDEMPOTENCY_MISMATCH', 'idempotency key ' .. q(key) .. ' was already used for a different ' ..
-      op .. ' request', {idempotency_key = key})
+    return nil, fail('IDEMPOTENCY_MISMATCH', 'idempotency key ' .. pyrepr(key) ..
+      ' was already used for a different ' .. op .. ' request', {idempotency_key = key})
   end
   return sub(stored, nl + 1)
 end
@@ -430,74 +499,68 @@ local function joined(reply, from, to)
   return concat(parts, SEP)
 end
 
--- The replay of a stored answer whose last field lists its budgeted scopes, with today's balances.
-local function replayed(prior, unit)
-  local budgeted = match(prior, '([^\31]*)$')
-  local list = {}
-  if budgeted ~= '' then list = split(budgeted, ',') end
-  return push_balances({'replay', prior, NOW_S}, load_budgets(list, unit))
-end
-
 local function remember(hash, answer)
-  rcall('SET', KI, hash .. '\n' .. answer, 'PX', RETAIN)
+  rcall('SET', IDEMPOTENCY_KEY, hash .. '\n' .. answer, 'PX', RETENTION_MS)
 end
 
--- --- rules (mirror cycles_ledger/rules.py) ----------------------------------------------------------
+-- ═══ 4. rules (cycles_ledger/rules.py) ═════════════════════════════════════════════════════════════════
+-- Functions that may refuse return nil and the failure where the Python raises.
+local function remaining(b) return b.allocated - b.spent - b.reserved - b.debt end
+
 local function hard_denial(b)
-  if b.st == 'CLOSED' then return 'BUDGET_CLOSED' end
-  if b.st == 'FROZEN' then return 'BUDGET_FROZEN' end
-  if b.x then return 'OVERDRAFT_LIMIT_EXCEEDED' end
-  if b.d > 0 then return 'DEBT_OUTSTANDING' end
+  if b.status == 'CLOSED' then return 'BUDGET_CLOSED' end
+  if b.status == 'FROZEN' then return 'BUDGET_FROZEN' end
+  if b.is_over_limit then return 'OVERDRAFT_LIMIT_EXCEEDED' end
+  if b.debt > 0 then return 'DEBT_OUTSTANDING' end
   return nil
-end
-
-local function sorted_keys(set)
-  local out = {}
-  for k in pairs(set) do out[#out + 1] = k end
-  table.sort(out)
-  return out
 end
 
 local LIST_CAPS = {tool_denylist = true, tool_allowlist = true}
 
--- Operator caps of several scopes combined (strictest number, deny lists add up, allow lists intersect),
--- as a Lua table, or nil when no scope has caps.
-local function merge_caps(budgets)
-  local m, any = {}, false
-  for _, b in ipairs(budgets) do
-    if b.c ~= '' then
-      for k, v in pairs(cjson.decode(b.c)) do
-        if v ~= cjson.null then
-          if m[k] == nil then
-            if LIST_CAPS[k] then
-              local copy = {}
-              for i = 1, #v do copy[i] = v[i] end
-              m[k] = copy
-            else
-              m[k] = v
-            end
-            any = true
-          elseif k == 'tool_denylist' then
-            local set = {}
-            for _, x in ipairs(m[k]) do set[x] = true end
-            for _, x in ipairs(v) do set[x] = true end
-            m[k] = sorted_keys(set)
-          elseif k == 'tool_allowlist' then
-            local theirs, set = {}, {}
-            for _, x in ipairs(v) do theirs[x] = true end
-            for _, x in ipairs(m[k]) do if theirs[x] then set[x] = true end end
-            m[k] = sorted_keys(set)
-          elseif k == 'cooldown_ms' then
-            m[k] = max(m[k], v)
+-- Caps of several scopes or units combined (the strictest number wins, deny lists add up, allow lists
+-- intersect), as a Lua table, or nil when there are none. `cap_sets`: Lua tables.
+local function merge_cap_dicts(cap_sets)
+  local merged, any = {}, false
+  for _, caps in ipairs(cap_sets) do
+    for k, v in pairs(caps) do
+      if v ~= cjson.null then
+        if merged[k] == nil then
+          if LIST_CAPS[k] then
+            local copy = {}
+            for i = 1, #v do copy[i] = v[i] end
+            merged[k] = copy
           else
-            m[k] = min(m[k], v)
+            merged[k] = v
           end
+          any = true
+        elseif k == 'tool_denylist' then
+          local set = {}
+          for _, x in ipairs(merged[k]) do set[x] = true end
+          for _, x in ipairs(v) do set[x] = true end
+          merged[k] = sorted_keys(set)
+        elseif k == 'tool_allowlist' then
+          local theirs, set = {}, {}
+          for _, x in ipairs(v) do theirs[x] = true end
+          for _, x in ipairs(merged[k]) do if theirs[x] then set[x] = true end end
+          merged[k] = sorted_keys(set)
+        elseif k == 'cooldown_ms' then
+          merged[k] = max(merged[k], v)
+        else
+          merged[k] = min(merged[k], v)
         end
       end
     end
   end
-  if any then return m end
+  if any then return merged end
   return nil
+end
+
+local function merge_caps(budgets)
+  local cap_sets = {}
+  for _, b in ipairs(budgets) do
+    if b.caps ~= '' then cap_sets[#cap_sets + 1] = cjson.decode(b.caps) end
+  end
+  return merge_cap_dicts(cap_sets)
 end
 
 local function caps_json(caps)
@@ -521,8 +584,8 @@ end
 
 -- floor(x * 10^6 / d) exactly, keeping every intermediate below 2^53 (d > 0).
 local function per_million(x, d)
-  local neg = x < 0
-  if neg then x = -x end
+  local negative = x < 0
+  if negative then x = -x end
   local quot = floor(x / d)
   local r = x - quot * d
   for _ = 1, 6 do
@@ -531,60 +594,72 @@ local function per_million(x, d)
     quot = quot * 10 + digit
     r = r - digit * d
   end
-  if neg then
+  if negative then
     if r > 0 then return -(quot + 1) end
     return -quot
   end
   return quot
 end
 
--- soft: nil or {min, fixed, apm|nil}
-local function evaluate(budgets, estimate, soft)
+-- An evaluation: {decision, amount, reason_code, scope, remaining, caps (Lua table or nil), unit, also}.
+-- soft_landing: nil or {min_amount, fixed_amount, amount_per_million_tokens or nil}.
+local function evaluate_reserve(budgets, estimate, soft_landing)
   local n, caps = #budgets, nil
   for i = 1, n do
     local b = budgets[i]
-    if b.st == 'CLOSED' or b.st == 'FROZEN' or b.x or b.d > 0 then
-      return {decision = 'DENY', reason = hard_denial(b), scope = b.scope, remaining = rem(b)}
+    if b.status ~= 'ACTIVE' or b.is_over_limit or b.debt > 0 then
+      local reason = hard_denial(b)
+      if reason then return {decision = 'DENY', reason_code = reason, scope = b.scope, remaining = remaining(b)} end
     end
-    if b.c ~= '' then caps = true end
+    if b.caps ~= '' then caps = true end
   end
   if caps then caps = merge_caps(budgets) end -- nil when no budget has caps
   if n == 0 then return {decision = 'ALLOW', amount = estimate} end
-  local tight = budgets[1]
-  local left = rem(tight)
+  local tight = budgets[1] -- first of equals = broadest
+  local left = remaining(tight)
   for i = 2, n do
-    local r = rem(budgets[i])
+    local r = remaining(budgets[i])
     if r < left then tight, left = budgets[i], r end
   end
   if left >= estimate then
     return {decision = caps and 'ALLOW_WITH_CAPS' or 'ALLOW', amount = estimate, scope = tight.scope,
             remaining = left, caps = caps}
   end
-  if soft and left >= max(soft[1], 1) then
+  if soft_landing and left >= max(soft_landing.min_amount, 1) then
     caps = caps or {}
-    if soft[3] then
-      local tokens = max(0, per_million(left - soft[2], soft[3]))
+    if soft_landing.amount_per_million_tokens then
+      -- What is left after the fixed part pays for this many tokens; none if it does not even cover that.
+      local tokens = max(0, per_million(left - soft_landing.fixed_amount, soft_landing.amount_per_million_tokens))
       if caps.max_tokens == nil or tokens < caps.max_tokens then caps.max_tokens = tokens end
     end
     return {decision = 'ALLOW_WITH_CAPS', amount = left, scope = tight.scope, remaining = left, caps = caps}
   end
-  return {decision = 'DENY', reason = 'BUDGET_EXCEEDED', scope = tight.scope, remaining = left}
+  return {decision = 'DENY', reason_code = 'BUDGET_EXCEEDED', scope = tight.scope, remaining = left}
 end
 
--- Turn a hold of `held` into a charge of `actual`; returns charged and flagged scopes, or nil and a failure.
+local function hold(budgets, amount)
+  for _, b in ipairs(budgets) do b.reserved = b.reserved + amount end
+end
+
+local function unhold(budgets, amount)
+  for _, b in ipairs(budgets) do b.reserved = b.reserved - amount end
+end
+
+-- Turn a hold of `held` into a charge of `actual` (a direct debit is held = 0); returns charged and the
+-- scopes newly marked over-limit, or nil and a failure (nothing changed then).
 local function settle(budgets, held, actual, policy, is_commit)
   local delta = actual - held
   if delta <= 0 then
     for _, b in ipairs(budgets) do
-      b.r = b.r - held
-      b.s = b.s + actual
+      b.reserved = b.reserved - held
+      b.spent = b.spent + actual
     end
     return actual, {}
   end
   if policy == 'REJECT' then
     local short = {}
     for _, b in ipairs(budgets) do
-      if rem(b) < delta then short[#short + 1] = b end
+      if remaining(b) < delta then short[#short + 1] = b end
     end
     if is_commit or #short > 0 then
       local worst = short[1] or budgets[1]
@@ -592,122 +667,337 @@ local function settle(budgets, held, actual, policy, is_commit)
       if is_commit then
         message = 'actual ' .. I(actual) .. ' exceeds the reserved ' .. I(held) .. ' and the overage policy is REJECT'
       else
-        message = 'actual ' .. I(actual) .. ' exceeds the remaining ' .. I(worst and rem(worst) or 0)
+        message = 'actual ' .. I(actual) .. ' exceeds the remaining ' .. I(worst and remaining(worst) or 0)
       end
       local details = {}
-      if worst then details = {scope = worst.scope, remaining = rem(worst)} end
+      if worst then details = {scope = worst.scope, remaining = remaining(worst)} end
       return nil, fail('BUDGET_EXCEEDED', message, details)
     end
     for _, b in ipairs(budgets) do
-      b.r = b.r - held
-      b.s = b.s + actual
+      b.reserved = b.reserved - held
+      b.spent = b.spent + actual
     end
     return actual, {}
   end
   if policy == 'ALLOW_IF_AVAILABLE' then
     local available = delta
     for i, b in ipairs(budgets) do
-      local r = max(rem(b), 0)
+      local r = max(remaining(b), 0)
       if i == 1 or r < available then available = r end
     end
     local extra = min(delta, available)
     local flagged = {}
     for _, b in ipairs(budgets) do
-      local short = rem(b) < delta
-      if short and not b.x then flagged[#flagged + 1] = b.scope end
-      if short then b.x = true end
-      b.r = b.r - held
-      b.s = b.s + held + extra
+      local short = remaining(b) < delta
+      if short and not b.is_over_limit then flagged[#flagged + 1] = b.scope end
+      if short then b.is_over_limit = true end
+      b.reserved = b.reserved - held
+      b.spent = b.spent + held + extra
     end
     return held + extra, flagged
   end
+  -- ALLOW_WITH_OVERDRAFT (and RECORD_ALL, which knows no limit): check every scope first, then apply.
   local plan = {}
   local flagged = {}
-  local record_all = policy == 'RECORD_ALL' -- no overdraft limit; the uncovered part is debt, over-limit
+  local record_all = policy == 'RECORD_ALL'
   for i, b in ipairs(budgets) do
-    local covered = min(delta, max(rem(b), 0))
+    local covered = min(delta, max(remaining(b), 0))
     local shortfall = delta - covered
     if record_all then
-      if shortfall > 0 and not b.x then flagged[#flagged + 1] = b.scope end
-    elseif shortfall > 0 and b.d + shortfall > b.o then
+      if shortfall > 0 and not b.is_over_limit then flagged[#flagged + 1] = b.scope end
+    elseif shortfall > 0 and b.debt + shortfall > b.overdraft_limit then
       return nil, fail('OVERDRAFT_LIMIT_EXCEEDED',
-        'overage of ' .. I(delta) .. ' would take debt on ' .. b.scope .. ' to ' .. I(b.d + shortfall) ..
-        ', past its overdraft limit ' .. I(b.o),
-        {scope = b.scope, remaining = rem(b), debt = b.d, overdraft_limit = b.o})
+        'overage of ' .. I(delta) .. ' would take debt on ' .. b.scope .. ' to ' .. I(b.debt + shortfall) ..
+        ', past its overdraft limit ' .. I(b.overdraft_limit),
+        {scope = b.scope, remaining = remaining(b), debt = b.debt, overdraft_limit = b.overdraft_limit})
     end
     plan[i] = {covered, shortfall}
   end
   for i, b in ipairs(budgets) do
-    b.r = b.r - held
-    b.s = b.s + held + plan[i][1]
-    b.d = b.d + plan[i][2]
-    if record_all and plan[i][2] > 0 then b.x = true end
+    b.reserved = b.reserved - held
+    b.spent = b.spent + held + plan[i][1]
+    b.debt = b.debt + plan[i][2]
+    if record_all and plan[i][2] > 0 then b.is_over_limit = true end
   end
   return actual, flagged
 end
 
--- --- shared by reserve, decide and event ------------------------------------------------------------
--- Budgets at `scopes` in `unit` (mine) and, only when there are none, in every unit (all): the other
--- units matter only to tell "no budget" from "budgets in another unit".
-local function budgets_for(scopes, unit)
-  local mine = load_budgets(scopes, unit)
-  if #mine > 0 then return mine, mine end
-  return load_budgets(scopes, nil), mine
+-- Add `amount` to the allocation; it repays debt first (that debt becomes spend). Returns the repaid part.
+local function fund(b, amount)
+  local repaid = min(b.debt, amount)
+  b.debt = b.debt - repaid
+  b.spent = b.spent + repaid
+  b.allocated = b.allocated + amount
+  if b.debt == 0 and remaining(b) >= 0 then b.is_over_limit = false end
+  return repaid
 end
 
-local function unit_mismatch(all, mine, unit, scopes, allow_unbudgeted)
-  if #all > 0 and #mine == 0 and not allow_unbudgeted then
-    local set = {}
-    for _, b in ipairs(all) do set[b.unit] = true end
-    local units = sorted_keys(set)
-    local quoted = {}
-    for i, u in ipairs(units) do quoted[i] = q(u) end
-    return fail('UNIT_MISMATCH', 'no budget in ' .. unit .. ' for ' .. scopes[#scopes] ..
-      '; budgets there are in ' .. concat(units, ', '),
-      {scope = all[#all].scope, requested_unit = unit, expected_units = {'[' .. concat(quoted, ',') .. ']'}})
+-- Split the budgets on a request's scopes by the units it holds or charges: a table unit -> budgets. nil
+-- when there is no budget at any scope (BUDGET_NOT_FOUND) unless unbudgeted subjects are allowed; nil and
+-- a UNIT_MISMATCH failure when budgets there are only in other units.
+local function budgets_by_unit(scopes, units, allow_unbudgeted)
+  local by_unit, any = {}, false
+  for _, unit in ipairs(units) do
+    local on = load_budgets(scopes, unit)
+    by_unit[unit] = on
+    if #on > 0 then any = true end
+  end
+  if any or allow_unbudgeted then return by_unit end
+  local all = load_budgets(scopes, nil) -- only now: the other units tell "no budget" from "wrong unit"
+  if #all == 0 then return nil end
+  local set = {}
+  for _, b in ipairs(all) do set[b.unit] = true end
+  local found = sorted_keys(set)
+  local quoted = {}
+  for i, u in ipairs(found) do quoted[i] = q(u) end
+  return nil, fail('UNIT_MISMATCH', 'no budget in ' .. units[1] .. ' for ' .. scopes[#scopes] ..
+    '; budgets there are in ' .. concat(found, ', '),
+    {scope = all[#all].scope, requested_unit = units[1], expected_units = {'[' .. concat(quoted, ',') .. ']'}})
+end
+
+-- `evaluate_reserve` for a hold in `unit` plus holds in other units (`also`, a list of {unit, amount}), as
+-- one decision. The soft landing applies to the main unit only; another unit's hold fits or denies (the
+-- evaluation's `unit` names it). `also` of the evaluation: the other holds that have a budget to hold on.
+local NO_HOLDS = {}
+local function evaluate_units(by_unit, unit, estimate, soft_landing, also)
+  local ev = evaluate_reserve(by_unit[unit], estimate, soft_landing)
+  ev.unit, ev.also = unit, NO_HOLDS
+  if ev.decision == 'DENY' or #also == 0 then return ev end
+  local cap_sets, held = {}, {}
+  if ev.caps then cap_sets[1] = ev.caps end
+  for _, want in ipairs(also) do
+    local budgets = by_unit[want.unit]
+    if #budgets > 0 then
+      local other = evaluate_reserve(budgets, want.amount)
+      if other.decision == 'DENY' then
+        other.unit, other.also = want.unit, NO_HOLDS
+        return other
+      end
+      held[#held + 1] = want
+      if other.caps then cap_sets[#cap_sets + 1] = other.caps end
+    end
+  end
+  ev.also = held
+  ev.caps = merge_cap_dicts(cap_sets)
+  if ev.caps and ev.decision == 'ALLOW' then ev.decision = 'ALLOW_WITH_CAPS' end
+  return ev
+end
+
+local function check_open(b)
+  if b.status == 'CLOSED' then return fail('BUDGET_CLOSED', 'budget ' .. b.scope .. ' is closed', {scope = b.scope}) end
+  return nil
+end
+
+-- A direct debit needs no headroom (its policy decides) but an open budget.
+local function check_debit(budgets)
+  for _, b in ipairs(budgets) do
+    local closed = check_open(b)
+    if closed then return closed end
+    if b.status == 'FROZEN' then return fail('BUDGET_FROZEN', 'budget ' .. b.scope .. ' is frozen', {scope = b.scope}) end
   end
   return nil
 end
 
--- Settlement target: the live reservation, or nil and the reply (a replay or a failure).
-local function settle_target(op, rid, key, hash)
-  local rec = load_rec(rid)
-  if not rec then
-    return nil, fail('NOT_FOUND', 'reservation ' .. q(rid) .. ' not found', {reservation_id = rid})
+-- Change an existing budget's allocation (spent, reserved and debt stay); returns the event data.
+-- caps: JSON text, '{}' to clear them, nil to keep them.
+local function set_allocation(b, amount, overdraft_limit, caps)
+  local data = '{"previous_allocated":' .. I(b.allocated) .. '}'
+  b.allocated = amount
+  if overdraft_limit then b.overdraft_limit = overdraft_limit end
+  if caps then b.caps = (caps ~= '{}') and caps or '' end
+  if b.debt > b.overdraft_limit then -- a lowered limit can leave existing debt above it
+    b.is_over_limit = true
+  elseif remaining(b) >= 0 then
+    b.is_over_limit = false
   end
-  if rec.st ~= 'ACTIVE' and rec.st ~= 'EXPIRED' then
-    local stored = hash_get(HR, rid .. '|k')
+  return data
+end
+
+local STATUS_CHANGES = {freeze = {'FROZEN', 'frozen'}, unfreeze = {'ACTIVE', 'unfrozen'}, close = {'CLOSED', 'closed'}}
+
+-- freeze / unfreeze / close; a closed budget stays closed. Returns the event type.
+local function change_status(b, op)
+  local closed = check_open(b)
+  if closed then return nil, closed end
+  local change = STATUS_CHANGES[op]
+  b.status = change[1]
+  return change[2]
+end
+
+local function not_found(rid)
+  return fail('NOT_FOUND', 'reservation ' .. pyrepr(rid) .. ' not found', {reservation_id = rid})
+end
+
+local function expired_error(rec)
+  return fail('RESERVATION_EXPIRED', 'reservation ' .. rec.id .. ' expired at ' .. I(rec.expires) ..
+    ' (+' .. I(rec.grace) .. ' ms grace)', {reservation_id = rec.id})
+end
+
+-- May `op` (commit or release) settle `rec` now? "replay" and the first answer; "live"; "expire" (the
+-- grace is over: expire it, answer RESERVATION_EXPIRED); or nil and a refusal. Settlement idempotency
+-- lives on the reservation itself: one settle per reservation (only a settled one has a key to compare).
+local function settle_verdict(rec, op, key, hash)
+  if rec.status ~= 'ACTIVE' and rec.status ~= 'EXPIRED' then
+    local stored = hash_get(RESERVATIONS, rec.id .. '|k')
     if stored then
       -- "op\nhash\n<key length>\n<key><answer>": the key may hold any character
-      local sop, shash, len, rest = match(stored, '^(%a+)\n([^\n]*)\n(%d+)\n(.*)$')
-      len = tonumber(len)
-      if sub(rest, 1, len) == key then
-        if sop ~= op or shash ~= hash then
-          return nil, fail('IDEMPOTENCY_MISMATCH', 'idempotency key ' .. q(key) ..
-            ' was already used for a different ' .. sop .. ' request', {idempotency_key = key})
+      local settle_op, settle_hash, length, rest = match(stored, '^(%a+)\n([^\n]*)\n(%d+)\n(.*)$')
+      length = tonumber(length)
+      if sub(rest, 1, length) == key then
+        if settle_op ~= op or settle_hash ~= hash then
+          return nil, fail('IDEMPOTENCY_MISMATCH', 'idempotency key ' .. pyrepr(key) ..
+            ' was already used for a different ' .. settle_op .. ' request', {idempotency_key = key})
         end
-        return nil, push_balances({'replay', sub(rest, len + 1), NOW_S}, load_budgets(rec.bs, rec.u))
+        return 'replay', sub(rest, length + 1)
       end
     end
   end
-  if rec.st == 'EXPIRED' then
-    return nil, fail('RESERVATION_EXPIRED', 'reservation ' .. rid .. ' expired', {reservation_id = rid})
+  if rec.status == 'EXPIRED' then
+    return nil, fail('RESERVATION_EXPIRED', 'reservation ' .. rec.id .. ' expired', {reservation_id = rec.id})
   end
-  if rec.st ~= 'ACTIVE' then
-    return nil, fail('RESERVATION_FINALIZED', 'reservation ' .. rid .. ' is already ' .. rec.st,
-      {reservation_id = rid, status = rec.st})
+  if rec.status ~= 'ACTIVE' then
+    return nil, fail('RESERVATION_FINALIZED', 'reservation ' .. rec.id .. ' is already ' .. rec.status,
+      {reservation_id = rec.id, status = rec.status})
   end
-  if NOW > rec.dl then
-    expire_rec(rec)
-    return nil, fail('RESERVATION_EXPIRED', 'reservation ' .. rid .. ' expired at ' .. I(rec.x) ..
-      ' (+' .. I(rec.g) .. ' ms grace)', {reservation_id = rid})
+  if NOW > rec.deadline then return 'expire' end
+  return 'live'
+end
+
+-- May `rec` be extended now? "live" or "expire" (past its grace: expire it, answer EXPIRED), or nil and a
+-- refusal. In the grace period (past expiry, before the deadline) only commit or release are allowed.
+local function extend_verdict(rec, max_extensions)
+  if rec.status == 'EXPIRED' or (rec.status == 'ACTIVE' and NOW > rec.expires) then
+    if rec.status == 'ACTIVE' and NOW > rec.deadline then return 'expire' end
+    return nil, fail('RESERVATION_EXPIRED', 'reservation ' .. rec.id ..
+      ' passed its expiry; in the grace period only commit or release', {reservation_id = rec.id})
+  end
+  if rec.status ~= 'ACTIVE' then
+    return nil, fail('RESERVATION_FINALIZED', 'reservation ' .. rec.id .. ' is already ' .. rec.status,
+      {reservation_id = rec.id, status = rec.status})
+  end
+  if max_extensions and rec.extensions >= max_extensions then
+    return nil, fail('MAX_EXTENSIONS_EXCEEDED', 'reservation ' .. rec.id .. ' was already extended ' ..
+      I(rec.extensions) .. ' times', {reservation_id = rec.id})
+  end
+  return 'live'
+end
+
+-- A reserve denied for lack of room looks again after expiring overdue holds (they still counted).
+local function retry_after_expiry(ev) return ev.reason_code == 'BUDGET_EXCEEDED' end
+
+-- ═══ 5. steps (shared by the operations, as in cycles_ledger/operations.py) ════════════════════════════
+-- Every unit's budgets of a reservation's holds, its own unit first (for balances; Python: _load_holds).
+local function hold_budgets(rec)
+  local budgets = load_budgets(rec.budgeted, rec.unit)
+  if rec.holds_text == '' then return budgets end
+  for _, h in ipairs(other_holds(rec)) do append(budgets, load_budgets(h.scopes, h.unit)) end
+  return budgets
+end
+
+local function finalize(rec, status, field, value)
+  rec.status = status
+  rec.finalized = NOW
+  save_record(rec, field, value)
+  zset_put(DUE, rec.id, false)
+  zset_put(FINALIZED, rec.id, NOW)
+end
+
+-- Return every unit's hold and mark the reservation EXPIRED (Python: _expire).
+local function expire(rec)
+  local budgets = load_budgets(rec.budgeted, rec.unit)
+  unhold(budgets, rec.estimate)
+  local data = nil
+  if rec.holds_text ~= '' then
+    local holds = other_holds(rec)
+    for _, h in ipairs(holds) do
+      local on = load_budgets(h.scopes, h.unit)
+      unhold(on, h.amount)
+      save_budgets(on)
+    end
+    data = '{"also":' .. holds_json(holds, 'amount') .. '}'
+  end
+  save_budgets(budgets)
+  finalize(rec, 'EXPIRED')
+  emit('expired', rec.scope_path, rec.unit, rec.estimate, rec.id, nil, data)
+end
+
+-- Expire up to `limit` ACTIVE reservations whose deadline has passed; returns how many, and whether
+-- that was every overdue one.
+local function expire_due(limit)
+  if limit <= 0 then return 0, false end
+  zset_flush(DUE)
+  local due = rcall('ZRANGEBYSCORE', DUE_KEY, '-inf', '(' .. NOW_S, 'LIMIT', 0, limit)
+  local n = 0
+  for _, rid in ipairs(due) do
+    local rec = load_record(rid)
+    if rec and rec.status == 'ACTIVE' then
+      expire(rec)
+      n = n + 1
+    else
+      zset_put(DUE, rid, false)
+    end
+  end
+  return n, #due < limit
+end
+
+-- Every write operation first expires overdue holds. NOW is one instant for the whole batch and no
+-- operation moves a deadline to before it, so once nothing is left overdue the rest of the batch skips this.
+local none_due = false
+local function expire_overdue()
+  if none_due then return end
+  local _, all = expire_due(SWEEP_PER_CALL)
+  none_due = all
+end
+
+-- The replay of a stored answer (its fields joined by \31) with today's balances: the main unit's on the
+-- scopes listed in field `budgeted_at`, the other units' of the holds in field `holds_at` (Python: _replayed).
+local function replayed(prior, unit, budgeted_at, holds_at)
+  local fields = split(prior, SEP)
+  local budgets = load_budgets(scope_list(fields[budgeted_at] or ''), unit)
+  if (fields[holds_at] or '') ~= '' then
+    for _, h in ipairs(decode_holds(fields[holds_at])) do append(budgets, load_budgets(h.scopes, h.unit)) end
+  end
+  return push_balances({'replay', prior, NOW_S}, budgets)
+end
+
+-- The reservation to commit or release, or nil and the reply: a replay, a refusal, or the error of one
+-- expired on the spot (Python: _settle_target).
+local function settle_target(op, rid, key, hash)
+  local rec = load_record(rid)
+  if not rec then return nil, not_found(rid) end
+  local verdict, answer = settle_verdict(rec, op, key, hash)
+  if verdict == nil then return nil, answer end
+  if verdict == 'replay' then return nil, push_balances({'replay', answer, NOW_S}, hold_budgets(rec)) end
+  if verdict == 'expire' then
+    expire(rec)
+    return nil, expired_error(rec)
   end
   return rec
 end
 
+-- Finalize a settled reservation and keep its answer for a replay under the same key (Python: _finalize).
 local function settled(rec, status, charged, op, key, hash, answer)
-  rec.ch = charged
+  rec.charged = charged
   finalize(rec, status, rec.id .. '|k', op .. '\n' .. hash .. '\n' .. I(#key) .. '\n' .. key .. answer)
+end
+
+-- The decision on a reserve, the budgets it counted (every unit it holds on, and the unit that denied) and
+-- its budgets by unit (Python: _evaluate); or nil, nil and a failure.
+local function evaluate(scopes, unit, units, also, allow_unbudgeted, estimate, soft_landing)
+  local by_unit, failure = budgets_by_unit(scopes, units, allow_unbudgeted)
+  if failure then return nil, nil, failure end
+  if by_unit == nil then
+    return {decision = 'DENY', reason_code = 'BUDGET_NOT_FOUND', scope = scopes[#scopes], unit = unit,
+            also = NO_HOLDS}, {}
+  end
+  local ev = evaluate_units(by_unit, unit, estimate, soft_landing, also)
+  local held = by_unit[unit]
+  if #ev.also > 0 or ev.unit ~= unit then
+    held = append({}, held)
+    for _, h in ipairs(ev.also) do append(held, by_unit[h.unit]) end
+    if ev.unit ~= unit then append(held, by_unit[ev.unit]) end
+  end
+  return ev, held, nil, by_unit
 end
 
 local OPS = {}
@@ -718,21 +1008,21 @@ local OPS = {}
 -- operation derives from the rest alone may be kept in them under a name (F.scopes).
 local HEAD = 0
 local TAILS, LAST_TAIL, LAST_F = {}, nil, nil
-local function fields_of(joined)
-  if HEAD == 0 then return split(joined, SEP) end
-  local j = find(joined, SEP, 1, true)
-  if not j then return split(joined, SEP) end
-  local h1, h2, at = sub(joined, 1, j - 1), nil, j + 1
+local function fields_of(text)
+  if HEAD == 0 then return split(text, SEP) end
+  local j = find(text, SEP, 1, true)
+  if not j then return split(text, SEP) end
+  local h1, h2, at = sub(text, 1, j - 1), nil, j + 1
   if HEAD == 2 then
-    j = find(joined, SEP, at, true)
-    if not j then return split(joined, SEP) end
-    h2, at = sub(joined, at, j - 1), j + 1
+    j = find(text, SEP, at, true)
+    if not j then return split(text, SEP) end
+    h2, at = sub(text, at, j - 1), j + 1
   end
   local f
-  if LAST_TAIL and #joined - at + 1 == #LAST_TAIL and find(joined, LAST_TAIL, at, true) == at then
+  if LAST_TAIL and #text - at + 1 == #LAST_TAIL and find(text, LAST_TAIL, at, true) == at then
     f = LAST_F -- the same rest as the operation before: no new string to make (and hash) for it
   else
-    local tail = sub(joined, at)
+    local tail = sub(text, at)
     f = TAILS[tail]
     if f == nil then
       f = split(tail, SEP)
@@ -758,11 +1048,12 @@ end
 local function run_batch(op)
   local out = {}
   for i = 3, #ARGV, 4 do
-    local ki = ARGV[i]
-    KI, KEY, F, TEXT = ki == '1' and KB or KEYS[tonumber(ki)], ARGV[i + 1], fields_of(ARGV[i + 2]), ARGV[i + 3]
+    local index = ARGV[i]
+    IDEMPOTENCY_KEY = index == '1' and BUDGETS_KEY or KEYS[tonumber(index)]
+    KEY, F, TEXT = ARGV[i + 1], fields_of(ARGV[i + 2]), ARGV[i + 3]
     local ok, reply = pcall(op)
     if not ok then reply = raised(reply) end
-    if reply[1] == 'err' or reply[1] == 'raise' then DEC = {} end -- it may have changed budgets it did not save
+    if reply[1] == 'err' or reply[1] == 'raise' then DECODED = {} end -- it may have changed budgets it did not save
     out[#out + 1] = reply
   end
   local err = flush()
@@ -773,102 +1064,125 @@ local function run_batch(op)
 end
 --@@ prelude-end
 
+-- ═══ 6. operations (cycles_ledger/operations.py) ═══════════════════════════════════════════════════════
+
 --@@ reserve
 -- F: hash, rid, unit, estimate, ttl, grace, policy, dry_run, allow_unbudgeted, soft_min, soft_fixed, soft_apm,
--- subject JSON, action JSON, metadata JSON, scopes…
--- Reply: {"reserve", decision, reason, scope, remaining, caps JSON, dry_run, rid, amount, expires_at,
---         ttl, budgeted scopes, balances…}; a replay: {"replay", stored reply, now, balances…}.
--- The decision on a reserve at `scopes` and the budgets it counted, or nil, nil and a failure.
-local function look(scopes, unit, allow_unbudgeted, estimate, soft)
-  local all, mine = budgets_for(scopes, unit)
-  if #all == 0 and not allow_unbudgeted then
-    return {decision = 'DENY', reason = 'BUDGET_NOT_FOUND', scope = scopes[#scopes]}, {}
-  end
-  local bad = unit_mismatch(all, mine, unit, scopes, allow_unbudgeted)
-  if bad then return nil, nil, bad end
-  return evaluate(mine, estimate, soft), mine
-end
-
+-- also ("UNIT|amount …"), subject JSON, action JSON, metadata JSON, scopes…
+-- Reply: {"reserve", decision, reason, scope, remaining, caps JSON, dry_run, rid, amount, expires_at, ttl,
+--         budgeted scopes, unit that denied, holds in other units, balances…};
+-- a replay: {"replay", stored reply, now, balances…}.
 HEAD = 2
 OPS.reserve = function(decide_only)
   local key, hash, rid, unit = KEY, F[1], F[2], F[3]
-  local nums = F.nums
-  if nums == nil then
-    nums = {tonumber(F[4]), tonumber(F[5]), tonumber(F[6])}
-    F.nums = nums
+  local numbers = F.numbers
+  if numbers == nil then
+    numbers = {tonumber(F[4]), tonumber(F[5]), tonumber(F[6])}
+    F.numbers = numbers
   end
-  local estimate, ttl, grace, policy = nums[1], nums[2], nums[3], F[7]
+  local estimate, ttl, grace, policy = numbers[1], numbers[2], numbers[3], F[7]
   local dry_run, allow_unbudgeted = F[8] == '1', F[9] == '1'
-  local soft = nil
-  if F[10] ~= '' then soft = {tonumber(F[10]), tonumber(F[11]), num(F[12])} end
+  local soft_landing = nil
+  if F[10] ~= '' then
+    soft_landing = {min_amount = tonumber(F[10]), fixed_amount = tonumber(F[11]),
+                    amount_per_million_tokens = number_or_nil(F[12])}
+  end
   local scopes = F.scopes
   if scopes == nil then
     scopes = {}
-    for i = 16, #F do scopes[#scopes + 1] = F[i] end
+    for i = 17, #F do scopes[#scopes + 1] = F[i] end
     F.scopes = scopes
+    F.also = decode_amounts(F[13])
+    F.units = {unit}
+    for _, a in ipairs(F.also) do F.units[#F.units + 1] = a.unit end
   end
+  local also, units = F.also, F.units
   local path = scopes[#scopes]
 
   if not decide_only then
     expire_overdue()
     if hash ~= '' then
-      local prior, bad = replay('reserve', key, hash)
-      if bad then return bad end
-      if prior then return replayed(prior, unit) end
+      local prior, mismatch = replay('reserve', key, hash)
+      if mismatch then return mismatch end
+      if prior then return replayed(prior, unit, 11, 13) end
     end
   end
 
-  local ev, budgets, bad = look(scopes, unit, allow_unbudgeted, estimate, soft)
-  if bad then return bad end
-  if not decide_only and ev.reason == 'BUDGET_EXCEEDED' and expire_due(1000) > 0 then
+  local ev, budgets, failure, by_unit = evaluate(scopes, unit, units, also, allow_unbudgeted, estimate, soft_landing)
+  if failure then return failure end
+  if not decide_only and retry_after_expiry(ev) and expire_due(1000) > 0 then
     -- overdue holds were still counted; look again without them
-    ev, budgets, bad = look(scopes, unit, allow_unbudgeted, estimate, soft)
-    if bad then return bad end
+    ev, budgets, failure, by_unit = evaluate(scopes, unit, units, also, allow_unbudgeted, estimate, soft_landing)
+    if failure then return failure end
   end
   local caps = caps_json(ev.caps)
+  local denied_by = ev.decision == 'DENY' and ev.unit ~= unit and ev.unit or false
   -- (the trailing nils make room for the balances of three budgets: the table need not grow)
-  local reply = {'reserve', ev.decision, ev.reason or false, ev.scope or false, ev.remaining and I(ev.remaining) or false,
-                 caps, dry_run and '1' or '0', false, false, false, false, '', nil, nil, nil, nil, nil, nil}
+  local reply = {'reserve', ev.decision, ev.reason_code or false, ev.scope or false,
+                 ev.remaining and I(ev.remaining) or false, caps, dry_run and '1' or '0', false, false, false, false,
+                 '', denied_by, '', nil, nil, nil, nil, nil, nil}
   if decide_only then return push_balances(reply, budgets) end
   if dry_run or ev.decision == 'DENY' then
     local kind = 'denied'
     if dry_run then kind = (ev.decision == 'DENY') and 'would_deny' or 'would_allow' end
-    local info = '{"subject":' .. F[13] .. ',"action":' .. F[14] .. ',"key":' .. q(key) .. ',"remaining":' ..
+    local info = '{"subject":' .. F[14] .. ',"action":' .. F[15] .. ',"key":' .. q(key) .. ',"remaining":' ..
       (ev.remaining and I(ev.remaining) or 'null')
     if caps and caps ~= '{}' then info = info .. ',"caps":' .. caps end
-    emit(kind, ev.scope or path, unit, estimate, nil, ev.reason, info .. '}')
+    local event_unit, amount = unit, estimate
+    if #also > 0 then
+      local parts = {}
+      for i, a in ipairs(also) do
+        parts[i] = q(a.unit) .. ':' .. I(a.amount)
+        if a.unit == ev.unit then event_unit, amount = a.unit, a.amount end
+      end
+      info = info .. ',"also":{' .. concat(parts, ',') .. '}'
+    end
+    emit(kind, ev.scope or path, event_unit, amount, nil, ev.reason_code, info .. '}')
     if dry_run and hash ~= '' then remember(hash, joined(reply, 2, #reply)) end
     return push_balances(reply, budgets)
   end
-  for _, b in ipairs(budgets) do b.r = b.r + ev.amount end
+  local main = by_unit[unit]
+  hold(main, ev.amount)
+  local holds, holds_text = NO_HOLDS, ''
+  if #ev.also > 0 then
+    holds = {}
+    for i, a in ipairs(ev.also) do
+      local on = by_unit[a.unit]
+      hold(on, a.amount)
+      local names = {}
+      for j, b in ipairs(on) do names[j] = b.scope end
+      holds[i] = {unit = a.unit, amount = a.amount, charged = -1, scopes = names}
+    end
+    holds_text = encode_holds(holds)
+  end
   save_budgets(budgets)
   local expires = NOW + ttl
   local budgeted = {}
-  for i, b in ipairs(budgets) do budgeted[i] = b.scope end
+  for i, b in ipairs(main) do budgeted[i] = b.scope end
   local amount_s, expires_s, budgeted_s = I(ev.amount), I(expires), concat(budgeted, ',')
-  -- the record, as save_rec would write {ACTIVE, unit, amount, policy, now, expires, grace, deadline, 0, -1, -1,
-  -- path, budgeted}
-  hash_set(HR, rid, 'ACTIVE ' .. unit .. ' ' .. amount_s .. ' ' .. policy .. ' ' .. NOW_S .. ' ' .. expires_s .. ' ' ..
-    I(grace) .. ' ' .. I(expires + grace) .. ' 0 -1 -1 ' .. path .. ' ' .. budgeted_s)
+  -- the record, as save_record would write {ACTIVE, unit, amount, policy, now, expires, grace, deadline, 0, -1,
+  -- -1, path, budgeted[, holds]}
+  local record = 'ACTIVE ' .. unit .. ' ' .. amount_s .. ' ' .. policy .. ' ' .. NOW_S .. ' ' .. expires_s .. ' ' ..
+    I(grace) .. ' ' .. I(expires + grace) .. ' 0 -1 -1 ' .. path .. ' ' .. budgeted_s
+  if holds_text ~= '' then record = record .. ' ' .. holds_text end
+  hash_set(RESERVATIONS, rid, record)
   local static = F.static -- the static JSON after the key
   if static == nil then
-    local quoted = {}
-    for i, s in ipairs(scopes) do quoted[i] = q(s) end
-    static = ',"subject":' .. F[13] .. ',"action":' .. F[14] .. ',"affected_scopes":[' .. concat(quoted, ',') ..
-      '],"metadata":' .. (F[15] ~= '' and F[15] or 'null') .. '}'
+    static = ',"subject":' .. F[14] .. ',"action":' .. F[15] .. ',"affected_scopes":' .. quoted_list(scopes) ..
+      ',"metadata":' .. (F[16] ~= '' and F[16] or 'null') .. '}'
     F.static = static
   end
-  hash_set(HR, rid .. '|s', '{"idempotency_key":' .. q(key) .. static)
+  hash_set(RESERVATIONS, rid .. '|s', '{"idempotency_key":' .. q(key) .. static)
   local data = nil
-  if caps and caps ~= '{}' then
-    hash_set(HR, rid .. '|c', caps)
-    data = '{"decision":' .. q(ev.decision) .. ',"caps":' .. caps .. '}'
-  end
-  zset_put(ZDUE, rid, expires + grace)
-  zset_put(ZIDS, rid, NOW)
-  emit('reserved', path, unit, ev.amount, rid, nil, data)
-  reply[8], reply[9], reply[10], reply[11], reply[12] = rid, amount_s, expires_s, I(ttl), budgeted_s
-  if hash ~= '' then remember(hash, joined(reply, 2, #reply)) end
+  if caps then hash_set(RESERVATIONS, rid .. '|c', caps) end
+  if caps and caps ~= '{}' then data = '"decision":' .. q(ev.decision) .. ',"caps":' .. caps end
+  if #holds > 0 then data = (data and data .. ',' or '') .. '"also":' .. holds_json(holds, 'amount') end
+  zset_put(DUE, rid, expires + grace)
+  zset_put(IDS, rid, NOW)
+  emit('reserved', path, unit, ev.amount, rid, nil, data and '{' .. data .. '}')
+  reply[8], reply[9], reply[10], reply[11], reply[12], reply[14] = rid, amount_s, expires_s, I(ttl), budgeted_s,
+    holds_text
+  if hash ~= '' then remember(hash, joined(reply, 2, 14)) end
   return push_balances(reply, budgets)
 end
 
@@ -877,105 +1191,125 @@ end
 OPS.decide = function() return OPS.reserve(true) end
 
 --@@ commit
--- F: rid, hash, unit, actual, metrics JSON, metadata JSON.
--- Reply: {"commit", charged, released, balances…}; a replay: {"replay", stored reply, now, balances…}.
+-- F: rid, hash, unit, actual, also ("UNIT|amount …"), metrics JSON, metadata JSON.
+-- Reply: {"commit", charged, released, holds in other units (charged), balances…};
+-- a replay: {"replay", stored reply, now, balances…}.
 HEAD = 2
 OPS.commit = function()
   local rid, key, hash, unit, actual = F[1], KEY, F[2], F[3], F.actual
   if actual == nil then
     actual = tonumber(F[4])
     F.actual = actual
+    local named = {}
+    for _, a in ipairs(decode_amounts(F[5])) do named[a.unit] = a.amount end
+    F.also_actual = named
   end
   expire_overdue()
-  local rec, out = settle_target('commit', rid, key, hash)
-  if not rec then return out end
-  if unit ~= rec.u then
-    return fail('UNIT_MISMATCH', 'commit in ' .. unit .. ' for a reservation in ' .. rec.u,
-      {requested_unit = unit, expected_units = {'[' .. q(rec.u) .. ']'}})
+  local rec, answer = settle_target('commit', rid, key, hash)
+  if not rec then return answer end
+  if unit ~= rec.unit then
+    return fail('UNIT_MISMATCH', 'commit in ' .. unit .. ' for a reservation in ' .. rec.unit,
+      {requested_unit = unit, expected_units = {'[' .. q(rec.unit) .. ']'}})
   end
-  local budgets = load_budgets(rec.bs, rec.u)
-  local charged, flagged = settle(budgets, rec.e, actual, rec.op, true)
+  local budgets = load_budgets(rec.budgeted, rec.unit)
+  local charged, flagged = settle(budgets, rec.estimate, actual, rec.policy, true)
   if not charged then return flagged end
-  save_budgets(budgets)
-  local released = max(rec.e - actual, 0)
-  local reply = {'commit', I(charged), I(released), nil, nil, nil, nil, nil, nil} -- room for three balances
-  settled(rec, 'COMMITTED', charged, 'commit', key, hash, reply[2] .. SEP .. reply[3])
-  local over, metrics, metadata = '', '', ''
-  if #flagged > 0 then
-    local quoted = {}
-    for i, s in ipairs(flagged) do quoted[i] = q(s) end
-    over = ',"over_limit":[' .. concat(quoted, ',') .. ']'
+  local holds, over_limit = NO_HOLDS, nil
+  if rec.holds_text ~= '' then
+    holds, over_limit, budgets = other_holds(rec), {}, append({}, budgets)
+    local also_actual = F.also_actual
+    for _, h in ipairs(holds) do
+      -- A unit the commit does not name is charged what was held: the worst case stands.
+      local on = load_budgets(h.scopes, h.unit)
+      local got, more = settle(on, h.amount, also_actual[h.unit] or h.amount, rec.policy, true)
+      if not got then return more end
+      h.charged = got
+      for _, scope in ipairs(more) do over_limit[#over_limit + 1] = {scope, h.unit} end
+      append(budgets, on)
+    end
+    rec.holds_text = encode_holds(holds)
+    rec.tail = nil -- the charges change the text after `finalized`
   end
-  if F[5] ~= '' then metrics = ',"metrics":' .. F[5] end
-  if F[6] ~= '' then metadata = ',"metadata":' .. F[6] end
-  emit('committed', rec.sp, rec.u, charged, rid, nil,
-    '{"actual":' .. I(actual) .. ',"released":' .. I(released) .. over .. metrics .. metadata .. '}')
-  for _, scope in ipairs(flagged) do emit('over_limit', scope, rec.u, nil, rid) end
+  save_budgets(budgets)
+  local released = max(rec.estimate - actual, 0)
+  local reply = {'commit', I(charged), I(released), rec.holds_text, nil, nil, nil, nil, nil, nil} -- three balances
+  settled(rec, 'COMMITTED', charged, 'commit', key, hash, reply[2] .. SEP .. reply[3] .. SEP .. reply[4])
+  local over, also, metrics, metadata = '', '', '', ''
+  if #flagged > 0 then over = ',"over_limit":' .. quoted_list(flagged) end
+  if #holds > 0 then also = ',"also":' .. holds_json(holds, 'charged') end
+  if F[6] ~= '' then metrics = ',"metrics":' .. F[6] end
+  if F[7] ~= '' then metadata = ',"metadata":' .. F[7] end
+  emit('committed', rec.scope_path, rec.unit, charged, rid, nil,
+    '{"actual":' .. I(actual) .. ',"released":' .. I(released) .. over .. also .. metrics .. metadata .. '}')
+  for _, scope in ipairs(flagged) do emit('over_limit', scope, rec.unit, nil, rid) end
+  for _, su in ipairs(over_limit or NO_HOLDS) do emit('over_limit', su[1], su[2], nil, rid) end
   return push_balances(reply, budgets)
 end
 
 --@@ release
--- F: rid, hash; TEXT: reason. Reply: {"release", released, balances…} or a replay.
+-- F: rid, hash; TEXT: reason. Reply: {"release", released, unit, holds in other units, balances…} or a replay.
 OPS.release = function()
   local rid, key, hash, reason = F[1], KEY, F[2], TEXT
   expire_overdue()
-  local rec, out = settle_target('release', rid, key, hash)
-  if not rec then return out end
-  local budgets = load_budgets(rec.bs, rec.u)
-  for _, b in ipairs(budgets) do b.r = b.r - rec.e end
+  local rec, answer = settle_target('release', rid, key, hash)
+  if not rec then return answer end
+  local budgets = load_budgets(rec.budgeted, rec.unit)
+  unhold(budgets, rec.estimate)
+  local also = nil
+  if rec.holds_text ~= '' then
+    budgets = append({}, budgets)
+    local holds = other_holds(rec)
+    for _, h in ipairs(holds) do
+      local on = load_budgets(h.scopes, h.unit)
+      unhold(on, h.amount)
+      append(budgets, on)
+    end
+    also = '"also":' .. holds_json(holds, 'amount')
+  end
   save_budgets(budgets)
-  local reply = {'release', I(rec.e)}
-  settled(rec, 'RELEASED', -1, 'release', key, hash, reply[2])
+  local reply = {'release', I(rec.estimate), rec.unit, rec.holds_text}
+  settled(rec, 'RELEASED', -1, 'release', key, hash, reply[2] .. SEP .. reply[3] .. SEP .. reply[4])
   local data = nil
-  if reason ~= '' then data = '{"reason":' .. q(reason) .. '}' end
-  emit('released', rec.sp, rec.u, rec.e, rid, nil, data)
+  if reason ~= '' then data = '"reason":' .. q(reason) end
+  if also then data = (data and data .. ',' or '') .. also end
+  emit('released', rec.scope_path, rec.unit, rec.estimate, rid, nil, data and '{' .. data .. '}')
   return push_balances(reply, budgets)
 end
 
 --@@ extend
 -- F: rid, hash, extend_by_ms, max_extensions.
--- Reply: {"extend", expires_at, now, balances…}; a replay: {"replay", expires_at, now, balances…}.
+-- Reply: {"extend", expires_at, now, rid, balances…}; a replay: {"replay", "expires_at\31rid", now, balances…}.
 HEAD = 2
 OPS.extend = function()
-  local rid, key, hash, by, max_ext = F[1], KEY, F[2], tonumber(F[3]), num(F[4])
+  local rid, key, hash, by, max_extensions = F[1], KEY, F[2], tonumber(F[3]), number_or_nil(F[4])
   expire_overdue()
-  local rec = load_rec(rid)
-  if not rec then
-    return fail('NOT_FOUND', 'reservation ' .. q(rid) .. ' not found', {reservation_id = rid})
+  local rec = load_record(rid)
+  if not rec then return not_found(rid) end
+  local prior, mismatch = replay('extend', key, hash)
+  if mismatch then return mismatch end
+  if prior then return push_balances({'replay', prior, NOW_S}, hold_budgets(rec)) end
+  local verdict, refusal = extend_verdict(rec, max_extensions)
+  if verdict == nil then return refusal end
+  if verdict == 'expire' then
+    expire(rec)
+    return fail('RESERVATION_EXPIRED', 'reservation ' .. rid .. ' expired')
   end
-  local prior, bad = replay('extend', key, hash)
-  if bad then return bad end
-  if prior then return push_balances({'replay', prior, NOW_S}, load_budgets(rec.bs, rec.u)) end
-  if rec.st == 'EXPIRED' or (rec.st == 'ACTIVE' and NOW > rec.x) then
-    if rec.st == 'ACTIVE' and NOW > rec.dl then
-      expire_rec(rec)
-      return fail('RESERVATION_EXPIRED', 'reservation ' .. rid .. ' expired')
-    end
-    return fail('RESERVATION_EXPIRED', 'reservation ' .. rid ..
-      ' passed its expiry; in the grace period only commit or release', {reservation_id = rid})
-  end
-  if rec.st ~= 'ACTIVE' then
-    return fail('RESERVATION_FINALIZED', 'reservation ' .. rid .. ' is already ' .. rec.st,
-      {reservation_id = rid, status = rec.st})
-  end
-  if max_ext and rec.n >= max_ext then
-    return fail('MAX_EXTENSIONS_EXCEEDED', 'reservation ' .. rid .. ' was already extended ' .. I(rec.n) .. ' times',
-      {reservation_id = rid})
-  end
-  rec.x = rec.x + by
-  rec.dl = rec.x + rec.g
-  rec.n = rec.n + 1
-  save_rec(rec)
-  zset_put(ZDUE, rid, rec.dl)
-  emit('extended', rec.sp, rec.u, nil, rid, nil, '{"expires_at_ms":' .. I(rec.x) .. ',"extend_by_ms":' .. I(by) .. '}')
-  local reply = {'extend', I(rec.x), NOW_S}
-  remember(hash, reply[2])
-  return push_balances(reply, load_budgets(rec.bs, rec.u))
+  rec.expires = rec.expires + by
+  rec.deadline = rec.expires + rec.grace
+  rec.extensions = rec.extensions + 1
+  save_record(rec)
+  zset_put(DUE, rid, rec.deadline)
+  emit('extended', rec.scope_path, rec.unit, nil, rid, nil,
+    '{"expires_at_ms":' .. I(rec.expires) .. ',"extend_by_ms":' .. I(by) .. '}')
+  local reply = {'extend', I(rec.expires), NOW_S}
+  remember(hash, reply[2] .. SEP .. rid)
+  return push_balances(reply, hold_budgets(rec))
 end
 
 --@@ event
--- F: hash, unit, actual, policy, allow_unbudgeted, subject, action, metrics, metadata, scopes…
--- Reply: {"event", stream id, charged, budgeted scopes, balances…} or a replay.
+-- F: hash, unit, actual, policy, allow_unbudgeted, also ("UNIT|amount …"), subject, action, metrics, metadata,
+-- scopes…
+-- Reply: {"event", stream id, charged, budgeted scopes, charges in other units, balances…} or a replay.
 HEAD = 1
 OPS.event = function()
   local key, hash, unit, actual, policy = KEY, F[1], F[2], tonumber(F[3]), F[4]
@@ -983,89 +1317,113 @@ OPS.event = function()
   local scopes = F.scopes
   if scopes == nil then
     scopes = {}
-    for i = 10, #F do scopes[#scopes + 1] = F[i] end
+    for i = 11, #F do scopes[#scopes + 1] = F[i] end
     F.scopes = scopes
+    F.also = decode_amounts(F[6])
+    F.units = {unit}
+    for _, a in ipairs(F.also) do F.units[#F.units + 1] = a.unit end
   end
-  local path = scopes[#scopes]
+  local also, path = F.also, scopes[#scopes]
   expire_overdue()
-  local prior, bad = replay('event', key, hash)
-  if bad then return bad end
-  if prior then return replayed(prior, unit) end
-  local all, budgets = budgets_for(scopes, unit)
-  if #all == 0 and not allow_unbudgeted then
-    return fail('NOT_FOUND', 'no budget for ' .. path .. ' or its parents', {scope = path})
-  end
-  bad = unit_mismatch(all, budgets, unit, scopes, allow_unbudgeted)
-  if bad then return bad end
-  for _, b in ipairs(budgets) do
-    if b.st == 'CLOSED' then return fail('BUDGET_CLOSED', 'budget ' .. b.scope .. ' is closed', {scope = b.scope}) end
-    if b.st == 'FROZEN' then return fail('BUDGET_FROZEN', 'budget ' .. b.scope .. ' is frozen', {scope = b.scope}) end
-  end
+  local prior, mismatch = replay('event', key, hash)
+  if mismatch then return mismatch end
+  if prior then return replayed(prior, unit, 3, 4) end
+  local by_unit, failure = budgets_by_unit(scopes, F.units, allow_unbudgeted)
+  if failure then return failure end
+  if by_unit == nil then return fail('NOT_FOUND', 'no budget for ' .. path .. ' or its parents', {scope = path}) end
+  local budgets = by_unit[unit]
+  failure = check_debit(budgets)
+  for _, a in ipairs(also) do failure = failure or check_debit(by_unit[a.unit]) end
+  if failure then return failure end
+  -- A refusal on any unit comes before anything is saved: nothing is charged on the others either.
   local charged, flagged = settle(budgets, 0, actual, policy, false)
   if not charged then return flagged end
+  local charges, over_limit = NO_HOLDS, NO_HOLDS
+  if #also > 0 then
+    charges, over_limit, budgets = {}, {}, append({}, budgets)
+    for _, a in ipairs(also) do
+      local on = by_unit[a.unit]
+      if #on > 0 then
+        local got, more = settle(on, 0, a.amount, policy, false)
+        if not got then return more end
+        local names = {}
+        for i, b in ipairs(on) do names[i] = b.scope end
+        charges[#charges + 1] = {unit = a.unit, amount = a.amount, charged = got, scopes = names}
+        for _, scope in ipairs(more) do over_limit[#over_limit + 1] = {scope, a.unit} end
+        append(budgets, on)
+      end
+    end
+  end
   save_budgets(budgets)
-  local names, quoted, flags = {}, {}, {}
-  for i, b in ipairs(budgets) do names[i] = b.scope; quoted[i] = q(b.scope) end
-  for i, s in ipairs(flagged) do flags[i] = q(s) end
-  local data = '{"scopes":[' .. concat(quoted, ',') .. '],"actual":' .. I(actual) .. ',"subject":' .. F[6] ..
-    ',"action":' .. F[7] .. ',"over_limit":[' .. concat(flags, ',') .. '],"metrics":' ..
-    (F[8] ~= '' and F[8] or 'null') .. ',"metadata":' .. (F[9] ~= '' and F[9] or 'null') ..
-    ',"key":' .. q(key) .. '}'
+  local names = {}
+  for _, b in ipairs(budgets) do
+    if b.unit == unit then names[#names + 1] = b.scope end
+  end
+  local also_data = ''
+  if #charges > 0 then
+    local parts = {}
+    for i, c in ipairs(charges) do
+      parts[i] = q(c.unit) .. ':{"charged":' .. I(c.charged) .. ',"scopes":' .. quoted_list(c.scopes) .. '}'
+    end
+    also_data = ',"also":{' .. concat(parts, ',') .. '}'
+  end
+  local data = '{"scopes":' .. quoted_list(names) .. ',"actual":' .. I(actual) .. ',"subject":' .. F[7] ..
+    ',"action":' .. F[8] .. ',"over_limit":' .. quoted_list(flagged) .. ',"metrics":' ..
+    (F[9] ~= '' and F[9] or 'null') .. ',"metadata":' .. (F[10] ~= '' and F[10] or 'null') ..
+    ',"key":' .. q(key) .. also_data .. '}'
   local id = emit('debited', path, unit, charged, nil, nil, data)
   for _, scope in ipairs(flagged) do emit('over_limit', scope, unit) end
-  local reply = {'event', id, I(charged), concat(names, ',')}
-  remember(hash, joined(reply, 2, 4))
+  for _, su in ipairs(over_limit) do emit('over_limit', su[1], su[2]) end
+  local reply = {'event', id, I(charged), concat(names, ','), #charges > 0 and encode_holds(charges) or ''}
+  remember(hash, joined(reply, 2, 5))
   return push_balances(reply, budgets)
+end
+
+--@@ note
+-- F: type, scope, reason code, data JSON. Reply: {"note", stream id}.
+OPS.note = function()
+  expire_overdue()
+  return {'note', emit(F[1], F[2], nil, nil, nil, F[3], optional(F[4]))}
 end
 
 --@@ budget
 -- F: op, scope, unit, amount, overdraft_limit, caps JSON ("" = not given). Reply: {"budget", field, text}.
 OPS.budget = function()
   local op, scope, unit = F[1], F[2], F[3]
-  local amount, overdraft, caps = num(F[4]), num(F[5]), opt(F[6])
+  local amount, overdraft_limit, caps = number_or_nil(F[4]), number_or_nil(F[5]), optional(F[6])
   expire_overdue()
   local b = load_budgets({scope}, unit)[1]
-  local data = '{}'
   if op == 'set' then
+    local data = nil
     if not b then
-      b = {scope = scope, unit = unit, f = scope .. '|' .. unit, a = amount, s = 0, r = 0, d = 0, o = overdraft or 0,
-           x = false, st = 'ACTIVE', c = (caps and caps ~= '{}') and caps or ''}
+      b = {scope = scope, unit = unit, field = scope .. '|' .. unit, allocated = amount, spent = 0, reserved = 0,
+           debt = 0, overdraft_limit = overdraft_limit or 0, is_over_limit = false, status = 'ACTIVE',
+           caps = (caps and caps ~= '{}') and caps or ''}
     else
-      data = '{"previous_allocated":' .. I(b.a) .. '}'
-      b.a = amount
-      if overdraft then b.o = overdraft end
-      if caps then b.c = (caps ~= '{}') and caps or '' end
-      if b.d > b.o then
-        b.x = true
-      elseif rem(b) >= 0 then
-        b.x = false
-      end
+      data = set_allocation(b, amount, overdraft_limit, caps)
     end
     save_budgets({b})
     emit('budget_set', scope, unit, amount, nil, nil, data)
-    return {'budget', b.f, b.text}
+    return {'budget', b.field, b.text}
   end
   if not b then return fail('NOT_FOUND', 'no ' .. unit .. ' budget at ' .. scope, {scope = scope}) end
-  if b.st == 'CLOSED' then return fail('BUDGET_CLOSED', 'budget ' .. b.scope .. ' is closed', {scope = b.scope}) end
-  local kind, amt = nil, nil
+  local kind, event_amount, data = nil, nil, nil
   if op == 'fund' then
-    if b.a + amount > MAX_EXACT then
+    local closed = check_open(b)
+    if closed then return closed end
+    if b.allocated + amount > MAX_EXACT then
       return fail('INVALID_REQUEST', 'the allocation would pass what the Redis store keeps exactly (2^53 - 1)')
     end
-    local repaid = min(b.d, amount)
-    b.d = b.d - repaid
-    b.s = b.s + repaid
-    b.a = b.a + amount
-    if b.d == 0 and rem(b) >= 0 then b.x = false end
-    data = '{"debt_repaid":' .. I(repaid) .. '}'
-    kind, amt = 'funded', amount
+    data = '{"debt_repaid":' .. I(fund(b, amount)) .. '}'
+    kind, event_amount = 'funded', amount
   else
-    b.st = ({freeze = 'FROZEN', unfreeze = 'ACTIVE', close = 'CLOSED'})[op]
-    kind = ({freeze = 'frozen', unfreeze = 'unfrozen', close = 'closed'})[op]
+    local refusal
+    kind, refusal = change_status(b, op)
+    if not kind then return refusal end
   end
   save_budgets({b})
-  emit(kind, scope, unit, amt, nil, nil, data)
-  return {'budget', b.f, b.text}
+  emit(kind, scope, unit, event_amount, nil, nil, data)
+  return {'budget', b.field, b.text}
 end
 
 --@@ sweep
@@ -1076,13 +1434,13 @@ OPS.sweep = function()
   -- straight in Redis, after what is pending, and the cache forgets the fields.
   local err = flush()
   if err ~= nil then error(err) end
-  local old = rcall('ZRANGEBYSCORE', KFIN, '-inf', '(' .. I(NOW - RETAIN), 'LIMIT', 0, 1000)
+  local old = rcall('ZRANGEBYSCORE', FINALIZED_KEY, '-inf', '(' .. I(NOW - RETENTION_MS), 'LIMIT', 0, 1000)
   for _, rid in ipairs(old) do
     local fields = {rid, rid .. '|s', rid .. '|c', rid .. '|k'}
-    rcall('HDEL', KR, unpack(fields))
-    for _, f in ipairs(fields) do HR.val[f] = nil end
-    rcall('ZREM', KIDS, rid)
-    rcall('ZREM', KFIN, rid)
+    rcall('HDEL', RESERVATIONS_KEY, unpack(fields))
+    for _, f in ipairs(fields) do RESERVATIONS.values[f] = nil end
+    rcall('ZREM', IDS_KEY, rid)
+    rcall('ZREM', FINALIZED_KEY, rid)
   end
   return {'sweep', n, #old}
 end

@@ -26,21 +26,16 @@ import os
 import re
 import time
 import weakref
-from collections import deque
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
-from ..errors import (
-    ConfigError,
-    CyclesError,
-    InvalidRequestError,
-    NotFoundError,
-    StoreUnavailableError,
-    error_from_code,
-)
+from .. import operations
+from ..errors import ConfigError, CyclesError, InvalidRequestError, NotFoundError, StoreUnavailableError
 from ..models import Unit, parse_scope
+from ..rules import ReservationState
+from . import redis_format as fmt
 from ._ids import reservation_id
 from .base import (
     BudgetCommand,
@@ -53,15 +48,23 @@ from .base import (
     Store,
     SupportsSweep,
 )
+from .redis_format import SEP
+from .redis_wire import (
+    Wire,
+    connection_class,
+    driver_errors,
+    evalsha_commands,
+    is_noscript,
+    script_reply,
+)
 
 __all__ = ["RedisStore"]
 
 MAX_EXACT = 2**53 - 1  # Lua numbers are doubles: integers are exact up to here
 _UNITS = ("CREDITS", "RISK_POINTS", "TOKENS", "USD_MICROCENTS")  # must match UNITS in redis.lua
 assert set(_UNITS) == {u.value for u in Unit}, "redis.lua's unit list is out of date"
-_OPS = ("reserve", "decide", "commit", "release", "extend", "event", "budget", "sweep")
+_OPS = ("reserve", "decide", "commit", "release", "extend", "event", "note", "budget", "sweep")
 _JSON = json.JSONEncoder(separators=(",", ":")).encode
-_SEP = "\x1f"  # joins the reply fields kept for idempotent replays
 _CLUSTER_IN_FLIGHT = 64  # below redis-py's 100 connections per cluster node
 _BATCH_MAX = 128  # operations per script call: bounds how long one call holds the server
 Clock = Callable[[], int]
@@ -91,17 +94,6 @@ def _scripts() -> dict[str, str]:
 def _new_rid(tag: str) -> str:
     """A reservation id naming its hash tag after the `@`, so commit/release/extend find the slot."""
     return f"{reservation_id(time.time_ns() // 1_000_000)}@{tag}"
-
-
-def _event_id(stream_id: str | bytes) -> int:
-    """A stream entry id `ms-seq` as one increasing integer."""
-    text = stream_id.decode() if isinstance(stream_id, bytes) else stream_id
-    ms, _, seq = text.partition("-")
-    return (int(ms) << 20) | int(seq)
-
-
-def _stream_id(event_id: int) -> str:
-    return f"{event_id >> 20}-{event_id & 0xFFFFF}"
 
 
 def _exact(value: int | None, name: str) -> None:
@@ -154,26 +146,12 @@ class _JsonOf:
         return text
 
 
-def _evalsha_commands(scripts: list[tuple[str, list[str], list[str]]]) -> list[tuple[Any, ...]]:
-    """The EVALSHA commands of `(sha, KEYS, ARGV)` script calls, for the store's own connection."""
-    return [("EVALSHA", sha, len(keys), *keys, *args) for sha, keys, args in scripts]
-
-
-def _noscript(reply: Any) -> bool:
-    """A script call the server did not run because it does not have the script (restarted, flushed)."""
-    return isinstance(reply, Exception) and str(reply).startswith("NOSCRIPT")
-
-
 def _under(scope: str | None, prefix: str | None) -> bool:
     return prefix is None or scope == prefix or (scope is not None and scope.startswith(prefix + "/"))
 
 
 def _raw(value: Any) -> str:
     return _JSON(value) if value else ""
-
-
-def _int(text: str | None) -> int | None:
-    return int(text) if text not in (None, "") else None
 
 
 def _check_text(value: str, what: str) -> None:
@@ -184,114 +162,8 @@ def _check_text(value: str, what: str) -> None:
         raise InvalidRequestError(f"{what} {value!r} is not valid Unicode text") from exc
 
 
-def _balance(field: str, text: str) -> dict[str, Any]:
-    """One budget from its hash field `scope|unit` and text `a s r d o x STATUS [caps JSON]`."""
-    return _balances([field, text], 0)[0]
-
-
-def _balances(flat: list[Any], start: int) -> list[dict[str, Any]]:
-    """The budgets a script reply lists from `start` as (field, text) pairs, parsed in one loop: every
-    reply carries them, so this is one of the hottest paths of the client."""
-    out = []
-    for i in range(start, len(flat), 2):
-        scope, _, unit = flat[i].rpartition("|")
-        parts = flat[i + 1].split(" ", 7)
-        a, s, r, d = int(parts[0]), int(parts[1]), int(parts[2]), int(parts[3])
-        out.append(
-            {
-                "scope": scope,
-                "unit": unit,
-                "allocated": a,
-                "spent": s,
-                "reserved": r,
-                "debt": d,
-                "overdraft_limit": int(parts[4]),
-                "remaining": a - s - r - d,
-                "is_over_limit": parts[5] == "1",
-                "status": parts[6],
-                "caps": json.loads(parts[7]) if len(parts) > 7 else None,
-            }
-        )
-    return out
-
-
-def _record(rid: str, text: str) -> dict[str, Any]:
-    st, u, e, op, c0, x, g, dl, n, ch, fin, sp, *bs = text.split(" ")
-    return {
-        "id": rid,
-        "status": st,
-        "unit": u,
-        "estimate": int(e),
-        "policy": op,
-        "created": int(c0),
-        "expires": int(x),
-        "grace": int(g),
-        "deadline": int(dl),
-        "extensions": int(n),
-        "charged": int(ch) if ch != "-1" else None,
-        "finalized": int(fin) if fin != "-1" else None,
-        "scope_path": sp,
-        "budgeted": bs[0].split(",") if bs and bs[0] else [],
-    }
-
-
-def _reservation(rec: dict[str, Any], static: dict[str, Any], caps: str | None) -> dict[str, Any]:
-    unit = rec["unit"]
-    return {
-        "reservation_id": rec["id"],
-        "status": rec["status"],
-        "idempotency_key": static["idempotency_key"],
-        "subject": static["subject"],
-        "action": static["action"],
-        "reserved": {"unit": unit, "amount": rec["estimate"]},
-        "committed": {"unit": unit, "amount": rec["charged"]} if rec["charged"] is not None else None,
-        "overage_policy": rec["policy"],
-        "created_at_ms": rec["created"],
-        "expires_at_ms": rec["expires"],
-        "grace_period_ms": rec["grace"],
-        "finalized_at_ms": rec["finalized"],
-        "scope_path": rec["scope_path"],
-        "affected_scopes": static["affected_scopes"],
-        "budgeted_scopes": rec["budgeted"],
-        "extension_count": rec["extensions"],
-        "caps": json.loads(caps) if caps else None,
-        "metadata": static.get("metadata"),
-    }
-
-
-def _event(stream_id: str, fields: dict[str, str]) -> dict[str, Any]:
-    data = fields.get("data")
-    return {
-        "event_id": _event_id(stream_id),
-        "ts_ms": int(fields["ts"]),
-        "type": fields["type"],
-        "scope": fields.get("scope"),
-        "unit": fields.get("unit"),
-        "amount": _int(fields.get("amount")),
-        "reservation_id": fields.get("rid"),
-        "reason_code": fields.get("reason"),
-        "data": json.loads(data) if data else {},
-    }
-
-
 # TLS settings a `rediss://` URL may carry (redis-py's own names): a private CA, client certificates.
 _TLS_PARAMS = ("ssl_ca_certs", "ssl_cert_reqs", "ssl_certfile", "ssl_keyfile")
-
-
-# One decision event appended to its tenant's stream, stamped with the server's clock like every other.
-_NOTE_SCRIPT = """
-local now = ARGV[1]
-if now == '' then
-  local t = redis.call('TIME')
-  now = string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
-end
-local f = {'ts', now, 'type', ARGV[3], 'scope', ARGV[4], 'reason', ARGV[5]}
-if ARGV[6] ~= '' then
-  f[#f + 1] = 'data'
-  f[#f + 1] = ARGV[6]
-end
-return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(f))
-"""
 
 
 def _tls_settings(url: str, query: dict[str, str]) -> dict[str, Any]:
@@ -328,122 +200,6 @@ class _Batch:
 _Op = tuple[str, str, str, str | None, str, str, str]
 
 
-def _connection_class(scheme: str) -> Any:
-    """redis-py's asyncio connections pack commands in Python; with hiredis installed (the `redis` extra
-    brings it) they pack in C, as redis-py's sync connections already do: ~8 µs less per call."""
-    from redis.asyncio.connection import Connection, SSLConnection
-
-    base = SSLConnection if scheme == "rediss" else Connection
-    try:
-        import hiredis
-    except ImportError:  # pragma: no cover - hiredis comes with the extra
-        return base
-
-    class HiredisPacking(base):  # type: ignore[valid-type,misc]
-        def pack_command(self, *args: Any) -> list[bytes]:
-            if isinstance(args[0], str) and " " in args[0]:  # "SCRIPT LOAD" goes as two words, as redis-py does
-                args = (*args[0].split(), *args[1:])
-            return [hiredis.pack_command(args)]
-
-    return HiredisPacking
-
-
-class _Wire(asyncio.Protocol):
-    """One plain-TCP connection for the script calls: a tick's commands are packed by hiredis and written
-    at once, replies are parsed by hiredis and handed to their requests in order, with none of a general
-    client's per-command layers. A reply later than `timeout`, or a lost connection, fails every request
-    in flight (unavailable) and the connection is dropped; the next call connects again."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
-        import hiredis
-
-        self.loop = loop
-        self.timeout = timeout
-        self.pack = hiredis.pack_command
-        self.reader = hiredis.Reader(encoding="utf-8")  # an error reply comes back as a hiredis.ReplyError
-        self.pending: deque[tuple[float, Callable[[Any], None]]] = deque()
-        self.transport: asyncio.Transport | None = None
-        self.broken: StoreUnavailableError | None = None
-        self.timer: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # a stream transport (uvloop's is no asyncio.Transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.reader.feed(data)
-        gets, pending = self.reader.gets, self.pending
-        while pending:
-            reply = gets()
-            if reply is False:
-                break
-            pending.popleft()[1](reply)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.fail(StoreUnavailableError(f"Redis ledger unavailable: connection lost ({exc or 'closed by the server'})"))
-
-    def fail(self, exc: StoreUnavailableError) -> None:
-        if self.broken is None:
-            self.broken = exc
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        if self.transport is not None:
-            self.transport.abort()
-        while self.pending:
-            self.pending.popleft()[1](exc)
-
-    def request(self, commands: list[tuple[Any, ...]]) -> asyncio.Future[list[Any]]:
-        """Send `commands` in one write; the future gets their replies (error replies as objects)."""
-        done: asyncio.Future[list[Any]] = self.loop.create_future()
-        if self.broken is not None or self.transport is None:
-            done.set_exception(self.broken or StoreUnavailableError("Redis ledger unavailable: not connected"))
-            return done
-        replies: list[Any] = []
-        count = len(commands)
-
-        def on_reply(reply: Any) -> None:
-            if done.done():  # failed already, or its caller gave up
-                return
-            if isinstance(reply, StoreUnavailableError):
-                done.set_exception(reply)
-                return
-            replies.append(reply)
-            if len(replies) == count:
-                done.set_result(replies)
-
-        deadline = self.loop.time() + self.timeout
-        self.pending.extend((deadline, on_reply) for _ in commands)
-        self.transport.write(b"".join([self.pack(c) for c in commands]))
-        if self.timer is None:
-            self.timer = self.loop.call_at(deadline, self._check)
-        return done
-
-    def _check(self) -> None:
-        self.timer = None
-        if not self.pending:
-            return
-        deadline = self.pending[0][0]
-        if self.loop.time() >= deadline:
-            self.fail(
-                StoreUnavailableError(f"Redis ledger unavailable: TimeoutError: no answer within {self.timeout:g} s")
-            )
-        else:
-            self.timer = self.loop.call_at(deadline, self._check)
-
-    def close(self) -> None:
-        """Close the connection, from its own loop or from any other thread."""
-        if self.transport is None or self.loop.is_closed():
-            return
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is self.loop:
-            self.transport.close()
-        else:
-            self.loop.call_soon_threadsafe(self.transport.close)
-
-
 class RedisStore(Store, SupportsSweep):
     """`redis://[:password@]host:6379/0`, `rediss://…` (TLS) or `redis+cluster://host:7000` (Redis Cluster).
 
@@ -477,7 +233,7 @@ class RedisStore(Store, SupportsSweep):
         self._client = client
         self._prefix = prefix
         self._clock = clock  # tests only: replaces Redis TIME so a test can move time by hand
-        self._config = _SEP.join((str(sweep_per_call), str(event_retention), str(retention_ms)))
+        self._config = SEP.join((str(sweep_per_call), str(event_retention), str(retention_ms)))
         self._event_retention = event_retention
         self._sources = _scripts()
         self._shas = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in self._sources.items()}
@@ -494,11 +250,11 @@ class RedisStore(Store, SupportsSweep):
         # Cluster calls are not pipelined and each holds a connection; redis-py allows 100 per node and
         # fails the 101st, so calls in flight are capped below that and the rest queue here.
         self._gate = asyncio.Semaphore(_CLUSTER_IN_FLIGHT) if cluster else None
-        # Plain TCP to one server: script calls skip the general client and go over a _Wire of their own.
+        # Plain TCP to one server: script calls skip the general client and go over a Wire of their own.
         self._direct = None if cluster else direct
         # One connection (and one batch) per event loop: a proxy may call from more than one loop.
-        self._wires: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Wire] = weakref.WeakKeyDictionary()
-        self._connecting: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[_Wire]] = (
+        self._wires: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Wire] = weakref.WeakKeyDictionary()
+        self._connecting: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[Wire]] = (
             weakref.WeakKeyDictionary()
         )
 
@@ -546,7 +302,7 @@ class RedisStore(Store, SupportsSweep):
             if cluster:
                 client = RedisCluster.from_url(base, **common)
             else:
-                client = aioredis.from_url(base, connection_class=_connection_class(scheme), **common)
+                client = aioredis.from_url(base, connection_class=connection_class(scheme), **common)
         except ValueError as exc:
             raise ConfigError(f"bad Redis URL {url!r}: {exc}") from exc
         direct: _Address | None = None
@@ -566,22 +322,17 @@ class RedisStore(Store, SupportsSweep):
         return [base + "b", base + "r", base + "due", base + "e", base + "fin", base + "ids"]
 
     async def _redis(self, call: Coroutine[Any, Any, Any]) -> Any:
-        """Await one Redis call; every driver failure is the ledger's "unavailable"."""
-        from redis.exceptions import RedisClusterException, RedisError
-
+        """Await one Redis call; every driver failure is the ledger's "unavailable" (redis_wire.driver_errors)."""
         try:
             if self._closed:
                 raise StoreUnavailableError("the Redis store is closed")
-            if self._needs_init:
-                await self._initialize()
-            if self._gate is None:
-                return await call
-            async with self._gate:  # wait for a connection rather than fail past the pool's limit
-                return await call
-        except (RedisError, RedisClusterException) as exc:
-            raise StoreUnavailableError(f"Redis ledger unavailable: {type(exc).__name__}: {exc}") from exc
-        except (OSError, TimeoutError) as exc:
-            raise StoreUnavailableError(f"Redis ledger unavailable: {exc!r}") from exc
+            with driver_errors():
+                if self._needs_init:
+                    await self._initialize()
+                if self._gate is None:
+                    return await call
+                async with self._gate:  # wait for a connection rather than fail past the pool's limit
+                    return await call
         finally:
             call.close()  # a call that never ran (closed store, failed start) must not warn "never awaited"
 
@@ -621,15 +372,15 @@ class RedisStore(Store, SupportsSweep):
         NOSCRIPT one is loaded and run again."""
         wire = await self._wire_ready()
         if replies is None:
-            replies = await wire.request(_evalsha_commands(scripts))
+            replies = await wire.request(evalsha_commands(scripts))
         for i, reply in enumerate(replies):
-            if _noscript(reply):
+            if is_noscript(reply):
                 sha, keys, args = scripts[i]
                 load = ("SCRIPT", "LOAD", self._by_sha[sha])
                 replies[i] = (await wire.request([load, ("EVALSHA", sha, len(keys), *keys, *args)]))[1]
         return replies
 
-    async def _wire_ready(self) -> _Wire:
+    async def _wire_ready(self) -> Wire:
         loop = asyncio.get_running_loop()
         wire = self._wires.get(loop)
         if wire is not None and wire.broken is None:
@@ -639,29 +390,13 @@ class RedisStore(Store, SupportsSweep):
             task = self._connecting[loop] = loop.create_task(self._connect())
         return await asyncio.shield(task)
 
-    async def _connect(self) -> _Wire:
+    async def _connect(self) -> Wire:
         assert self._direct is not None
-        host, port, db, user, password, timeout = self._direct
         loop = asyncio.get_running_loop()
         old = self._wires.pop(loop, None)
         if old is not None:
             old.close()
-        wire = _Wire(loop, timeout)
-        try:
-            await asyncio.wait_for(loop.create_connection(lambda: wire, host, port), timeout)
-        except (OSError, TimeoutError) as exc:
-            wire.close()
-            raise StoreUnavailableError(f"Redis ledger unavailable: cannot connect to {host}:{port}: {exc!r}") from exc
-        hello: list[tuple[Any, ...]] = []
-        if password is not None:
-            hello.append(("AUTH", user, password) if user else ("AUTH", password))
-        if db:
-            hello.append(("SELECT", db))
-        if hello:
-            for reply in await wire.request(hello):
-                if isinstance(reply, Exception):
-                    wire.close()
-                    raise StoreUnavailableError(f"Redis ledger unavailable: {reply}")
+        wire = await Wire.connect(*self._direct)
         self._wires[loop] = wire
         return wire
 
@@ -690,7 +425,7 @@ class RedisStore(Store, SupportsSweep):
         waiter = loop.create_future()
         batch.calls.append(op)
         batch.waiters.append(waiter)
-        return self._unwrap(await waiter)
+        return await waiter
 
     def _background(self, loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]) -> None:
         task = loop.create_task(coro)
@@ -706,7 +441,7 @@ class RedisStore(Store, SupportsSweep):
             self._background(loop, self._flush(batch))
             return
         chunks, scripts = self._plan(batch.calls)
-        done = wire.request(_evalsha_commands(scripts))
+        done = wire.request(evalsha_commands(scripts))
         done.add_done_callback(lambda d: self._on_replies(loop, batch, chunks, scripts, d))
 
     def _on_replies(
@@ -722,7 +457,7 @@ class RedisStore(Store, SupportsSweep):
             replies = done.result()
         except StoreUnavailableError as exc:
             replies = [exc] * len(scripts)
-        if any(_noscript(r) for r in replies):  # a restarted server: load the script, run those again
+        if any(is_noscript(r) for r in replies):  # a restarted server: load the script, run those again
             self._background(loop, self._rerun(batch, chunks, scripts, replies))
             return
         self._hand_out(batch, self._results(len(batch.calls), chunks, replies))
@@ -737,7 +472,7 @@ class RedisStore(Store, SupportsSweep):
         try:
             replies = await self._redis(self._over_wire(scripts, replies))
         except StoreUnavailableError as exc:
-            replies = [exc if _noscript(r) else r for r in replies]
+            replies = [exc if is_noscript(r) else r for r in replies]
         self._hand_out(batch, self._results(len(batch.calls), chunks, replies))
 
     async def _flush(self, batch: _Batch) -> None:
@@ -795,14 +530,6 @@ class RedisStore(Store, SupportsSweep):
             replies = list(await asyncio.gather(*calls_out, return_exceptions=True))
         return self._results(len(calls), chunks, replies)
 
-    @staticmethod
-    def _unwrap(result: Any) -> Any:
-        if isinstance(result, StoreUnavailableError):
-            raise result
-        if isinstance(result, BaseException):
-            raise StoreUnavailableError(f"Redis ledger unavailable: {type(result).__name__}: {result}")
-        return result
-
     async def _run(
         self, op: str, tag: str, fields: list[Any], *, key: str = "", idem: str | None = None, text: str = ""
     ) -> list[Any]:
@@ -813,13 +540,8 @@ class RedisStore(Store, SupportsSweep):
         if not text.isascii():
             _check_text(text, "text")
         now = "" if self._clock is None else str(self._clock())
-        joined = _SEP.join(["" if f is None else f if f.__class__ is str else str(f) for f in fields])
-        reply: list[Any] = await self._call((op, tag, now, idem, key, joined, text))
-        if reply[0] == "err":
-            raise error_from_code(reply[1], reply[2], json.loads(reply[3]))
-        if reply[0] == "raise":
-            raise StoreUnavailableError(f"Redis ledger unavailable: script error: {reply[1]}")
-        return reply
+        joined = SEP.join(["" if f is None else f if f.__class__ is str else str(f) for f in fields])
+        return script_reply(await self._call((op, tag, now, idem, key, joined, text)))
 
     async def _register(self, tag: str, *, always: bool = False) -> None:
         """Remember a tag in the (unslotted) set of tags, so listings and the sweeper can find it. Runtime
@@ -839,6 +561,8 @@ class RedisStore(Store, SupportsSweep):
 
     def _reserve_fields(self, cmd: ReserveCommand, rid: str) -> list[Any]:
         _exact(cmd.estimate, "estimate")
+        for unit, amount in cmd.also:
+            _exact(amount, f"also ({unit})")
         soft = cmd.soft_landing or {}
         for name in ("min_amount", "fixed_amount", "amount_per_million_tokens"):
             _exact(soft.get(name), f"soft_landing.{name}")
@@ -857,6 +581,7 @@ class RedisStore(Store, SupportsSweep):
             soft.get("min_amount") if cmd.soft_landing else None,
             soft.get("fixed_amount", 0) if cmd.soft_landing else None,
             soft.get("amount_per_million_tokens"),
+            fmt.amounts_text(cmd.also) if cmd.also else "",
             self._json_of(cmd.subject),
             self._json_of(cmd.action),
             _raw(cmd.metadata),
@@ -865,7 +590,8 @@ class RedisStore(Store, SupportsSweep):
 
     @staticmethod
     def _decision(cmd: ReserveCommand, f: list[Any]) -> dict[str, Any]:
-        """A reserve answer from its reply fields (decision … budgeted scopes), shaped like SQLite's."""
+        """A reserve answer from its reply fields (decision … budgeted scopes, unit that denied, holds in
+        other units), shaped like the Python engine's. Answers kept before holds in other units have 11."""
         body: dict[str, Any] = {
             "decision": f[0],
             "scope_path": cmd.scopes[-1],
@@ -873,16 +599,21 @@ class RedisStore(Store, SupportsSweep):
             "caps": json.loads(f[4]) if f[4] else None,
             "reason_code": f[1] or None,
             "scope": f[2] or None,
-            "remaining": _int(f[3]),
+            "remaining": int(f[3]) if f[3] else None,
             "dry_run": f[5] == "1",
         }
+        if len(f) > 11 and f[11]:
+            body["unit"] = f[11]
         if f[6]:
             body.update(
                 reservation_id=f[6],
                 reserved={"unit": cmd.unit, "amount": int(f[7])},
                 expires_at_ms=int(f[8]),
-                remaining_ttl_ms=int(f[9]),
             )
+            held = fmt.holds(f[12]) if len(f) > 12 else []
+            if held:
+                body["also_reserved"] = [{"unit": unit, "amount": amount} for unit, amount, _, _ in held]
+            body["remaining_ttl_ms"] = int(f[9])
         return body
 
     async def reserve(self, cmd: ReserveCommand) -> dict[str, Any]:
@@ -893,21 +624,21 @@ class RedisStore(Store, SupportsSweep):
         fields = self._reserve_fields(cmd, _new_rid(tag))
         reply = await self._run("reserve", tag, fields, key=cmd.idempotency_key, idem=idem)
         if reply[0] == "replay":
-            body = self._decision(cmd, reply[1].split(_SEP))
+            body = self._decision(cmd, reply[1].split(SEP))
             if body.get("expires_at_ms") is not None:
                 body["remaining_ttl_ms"] = max(0, body["expires_at_ms"] - int(reply[2]))
-            body["balances"] = _balances(reply, 3)
+            body["balances"] = fmt.balances(reply, 3)
             return body
-        body = self._decision(cmd, reply[1:12])
-        body["balances"] = _balances(reply, 12)
+        body = self._decision(cmd, reply[1:14])
+        body["balances"] = fmt.balances(reply, 14)
         return body
 
     async def decide(self, cmd: ReserveCommand) -> dict[str, Any]:
         tag = _tag_of_scope(cmd.scopes[0])
         reply = await self._run("decide", tag, self._reserve_fields(cmd, ""), key=cmd.idempotency_key)
-        body = self._decision(cmd, reply[1:12])
+        body = self._decision(cmd, reply[1:14])
         del body["dry_run"]
-        body["balances"] = _balances(reply, 12)
+        body["balances"] = fmt.balances(reply, 14)
         return body
 
     @staticmethod
@@ -917,34 +648,66 @@ class RedisStore(Store, SupportsSweep):
             raise NotFoundError(f"reservation {reservation_id!r} not found", reservation_id=reservation_id)
         return tag
 
+    @staticmethod
+    def _answer(reply: list[Any], live: int) -> tuple[list[str], int]:
+        """The answer fields of a settle or debit reply (`live` of them after its kind) and where its
+        balances start; a replay carries them joined, as kept."""
+        if reply[0] == "replay":
+            return reply[1].split(SEP), 3
+        return reply[1 : 1 + live], 1 + live
+
     async def commit(self, cmd: CommitCommand) -> dict[str, Any]:
         _exact(cmd.actual, "actual")
+        for unit, amount in cmd.also:
+            _exact(amount, f"also ({unit})")
         tag = self._settle_tag(cmd.reservation_id)
-        fields = [cmd.reservation_id, cmd.payload_hash, cmd.unit, cmd.actual, _raw(cmd.metrics), _raw(cmd.metadata)]
+        also = fmt.amounts_text(cmd.also) if cmd.also else ""
+        fields = [
+            cmd.reservation_id,
+            cmd.payload_hash,
+            cmd.unit,
+            cmd.actual,
+            also,
+            _raw(cmd.metrics),
+            _raw(cmd.metadata),
+        ]
         reply = await self._run("commit", tag, fields, key=cmd.idempotency_key)
-        f, start = (reply[1].split(_SEP), 3) if reply[0] == "replay" else (reply[1:3], 3)
+        f, start = self._answer(reply, 3)
         charged, released = int(f[0]), int(f[1])
-        return {
+        body: dict[str, Any] = {
             "reservation_id": cmd.reservation_id,
             "status": "COMMITTED",
             "charged": {"unit": cmd.unit, "amount": charged},
             "released": {"unit": cmd.unit, "amount": released} if released else None,
-            "balances": _balances(reply, start),
         }
+        held = fmt.holds(f[2]) if len(f) > 2 else []
+        if held:
+            body["also_charged"] = [{"unit": unit, "amount": got} for unit, _, got, _ in held]
+        body["balances"] = fmt.balances(reply, start)
+        return body
 
     async def release(self, cmd: ReleaseCommand) -> dict[str, Any]:
         tag = self._settle_tag(cmd.reservation_id)
         fields = [cmd.reservation_id, cmd.payload_hash]
         reply = await self._run("release", tag, fields, key=cmd.idempotency_key, text=cmd.reason or "")
-        released, start = (reply[1], 3) if reply[0] == "replay" else (reply[1], 2)
-        balances = _balances(reply, start)
-        unit = balances[0]["unit"] if balances else await self._unit_of(tag, cmd.reservation_id)
-        return {
+        f, start = self._answer(reply, 3)
+        balances = fmt.balances(reply, start)
+        if len(f) > 1:
+            unit = f[1]
+        elif balances:  # kept before answers named their unit
+            unit = balances[0]["unit"]
+        else:
+            unit = await self._unit_of(tag, cmd.reservation_id)
+        body: dict[str, Any] = {
             "reservation_id": cmd.reservation_id,
             "status": "RELEASED",
-            "released": {"unit": unit, "amount": int(released)},
-            "balances": balances,
+            "released": {"unit": unit, "amount": int(f[0])},
         }
+        held = fmt.holds(f[2]) if len(f) > 2 else []
+        if held:
+            body["also_released"] = [{"unit": u, "amount": amount} for u, amount, _, _ in held]
+        body["balances"] = balances
+        return body
 
     async def _unit_of(self, tag: str, reservation_id: str) -> str:
         text = await self._redis(self._client.hget(self._keys(tag)[1], reservation_id))
@@ -955,17 +718,21 @@ class RedisStore(Store, SupportsSweep):
         fields = [cmd.reservation_id, cmd.payload_hash, cmd.extend_by_ms, cmd.max_extensions]
         idem = f"i:extend:{cmd.idempotency_key}"
         reply = await self._run("extend", tag, fields, key=cmd.idempotency_key, idem=idem)
-        expires, now = int(reply[1]), int(reply[2])
+        # A replay answers for the reservation the key was first used on (kept since answers name it).
+        kept = reply[1].split(SEP)
+        expires, now = int(kept[0]), int(reply[2])
         return {
-            "reservation_id": cmd.reservation_id,
+            "reservation_id": kept[1] if len(kept) > 1 else cmd.reservation_id,
             "status": "ACTIVE",
             "expires_at_ms": expires,
             "remaining_ttl_ms": max(0, expires - now),
-            "balances": _balances(reply, 3),
+            "balances": fmt.balances(reply, 3),
         }
 
     async def record_event(self, cmd: EventCommand) -> dict[str, Any]:
         _exact(cmd.actual, "actual")
+        for unit, amount in cmd.also:
+            _exact(amount, f"also ({unit})")
         tag = _tag_of_scope(cmd.scopes[0])
         await self._register(tag)
         fields = [
@@ -974,6 +741,7 @@ class RedisStore(Store, SupportsSweep):
             cmd.actual,
             cmd.overage_policy,
             "1" if cmd.allow_unbudgeted else "0",
+            fmt.amounts_text(cmd.also) if cmd.also else "",
             _JSON(cmd.subject),
             _JSON(cmd.action),
             _raw(cmd.metrics),
@@ -982,21 +750,23 @@ class RedisStore(Store, SupportsSweep):
         ]
         idem = f"i:event:{cmd.idempotency_key}"
         reply = await self._run("event", tag, fields, key=cmd.idempotency_key, idem=idem)
-        f, start = (reply[1].split(_SEP), 3) if reply[0] == "replay" else (reply[1:4], 4)
-        return {
+        f, start = self._answer(reply, 4)
+        body: dict[str, Any] = {
             "status": "APPLIED",
-            "event_id": _event_id(f[0]),
+            "event_id": fmt.event_id(f[0]),
             "charged": {"unit": cmd.unit, "amount": int(f[1])},
-            "balances": _balances(reply, start),
         }
+        charges = fmt.holds(f[3]) if len(f) > 3 else []
+        if charges:
+            body["also_charged"] = [{"unit": unit, "amount": got} for unit, _, got, _ in charges]
+        body["balances"] = fmt.balances(reply, start)
+        return body
 
     async def note(self, cmd: NoteCommand) -> int:
         tag = _tag_of_scope(cmd.scope)
         await self._register(tag)
-        now = "" if self._clock is None else str(self._clock())
-        args = [now, str(self._event_retention), cmd.type, cmd.scope, cmd.reason_code, _raw(cmd.data) or ""]
-        stream_id = await self._redis(self._client.eval(_NOTE_SCRIPT, 1, self._keys(tag)[3], *args))
-        return _event_id(stream_id)
+        reply = await self._run("note", tag, [cmd.type, cmd.scope, cmd.reason_code, _raw(cmd.data)])
+        return fmt.event_id(reply[1])
 
     async def change_budget(self, cmd: BudgetCommand) -> dict[str, Any]:
         _exact(cmd.amount, "amount")
@@ -1009,7 +779,7 @@ class RedisStore(Store, SupportsSweep):
         caps = None if cmd.caps is None else _JSON(cmd.caps)
         fields = [cmd.op, cmd.scope, cmd.unit, cmd.amount, cmd.overdraft_limit, caps]
         reply = await self._run("budget", tag, fields)
-        return _balance(reply[1], reply[2])
+        return fmt.balance(reply[1], reply[2])
 
     # --- reads --------------------------------------------------------------------------------
 
@@ -1018,7 +788,7 @@ class RedisStore(Store, SupportsSweep):
         for tag in await self._tags(scope_prefix):
             raw = await self._redis(self._client.hgetall(self._keys(tag)[0]))
             for field, text in raw.items():
-                b = _balance(field, text)
+                b = fmt.balance(field, text)
                 if _under(b["scope"], scope_prefix) and (unit is None or b["unit"] == unit):
                     out.append(b)
         return sorted(out, key=lambda b: (b["scope"], b["unit"]))
@@ -1030,7 +800,7 @@ class RedisStore(Store, SupportsSweep):
         for i, rid in enumerate(ids):
             rec, static, caps = values[3 * i : 3 * i + 3]
             if rec is not None and static is not None:
-                out.append(_reservation(_record(rid, rec), json.loads(static), caps))
+                out.append(fmt.reservation(fmt.record(rid, rec), json.loads(static), caps))
         return out
 
     async def get_reservation(self, reservation_id: str) -> dict[str, Any] | None:
@@ -1087,7 +857,7 @@ class RedisStore(Store, SupportsSweep):
         else:
             tags = await self._tags(scope_prefix)
         found: list[dict[str, Any]] = []
-        floor = f"({_stream_id(after)}" if after else "-"
+        floor = f"({fmt.stream_id(after)}" if after else "-"
         for tag in tags:
             key = self._keys(tag)[3]
             start, end = (floor, "+") if not newest else ("+", floor)
@@ -1104,7 +874,7 @@ class RedisStore(Store, SupportsSweep):
                         continue
                     if not _under(fields.get("scope"), scope_prefix):
                         continue
-                    found.append(_event(sid, fields))
+                    found.append(fmt.event(sid, fields))
                     mine += 1
                     if mine >= limit:
                         break
@@ -1129,34 +899,35 @@ class RedisStore(Store, SupportsSweep):
         problems: list[str] = []
         for tag in await self._tags():
             keys = self._keys(tag)
-            budgets = [_balance(f, t) for f, t in (await self._redis(self._client.hgetall(keys[0]))).items()]
+            budgets = [fmt.balance(f, t) for f, t in (await self._redis(self._client.hgetall(keys[0]))).items()]
             records = await self._redis(self._client.hgetall(keys[1]))
             held: dict[tuple[str, str], int] = {}
-            scopes_of: dict[str, list[str]] = {}
+            found: dict[str, ReservationState] = {}
             for field, text in records.items():
                 if "|" in field:
                     continue
-                rec = _record(field, text)
-                scopes_of[field] = rec["budgeted"]
-                if rec["status"] == "ACTIVE":
-                    for s in rec["budgeted"]:
-                        held[(s, rec["unit"])] = held.get((s, rec["unit"]), 0) + rec["estimate"]
+                rec = found[field] = fmt.record(field, text)
+                if rec.status == "ACTIVE":
+                    for unit, amount, scopes in rec.holds():
+                        for s in scopes:
+                            held[(s, unit)] = held.get((s, unit), 0) + amount
             complete = await self._stream_complete(keys[3])
             charged: dict[tuple[str, str], int] = {}
             if complete:
                 async for _sid, fields in self._stream(keys[3]):
-                    if fields["type"] == "committed":
-                        if fields.get("rid", "") not in scopes_of:  # pruned after its retention
-                            complete = False
-                            break
-                        scopes: Iterable[str] = scopes_of[fields.get("rid", "")]
-                    elif fields["type"] == "debited":
-                        scopes = json.loads(fields["data"])["scopes"]
-                    else:
+                    kind = fields["type"]
+                    if kind not in ("committed", "debited"):
                         continue
-                    for s in scopes:
-                        k = (s, fields["unit"])
-                        charged[k] = charged.get(k, 0) + int(fields["amount"])
+                    r = found.get(fields.get("rid", ""))
+                    if kind == "committed" and r is None:  # pruned after its retention
+                        complete = False
+                        break
+                    data = json.loads(fields.get("data") or "{}")
+                    for unit, amount, scopes in operations.charges_of(
+                        kind, fields["unit"], int(fields["amount"]), data, r
+                    ):
+                        for s in scopes:
+                            charged[(s, unit)] = charged.get((s, unit), 0) + amount
             for b in budgets:
                 key = (b["scope"], b["unit"])
                 if b["reserved"] != held.get(key, 0):

@@ -1,0 +1,579 @@
+"""Rule vectors: the Lua copy of the ledger's rules (`stores/redis.lua`) answers exactly like the Python
+engine (`operations.py` + `rules.py`, run by the memory:// store).
+
+A vector is a sequence of store commands (budget set / fund / freeze / unfreeze / close, reserve and
+decide with and without holds in other units, soft landing, dry runs, commits under every overage
+policy, releases, extensions, direct debits, notes, sweeps, the clock moved past expiry and grace,
+replayed and mismatched idempotency keys, unit mismatches, unknown reservations). Each one is run
+through the memory store, the reference, and through the Redis store on a real redis-server, both on
+one hand-moved clock. After every command both must give the same answer (or the same error: code,
+message and details), the same balances and the same new events; at the end the same reservations,
+and `verify()` finds nothing on either. The vectors are a few named ones (one rule each) and seeded
+random sequences.
+
+Normalized, because they legitimately differ: reservation ids (each store mints its own; a Redis one
+names its hash tag) become R0, R1, … in order of first appearance, in messages too; event ids (the memory
+store counts them, Redis derives them from stream ids) become their position in the log.
+
+Left out, as differences of the stores rather than of the rules: amounts past 2^53 - 1 (the Redis store
+refuses them), more than one tenant (the memory store's lazy expiry spans every tenant, Redis's one hash
+tag), sweeps with a limit below the lazy pass (the memory store adds its lazy pass to the count).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from cycles_ledger.errors import CyclesError
+from cycles_ledger.stores.base import (
+    BudgetCommand,
+    CommitCommand,
+    EventCommand,
+    ExtendCommand,
+    NoteCommand,
+    ReleaseCommand,
+    ReserveCommand,
+    Store,
+    SupportsSweep,
+)
+from cycles_ledger.stores.memory import MemoryStore
+from cycles_ledger.stores.redis import RedisStore
+from tests.conftest import FakeClock, RedisTarget
+
+pytestmark = pytest.mark.redis
+
+ACTION = {"kind": "llm.completion", "name": "m"}
+SUBJECTS: list[tuple[dict[str, str], list[str]]] = [
+    ({"tenant": "t"}, ["tenant:t"]),
+    ({"tenant": "t", "workspace": "w"}, ["tenant:t", "tenant:t/workspace:w"]),
+    (
+        {"tenant": "t", "workspace": "w", "agent": "a"},
+        ["tenant:t", "tenant:t/workspace:w", "tenant:t/workspace:w/agent:a"],
+    ),
+    ({"tenant": "t", "app": "y"}, ["tenant:t", "tenant:t/app:y"]),
+    ({"tenant": "t", "workspace": "v"}, ["tenant:t", "tenant:t/workspace:v"]),
+]
+SCOPES = ["tenant:t", "tenant:t/workspace:w", "tenant:t/workspace:w/agent:a", "tenant:t/app:y"]
+UNITS = ["USD_MICROCENTS", "TOKENS", "CREDITS"]
+POLICIES = ["REJECT", "ALLOW_IF_AVAILABLE", "ALLOW_WITH_OVERDRAFT", "RECORD_ALL"]
+UNKNOWN = "rsv_" + "0" * 26 + "@tenant:t"  # one of the Redis store's ids, of no reservation
+Step = tuple[Any, ...]
+
+
+def _hash(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --- commands from steps ------------------------------------------------------------------------------
+
+
+@dataclass
+class Side:
+    """One store under test and what its ids are called."""
+
+    store: Store
+    rids: list[str] = field(default_factory=list)  # in order of first appearance
+    names: dict[str, str] = field(default_factory=dict)  # reservation id -> R<n>
+    event_pos: dict[int, int] = field(default_factory=dict)  # event id -> position in the log
+    last_event: int = 0
+
+    def rid(self, ref: int | None) -> str:
+        if ref is None or not self.rids:
+            return UNKNOWN
+        return self.rids[-1 - ref % min(len(self.rids), 6)]
+
+    def name(self, rid: str) -> str:
+        if rid not in self.names:
+            self.names[rid] = f"R{len(self.names)}"
+            self.rids.append(rid)
+        return self.names[rid]
+
+
+def _reserve_cmd(step: Step, n: int) -> ReserveCommand:
+    _, subj, unit, estimate, also, ttl, grace, policy, key, dry, soft, meta, unbudgeted = step
+    subject, scopes = SUBJECTS[subj]
+    if key is None:
+        key, payload_hash = f"fresh-{n}", ""  # a key the ledger minted: never replayed
+    else:
+        payload_hash = _hash(subj, unit, estimate, also, ttl, grace, policy, dry, soft, meta)
+    return ReserveCommand(
+        idempotency_key=key,
+        payload_hash=payload_hash,
+        subject=subject,
+        action=ACTION,
+        scopes=scopes,
+        unit=unit,
+        estimate=estimate,
+        ttl_ms=ttl,
+        grace_period_ms=grace,
+        overage_policy=policy,
+        dry_run=dry,
+        allow_unbudgeted=unbudgeted,
+        metadata=meta,
+        soft_landing=soft,
+        also=tuple(also),
+    )
+
+
+async def _run(side: Side, step: Step, n: int) -> Any:
+    store, kind = side.store, step[0]
+    if kind == "reserve":
+        return await store.reserve(_reserve_cmd(step, n))
+    if kind == "decide":
+        return await store.decide(_reserve_cmd(step, n))
+    if kind == "commit":
+        _, ref, unit, actual, also, key, metrics = step
+        rid = side.rid(ref)
+        h = _hash(unit, actual, also, metrics)
+        commit = CommitCommand(rid, key or f"commit:{ref}", h, unit, actual, metrics, None, tuple(also))
+        return await store.commit(commit)
+    if kind == "release":
+        _, ref, reason, key = step
+        return await store.release(ReleaseCommand(side.rid(ref), key or f"release:{ref}", _hash(reason), reason))
+    if kind == "extend":
+        _, ref, by, max_ext, key = step
+        return await store.extend(ExtendCommand(side.rid(ref), key or f"extend-{n}", _hash(by), by, max_ext))
+    if kind == "event":
+        _, subj, unit, actual, also, policy, key, unbudgeted, metrics = step
+        subject, scopes = SUBJECTS[subj]
+        h = _hash(subj, unit, actual, also, policy, metrics)
+        cmd = EventCommand(
+            key or f"event-{n}",
+            h,
+            subject,
+            ACTION,
+            scopes,
+            unit,
+            actual,
+            policy,
+            unbudgeted,
+            metrics,
+            None,
+            tuple(also),
+        )
+        return await store.record_event(cmd)
+    if kind == "note":
+        return await store.note(NoteCommand(step[1], step[2], step[3], step[4]))
+    if kind == "sweep":
+        assert isinstance(store, SupportsSweep)
+        return await store.expire_due(step[1])
+    # budget changes: ("set", scope, unit, amount, overdraft, caps), ("fund", scope, unit, amount), (op, scope, unit)
+    op, scope, unit, *rest = step
+    amount = rest[0] if rest else None
+    overdraft = rest[1] if len(rest) > 1 else None
+    caps = rest[2] if len(rest) > 2 else None
+    return await store.change_budget(BudgetCommand(op, scope, unit, amount, overdraft, caps))
+
+
+# --- normalizing ----------------------------------------------------------------------------------------
+
+
+def _names(side: Side, value: Any) -> Any:
+    """`value` with reservation ids renamed (in strings too) and event ids as log positions."""
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if k == "event_id" and isinstance(v, int):
+                out[k] = side.event_pos.get(v, f"?{v}")
+            else:
+                out[k] = _names(side, v)
+        return out
+    if isinstance(value, list):
+        return [_names(side, v) for v in value]
+    if isinstance(value, str):
+        for rid, name in side.names.items():
+            value = value.replace(rid, name)
+        return value
+    return value
+
+
+async def _outcome(side: Side, step: Step, n: int) -> Any:
+    try:
+        result = await _run(side, step, n)
+    except CyclesError as exc:
+        result = {"raised": type(exc).__name__, **exc.to_dict()}
+    if isinstance(result, dict) and isinstance(result.get("reservation_id"), str) and result.get("decision"):
+        side.name(result["reservation_id"])
+    new = await side.store.events(after=side.last_event, limit=100_000)
+    for e in new:
+        side.event_pos[e["event_id"]] = len(side.event_pos)
+        side.last_event = e["event_id"]
+        if e["reservation_id"]:
+            side.name(e["reservation_id"])
+    if isinstance(result, int) and step[0] == "note":
+        result = side.event_pos.get(result, f"?{result}")
+    balances = await side.store.balances()
+    return _names(side, {"answer": result, "balances": balances, "events": new})
+
+
+async def _books(side: Side) -> Any:
+    found = await side.store.list_reservations(limit=100_000)
+    one = [await side.store.get_reservation(rid) for rid in side.rids]
+    assert isinstance(side.store, SupportsSweep)
+    return _names(side, {"listed": found, "each": one, "verify": await side.store.verify()})
+
+
+@pytest.fixture
+async def sides(redis_server: RedisTarget) -> AsyncIterator[tuple[Side, Side, FakeClock]]:
+    clock = FakeClock()
+    memory = MemoryStore(clock=clock)
+    redis = RedisStore.from_url(redis_server.url(), clock=clock)
+    try:
+        yield Side(memory), Side(redis), clock
+    finally:
+        await memory.aclose()
+        await redis.aclose()
+
+
+def _differences(got: Any, want: Any, path: str = "") -> list[str]:
+    """Where two normalized outcomes differ, one line per leaf: the failure message."""
+    if isinstance(got, dict) and isinstance(want, dict):
+        out = []
+        for k in sorted(set(got) | set(want), key=str):
+            if k not in got or k not in want:
+                out.append(f"{path}.{k}: lua {got.get(k, '<absent>')!r} python {want.get(k, '<absent>')!r}")
+            else:
+                out += _differences(got[k], want[k], f"{path}.{k}")
+        return out
+    if isinstance(got, list) and isinstance(want, list) and len(got) == len(want):
+        return [d for i, (g, w) in enumerate(zip(got, want, strict=True)) for d in _differences(g, w, f"{path}[{i}]")]
+    return [] if got == want else [f"{path}: lua {got!r} python {want!r}"]
+
+
+async def _agree(sides: tuple[Side, Side, FakeClock], steps: list[Step]) -> None:
+    python, lua, clock = sides
+    for n, step in enumerate(steps):
+        if step[0] == "advance":
+            clock.advance(step[1])
+            continue
+        want = await _outcome(python, step, n)
+        got = await _outcome(lua, step, n)
+        assert got == want, f"step {n}: {step}\n" + "\n".join(_differences(got, want))
+    want_books, got_books = await _books(python), await _books(lua)
+    assert want_books["verify"] == [] and got_books["verify"] == []
+    assert got_books == want_books, "\n".join(_differences(got_books, want_books))
+
+
+# --- named vectors: one rule each ------------------------------------------------------------------------
+
+TOP, WS, AGENT = "tenant:t", "tenant:t/workspace:w", "tenant:t/workspace:w/agent:a"
+USD, TOK, CR = "USD_MICROCENTS", "TOKENS", "CREDITS"
+
+
+def _res(
+    subj: int,
+    unit: str,
+    est: int,
+    *,
+    also: tuple[tuple[str, int], ...] = (),
+    ttl: int = 60_000,
+    grace: int = 0,
+    policy: str = "ALLOW_IF_AVAILABLE",
+    key: str | None = None,
+    dry: bool = False,
+    soft: dict[str, int] | None = None,
+    unbudgeted: bool = False,
+) -> Step:
+    return ("reserve", subj, unit, est, also, ttl, grace, policy, key, dry, soft, None, unbudgeted)
+
+
+def _dec(subj: int, unit: str, est: int, *, also: tuple[tuple[str, int], ...] = ()) -> Step:
+    return ("decide", subj, unit, est, also, 60_000, 0, "ALLOW_IF_AVAILABLE", None, False, None, None, False)
+
+
+def _com(ref: int, unit: str, actual: int, *, also: tuple[tuple[str, int], ...] = (), key: str | None = None) -> Step:
+    return ("commit", ref, unit, actual, also, key, None)
+
+
+def _evt(
+    subj: int,
+    unit: str,
+    actual: int,
+    *,
+    also: tuple[tuple[str, int], ...] = (),
+    policy: str = "ALLOW_IF_AVAILABLE",
+    key: str | None = None,
+    unbudgeted: bool = False,
+) -> Step:
+    return ("event", subj, unit, actual, also, policy, key, unbudgeted, None)
+
+
+NAMED: dict[str, list[Step]] = {
+    "no budget at all is BUDGET_NOT_FOUND; another unit only is UNIT_MISMATCH": [
+        _res(2, USD, 10),
+        _dec(2, USD, 10),
+        _evt(2, USD, 10),
+        ("set", AGENT, TOK, 100, None, None),
+        _res(2, USD, 10),
+        _res(2, USD, 10, also=((CR, 5),)),
+        _evt(2, USD, 10, also=((CR, 5),)),
+        _res(2, USD, 10, unbudgeted=True),
+    ],
+    "a hold in another unit that does not fit denies all, naming that unit": [
+        ("set", TOP, USD, 1000, None, None),
+        ("set", AGENT, TOK, 100, None, None),
+        _res(2, USD, 10, also=((TOK, 101),)),
+        _dec(2, USD, 10, also=((TOK, 101),)),
+        _res(2, USD, 10, also=((TOK, 100),), dry=True),
+        _res(2, USD, 10, also=((TOK, 60), (CR, 5))),
+        _res(2, USD, 2000, also=((TOK, 10),)),
+        ("freeze", AGENT, TOK),
+        _res(2, USD, 10, also=((TOK, 1),)),
+    ],
+    "a subject with only tokens is budgeted through also": [
+        ("set", AGENT, TOK, 100, None, {"max_tokens": 7}),
+        _res(2, USD, 10, also=((TOK, 40),)),
+        _com(0, USD, 5, also=((TOK, 30),)),
+        _res(2, USD, 10, also=((TOK, 40),)),
+        ("release", 0, "done", None),
+        ("release", 0, "done", None),
+        _res(2, USD, 10, also=((TOK, 40),), ttl=1000),
+        ("advance", 5000),
+        ("extend", 0, 1000, None, None),
+        ("sweep", 1000),
+    ],
+    "commit settles every unit, each under the policy; an unnamed one is charged its hold": [
+        ("set", TOP, USD, 1000, 50, None),
+        ("set", AGENT, TOK, 100, 10, None),
+        ("set", WS, CR, 100, None, None),
+        _res(2, USD, 100, also=((TOK, 50), (CR, 10)), policy="ALLOW_WITH_OVERDRAFT"),
+        _com(0, USD, 120, also=((TOK, 70),)),
+        _com(0, USD, 120, also=((TOK, 70),)),
+        _com(0, USD, 120, also=((TOK, 71),)),
+        _res(2, USD, 10, also=((TOK, 20),), policy="REJECT"),
+        _com(0, USD, 5, also=((TOK, 21),)),
+        _com(0, USD, 5, also=((TOK, 20),)),
+        _res(2, USD, 10, also=((TOK, 5),), policy="RECORD_ALL"),
+        _com(0, USD, 5, also=((TOK, 500),)),
+        _com(0, TOK, 5),
+    ],
+    "overdraft: debt up to the limit, then refused; funding repays debt first": [
+        ("set", TOP, USD, 100, 30, None),
+        _res(0, USD, 100, policy="ALLOW_WITH_OVERDRAFT"),
+        _com(0, USD, 120),
+        _res(0, USD, 1),
+        ("fund", TOP, USD, 10),
+        _res(0, USD, 1, policy="ALLOW_WITH_OVERDRAFT"),
+        ("fund", TOP, USD, 15),
+        _res(0, USD, 5, policy="ALLOW_WITH_OVERDRAFT"),
+        _com(0, USD, 100),
+        ("set", TOP, USD, 100, 0, None),
+        _res(0, USD, 1),
+        ("set", TOP, USD, 500, 0, None),
+        _res(0, USD, 10, policy="ALLOW_WITH_OVERDRAFT"),
+        _com(0, USD, 20),
+    ],
+    "debits: all or nothing across units and scopes": [
+        ("set", TOP, USD, 100, None, None),
+        ("set", AGENT, TOK, 100, None, None),
+        _evt(2, USD, 10, also=((TOK, 20), (CR, 3))),
+        _evt(2, USD, 10, also=((TOK, 200),), policy="REJECT"),
+        _evt(2, USD, 10, also=((TOK, 200),), policy="ALLOW_WITH_OVERDRAFT"),
+        _evt(2, USD, 10, also=((TOK, 200),), policy="RECORD_ALL", key="e1"),
+        _evt(2, USD, 10, also=((TOK, 200),), policy="RECORD_ALL", key="e1"),
+        _evt(2, USD, 11, also=((TOK, 200),), policy="RECORD_ALL", key="e1"),
+        ("freeze", AGENT, TOK),
+        _evt(2, USD, 10, also=((TOK, 1),)),
+        ("close", TOP, USD),
+        _evt(2, USD, 10),
+        ("unfreeze", TOP, USD),
+        ("fund", TOP, USD, 5),
+    ],
+    "idempotent replays keep their first answer with today's balances": [
+        ("set", TOP, USD, 1000, None, None),
+        ("set", AGENT, TOK, 100, None, None),
+        _res(2, USD, 10, also=((TOK, 5),), key="k"),
+        _res(2, USD, 10, also=((TOK, 5),), key="k"),
+        _res(2, USD, 10, also=((TOK, 6),), key="k"),
+        ("extend", 0, 1000, None, "x"),
+        ("extend", 0, 1000, None, "x"),
+        ("extend", 0, 2000, None, "x"),
+        _com(0, USD, 4, key="c"),
+        ("advance", 100_000),
+        _res(2, USD, 10, also=((TOK, 5),), key="k"),
+        _com(0, USD, 4, key="c"),
+        ("release", 0, None, "c"),
+        _res(2, USD, 10, key="d", dry=True),
+        _res(2, USD, 10, key="d", dry=True),
+        _evt(2, USD, 1, key="e"),
+        _evt(2, USD, 1, key="e"),
+    ],
+    "expiry: grace, lazy expiry, extensions and their limit": [
+        ("set", TOP, USD, 1000, None, None),
+        ("set", TOP, TOK, 1000, None, None),
+        _res(0, USD, 100, also=((TOK, 10),), ttl=1000, grace=500),
+        ("extend", 0, 1000, 1, None),
+        ("extend", 0, 1000, 1, None),
+        ("advance", 2500),
+        ("extend", 0, 1000, None, None),
+        _com(0, USD, 50),
+        _res(0, USD, 100, ttl=1000, grace=500),
+        ("advance", 1600),
+        _com(0, USD, 50),
+        _com(0, USD, 50),
+        ("release", 0, None, None),
+        _res(0, USD, 100, ttl=1000),
+        ("advance", 1001),
+        _res(0, USD, 950),
+        ("commit", None, USD, 1, (), None, None),
+        ("extend", None, 1, None, None),
+    ],
+    "soft landing and caps": [
+        ("set", TOP, USD, 1000, None, {"max_tokens": 500, "tool_denylist": ["a"]}),
+        ("set", WS, USD, 300, None, {"max_tokens": 200, "tool_denylist": ["b"], "tool_allowlist": ["x", "y"]}),
+        ("set", AGENT, TOK, 100, None, {"tool_allowlist": ["y", "z"], "cooldown_ms": 5}),
+        _res(2, USD, 500, soft={"min_amount": 10, "fixed_amount": 3, "amount_per_million_tokens": 7}),
+        _res(2, USD, 500, also=((TOK, 10),), soft={"min_amount": 10, "fixed_amount": 0}),
+        _dec(2, USD, 10, also=((TOK, 10),)),
+        _res(2, USD, 5000, soft={"min_amount": 10_000, "fixed_amount": 0}),
+        ("note", "denied", WS, "PRICE_UNKNOWN", {"model": "m"}),
+    ],
+}
+
+
+@pytest.mark.parametrize("name", list(NAMED))
+async def test_named_vector(sides: tuple[Side, Side, FakeClock], name: str) -> None:
+    """Each named rule answers alike in Python and in Lua."""
+    await _agree(sides, NAMED[name])
+
+
+# --- seeded random vectors ----------------------------------------------------------------------------
+
+
+def _also(rng: random.Random, unit: str) -> tuple[tuple[str, int], ...]:
+    if rng.random() < 0.6:
+        return ()
+    others = [u for u in UNITS if u != unit]
+    rng.shuffle(others)
+    return tuple((u, _amount(rng)) for u in others[: rng.choice([1, 1, 2])])
+
+
+def _amount(rng: random.Random) -> int:
+    return rng.choice([0, 1, 5, 10, 20, 50, 100, 150, 300, rng.randint(0, 400)])
+
+
+def _unit(rng: random.Random) -> str:
+    return rng.choice([USD, USD, USD, TOK, CR])
+
+
+RES_KEYS = ["k1", "k2", "k3"]
+SETTLE_KEYS = ["c1", "c2"]
+
+
+def _step(rng: random.Random, kind: str) -> Step:
+    if kind in ("reserve", "decide"):
+        unit = _unit(rng)
+        soft = None
+        if rng.random() < 0.15:
+            soft = {"min_amount": rng.choice([0, 1, 10]), "fixed_amount": rng.choice([0, 3])}
+            if rng.random() < 0.5:
+                soft["amount_per_million_tokens"] = rng.choice([1, 7, 1000])
+        return (
+            kind,
+            rng.randrange(len(SUBJECTS)),
+            unit,
+            _amount(rng),
+            _also(rng, unit),
+            rng.choice([1000, 2000, 60_000, 60_000]),
+            rng.choice([0, 0, 500]),
+            rng.choice(POLICIES),
+            rng.choice([None, None, None, *RES_KEYS]) if kind == "reserve" else None,
+            kind == "reserve" and rng.random() < 0.1,
+            soft,
+            rng.choice([None, None, {"m": 1}]),
+            rng.random() < 0.1,
+        )
+    if kind == "commit":
+        unit = USD if rng.random() < 0.7 else _unit(rng)
+        return (
+            "commit",
+            rng.randrange(1000),
+            unit,
+            _amount(rng),
+            _also(rng, unit),
+            rng.choice([None, None, None, *SETTLE_KEYS]),
+            rng.choice([None, None, {"t": 2}]),
+        )
+    if kind == "release":
+        return ("release", rng.randrange(1000), rng.choice([None, "why"]), rng.choice([None, None, *SETTLE_KEYS]))
+    if kind == "extend":
+        return (
+            "extend",
+            rng.randrange(1000),
+            rng.choice([1000, 5000]),
+            rng.choice([None, None, 1, 2]),
+            rng.choice([None, None, "x1", "x2"]),
+        )
+    if kind == "event":
+        unit = _unit(rng)
+        return (
+            "event",
+            rng.randrange(len(SUBJECTS)),
+            unit,
+            _amount(rng),
+            _also(rng, unit),
+            rng.choice(POLICIES),
+            rng.choice([None, None, None, "e1", "e2"]),
+            rng.random() < 0.1,
+            rng.choice([None, {"t": 1}]),
+        )
+    if kind == "sweep":
+        return ("sweep", 1000)
+    if kind == "advance":
+        return ("advance", rng.choice([1, 300, 700, 1500, 3000, 70_000]))
+    if kind == "note":
+        return (
+            "note",
+            rng.choice(["denied", "would_deny"]),
+            rng.choice(SCOPES),
+            "PRICE_UNKNOWN",
+            rng.choice([None, {"why": "x"}]),
+        )
+    op = rng.choice(["set", "set", "set", "fund", "fund", "freeze", "unfreeze", "close"])
+    scope, unit = rng.choice(SCOPES), rng.choice([USD, USD, TOK, CR])
+    if op == "set":
+        caps = rng.choice([None, None, None, {}, {"max_tokens": 100, "tool_denylist": ["x"]}, {"cooldown_ms": 5}])
+        return ("set", scope, unit, rng.choice([0, 50, 100, 500, 1000]), rng.choice([None, None, 0, 50, 10_000]), caps)
+    if op == "fund":
+        return ("fund", scope, unit, rng.choice([1, 30, 200]))
+    return (op, scope, unit)
+
+
+KINDS = (
+    ["reserve"] * 6
+    + ["commit"] * 4
+    + ["release"] * 2
+    + ["extend"] * 2
+    + ["event"] * 2
+    + ["budget"] * 3
+    + ["decide", "sweep", "advance", "advance", "note"]
+)
+
+
+def _random_vector(seed: int, count: int) -> list[Step]:
+    rng = random.Random(seed)
+    steps: list[Step] = [
+        ("set", TOP, USD, 2000, 100, None),
+        ("set", WS, USD, 800, None, None),
+        ("set", TOP, TOK, 1000, None, None),
+        ("set", AGENT, CR, 300, None, None),
+    ]
+    while len(steps) < count:
+        step = _step(rng, rng.choice(KINDS))
+        steps.append(step)
+        if rng.random() < 0.05:
+            steps.append(step)  # the same request again: a replay, or what a retry meets
+    return steps
+
+
+@pytest.mark.parametrize("seed", range(10))
+async def test_random_vector(sides: tuple[Side, Side, FakeClock], seed: int) -> None:
+    """Seeded random sequences of every operation answer alike in Python and in Lua."""
+    await _agree(sides, _random_vector(seed, 400))

@@ -42,22 +42,52 @@ def _ts(ms: int | None) -> str:
 
 
 def _balances_table(rows: list[Balance]) -> str:
-    return _table(
-        ["scope", "unit", "allocated", "spent", "reserved", "debt", "remaining", "status"],
-        [
-            [
-                b.scope,
-                b.unit.value,
-                format_amount(b.allocated, b.unit),
-                format_amount(b.spent, b.unit),
-                format_amount(b.reserved, b.unit),
-                format_amount(b.debt, b.unit),
-                format_amount(b.remaining, b.unit),
-                b.status.value + (" OVER-LIMIT" if b.is_over_limit else ""),
-            ]
-            for b in rows
-        ],
-    )
+    """One row per budget; period, burn-rate and alert columns only when some budget has them."""
+    timed = any(b.period or b.rate_limits or b.alerts for b in rows)
+    headers = ["scope", "unit", "allocated", "spent", "reserved", "debt", "remaining", "status"]
+    if timed:
+        headers += ["period (resets)", "burn / limit", "alerts"]
+    table = []
+    for b in rows:
+        row = [
+            b.scope,
+            b.unit.value,
+            format_amount(b.allocated, b.unit),
+            format_amount(b.spent, b.unit),
+            format_amount(b.reserved, b.unit),
+            format_amount(b.debt, b.unit),
+            format_amount(b.remaining, b.unit),
+            b.status.value + (" OVER-LIMIT" if b.is_over_limit else ""),
+        ]
+        if timed:
+            row += [_period_text(b), _burn_text(b), ", ".join(f"{t}%" for t in b.alerts or [])]
+        table.append(row)
+    return _table(headers, table)
+
+
+def _period_text(b: Balance) -> str:
+    if not b.period:
+        return ""
+    every = b.period.get("every") or f"every {_duration(int(b.period['every_ms']))}"
+    tz = f" {b.period['tz']}" if b.period.get("tz") and b.period["tz"] != "UTC" else ""
+    return f"{every}{tz} ({_ts(b.period_end_ms)})" if b.period_end_ms else f"{every}{tz}"
+
+
+def _burn_text(b: Balance) -> str:
+    parts = []
+    for lim, used in zip(b.rate_limits or [], b.burn or [0] * len(b.rate_limits or []), strict=False):
+        freeze = " freeze" if lim.on_exceed == "freeze" else ""
+        parts.append(
+            f"{format_amount(used, b.unit)}/{format_amount(lim.amount, b.unit)} per {_duration(lim.window_ms)}{freeze}"
+        )
+    return "; ".join(parts)
+
+
+def _duration(ms: int) -> str:
+    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)):
+        if ms % size == 0:
+            return f"{ms // size}{unit}"
+    return f"{ms}ms"
 
 
 def _reservations_table(rows: list[Reservation]) -> str:
@@ -107,7 +137,15 @@ def _line(row: list[Any], widths: list[int]) -> str:
 async def _apply(ledger: Ledger, args: argparse.Namespace) -> int:
     entries = load_budgets(args.file)
     for e in entries:
-        await ledger.set_budget(e.scope, e.allocated, overdraft_limit=e.overdraft_limit, caps=e.caps)
+        await ledger.set_budget(
+            e.scope,
+            e.allocated,
+            overdraft_limit=e.overdraft_limit,
+            caps=e.caps,
+            period=e.period if e.period is not None else {},
+            rate_limits=e.rate_limits if e.rate_limits is not None else [],
+            alerts=e.alerts if e.alerts is not None else [],
+        )
     print(f"applied {len(entries)} budgets from {args.file}")
     print(_balances_table(await ledger.balances()))
     return 0

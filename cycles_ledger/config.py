@@ -7,6 +7,9 @@ budgets:
   - scope: tenant:acme/workflow:doc-processing
     allocated: 30usd
     caps: {tool_denylist: [deploy]}
+    period: {every: monthly, tz: Europe/Paris}   # spent starts again on the 1st
+    rate_limits: [{amount: 5usd, window: 10m, on_exceed: freeze}]
+    alerts: [50%, 80%, 100%]
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import yaml
 
 from .errors import ConfigError, CyclesError
 from .models import Amount, Caps, Unit, parse_scope
+from .timing import parse_alerts, parse_period, parse_rate_limits
 
 __all__ = [
     "DEFAULT_STORE_URL",
@@ -36,7 +40,7 @@ __all__ = [
 DEFAULT_STORE_URL = "sqlite:///cycles.db"
 SETTINGS_ENV = "CYCLES_CONFIG"
 SETTINGS_NAME = "cycles.yaml"
-_ENTRY_KEYS = {"scope", "allocated", "unit", "overdraft_limit", "caps"}
+_ENTRY_KEYS = {"scope", "allocated", "unit", "overdraft_limit", "caps", "period", "rate_limits", "alerts"}
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,9 @@ class BudgetEntry:
     overdraft_limit: int | None
     caps: Caps | None
     line: int
+    period: dict[str, Any] | None = None
+    rate_limits: list[dict[str, Any]] | None = None
+    alerts: list[int] | None = None
 
 
 class _LineLoader(yaml.SafeLoader):
@@ -150,6 +157,15 @@ def _amount(value: Any, unit: Unit | None, where: str, field: str) -> Amount:
         return Amount.parse(value, default_unit=unit)
     except CyclesError as exc:
         raise ConfigError(f"{where}: {field}: {exc.message}") from None
+
+
+def _strip_lines(value: Any) -> Any:
+    """The value without the `__line__` marks the loader put in its mappings."""
+    if isinstance(value, dict):
+        return {k: _strip_lines(v) for k, v in value.items() if k != "__line__"}
+    if isinstance(value, list):
+        return [_strip_lines(v) for v in value]
+    return value
 
 
 def load_budgets(path: str | Path) -> list[BudgetEntry]:
@@ -214,9 +230,15 @@ def load_budgets(path: str | Path) -> list[BudgetEntry]:
                 caps = Caps.model_validate(raw)
             except ValueError as exc:
                 raise ConfigError(f"{where}: invalid caps: {exc}") from None
+        try:
+            period = parse_period(_strip_lines(item.get("period")))
+            rate_limits = parse_rate_limits(_strip_lines(item.get("rate_limits")), allocated.unit)
+            alerts = parse_alerts(item.get("alerts"))
+        except CyclesError as exc:
+            raise ConfigError(f"{where}: {exc.message}") from None
         key = (scope, allocated.unit)
         if key in seen:
             raise ConfigError(f"{where}: {scope} in {allocated.unit.value} is already defined at line {seen[key]}")
         seen[key] = line
-        entries.append(BudgetEntry(scope, allocated, limit, caps, line))
+        entries.append(BudgetEntry(scope, allocated, limit, caps, line, period, rate_limits, alerts))
     return entries

@@ -48,7 +48,6 @@ from .models import (
     Unit,
     parse_scope,
 )
-from .periods import duration_ms
 from .stores import Store, SupportsSweep, store_from_url
 from .stores.base import (
     BudgetCommand,
@@ -59,6 +58,7 @@ from .stores.base import (
     ReleaseCommand,
     ReserveCommand,
 )
+from .timing import parse_alerts, parse_period, parse_rate_limits
 
 __all__ = ["Ledger", "open_ledger"]
 
@@ -164,70 +164,6 @@ def _amount(value: AmountLike, what: str) -> Amount:
             f"{what} needs a unit: pass an Amount, a mapping {{unit, amount}} or text like '0.25usd'"
         )
     return _build(Amount, value, what)
-
-
-def _period(value: Period | Mapping[str, Any] | str | None) -> dict[str, Any] | None:
-    if value is None:
-        return None
-    if value == "" or value == {}:
-        return {}
-    if isinstance(value, str):
-        value = {"every": value}
-    return _build(Period, value, "period").spec()
-
-
-def _rate_limits(values: Sequence[RateLimit | Mapping[str, Any]] | None, unit: Unit) -> list[dict[str, Any]] | None:
-    """Each limit as stored: amount in the budget's unit, window in ms, on_exceed."""
-    if values is None:
-        return None
-    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Sequence):
-        raise InvalidRequestError("rate_limits must be a list such as [{amount: 5usd, window: 10m}]")
-    out = []
-    for value in values:
-        if isinstance(value, RateLimit):
-            out.append(value.model_dump())
-            continue
-        if not isinstance(value, Mapping):
-            raise InvalidRequestError(f"each rate limit is a mapping with amount and window, got {value!r}")
-        raw = dict(value)
-        unknown = set(raw) - {"amount", "window", "window_ms", "on_exceed"}
-        if unknown:
-            raise InvalidRequestError(f"unknown rate limit key(s) {', '.join(sorted(unknown))}")
-        amt = raw.get("amount")
-        if not isinstance(amt, int) or isinstance(amt, bool):
-            parsed = _amount(amt if isinstance(amt, (str, Mapping, Amount)) else str(amt), "rate limit amount")
-            if parsed.unit is not unit:
-                raise InvalidRequestError(f"rate limit amount is in {parsed.unit.value}, the budget in {unit.value}")
-            amt = parsed.amount
-        window = raw.get("window_ms", raw.get("window"))
-        if window is None:
-            raise InvalidRequestError("a rate limit needs a window such as 10m")
-        lim = _build(
-            RateLimit,
-            {
-                "amount": amt,
-                "window_ms": duration_ms(window, "rate limit window"),
-                "on_exceed": raw.get("on_exceed", "throttle"),
-            },
-            "rate limit",
-        )
-        out.append(lim.model_dump())
-    return out
-
-
-def _alerts(values: Sequence[int | str] | None) -> list[int] | None:
-    """Thresholds in percent of the allocation: 80 or "80%" (1 to 1000)."""
-    if values is None:
-        return None
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-        raise InvalidRequestError("alerts must be a list such as [50%, 80%, 100%]")
-    out = set()
-    for v in values:
-        text = str(v).strip().removesuffix("%").strip() if not isinstance(v, bool) else ""
-        if not text.isdigit() or not 1 <= int(text) <= 1000:
-            raise InvalidRequestError(f"alert threshold {v!r} is not a percentage from 1% to 1000%")
-        out.add(int(text))
-    return sorted(out)
 
 
 def _text(value: Any) -> str | None:
@@ -810,9 +746,9 @@ class Ledger:
             amt.amount,
             limit,
             cap_dict,
-            period=_period(period),
-            rate_limits=_rate_limits(rate_limits, amt.unit),
-            alerts=_alerts(alerts),
+            period=parse_period(period),
+            rate_limits=parse_rate_limits(rate_limits, amt.unit),
+            alerts=parse_alerts(alerts),
         )
         return Balance.model_validate(await self.store.change_budget(cmd))
 

@@ -334,7 +334,7 @@ class Period(_Model):
     @field_validator("every")
     @classmethod
     def _every(cls, v: str) -> str:
-        from .periods import CALENDAR, duration_ms
+        from .timing import CALENDAR, duration_ms
 
         if v not in CALENDAR:
             duration_ms(v, "period")
@@ -343,14 +343,14 @@ class Period(_Model):
     @field_validator("tz")
     @classmethod
     def _tz(cls, v: str) -> str:
-        from .periods import time_zone
+        from .timing import time_zone
 
         time_zone(v)
         return v
 
     def spec(self) -> dict[str, Any]:
         """The stored form `rules` and the stores read."""
-        from .periods import CALENDAR, duration_ms
+        from .timing import CALENDAR, duration_ms
 
         if self.every in CALENDAR:
             return {"every": self.every, "tz": self.tz}

@@ -27,7 +27,7 @@ from .errors import (
     UnitMismatchError,
 )
 from .models import Decision, OveragePolicy, SoftLanding
-from .periods import period_bounds
+from .timing import period_bounds
 
 __all__ = [
     "BudgetState",

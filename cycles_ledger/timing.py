@@ -1,4 +1,5 @@
-"""Calendar arithmetic for budget periods: where the period that contains an instant starts and ends.
+"""A budget over time: its period, rate limits and alerts as users write them, and the calendar
+arithmetic of periods (where the period that contains an instant starts and ends).
 
 `daily`, `weekly` (from Monday) and `monthly` (from the 1st) periods start at local midnight in the
 budget's time zone, so a day is 23 or 25 hours across a daylight-saving change; `every: 30d` periods are
@@ -9,14 +10,28 @@ read-only data), used by `rules.roll_period` on every store's clock.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from .errors import InvalidRequestError
+from pydantic import BaseModel, ValidationError
 
-__all__ = ["CALENDAR", "duration_ms", "period_bounds", "time_zone"]
+from .errors import InvalidRequestError
+from .models import Amount, Period, RateLimit, Unit
+
+M = TypeVar("M", bound=BaseModel)
+
+__all__ = [
+    "CALENDAR",
+    "duration_ms",
+    "parse_alerts",
+    "parse_period",
+    "parse_rate_limits",
+    "period_bounds",
+    "time_zone",
+]
 
 CALENDAR = ("daily", "weekly", "monthly")
 _UNITS_MS = {"ms": 1, "s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 7 * 86_400_000}
@@ -83,3 +98,82 @@ def period_bounds(spec: dict[str, Any], now_ms: int) -> tuple[int, int]:
     anchor = int(spec.get("anchor_ms") or 0)
     start_ms = anchor + ((now_ms - anchor) // step) * step
     return start_ms, start_ms + step
+
+
+# --- as users write them (Ledger.set_budget, budgets.yaml) ----------------------------------------------
+
+
+def _model(cls: type[M], value: Any, what: str) -> M:
+    try:
+        return cls.model_validate(value)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise InvalidRequestError(
+            f"invalid {what}: {str(first.get('msg', exc)).removeprefix('Value error, ')}"
+        ) from None
+
+
+def parse_period(value: Period | Mapping[str, Any] | str | None) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if value == "" or value == {}:
+        return {}
+    if isinstance(value, str):
+        value = {"every": value}
+    return _model(Period, value, "period").spec()
+
+
+def parse_rate_limits(
+    values: Sequence[RateLimit | Mapping[str, Any]] | None, unit: Unit
+) -> list[dict[str, Any]] | None:
+    """Each limit as stored: amount in the budget's unit, window in ms, on_exceed."""
+    if values is None:
+        return None
+    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Sequence):
+        raise InvalidRequestError("rate_limits must be a list such as [{amount: 5usd, window: 10m}]")
+    out = []
+    for value in values:
+        if isinstance(value, RateLimit):
+            out.append(value.model_dump())
+            continue
+        if not isinstance(value, Mapping):
+            raise InvalidRequestError(f"each rate limit is a mapping with amount and window, got {value!r}")
+        raw = dict(value)
+        unknown = set(raw) - {"amount", "window", "window_ms", "on_exceed"}
+        if unknown:
+            raise InvalidRequestError(f"unknown rate limit key(s) {', '.join(sorted(unknown))}")
+        amt = raw.get("amount")
+        if not isinstance(amt, int) or isinstance(amt, bool):
+            parsed = Amount.parse(str(amt))
+            if parsed.unit is not unit:
+                raise InvalidRequestError(f"rate limit amount is in {parsed.unit.value}, the budget in {unit.value}")
+            amt = parsed.amount
+        window = raw.get("window_ms", raw.get("window"))
+        if window is None:
+            raise InvalidRequestError("a rate limit needs a window such as 10m")
+        lim = _model(
+            RateLimit,
+            {
+                "amount": amt,
+                "window_ms": duration_ms(window, "rate limit window"),
+                "on_exceed": raw.get("on_exceed", "throttle"),
+            },
+            "rate limit",
+        )
+        out.append(lim.model_dump())
+    return out
+
+
+def parse_alerts(values: Sequence[int | str] | None) -> list[int] | None:
+    """Thresholds in percent of the allocation: 80 or "80%" (1 to 1000)."""
+    if values is None:
+        return None
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise InvalidRequestError("alerts must be a list such as [50%, 80%, 100%]")
+    out = set()
+    for v in values:
+        text = str(v).strip().removesuffix("%").strip() if not isinstance(v, bool) else ""
+        if not text.isdigit() or not 1 <= int(text) <= 1000:
+            raise InvalidRequestError(f"alert threshold {v!r} is not a percentage from 1% to 1000%")
+        out.add(int(text))
+    return sorted(out)

@@ -794,9 +794,7 @@ class SqliteTxn(Txn):
         self.conn.execute("DELETE FROM spend_window WHERE ref=?", (ref,))
 
     def window_prune(self, scope: str, unit: str, before_ms: int) -> None:
-        self.conn.execute(
-            "DELETE FROM spend_window WHERE scope=? AND unit=? AND ts_ms <= ?", (scope, unit, before_ms)
-        )
+        self.conn.execute("DELETE FROM spend_window WHERE scope=? AND unit=? AND ts_ms <= ?", (scope, unit, before_ms))
 
     def period_due(self, now: int, limit: int) -> list[rules.BudgetState]:
         rows = self.conn.execute(

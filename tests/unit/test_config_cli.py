@@ -214,3 +214,53 @@ def test_cli_refuses_memory_store(capsys: pytest.CaptureFixture[str]) -> None:
     """Each `cycles` command is a new process: a memory ledger would start empty every time."""
     assert cli("memory://", "balances") == 2
     assert "memory:// lives inside one process" in capsys.readouterr().err
+
+
+def test_budgets_file_with_periods_rate_limits_and_alerts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """budgets.yaml sets periods, burn-rate limits and alerts; `cycles balances` shows them and the burn."""
+    store = f"sqlite:///{tmp_path / 'l.db'}"
+    path = tmp_path / "budgets.yaml"
+    path.write_text(
+        "budgets:\n"
+        "  - scope: tenant:acme\n"
+        "    allocated: 5000usd\n"
+        "    period: {every: monthly, tz: Europe/Paris}\n"
+        "    rate_limits: [{amount: 5usd, window: 10m, on_exceed: freeze}]\n"
+        "    alerts: [50%, 80%, 100%]\n"
+        "  - scope: tenant:acme/agent:bot\n"
+        "    allocated: 1000000tokens\n"
+        "    period: daily\n"
+    )
+    assert cli(store, "budgets", "apply", str(path)) == 0
+    assert cli(store, "reserve", "tenant:acme/agent:bot", "2usd") == 0
+    capsys.readouterr()
+    assert cli(store, "balances") == 0
+    out = capsys.readouterr().out
+    assert "monthly Europe/Paris (" in out and "$2.00/$5.00 per 10m freeze" in out and "50%, 80%, 100%" in out
+    assert "daily (" in out
+    # Applying the file without them removes them: the file is the truth.
+    path.write_text("budgets:\n  - scope: tenant:acme\n    allocated: 5000usd\n")
+    assert cli(store, "budgets", "apply", str(path)) == 0
+    capsys.readouterr()
+    assert cli(store, "balances", "tenant:acme", "--json") == 0
+    acme = next(b for b in json.loads(capsys.readouterr().out) if b["scope"] == "tenant:acme")
+    assert (acme["period"], acme["rate_limits"], acme["alerts"]) == (None, None, None)
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ("    period: fortnightly\n", ":2: invalid period: period 'fortnightly' is not a duration"),
+        ("    period: {every: daily, tz: Mars/Base}\n", ":2: invalid period: unknown time zone"),
+        ("    rate_limits: [{amount: 5tokens, window: 1m}]\n", ":2: rate limit amount is in TOKENS"),
+        ("    rate_limits: [{amount: 5usd}]\n", ":2: a rate limit needs a window"),
+        ("    alerts: [0%]\n", ":2: alert threshold '0%' is not a percentage"),
+    ],
+)
+def test_budgets_file_time_errors_name_the_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], entry: str, message: str
+) -> None:
+    path = tmp_path / "budgets.yaml"
+    path.write_text("budgets:\n  - scope: tenant:acme\n" + entry + "    allocated: 5usd\n")
+    assert cli(f"sqlite:///{tmp_path / 'l.db'}", "budgets", "apply", str(path)) == 2
+    assert message in capsys.readouterr().err

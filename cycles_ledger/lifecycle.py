@@ -97,6 +97,7 @@ class Hold:
     state: HoldState
     overage_policy: OveragePolicy | str | None = None
     shadow: bool = False
+    idempotency_key: str | None = None  # the reserve's, when the caller chose one
     _beat: int | None = field(default=None, repr=False)  # its entry in a heartbeat, while it beats
     _heart: _Heartbeat | None = field(default=None, repr=False)
 
@@ -123,14 +124,15 @@ class Hold:
         return max((self.result.remaining_ttl_ms or 60_000) / 2000, 0.05)
 
 
-def _debit_key(idempotency_key: str | None) -> str:
-    """`<key>:late` for a keyed call (so a retried call debits once); a fresh key otherwise."""
+def _debit_key(idempotency_key: str | None, shadow: bool) -> str:
+    """`<key>:actual` (shadow: the debit is how it pays) or `<key>:late` (a hold that was gone) for a keyed call, so
+    a retried call debits once; a fresh key otherwise."""
     if idempotency_key is None:
         return f"debit:{uuid.uuid4().hex}"
-    key = f"{idempotency_key}:late"
+    key = f"{idempotency_key}:{'actual' if shadow else 'late'}"
     if len(key) <= _KEY_MAX:
         return key
-    return f"late:{hashlib.sha256(idempotency_key.encode('utf-8', 'surrogatepass')).hexdigest()}"
+    return f"debit:{hashlib.sha256(key.encode('utf-8', 'surrogatepass')).hexdigest()}"
 
 
 class Lifecycle:
@@ -200,11 +202,12 @@ class Lifecycle:
             subject=subject,
             action=action,
             estimate=estimate,
-            debit_key=debit_key or _debit_key(idempotency_key),
+            debit_key=debit_key or _debit_key(idempotency_key, shadow),
             label=label or idempotency_key or r.reservation_id or "reservation",
             state=state,
             overage_policy=overage_policy,
             shadow=shadow,
+            idempotency_key=idempotency_key,
         )
         if heartbeat and state is HoldState.HELD:
             self._heartbeat().add(hold)

@@ -43,7 +43,11 @@ class SyncLedger:
         async def make() -> Ledger:
             return ledger_factory()
 
-        self.ledger: Ledger = self.run(make())
+        try:
+            self.ledger: Ledger = self.run(make())
+        except BaseException:
+            self._stop_loop()  # a ledger that cannot be opened must not leave its thread behind
+            raise
 
     def run(self, coro: Coroutine[Any, Any, R]) -> R:
         """Run `coro` on this ledger's private loop and wait for its answer (how blocking drivers built on the
@@ -76,6 +80,9 @@ class SyncLedger:
             return
         self._closed = True
         self.run(self._shutdown())
+        self._stop_loop()
+
+    def _stop_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()

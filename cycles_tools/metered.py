@@ -215,7 +215,11 @@ class _Meter:
 
     def note(self, hold: Hold) -> dict[str, Any]:
         """The data of a shadow `would_deny` decided here, not by the ledger (a tool the caps forbid)."""
-        data: dict[str, Any] = {"action": {"kind": self.kind, "name": self.name}, "estimate": hold.estimate.amount}
+        data: dict[str, Any] = {
+            "action": {"kind": self.kind, "name": self.name},
+            "key": hold.idempotency_key,
+            "estimate": hold.estimate.amount,
+        }
         if hold.result.caps is not None:
             data["caps"] = hold.result.caps.model_dump(exclude_none=True)
         return data
@@ -254,7 +258,8 @@ async def _run_async(
         )
         refused = meter.refusal(hold)
         if refused is not None and shadow:
-            await _note_async(life, meter, refused, hold)
+            if hold.decision is not Decision.DENY:  # the ledger logged its own would_deny; the caps' is ours
+                await _note_async(life, meter, refused, hold)
             refused = None
     except CyclesError as exc:
         if not shadow:
@@ -301,7 +306,8 @@ def _run_sync(meter: _Meter, fn: Callable[..., Any], args: tuple[Any, ...], kwar
         )
         refused = meter.refusal(hold)
         if refused is not None and shadow:
-            _note_sync(life, meter, refused, hold)
+            if hold.decision is not Decision.DENY:  # the ledger logged its own would_deny; the caps' is ours
+                _note_sync(life, meter, refused, hold)
             refused = None
     except CyclesError as exc:
         if not shadow:

@@ -981,6 +981,27 @@ local function settled(rec, status, charged, op, key, hash, answer)
   finalize(rec, status, rec.id .. '|k', op .. '\n' .. hash .. '\n' .. I(#key) .. '\n' .. key .. answer)
 end
 
+-- Debt before a charge, by budget field, when the policy can make debt (nil when it cannot).
+local function debts_before(policy, budgets, into)
+  if policy ~= 'ALLOW_WITH_OVERDRAFT' and policy ~= 'RECORD_ALL' then return nil end
+  into = into or {}
+  for _, b in ipairs(budgets) do into[b.field] = b.debt end
+  return into
+end
+
+-- What a charge can cause (Python: _after_charge): a `debt` event for every budget whose debt grew. (Alert
+-- thresholds need alerts, which the Redis store does not keep yet.)
+local function after_charge(budgets, debts, rid)
+  if debts == nil then return end
+  for _, b in ipairs(budgets) do
+    local added = b.debt - (debts[b.field] or 0)
+    if added > 0 then
+      emit('debt', b.scope, b.unit, added, rid, nil,
+        '{"debt":' .. I(b.debt) .. ',"added":' .. I(added) .. ',"overdraft_limit":' .. I(b.overdraft_limit) .. '}')
+    end
+  end
+end
+
 -- The decision on a reserve, the budgets it counted (every unit it holds on, and the unit that denied) and
 -- its budgets by unit (Python: _evaluate); or nil, nil and a failure.
 local function evaluate(scopes, unit, units, also, allow_unbudgeted, estimate, soft_landing)
@@ -1212,6 +1233,7 @@ OPS.commit = function()
       {requested_unit = unit, expected_units = {'[' .. q(rec.unit) .. ']'}})
   end
   local budgets = load_budgets(rec.budgeted, rec.unit)
+  local debts = debts_before(rec.policy, budgets)
   local charged, flagged = settle(budgets, rec.estimate, actual, rec.policy, true)
   if not charged then return flagged end
   local holds, over_limit = NO_HOLDS, nil
@@ -1221,6 +1243,7 @@ OPS.commit = function()
     for _, h in ipairs(holds) do
       -- A unit the commit does not name is charged what was held: the worst case stands.
       local on = load_budgets(h.scopes, h.unit)
+      debts = debts_before(rec.policy, on, debts)
       local got, more = settle(on, h.amount, also_actual[h.unit] or h.amount, rec.policy, true)
       if not got then return more end
       h.charged = got
@@ -1231,6 +1254,7 @@ OPS.commit = function()
     rec.tail = nil -- the charges change the text after `finalized`
   end
   save_budgets(budgets)
+  after_charge(budgets, debts, rid)
   local released = max(rec.estimate - actual, 0)
   local reply = {'commit', I(charged), I(released), rec.holds_text, nil, nil, nil, nil, nil, nil} -- three balances
   settled(rec, 'COMMITTED', charged, 'commit', key, hash, reply[2] .. SEP .. reply[3] .. SEP .. reply[4])
@@ -1336,6 +1360,7 @@ OPS.event = function()
   for _, a in ipairs(also) do failure = failure or check_debit(by_unit[a.unit]) end
   if failure then return failure end
   -- A refusal on any unit comes before anything is saved: nothing is charged on the others either.
+  local debts = debts_before(policy, budgets)
   local charged, flagged = settle(budgets, 0, actual, policy, false)
   if not charged then return flagged end
   local charges, over_limit = NO_HOLDS, NO_HOLDS
@@ -1344,6 +1369,7 @@ OPS.event = function()
     for _, a in ipairs(also) do
       local on = by_unit[a.unit]
       if #on > 0 then
+        debts = debts_before(policy, on, debts)
         local got, more = settle(on, 0, a.amount, policy, false)
         if not got then return more end
         local names = {}
@@ -1354,6 +1380,7 @@ OPS.event = function()
       end
     end
   end
+  after_charge(budgets, debts, nil)
   save_budgets(budgets)
   local names = {}
   for _, b in ipairs(budgets) do

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..rules import ReservationState
+from ..rules import BudgetState, ReservationState
 
 __all__ = [
     "SEP",
@@ -24,6 +24,12 @@ __all__ = [
 ]
 
 SEP = "\x1f"  # joins the fields of a script's arguments and of the answers kept for replays
+
+_TEXT_FIELDS = {"scope", "unit", "allocated", "spent", "reserved", "debt", "overdraft_limit", "remaining"}
+_TEXT_FIELDS |= {"is_over_limit", "status", "caps"}
+# What the Python engine's balances carry beyond what a budget text keeps (the time policies the Redis store
+# does not keep yet: `Store.time_policies`), at their defaults.
+_UNKEPT = {k: v for k, v in BudgetState("", "", 0).as_balance().items() if k not in _TEXT_FIELDS}
 
 
 def balance(field: str, text: str) -> dict[str, Any]:
@@ -52,6 +58,7 @@ def balances(flat: list[Any], start: int) -> list[dict[str, Any]]:
                 "is_over_limit": parts[5] == "1",
                 "status": parts[6],
                 "caps": json.loads(parts[7]) if len(parts) > 7 else None,
+                **_UNKEPT,
             }
         )
     return out

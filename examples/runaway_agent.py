@@ -119,34 +119,25 @@ class FlakyOcrApi:
         return OcrResult(True, doc.pages, billed)
 
 
-def metered_ocr(api: FlakyOcrApi) -> Callable[[Doc], OcrResult]:
-    """The tool as the agent sees it: reserve the page price before the call, commit what was billed."""
+def metered_ocr(api: FlakyOcrApi, run: Run) -> Callable[[Doc], OcrResult]:
+    """The tool as the agent sees it: reserve the page price before the call, commit what was billed. In
+    shadow mode (`cycles_tools.configure(mode="shadow")`) the same decorator only evaluates: the ledger logs
+    would_allow / would_deny under the call's key, the tool always runs, and what it billed is debited."""
+
+    def key(doc: Doc) -> str:
+        k = f"{run.run_id}:ocr:{run.current}"
+        run.keys[k] = run.current
+        return k
 
     @metered(
         kind=OCR_ACTION.kind,
         name=OCR_ACTION.name,
         estimate=lambda doc: doc.pages * PRICE_PER_PAGE,
         actual=lambda result: result.billed,
+        idempotency_key=key,
     )
     def ocr_extract(doc: Doc) -> OcrResult:
         return api.extract(doc)  # a failed attempt comes back as a result (and is paid), not as an exception
-
-    return ocr_extract
-
-
-def shadow_ocr(api: FlakyOcrApi, ledger: SyncLedger, run: Run) -> Callable[[Doc], OcrResult]:
-    """Shadow twin of `metered_ocr` (@metered has no shadow mode): a dry-run reserve logs would_allow or
-    would_deny under the call's key, the tool always runs, and what it billed is recorded as a debit."""
-
-    def ocr_extract(doc: Doc) -> OcrResult:
-        key = f"{run.run_id}:ocr:{run.current}"
-        subject = cycles_tools.current_subject()
-        assert subject is not None
-        ledger.reserve(subject, OCR_ACTION, micro(doc.pages * PRICE_PER_PAGE), dry_run=True, idempotency_key=key)
-        result = api.extract(doc)
-        ledger.record_event(subject, OCR_ACTION, micro(result.billed), idempotency_key=f"{key}:actual")
-        run.keys[key] = run.current
-        return result
 
     return ocr_extract
 
@@ -348,7 +339,7 @@ def shadow_stop(run: Run, ledger: SyncLedger) -> Stop | None:
         if not events:
             return None
         for ev in events:
-            key = str(ev.data.get("key", ""))
+            key = str(ev.data.get("key", "")).removeprefix("shadow:")  # @metered's shadow keys
             if ev.type == "would_deny" and key in run.keys:
                 n = run.keys[key]
                 elapsed, spent_before = run.timeline[n]
@@ -494,7 +485,10 @@ def _ledger_check(run: Run, ledger: SyncLedger) -> str:
         debits += sum(int(ev.data.get("actual", 0)) for ev in events if ev.type == "debited")
         after = events[-1].event_id
     same = "= the ledger's debits" if debits == run.spent else f"but ledger debits {usd(debits, 8)}"
-    return f"{usd(run.spent)} {same} (its balance says spent {usd(b.spent)}: debits past the allocation are capped)"
+    return (
+        f"{usd(run.spent)} {same} (its balance: spent {usd(b.spent)} + debt {usd(b.debt)}; "
+        "past the allocation the excess is debt)"
+    )
 
 
 def _why(stop: Stop) -> str:
@@ -557,10 +551,10 @@ def main(argv: list[str] | None = None) -> int:
 
         with open_ledger_sync(proxy.store_url) as ledger:
             ledger.set_budget(SCOPE, micro(budget))
-            cycles_tools.configure(store=proxy.store_url)
+            cycles_tools.configure(store=proxy.store_url, mode=args.mode)
             run = Run(args.mode, budget, run_id=workdir.name)
             api = FlakyOcrApi(random.Random(args.seed + 1))
-            ocr = metered_ocr(api) if args.mode == "enforce" else shadow_ocr(api, ledger, run)
+            ocr = metered_ocr(api, run)
             limit = "until the budget says no" if args.mode == "enforce" else f"for {iterations} iterations"
             print(f"\nbudget {usd(budget)} on {SCOPE}; running the agent {limit} (cap {args.max_iterations}) ...")
             every = max(1, iterations // 10) if args.mode == "shadow" else 10 if budget <= 5 * USD else 25

@@ -27,6 +27,7 @@ from .errors import (
     UnitMismatchError,
 )
 from .ledger import Ledger, open_ledger
+from .lifecycle import Hold, HoldState, Lifecycle, SyncLifecycle
 from .models import (
     Action,
     Amount,
@@ -73,10 +74,13 @@ __all__ = [
     "Decision",
     "EventResult",
     "ExtendResult",
+    "Hold",
+    "HoldState",
     "IdempotencyMismatchError",
     "InvalidRequestError",
     "Ledger",
     "LedgerEvent",
+    "Lifecycle",
     "MaxExtensionsExceededError",
     "NotFoundError",
     "OveragePolicy",
@@ -94,6 +98,7 @@ __all__ = [
     "StoreUnavailableError",
     "Subject",
     "SyncLedger",
+    "SyncLifecycle",
     "Unit",
     "UnitMismatchError",
     "format_amount",

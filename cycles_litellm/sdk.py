@@ -4,9 +4,11 @@
     resp = await acompletion(model="gpt-4o-mini", messages=[...], cycles_subject={"tenant": "acme"})
 
 The wrappers reserve the worst case, call LiteLLM (with `max_tokens` clamped on ALLOW_WITH_CAPS and
-usage requested on streams), commit the real cost, release on error, and raise `BudgetDenied` on
-DENY. The subject comes from `cycles_subject=`, else `metadata={"cycles": {...}}`, else the current
-`budget_scope` (contextvars).
+usage requested on streams), commit the real cost, release on error or cancellation, and raise
+`BudgetDenied` on DENY. The subject comes from `cycles_subject=`, else `metadata={"cycles": {...}}`, else
+the current `budget_scope` (contextvars). Settling follows `cycles_ledger.lifecycle` like every other
+edge: a call that outlived its hold is debited, a settle the ledger misses is retried and logged, and
+neither ever replaces the call's answer or error.
 
 `CyclesGate` is for third-party code that calls `litellm.acompletion` itself: register it in
 `litellm.callbacks`; its `async_pre_call_deployment_hook` reserves per attempt and raises on DENY.

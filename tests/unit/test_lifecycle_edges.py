@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -23,8 +24,8 @@ from litellm.integrations.custom_logger import CustomLogger
 from litellm.proxy._types import ProxyException
 
 import cycles_tools
-from cycles_ledger import BudgetDenied, Ledger, StoreUnavailableError, SyncLedger, open_ledger
-from cycles_ledger.lifecycle import Lifecycle
+from cycles_ledger import Amount, BudgetDenied, Ledger, StoreUnavailableError, SyncLedger, Unit, open_ledger
+from cycles_ledger.lifecycle import Lifecycle, SyncLifecycle
 from cycles_litellm import CyclesCallback, CyclesGate, Guard, Settings
 from cycles_litellm.calls import usd_to_microcents
 from cycles_tools import budget_scope, current_caps, metered
@@ -405,3 +406,39 @@ async def check(
         assert beats == 0
     failed = [r.getMessage() for r in caplog.records if "failed (injected" in r.getMessage()]
     assert len(failed) == {"settle_retried": 2, "settle_down": 4, "release_down": 4}.get(outcome, 0), failed
+
+
+@pytest.mark.parametrize("driver", ["async", "sync"])
+async def test_one_heartbeat_task_extends_every_live_hold(tmp_path: Path, driver: str) -> None:
+    """Forty live holds of one driver are extended by a single task on its loop (no thread or task per hold);
+    the task ends once every hold is settled."""
+    url = f"sqlite:///{tmp_path / 'beats.db'}"
+    action, estimate = {"kind": "tool.x", "name": "x"}, Amount(unit=Unit.USD_MICROCENTS, amount=10)
+    async with open_ledger(url) as led:
+        await led.set_budget(SCOPE, "1usd")
+        threads = threading.active_count()
+        if driver == "async":
+            life = Lifecycle(led)
+            holds = [await life.reserve({"tenant": TENANT}, action, estimate, ttl_ms=TTL_MS) for _ in range(40)]
+            beats = [t for t in asyncio.all_tasks() if t.get_name() == "cycles-heartbeat"]
+            assert len(beats) == 1 and threading.active_count() == threads
+            await asyncio.sleep(HEARTBEAT_S)
+            for hold in holds:
+                await life.commit(hold, estimate)
+            await asyncio.wait_for(beats[0], 5)  # nothing left to beat: the task ends
+        else:
+            with SyncLedger(lambda: open_ledger(url)) as sync_ledger:
+                slife = SyncLifecycle(sync_ledger)
+                holds = [slife.reserve({"tenant": TENANT}, action, estimate, ttl_ms=TTL_MS) for _ in range(40)]
+                beats = sync_ledger.run(_heartbeat_tasks())
+                assert len(beats) == 1 and threading.active_count() <= threads + 2  # its loop, its SQLite writer
+                time.sleep(HEARTBEAT_S)
+                for hold in holds:
+                    slife.commit(hold, estimate)
+        held = await led.list_reservations(limit=100)
+        assert len(held) == 40
+        assert all(r.status.value == "COMMITTED" and r.extension_count >= 2 for r in held)
+
+
+async def _heartbeat_tasks() -> list[asyncio.Task[Any]]:
+    return [t for t in asyncio.all_tasks() if t.get_name() == "cycles-heartbeat"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -19,10 +20,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import SettingsFile, find_settings, load_budgets, store_url
-from .errors import CyclesError
+from .config import SettingsFile, find_settings, load_budgets, settings_section, store_url
+from .errors import ConfigError, CyclesError
 from .ledger import Ledger, open_ledger
 from .models import Amount, Balance, LedgerEvent, Reservation, Unit, format_amount
+from .notify import Notifier, webhooks_from_settings
 
 __all__ = ["main"]
 
@@ -258,6 +260,48 @@ async def _verify(ledger: Ledger, args: argparse.Namespace) -> int:
     return 0 if not problems else 2
 
 
+def _notifier(ledger: Ledger, args: argparse.Namespace) -> Notifier:
+    found = find_settings(args.config)
+    hooks = webhooks_from_settings(settings_section(found, "notify"), f"{found.path or 'settings'}: notify")
+    if not hooks:
+        raise ConfigError(f"no webhooks: add `notify: {{webhooks: [...]}}` to the settings ({found.found_by})")
+    return Notifier(ledger, hooks)
+
+
+async def _notify(ledger: Ledger, args: argparse.Namespace) -> int:
+    notifier = _notifier(ledger, args)
+    if args.once:
+        try:
+            print(f"delivered {await notifier.run_once()}")
+        finally:
+            await notifier.aclose()
+        return 0
+    print(f"delivering to {', '.join(h.name for h in notifier.webhooks)} (Ctrl-C stops)", file=sys.stderr)
+    await notifier.run_forever(args.interval)
+    return 0
+
+
+async def _alerts(ledger: Ledger, args: argparse.Namespace) -> int:
+    notifier = _notifier(ledger, args)
+    try:
+        if args.op == "replay":
+            ok, failed = await notifier.replay(args.webhook, args.event)
+            print(f"delivered {ok}, still failing {failed}")
+            return 0 if not failed else 1
+        letters = await notifier.dead_letters()
+        if args.json:
+            print(json.dumps([dataclasses.asdict(d) for d in letters], indent=2))
+        else:
+            rows = [
+                [d.webhook, d.event_id, d.event.get("type", ""), d.attempts, _ts(d.failed_at_ms), d.error]
+                for d in letters
+            ]
+            print(_table(["webhook", "event", "type", "attempts", "failed at", "error"], rows))
+        return 0
+    finally:
+        await notifier.aclose()
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cycles", description="Budget authority ledger for AI agents.")
     p.add_argument("--store", help="store URL (default: $CYCLES_STORE, else store: of the settings file)")
@@ -332,11 +376,21 @@ def _parser() -> argparse.ArgumentParser:
     rl.set_defaults(fn=_release)
 
     sub.add_parser("sweep", help="expire overdue reservations now").set_defaults(fn=_sweep)
+    n = sub.add_parser("notify", help="deliver events to the webhooks of the settings' notify: section")
+    n.add_argument("--once", action="store_true", help="one pass to the end of the log, then exit")
+    n.add_argument("--interval", type=float, default=1.0, help="seconds between passes (default 1)")
+    n.set_defaults(fn=_notify)
+    al = sub.add_parser("alerts", help="webhook deliveries that failed (dead letters); `replay` sends them again")
+    al.add_argument("op", nargs="?", choices=["list", "replay"], default="list")
+    al.add_argument("--webhook", help="only this webhook's")
+    al.add_argument("--event", type=int, help="only this event id")
+    al.add_argument("--json", action="store_true")
+    al.set_defaults(fn=_alerts)
     sub.add_parser("verify", help="reconcile balances with reservations and events").set_defaults(fn=_verify)
     return p
 
 
-_READS = frozenset({"balances", "reservations", "events", "verify"})
+_READS = frozenset({"balances", "reservations", "events", "verify", "notify", "alerts"})
 
 
 def _missing_sqlite_file(url: str) -> Path | None:

@@ -33,6 +33,7 @@ __all__ = [
     "find_settings",
     "load_budgets",
     "resolve_store",
+    "settings_section",
     "settings_store_url",
     "store_url",
 ]
@@ -104,6 +105,17 @@ def settings_store_url(store: str | None, settings_path: Path | None) -> str:
     if env:
         return env
     return resolve_store(store or DEFAULT_STORE_URL, settings_path.parent if settings_path is not None else None)
+
+
+def settings_section(found: SettingsFile, name: str) -> Any:
+    """One top-level section of the settings file (None when absent, or without a file)."""
+    if found.path is None:
+        return None
+    try:
+        raw = yaml.safe_load(found.path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{found.path}: cannot read the settings: {exc}") from None
+    return raw.get(name) if isinstance(raw, dict) else None
 
 
 def _settings_store(path: Path) -> str | None:

@@ -726,3 +726,22 @@ def charges_of(
     for u, c in (data.get("also") or {}).items():
         out.append((u, c["charged"], c["scopes"]))
     return out
+
+
+# --- keyed state (notifier cursor, lease, dead letters) ---------------------------------------------
+
+
+def state_get(tx: Txn, now: int, key: str) -> str | None:
+    return tx.state_get(key)
+
+
+def state_put(tx: Txn, now: int, key: str, value: str | None, expected: str | None) -> bool:
+    """Compare-and-set: the write happens only if the record is `expected` now (None: absent)."""
+    if tx.state_get(key) != expected:
+        return False
+    tx.state_set(key, value)
+    return True
+
+
+def state_list(tx: Txn, now: int, prefix: str) -> dict[str, str]:
+    return tx.state_list(prefix)

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from cycles_ledger import Amount, ConfigError, OveragePolicy, Unit
 from cycles_ledger.config import SETTINGS_ENV, SettingsFile, find_settings, settings_store_url
 from cycles_ledger.models import parse_scope
+from cycles_ledger.notify import Webhook, webhooks_from_settings
 
 __all__ = ["CONFIG_ENV", "ModelPrice", "Settings", "SubjectMapping", "load_settings"]
 
@@ -121,7 +122,19 @@ class Settings(_Strict):
     # operator's choice; every other unmetered call type is refused with 402 ROUTE_NOT_METERED.
     unmetered_routes: frozenset[str] = frozenset()
     settle_retries: Annotated[int, Field(ge=0, le=10)] = 3
+    # Webhooks for chosen ledger events (cycles_ledger.notify): `notify: {webhooks: [{name, url, secret_env,
+    # events, format, scope}]}`; the proxy delivers them while it runs, as `cycles notify` does.
+    notify: dict[str, Any] | None = None
     _source: SettingsFile = PrivateAttr(default_factory=lambda: SettingsFile(None, "built in code"))
+
+    @field_validator("notify")
+    @classmethod
+    def _notify(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        webhooks_from_settings(v)  # a broken webhook is a start-up error, not a silent non-delivery
+        return v
+
+    def webhooks(self) -> list[Webhook]:
+        return webhooks_from_settings(self.notify)
 
     @field_validator("overage_policy")
     @classmethod

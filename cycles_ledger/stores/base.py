@@ -25,6 +25,7 @@ __all__ = [
     "ReleaseCommand",
     "ReserveCommand",
     "Store",
+    "SupportsState",
     "SupportsSweep",
     "Txn",
 ]
@@ -203,6 +204,22 @@ class Store(ABC):
     async def aclose(self) -> None: ...
 
 
+class SupportsState(ABC):
+    """Optional ability: small keyed records next to the ledger, changed by compare-and-set. The notifier
+    keeps its cursor, its lease and its dead letters here, so they survive restarts with the ledger."""
+
+    @abstractmethod
+    async def state_get(self, key: str) -> str | None: ...
+
+    @abstractmethod
+    async def state_put(self, key: str, value: str | None, expected: str | None) -> bool:
+        """Write `value` (None: delete) only if the record is now `expected` (None: absent); False if not."""
+
+    @abstractmethod
+    async def state_list(self, prefix: str) -> dict[str, str]:
+        """Every record whose key starts with `prefix`."""
+
+
 class SupportsSweep(ABC):
     """Optional ability: expire overdue reservations in bulk (the sweeper) and check the books."""
 
@@ -291,6 +308,16 @@ class Txn(ABC):
 
     @abstractmethod
     def window_prune(self, scope: str, unit: str, before_ms: int) -> None: ...
+
+    @abstractmethod
+    def state_get(self, key: str) -> str | None: ...
+
+    @abstractmethod
+    def state_set(self, key: str, value: str | None) -> None:
+        """Write a keyed record (None: delete it)."""
+
+    @abstractmethod
+    def state_list(self, prefix: str) -> dict[str, str]: ...
 
     @abstractmethod
     def period_due(self, now: int, limit: int) -> list[BudgetState]:

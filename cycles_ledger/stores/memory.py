@@ -31,6 +31,7 @@ from .base import (
     ReleaseCommand,
     ReserveCommand,
     Store,
+    SupportsState,
     SupportsSweep,
     Txn,
 )
@@ -58,6 +59,7 @@ class _State:
         self.events: list[dict[str, Any]] = []
         self.idempotency: dict[tuple[str, str], tuple[str, dict[str, Any], int]] = {}
         self.window: dict[tuple[str, str], list[tuple[int, str, int]]] = {}  # (scope, unit) → (ts, ref, amount)
+        self.records: dict[str, str] = {}  # keyed state (SupportsState)
 
 
 def _under(scope: str, prefix: str | None) -> bool:
@@ -76,6 +78,7 @@ class MemoryTxn(Txn):
         self.idempotency_w: dict[tuple[str, str], tuple[str, dict[str, Any], int]] = {}
         self.prune_before: int | None = None
         self.window_w: dict[tuple[str, str], list[tuple[int, str, int]]] | None = None  # copy-on-write
+        self.state_w: dict[str, str | None] = {}
 
     def budgets(self, scopes: list[str], unit: str | None = None) -> list[rules.BudgetState]:
         keys = {**self.state.budgets, **self.budgets_w}
@@ -173,6 +176,18 @@ class MemoryTxn(Txn):
         entries = self._windows().get((scope, unit), [])
         entries[:] = [e for e in entries if e[0] > before_ms]
 
+    def state_get(self, key: str) -> str | None:
+        if key in self.state_w:
+            return self.state_w[key]
+        return self.state.records.get(key)
+
+    def state_set(self, key: str, value: str | None) -> None:
+        self.state_w[key] = value
+
+    def state_list(self, prefix: str) -> dict[str, str]:
+        merged: dict[str, str | None] = {**self.state.records, **self.state_w}
+        return {k: v for k, v in sorted(merged.items()) if k.startswith(prefix) and v is not None}
+
     def period_due(self, now: int, limit: int) -> list[rules.BudgetState]:
         due = [
             b
@@ -245,6 +260,11 @@ class MemoryTxn(Txn):
         st.idempotency.update(self.idempotency_w)
         if self.window_w is not None:
             st.window = self.window_w
+        for key, value in self.state_w.items():
+            if value is None:
+                st.records.pop(key, None)
+            else:
+                st.records[key] = value
         if self.prune_before is not None:
             cutoff = self.prune_before
             st.idempotency = {k: v for k, v in st.idempotency.items() if v[2] >= cutoff}
@@ -258,7 +278,7 @@ def _wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-class MemoryStore(Store, SupportsSweep):
+class MemoryStore(Store, SupportsSweep, SupportsState):
     """`memory://` (a private ledger) or `memory://name` (shared by name within this process)."""
 
     schemes = ("memory",)
@@ -359,6 +379,15 @@ class MemoryStore(Store, SupportsSweep):
 
     async def verify(self) -> list[str]:
         return self._run(operations.verify, write=False)  # type: ignore[no-any-return]
+
+    async def state_get(self, key: str) -> str | None:
+        return self._run(operations.state_get, key, write=False)  # type: ignore[no-any-return]
+
+    async def state_put(self, key: str, value: str | None, expected: str | None) -> bool:
+        return self._run(operations.state_put, key, value, expected)  # type: ignore[no-any-return]
+
+    async def state_list(self, prefix: str) -> dict[str, str]:
+        return self._run(operations.state_list, prefix, write=False)  # type: ignore[no-any-return]
 
     async def aclose(self) -> None:
         self._closed = True

@@ -43,6 +43,7 @@ from .base import (
     ReleaseCommand,
     ReserveCommand,
     Store,
+    SupportsState,
     SupportsSweep,
     Txn,
 )
@@ -115,6 +116,11 @@ CREATE TABLE IF NOT EXISTS spend_window (  -- one row per hold or charge on a ra
     PRIMARY KEY (scope, unit, ts_ms, ref)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS spend_window_ref ON spend_window (ref);
+CREATE TABLE IF NOT EXISTS state (  -- small keyed records: the notifier's cursor, lease, dead letters
+    key TEXT NOT NULL PRIMARY KEY,
+    value TEXT NOT NULL,
+    updated_at_ms INTEGER NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS events (
     event_id INTEGER PRIMARY KEY,  -- rowid: increasing, since the log is never deleted from
     ts_ms INTEGER NOT NULL,
@@ -352,7 +358,7 @@ class _Writer(threading.Thread):
                 loop.call_soon_threadsafe(_deliver, items)
 
 
-class SqliteStore(Store, SupportsSweep):
+class SqliteStore(Store, SupportsSweep, SupportsState):
     """`sqlite:///relative.db`, `sqlite:////absolute.db` or `sqlite:///:memory:`."""
 
     schemes = ("sqlite",)
@@ -546,6 +552,15 @@ class SqliteStore(Store, SupportsSweep):
 
     async def verify(self) -> list[str]:
         return await self._call(_op_verify, readonly=True)  # type: ignore[no-any-return]
+
+    async def state_get(self, key: str) -> str | None:
+        return await self._call(_op_state_get, key, readonly=True)  # type: ignore[no-any-return]
+
+    async def state_put(self, key: str, value: str | None, expected: str | None) -> bool:
+        return await self._call(_op_state_put, key, value, expected)  # type: ignore[no-any-return]
+
+    async def state_list(self, prefix: str) -> dict[str, str]:
+        return await self._call(_op_state_list, prefix, readonly=True)  # type: ignore[no-any-return]
 
     async def aclose(self) -> None:
         if self._closed:
@@ -796,6 +811,24 @@ class SqliteTxn(Txn):
     def window_prune(self, scope: str, unit: str, before_ms: int) -> None:
         self.conn.execute("DELETE FROM spend_window WHERE scope=? AND unit=? AND ts_ms <= ?", (scope, unit, before_ms))
 
+    def state_get(self, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM state WHERE key=?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def state_set(self, key: str, value: str | None) -> None:
+        if value is None:
+            self.conn.execute("DELETE FROM state WHERE key=?", (key,))
+        else:
+            self.conn.execute(
+                "INSERT OR REPLACE INTO state (key, value, updated_at_ms) VALUES (?,?,?)", (key, value, self.now)
+            )
+
+    def state_list(self, prefix: str) -> dict[str, str]:
+        rows = self.conn.execute(
+            "SELECT key, value FROM state WHERE key >= ? AND key < ? ORDER BY key", (prefix, prefix + "\U0010ffff")
+        )
+        return {r[0]: r[1] for r in rows}
+
     def period_due(self, now: int, limit: int) -> list[rules.BudgetState]:
         rows = self.conn.execute(
             f"SELECT {_BUDGET_COLS} FROM budgets WHERE period_end_ms IS NOT NULL AND period_end_ms <= ?"
@@ -905,3 +938,6 @@ _op_list_reservations = _bind(operations.list_reservations)
 _op_events = _bind(operations.events)
 _op_sweep = _bind(operations.sweep)
 _op_verify = _bind(operations.verify)
+_op_state_get = _bind(operations.state_get)
+_op_state_put = _bind(operations.state_put)
+_op_state_list = _bind(operations.state_list)

@@ -29,7 +29,7 @@ class Receiver:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["content-length"]))
                 status = outer.plan.pop(0) if outer.plan else 200
                 outer.posts.append({"status": status, "body": body, "headers": dict(self.headers)})

@@ -89,9 +89,14 @@ async def test_shadow_runs_past_the_budget_and_logs_the_exact_would_deny(admin: 
     debt, so the balance shows how far past it the tool went. Nothing is held; a retry with the key pays once."""
     admin.set_budget(ACME, "0.01usd")
     ran: list[int] = []
+
+    def send(n: int) -> str:
+        ran.append(n)
+        return "sent"
+
     tool = make_tool(
         flavour,
-        lambda n: ran.append(n) or "sent",
+        send,
         kind="tool.email",
         name="email",
         estimate="0.02usd",
@@ -135,7 +140,12 @@ async def test_shadow_never_blocks_on_an_unreachable_ledger_or_a_missing_subject
     (logged), where enforce raises."""
     cycles_tools.configure(store="sqlite:////no-such-dir/x.db", mode="shadow")
     ran: list[str] = []
-    tool = make_tool(flavour, lambda: ran.append("ran") or "ok", kind="tool.x", name="x", estimate="0.05usd")
+
+    def work() -> str:
+        ran.append("ran")
+        return "ok"
+
+    tool = make_tool(flavour, work, kind="tool.x", name="x", estimate="0.05usd")
     with budget_scope(tenant="acme"):
         assert await call(tool) == "ok"
     assert await call(tool) == "ok"  # no subject at all

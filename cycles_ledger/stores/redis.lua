@@ -5,11 +5,14 @@
 --   1. prelude      keys, arguments and text helpers
 --   2. cache        the write-back cache of the hashes and zsets a script call reads and writes
 --   3. formats      budgets, reservation records, holds in other units, events, idempotency records
---   4. rules        cycles_ledger/rules.py (evaluate_reserve, evaluate_units, settle, settle_verdict, …)
---   5. steps        what operations.py shares between operations (_evaluate, _expire, _settle_target, …)
+--   4. steps        what every operation shares (operations.py's _expire, expire_due, _replayed, …)
+--   5. rules        cycles_ledger/rules.py in four sections: lookup (budgets_by_unit), evaluate
+--                   (evaluate_reserve, evaluate_units), settle (settle, settle_verdict, extend_verdict), admin
+--                   (fund, set_allocation, change_status, check_debit), each with the steps around it
 --   6. operations   one section per script: reserve, decide, commit, release, extend, event, note, budget, sweep
--- The client builds one script per operation from sections 1-5 (everything above the prelude-end marker)
--- and the operation's own section (from its marker line, plus the sections it includes).
+-- The client builds each operation's script from sections 1-4 (everything above the prelude-end marker),
+-- the sections the operation's section includes (and those they include), and the operation's section.
+-- A script call runs its whole chunk, defining every function in it, so a script holds only what it runs.
 --
 -- One call of a script runs a batch of operations of its kind, in order, each as if it were alone; the
 -- client sends the calls of one loop tick that share a tenant and an operation this way (one EVALSHA
@@ -50,10 +53,10 @@
 -- ═══ 1. prelude ═══════════════════════════════════════════════════════════════════════════════════════
 local BUDGETS_KEY, RESERVATIONS_KEY, DUE_KEY, EVENTS_KEY, FINALIZED_KEY, IDS_KEY =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
--- Globals read often, as locals (a global is a table lookup each time).
-local rcall, tonumber, tostring, type, pairs, ipairs, unpack, pcall, error =
-  redis.call, tonumber, tostring, type, pairs, ipairs, unpack, pcall, error
-local rawget, rawset, setmetatable = rawget, rawset, setmetatable
+-- Globals read often, as locals (a global is a table lookup each time). Only those: every function that
+-- uses a local of this chunk looks it up among all of them when a script call defines the function, which
+-- costs more than a few global lookups at run time (tostring, type, pairs, pcall, rawget, … stay globals).
+local rcall, tonumber, ipairs, unpack = redis.call, tonumber, ipairs, unpack
 local max, min, floor, match, gmatch = math.max, math.min, math.floor, string.match, string.gmatch
 local fmt, concat, find, sub = string.format, table.concat, string.find, string.sub
 -- The current operation's idempotency key name, idempotency key, fields and free text (set by run_batch).
@@ -95,13 +98,13 @@ end
 
 -- Python's repr() of a text, as the Python engine puts keys and ids in its messages (ASCII exactly; other
 -- characters as they are).
-local REPR_ESCAPES = {['\\'] = '\\\\', ['\n'] = '\\n', ['\r'] = '\\r', ['\t'] = '\\t'}
 local function pyrepr(s)
   local quote = "'"
   if find(s, "'", 1, true) and not find(s, '"', 1, true) then quote = '"' end
+  local escapes = {['\\'] = '\\\\', ['\n'] = '\\n', ['\r'] = '\\r', ['\t'] = '\\t'}
   local body = string.gsub(s, '[%c\\' .. quote .. ']', function(c)
     if c == quote then return '\\' .. c end
-    return REPR_ESCAPES[c] or fmt('\\x%02x', string.byte(c))
+    return escapes[c] or fmt('\\x%02x', string.byte(c))
   end)
   return quote .. body .. quote
 end
@@ -503,10 +506,192 @@ local function remember(hash, answer)
   rcall('SET', IDEMPOTENCY_KEY, hash .. '\n' .. answer, 'PX', RETENTION_MS)
 end
 
--- ═══ 4. rules (cycles_ledger/rules.py) ═════════════════════════════════════════════════════════════════
--- Functions that may refuse return nil and the failure where the Python raises.
+-- ═══ 4. steps (shared by every operation, as in cycles_ledger/operations.py) ══════════════════════════
+-- (and the few rules of cycles_ledger/rules.py every operation applies)
 local function remaining(b) return b.allocated - b.spent - b.reserved - b.debt end
 
+local function hold(budgets, amount)
+  for _, b in ipairs(budgets) do b.reserved = b.reserved + amount end
+end
+
+local function unhold(budgets, amount)
+  for _, b in ipairs(budgets) do b.reserved = b.reserved - amount end
+end
+
+-- Holds in no other unit (shared: never changed).
+local NO_HOLDS = {}
+
+-- Every unit's budgets of a reservation's holds, its own unit first (for balances; Python: _load_holds).
+local function hold_budgets(rec)
+  local budgets = load_budgets(rec.budgeted, rec.unit)
+  if rec.holds_text == '' then return budgets end
+  for _, h in ipairs(other_holds(rec)) do append(budgets, load_budgets(h.scopes, h.unit)) end
+  return budgets
+end
+
+local function finalize(rec, status, field, value)
+  rec.status = status
+  rec.finalized = NOW
+  save_record(rec, field, value)
+  zset_put(DUE, rec.id, false)
+  zset_put(FINALIZED, rec.id, NOW)
+end
+
+-- Return every unit's hold and mark the reservation EXPIRED (Python: _expire).
+local function expire(rec)
+  local budgets = load_budgets(rec.budgeted, rec.unit)
+  unhold(budgets, rec.estimate)
+  local data = nil
+  if rec.holds_text ~= '' then
+    local holds = other_holds(rec)
+    for _, h in ipairs(holds) do
+      local on = load_budgets(h.scopes, h.unit)
+      unhold(on, h.amount)
+      save_budgets(on)
+    end
+    data = '{"also":' .. holds_json(holds, 'amount') .. '}'
+  end
+  save_budgets(budgets)
+  finalize(rec, 'EXPIRED')
+  emit('expired', rec.scope_path, rec.unit, rec.estimate, rec.id, nil, data)
+end
+
+-- Expire up to `limit` ACTIVE reservations whose deadline has passed; returns how many, and whether
+-- that was every overdue one.
+local function expire_due(limit)
+  if limit <= 0 then return 0, false end
+  zset_flush(DUE)
+  local due = rcall('ZRANGEBYSCORE', DUE_KEY, '-inf', '(' .. NOW_S, 'LIMIT', 0, limit)
+  local n = 0
+  for _, rid in ipairs(due) do
+    local rec = load_record(rid)
+    if rec and rec.status == 'ACTIVE' then
+      expire(rec)
+      n = n + 1
+    else
+      zset_put(DUE, rid, false)
+    end
+  end
+  return n, #due < limit
+end
+
+-- Every write operation first expires overdue holds. NOW is one instant for the whole batch and no
+-- operation moves a deadline to before it, so once nothing is left overdue the rest of the batch skips this.
+local none_due = false
+local function expire_overdue()
+  if none_due then return end
+  local _, all = expire_due(SWEEP_PER_CALL)
+  none_due = all
+end
+
+-- The replay of a stored answer (its fields joined by \31) with today's balances: the main unit's on the
+-- scopes listed in field `budgeted_at`, the other units' of the holds in field `holds_at` (Python: _replayed).
+local function replayed(prior, unit, budgeted_at, holds_at)
+  local fields = split(prior, SEP)
+  local budgets = load_budgets(scope_list(fields[budgeted_at] or ''), unit)
+  if (fields[holds_at] or '') ~= '' then
+    for _, h in ipairs(decode_holds(fields[holds_at])) do append(budgets, load_budgets(h.scopes, h.unit)) end
+  end
+  return push_balances({'replay', prior, NOW_S}, budgets)
+end
+
+local OPS = {}
+
+-- The fields of an operation: its first HEAD (0, 1 or 2) fields are its own (ids, hashes); the rest is most
+-- often the same for many operations of a batch, so it is split once per batch and the table shared (HEAD
+-- is set by the operation's section). Shared tables are never changed but for their head, so what an
+-- operation derives from the rest alone may be kept in them under a name (F.scopes).
+local HEAD = 0
+local TAILS, LAST_TAIL, LAST_F = {}, nil, nil
+local function fields_of(text)
+  if HEAD == 0 then return split(text, SEP) end
+  local j = find(text, SEP, 1, true)
+  if not j then return split(text, SEP) end
+  local h1, h2, at = sub(text, 1, j - 1), nil, j + 1
+  if HEAD == 2 then
+    j = find(text, SEP, at, true)
+    if not j then return split(text, SEP) end
+    h2, at = sub(text, at, j - 1), j + 1
+  end
+  local f
+  if LAST_TAIL and #text - at + 1 == #LAST_TAIL and find(text, LAST_TAIL, at, true) == at then
+    f = LAST_F -- the same rest as the operation before: no new string to make (and hash) for it
+  else
+    local tail = sub(text, at)
+    f = TAILS[tail]
+    if f == nil then
+      f = split(tail, SEP)
+      for i = #f, 1, -1 do f[i + HEAD] = f[i] end
+      TAILS[tail] = f
+    end
+    LAST_TAIL, LAST_F = tail, f
+  end
+  f[1] = h1
+  if HEAD == 2 then f[2] = h2 end
+  return f
+end
+
+local function raised(err)
+  if type(err) == 'table' then err = err.err end
+  return {'raise', tostring(err)}
+end
+
+-- Run the batch in ARGV (four arguments per operation) with `op`; one reply entry per operation. Then
+-- write back the cache, whatever the operations answered: an operation that raised keeps the writes it made
+-- before, as it would without the cache. Should that fail, no answer can be trusted (a refusal too may
+-- rest on a write that did not happen): every caller gets the error.
+local function run_batch(op)
+  local out = {}
+  for i = 3, #ARGV, 4 do
+    local index = ARGV[i]
+    IDEMPOTENCY_KEY = index == '1' and BUDGETS_KEY or KEYS[tonumber(index)]
+    KEY, F, TEXT = ARGV[i + 1], fields_of(ARGV[i + 2]), ARGV[i + 3]
+    local ok, reply = pcall(op)
+    if not ok then reply = raised(reply) end
+    if reply[1] == 'err' or reply[1] == 'raise' then DECODED = {} end -- it may have changed budgets it did not save
+    out[#out + 1] = reply
+  end
+  local err = flush()
+  if err ~= nil then
+    for i = 1, #out do out[i] = raised(err) end
+  end
+  return out
+end
+--@@ prelude-end
+
+-- ═══ 5. rules (cycles_ledger/rules.py) ═════════════════════════════════════════════════════════════════
+-- Functions that may refuse return nil and the failure where the Python raises. Four sections, each in the
+-- scripts of the operations that apply it (an operation's script is only the code it runs: a script call
+-- runs its whole chunk, so every function defined is paid for on every call).
+
+--@@ rules-lookup
+-- Which budgets a request touches.
+-- Split the budgets on a request's scopes by the units it holds or charges: a table unit -> budgets. nil
+-- when there is no budget at any scope (BUDGET_NOT_FOUND) unless unbudgeted subjects are allowed; nil and
+-- a UNIT_MISMATCH failure when budgets there are only in other units.
+local function budgets_by_unit(scopes, units, allow_unbudgeted)
+  local by_unit, any = {}, false
+  for _, unit in ipairs(units) do
+    local on = load_budgets(scopes, unit)
+    by_unit[unit] = on
+    if #on > 0 then any = true end
+  end
+  if any or allow_unbudgeted then return by_unit end
+  local all = load_budgets(scopes, nil) -- only now: the other units tell "no budget" from "wrong unit"
+  if #all == 0 then return nil end
+  local set = {}
+  for _, b in ipairs(all) do set[b.unit] = true end
+  local found = sorted_keys(set)
+  local quoted = {}
+  for i, u in ipairs(found) do quoted[i] = q(u) end
+  return nil, fail('UNIT_MISMATCH', 'no budget in ' .. units[1] .. ' for ' .. scopes[#scopes] ..
+    '; budgets there are in ' .. concat(found, ', '),
+    {scope = all[#all].scope, requested_unit = units[1], expected_units = {'[' .. concat(quoted, ',') .. ']'}})
+end
+
+--@@ rules-evaluate
+--@include rules-lookup
+-- The decision on a hold: evaluate_reserve, evaluate_units; with operations._evaluate.
 local function hard_denial(b)
   if b.status == 'CLOSED' then return 'BUDGET_CLOSED' end
   if b.status == 'FROZEN' then return 'BUDGET_FROZEN' end
@@ -637,14 +822,58 @@ local function evaluate_reserve(budgets, estimate, soft_landing)
   return {decision = 'DENY', reason_code = 'BUDGET_EXCEEDED', scope = tight.scope, remaining = left}
 end
 
-local function hold(budgets, amount)
-  for _, b in ipairs(budgets) do b.reserved = b.reserved + amount end
+-- `evaluate_reserve` for a hold in `unit` plus holds in other units (`also`, a list of {unit, amount}), as
+-- one decision. The soft landing applies to the main unit only; another unit's hold fits or denies (the
+-- evaluation's `unit` names it). `also` of the evaluation: the other holds that have a budget to hold on.
+local function evaluate_units(by_unit, unit, estimate, soft_landing, also)
+  local ev = evaluate_reserve(by_unit[unit], estimate, soft_landing)
+  ev.unit, ev.also = unit, NO_HOLDS
+  if ev.decision == 'DENY' or #also == 0 then return ev end
+  local cap_sets, held = {}, {}
+  if ev.caps then cap_sets[1] = ev.caps end
+  for _, want in ipairs(also) do
+    local budgets = by_unit[want.unit]
+    if #budgets > 0 then
+      local other = evaluate_reserve(budgets, want.amount)
+      if other.decision == 'DENY' then
+        other.unit, other.also = want.unit, NO_HOLDS
+        return other
+      end
+      held[#held + 1] = want
+      if other.caps then cap_sets[#cap_sets + 1] = other.caps end
+    end
+  end
+  ev.also = held
+  ev.caps = merge_cap_dicts(cap_sets)
+  if ev.caps and ev.decision == 'ALLOW' then ev.decision = 'ALLOW_WITH_CAPS' end
+  return ev
 end
 
-local function unhold(budgets, amount)
-  for _, b in ipairs(budgets) do b.reserved = b.reserved - amount end
+-- A reserve denied for lack of room looks again after expiring overdue holds (they still counted).
+local function retry_after_expiry(ev) return ev.reason_code == 'BUDGET_EXCEEDED' end
+
+-- The decision on a reserve, the budgets it counted (every unit it holds on, and the unit that denied) and
+-- its budgets by unit (Python: _evaluate); or nil, nil and a failure.
+local function evaluate(scopes, unit, units, also, allow_unbudgeted, estimate, soft_landing)
+  local by_unit, failure = budgets_by_unit(scopes, units, allow_unbudgeted)
+  if failure then return nil, nil, failure end
+  if by_unit == nil then
+    return {decision = 'DENY', reason_code = 'BUDGET_NOT_FOUND', scope = scopes[#scopes], unit = unit,
+            also = NO_HOLDS}, {}
+  end
+  local ev = evaluate_units(by_unit, unit, estimate, soft_landing, also)
+  local held = by_unit[unit]
+  if #ev.also > 0 or ev.unit ~= unit then
+    held = append({}, held)
+    for _, h in ipairs(ev.also) do append(held, by_unit[h.unit]) end
+    if ev.unit ~= unit then append(held, by_unit[ev.unit]) end
+  end
+  return ev, held, nil, by_unit
 end
 
+--@@ rules-settle
+-- Settling a hold or a debit, and when a reservation may still be settled or extended; with the steps of
+-- operations.py around them (_settle_target, _finalize, _after_charge).
 -- Turn a hold of `held` into a charge of `actual` (a direct debit is held = 0); returns charged and the
 -- scopes newly marked over-limit, or nil and a failure (nothing changed then).
 local function settle(budgets, held, actual, policy, is_commit)
@@ -722,106 +951,25 @@ local function settle(budgets, held, actual, policy, is_commit)
   return actual, flagged
 end
 
--- Add `amount` to the allocation; it repays debt first (that debt becomes spend). Returns the repaid part.
-local function fund(b, amount)
-  local repaid = min(b.debt, amount)
-  b.debt = b.debt - repaid
-  b.spent = b.spent + repaid
-  b.allocated = b.allocated + amount
-  if b.debt == 0 and remaining(b) >= 0 then b.is_over_limit = false end
-  return repaid
+-- Debt before a charge, by budget field, when the policy can make debt (nil when it cannot).
+local function debts_before(policy, budgets, into)
+  if policy ~= 'ALLOW_WITH_OVERDRAFT' and policy ~= 'RECORD_ALL' then return nil end
+  into = into or {}
+  for _, b in ipairs(budgets) do into[b.field] = b.debt end
+  return into
 end
 
--- Split the budgets on a request's scopes by the units it holds or charges: a table unit -> budgets. nil
--- when there is no budget at any scope (BUDGET_NOT_FOUND) unless unbudgeted subjects are allowed; nil and
--- a UNIT_MISMATCH failure when budgets there are only in other units.
-local function budgets_by_unit(scopes, units, allow_unbudgeted)
-  local by_unit, any = {}, false
-  for _, unit in ipairs(units) do
-    local on = load_budgets(scopes, unit)
-    by_unit[unit] = on
-    if #on > 0 then any = true end
-  end
-  if any or allow_unbudgeted then return by_unit end
-  local all = load_budgets(scopes, nil) -- only now: the other units tell "no budget" from "wrong unit"
-  if #all == 0 then return nil end
-  local set = {}
-  for _, b in ipairs(all) do set[b.unit] = true end
-  local found = sorted_keys(set)
-  local quoted = {}
-  for i, u in ipairs(found) do quoted[i] = q(u) end
-  return nil, fail('UNIT_MISMATCH', 'no budget in ' .. units[1] .. ' for ' .. scopes[#scopes] ..
-    '; budgets there are in ' .. concat(found, ', '),
-    {scope = all[#all].scope, requested_unit = units[1], expected_units = {'[' .. concat(quoted, ',') .. ']'}})
-end
-
--- `evaluate_reserve` for a hold in `unit` plus holds in other units (`also`, a list of {unit, amount}), as
--- one decision. The soft landing applies to the main unit only; another unit's hold fits or denies (the
--- evaluation's `unit` names it). `also` of the evaluation: the other holds that have a budget to hold on.
-local NO_HOLDS = {}
-local function evaluate_units(by_unit, unit, estimate, soft_landing, also)
-  local ev = evaluate_reserve(by_unit[unit], estimate, soft_landing)
-  ev.unit, ev.also = unit, NO_HOLDS
-  if ev.decision == 'DENY' or #also == 0 then return ev end
-  local cap_sets, held = {}, {}
-  if ev.caps then cap_sets[1] = ev.caps end
-  for _, want in ipairs(also) do
-    local budgets = by_unit[want.unit]
-    if #budgets > 0 then
-      local other = evaluate_reserve(budgets, want.amount)
-      if other.decision == 'DENY' then
-        other.unit, other.also = want.unit, NO_HOLDS
-        return other
-      end
-      held[#held + 1] = want
-      if other.caps then cap_sets[#cap_sets + 1] = other.caps end
+-- What a charge can cause (Python: _after_charge): a `debt` event for every budget whose debt grew. (Alert
+-- thresholds need alerts, which the Redis store does not keep yet.)
+local function after_charge(budgets, debts, rid)
+  if debts == nil then return end
+  for _, b in ipairs(budgets) do
+    local added = b.debt - (debts[b.field] or 0)
+    if added > 0 then
+      emit('debt', b.scope, b.unit, added, rid, nil,
+        '{"debt":' .. I(b.debt) .. ',"added":' .. I(added) .. ',"overdraft_limit":' .. I(b.overdraft_limit) .. '}')
     end
   end
-  ev.also = held
-  ev.caps = merge_cap_dicts(cap_sets)
-  if ev.caps and ev.decision == 'ALLOW' then ev.decision = 'ALLOW_WITH_CAPS' end
-  return ev
-end
-
-local function check_open(b)
-  if b.status == 'CLOSED' then return fail('BUDGET_CLOSED', 'budget ' .. b.scope .. ' is closed', {scope = b.scope}) end
-  return nil
-end
-
--- A direct debit needs no headroom (its policy decides) but an open budget.
-local function check_debit(budgets)
-  for _, b in ipairs(budgets) do
-    local closed = check_open(b)
-    if closed then return closed end
-    if b.status == 'FROZEN' then return fail('BUDGET_FROZEN', 'budget ' .. b.scope .. ' is frozen', {scope = b.scope}) end
-  end
-  return nil
-end
-
--- Change an existing budget's allocation (spent, reserved and debt stay); returns the event data.
--- caps: JSON text, '{}' to clear them, nil to keep them.
-local function set_allocation(b, amount, overdraft_limit, caps)
-  local data = '{"previous_allocated":' .. I(b.allocated) .. '}'
-  b.allocated = amount
-  if overdraft_limit then b.overdraft_limit = overdraft_limit end
-  if caps then b.caps = (caps ~= '{}') and caps or '' end
-  if b.debt > b.overdraft_limit then -- a lowered limit can leave existing debt above it
-    b.is_over_limit = true
-  elseif remaining(b) >= 0 then
-    b.is_over_limit = false
-  end
-  return data
-end
-
-local STATUS_CHANGES = {freeze = {'FROZEN', 'frozen'}, unfreeze = {'ACTIVE', 'unfrozen'}, close = {'CLOSED', 'closed'}}
-
--- freeze / unfreeze / close; a closed budget stays closed. Returns the event type.
-local function change_status(b, op)
-  local closed = check_open(b)
-  if closed then return nil, closed end
-  local change = STATUS_CHANGES[op]
-  b.status = change[1]
-  return change[2]
 end
 
 local function not_found(rid)
@@ -882,84 +1030,6 @@ local function extend_verdict(rec, max_extensions)
   return 'live'
 end
 
--- A reserve denied for lack of room looks again after expiring overdue holds (they still counted).
-local function retry_after_expiry(ev) return ev.reason_code == 'BUDGET_EXCEEDED' end
-
--- ═══ 5. steps (shared by the operations, as in cycles_ledger/operations.py) ════════════════════════════
--- Every unit's budgets of a reservation's holds, its own unit first (for balances; Python: _load_holds).
-local function hold_budgets(rec)
-  local budgets = load_budgets(rec.budgeted, rec.unit)
-  if rec.holds_text == '' then return budgets end
-  for _, h in ipairs(other_holds(rec)) do append(budgets, load_budgets(h.scopes, h.unit)) end
-  return budgets
-end
-
-local function finalize(rec, status, field, value)
-  rec.status = status
-  rec.finalized = NOW
-  save_record(rec, field, value)
-  zset_put(DUE, rec.id, false)
-  zset_put(FINALIZED, rec.id, NOW)
-end
-
--- Return every unit's hold and mark the reservation EXPIRED (Python: _expire).
-local function expire(rec)
-  local budgets = load_budgets(rec.budgeted, rec.unit)
-  unhold(budgets, rec.estimate)
-  local data = nil
-  if rec.holds_text ~= '' then
-    local holds = other_holds(rec)
-    for _, h in ipairs(holds) do
-      local on = load_budgets(h.scopes, h.unit)
-      unhold(on, h.amount)
-      save_budgets(on)
-    end
-    data = '{"also":' .. holds_json(holds, 'amount') .. '}'
-  end
-  save_budgets(budgets)
-  finalize(rec, 'EXPIRED')
-  emit('expired', rec.scope_path, rec.unit, rec.estimate, rec.id, nil, data)
-end
-
--- Expire up to `limit` ACTIVE reservations whose deadline has passed; returns how many, and whether
--- that was every overdue one.
-local function expire_due(limit)
-  if limit <= 0 then return 0, false end
-  zset_flush(DUE)
-  local due = rcall('ZRANGEBYSCORE', DUE_KEY, '-inf', '(' .. NOW_S, 'LIMIT', 0, limit)
-  local n = 0
-  for _, rid in ipairs(due) do
-    local rec = load_record(rid)
-    if rec and rec.status == 'ACTIVE' then
-      expire(rec)
-      n = n + 1
-    else
-      zset_put(DUE, rid, false)
-    end
-  end
-  return n, #due < limit
-end
-
--- Every write operation first expires overdue holds. NOW is one instant for the whole batch and no
--- operation moves a deadline to before it, so once nothing is left overdue the rest of the batch skips this.
-local none_due = false
-local function expire_overdue()
-  if none_due then return end
-  local _, all = expire_due(SWEEP_PER_CALL)
-  none_due = all
-end
-
--- The replay of a stored answer (its fields joined by \31) with today's balances: the main unit's on the
--- scopes listed in field `budgeted_at`, the other units' of the holds in field `holds_at` (Python: _replayed).
-local function replayed(prior, unit, budgeted_at, holds_at)
-  local fields = split(prior, SEP)
-  local budgets = load_budgets(scope_list(fields[budgeted_at] or ''), unit)
-  if (fields[holds_at] or '') ~= '' then
-    for _, h in ipairs(decode_holds(fields[holds_at])) do append(budgets, load_budgets(h.scopes, h.unit)) end
-  end
-  return push_balances({'replay', prior, NOW_S}, budgets)
-end
-
 -- The reservation to commit or release, or nil and the reply: a replay, a refusal, or the error of one
 -- expired on the spot (Python: _settle_target).
 local function settle_target(op, rid, key, hash)
@@ -981,113 +1051,63 @@ local function settled(rec, status, charged, op, key, hash, answer)
   finalize(rec, status, rec.id .. '|k', op .. '\n' .. hash .. '\n' .. I(#key) .. '\n' .. key .. answer)
 end
 
--- Debt before a charge, by budget field, when the policy can make debt (nil when it cannot).
-local function debts_before(policy, budgets, into)
-  if policy ~= 'ALLOW_WITH_OVERDRAFT' and policy ~= 'RECORD_ALL' then return nil end
-  into = into or {}
-  for _, b in ipairs(budgets) do into[b.field] = b.debt end
-  return into
+--@@ rules-admin
+-- Admin changes, and the open-budget checks a debit shares with them.
+local function check_open(b)
+  if b.status == 'CLOSED' then return fail('BUDGET_CLOSED', 'budget ' .. b.scope .. ' is closed', {scope = b.scope}) end
+  return nil
 end
 
--- What a charge can cause (Python: _after_charge): a `debt` event for every budget whose debt grew. (Alert
--- thresholds need alerts, which the Redis store does not keep yet.)
-local function after_charge(budgets, debts, rid)
-  if debts == nil then return end
+-- A direct debit needs no headroom (its policy decides) but an open budget.
+local function check_debit(budgets)
   for _, b in ipairs(budgets) do
-    local added = b.debt - (debts[b.field] or 0)
-    if added > 0 then
-      emit('debt', b.scope, b.unit, added, rid, nil,
-        '{"debt":' .. I(b.debt) .. ',"added":' .. I(added) .. ',"overdraft_limit":' .. I(b.overdraft_limit) .. '}')
-    end
+    local closed = check_open(b)
+    if closed then return closed end
+    if b.status == 'FROZEN' then return fail('BUDGET_FROZEN', 'budget ' .. b.scope .. ' is frozen', {scope = b.scope}) end
   end
+  return nil
 end
 
--- The decision on a reserve, the budgets it counted (every unit it holds on, and the unit that denied) and
--- its budgets by unit (Python: _evaluate); or nil, nil and a failure.
-local function evaluate(scopes, unit, units, also, allow_unbudgeted, estimate, soft_landing)
-  local by_unit, failure = budgets_by_unit(scopes, units, allow_unbudgeted)
-  if failure then return nil, nil, failure end
-  if by_unit == nil then
-    return {decision = 'DENY', reason_code = 'BUDGET_NOT_FOUND', scope = scopes[#scopes], unit = unit,
-            also = NO_HOLDS}, {}
-  end
-  local ev = evaluate_units(by_unit, unit, estimate, soft_landing, also)
-  local held = by_unit[unit]
-  if #ev.also > 0 or ev.unit ~= unit then
-    held = append({}, held)
-    for _, h in ipairs(ev.also) do append(held, by_unit[h.unit]) end
-    if ev.unit ~= unit then append(held, by_unit[ev.unit]) end
-  end
-  return ev, held, nil, by_unit
+-- Add `amount` to the allocation; it repays debt first (that debt becomes spend). Returns the repaid part.
+local function fund(b, amount)
+  local repaid = min(b.debt, amount)
+  b.debt = b.debt - repaid
+  b.spent = b.spent + repaid
+  b.allocated = b.allocated + amount
+  if b.debt == 0 and remaining(b) >= 0 then b.is_over_limit = false end
+  return repaid
 end
 
-local OPS = {}
-
--- The fields of an operation: its first HEAD (0, 1 or 2) fields are its own (ids, hashes); the rest is most
--- often the same for many operations of a batch, so it is split once per batch and the table shared (HEAD
--- is set by the operation's section). Shared tables are never changed but for their head, so what an
--- operation derives from the rest alone may be kept in them under a name (F.scopes).
-local HEAD = 0
-local TAILS, LAST_TAIL, LAST_F = {}, nil, nil
-local function fields_of(text)
-  if HEAD == 0 then return split(text, SEP) end
-  local j = find(text, SEP, 1, true)
-  if not j then return split(text, SEP) end
-  local h1, h2, at = sub(text, 1, j - 1), nil, j + 1
-  if HEAD == 2 then
-    j = find(text, SEP, at, true)
-    if not j then return split(text, SEP) end
-    h2, at = sub(text, at, j - 1), j + 1
+-- Change an existing budget's allocation (spent, reserved and debt stay); returns the event data.
+-- caps: JSON text, '{}' to clear them, nil to keep them.
+local function set_allocation(b, amount, overdraft_limit, caps)
+  local data = '{"previous_allocated":' .. I(b.allocated) .. '}'
+  b.allocated = amount
+  if overdraft_limit then b.overdraft_limit = overdraft_limit end
+  if caps then b.caps = (caps ~= '{}') and caps or '' end
+  if b.debt > b.overdraft_limit then -- a lowered limit can leave existing debt above it
+    b.is_over_limit = true
+  elseif remaining(b) >= 0 then
+    b.is_over_limit = false
   end
-  local f
-  if LAST_TAIL and #text - at + 1 == #LAST_TAIL and find(text, LAST_TAIL, at, true) == at then
-    f = LAST_F -- the same rest as the operation before: no new string to make (and hash) for it
-  else
-    local tail = sub(text, at)
-    f = TAILS[tail]
-    if f == nil then
-      f = split(tail, SEP)
-      for i = #f, 1, -1 do f[i + HEAD] = f[i] end
-      TAILS[tail] = f
-    end
-    LAST_TAIL, LAST_F = tail, f
-  end
-  f[1] = h1
-  if HEAD == 2 then f[2] = h2 end
-  return f
+  return data
 end
 
-local function raised(err)
-  if type(err) == 'table' then err = err.err end
-  return {'raise', tostring(err)}
-end
+local STATUS_CHANGES = {freeze = {'FROZEN', 'frozen'}, unfreeze = {'ACTIVE', 'unfrozen'}, close = {'CLOSED', 'closed'}}
 
--- Run the batch in ARGV (four arguments per operation) with `op`; one reply entry per operation. Then
--- write back the cache, whatever the operations answered: an operation that raised keeps the writes it made
--- before, as it would without the cache. Should that fail, no answer can be trusted (a refusal too may
--- rest on a write that did not happen): every caller gets the error.
-local function run_batch(op)
-  local out = {}
-  for i = 3, #ARGV, 4 do
-    local index = ARGV[i]
-    IDEMPOTENCY_KEY = index == '1' and BUDGETS_KEY or KEYS[tonumber(index)]
-    KEY, F, TEXT = ARGV[i + 1], fields_of(ARGV[i + 2]), ARGV[i + 3]
-    local ok, reply = pcall(op)
-    if not ok then reply = raised(reply) end
-    if reply[1] == 'err' or reply[1] == 'raise' then DECODED = {} end -- it may have changed budgets it did not save
-    out[#out + 1] = reply
-  end
-  local err = flush()
-  if err ~= nil then
-    for i = 1, #out do out[i] = raised(err) end
-  end
-  return out
+-- freeze / unfreeze / close; a closed budget stays closed. Returns the event type.
+local function change_status(b, op)
+  local closed = check_open(b)
+  if closed then return nil, closed end
+  local change = STATUS_CHANGES[op]
+  b.status = change[1]
+  return change[2]
 end
---@@ prelude-end
 
 -- ═══ 6. operations (cycles_ledger/operations.py) ═══════════════════════════════════════════════════════
 
 --@@ reserve
+--@include rules-evaluate
 -- F: hash, rid, unit, estimate, ttl, grace, policy, dry_run, allow_unbudgeted, soft_min, soft_fixed, soft_apm,
 -- also ("UNIT|amount …"), subject JSON, action JSON, metadata JSON, scopes…
 -- Reply: {"reserve", decision, reason, scope, remaining, caps JSON, dry_run, rid, amount, expires_at, ttl,
@@ -1212,6 +1232,7 @@ end
 OPS.decide = function() return OPS.reserve(true) end
 
 --@@ commit
+--@include rules-settle
 -- F: rid, hash, unit, actual, also ("UNIT|amount …"), metrics JSON, metadata JSON.
 -- Reply: {"commit", charged, released, holds in other units (charged), balances…};
 -- a replay: {"replay", stored reply, now, balances…}.
@@ -1271,6 +1292,7 @@ OPS.commit = function()
 end
 
 --@@ release
+--@include rules-settle
 -- F: rid, hash; TEXT: reason. Reply: {"release", released, unit, holds in other units, balances…} or a replay.
 OPS.release = function()
   local rid, key, hash, reason = F[1], KEY, F[2], TEXT
@@ -1301,6 +1323,7 @@ OPS.release = function()
 end
 
 --@@ extend
+--@include rules-settle
 -- F: rid, hash, extend_by_ms, max_extensions.
 -- Reply: {"extend", expires_at, now, rid, balances…}; a replay: {"replay", "expires_at\31rid", now, balances…}.
 HEAD = 2
@@ -1331,6 +1354,9 @@ OPS.extend = function()
 end
 
 --@@ event
+--@include rules-lookup
+--@include rules-settle
+--@include rules-admin
 -- F: hash, unit, actual, policy, allow_unbudgeted, also ("UNIT|amount …"), subject, action, metrics, metadata,
 -- scopes…
 -- Reply: {"event", stream id, charged, budgeted scopes, charges in other units, balances…} or a replay.
@@ -1414,6 +1440,7 @@ OPS.note = function()
 end
 
 --@@ budget
+--@include rules-admin
 -- F: op, scope, unit, amount, overdraft_limit, caps JSON ("" = not given). Reply: {"budget", field, text}.
 OPS.budget = function()
   local op, scope, unit = F[1], F[2], F[3]

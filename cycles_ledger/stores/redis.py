@@ -72,23 +72,32 @@ _Address = tuple[str, int, int, str | None, str | None, float]  # host, port, db
 
 
 def _scripts() -> dict[str, str]:
-    """Split redis.lua into one script per operation: the shared prelude + the operation's section
-    (+ the sections it `--@include`s)."""
+    """Split redis.lua into one script per operation: the shared prelude, the sections the operation's
+    section `--@include`s (and theirs, each once, included before includer), then the operation's section."""
     text = resources.files("cycles_ledger.stores").joinpath("redis.lua").read_text(encoding="utf-8")
     prelude, _, rest = text.partition("--@@ prelude-end")
     sections: dict[str, str] = {}
     for chunk in rest.split("--@@ ")[1:]:
         name, _, body = chunk.partition("\n")
         sections[name.strip()] = body
-    out: dict[str, str] = {}
-    for name, body in sections.items():
-        includes = [line.split()[1] for line in body.splitlines() if line.startswith("--@include ")]
-        parts = [prelude, *(sections[i] for i in includes), body, f"return run_batch(OPS.{name})"]
-        out[name] = "\n".join(parts)
-    missing = set(_OPS) - set(out)
+
+    def with_includes(name: str, order: list[str]) -> list[str]:
+        for line in sections[name].splitlines():
+            if line.startswith("--@include "):
+                included = line.split()[1]
+                if included not in order:
+                    with_includes(included, order)
+        if name not in order:
+            order.append(name)
+        return order
+
+    missing = set(_OPS) - set(sections)
     if missing:
         raise RuntimeError(f"redis.lua lacks the scripts {sorted(missing)}")
-    return out
+    return {
+        name: "\n".join([prelude, *(sections[s] for s in with_includes(name, [])), f"return run_batch(OPS.{name})"])
+        for name in _OPS
+    }
 
 
 def _new_rid(tag: str) -> str:

@@ -405,6 +405,17 @@ NAMED: dict[str, list[Step]] = {
         _evt(2, USD, 1, key="e"),
         _evt(2, USD, 1, key="e"),
     ],
+    "messages quote keys as Python's repr does": [
+        ("set", TOP, USD, 1000, None, None),
+        _res(0, USD, 10, key="it's"),
+        _res(0, USD, 11, key="it's"),
+        _res(0, USD, 10, key='say "hi"'),
+        _res(0, USD, 11, key='say "hi"'),
+        _res(0, USD, 10, key="both ' and \" \\ \n \t \x01 \x7f"),
+        _res(0, USD, 11, key="both ' and \" \\ \n \t \x01 \x7f"),
+        _com(0, USD, 4, key="c'"),
+        _com(0, USD, 5, key="c'"),
+    ],
     "expiry: grace, lazy expiry, extensions and their limit": [
         ("set", TOP, USD, 1000, None, None),
         ("set", TOP, TOK, 1000, None, None),

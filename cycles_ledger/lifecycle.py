@@ -32,7 +32,7 @@ import random
 import uuid
 import weakref
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -175,9 +175,11 @@ class Lifecycle:
         overage_policy: OveragePolicy | str | None = None,
         soft_landing: SoftLanding | Mapping[str, Any] | None = None,
         metadata: Mapping[str, Any] | None = None,
+        also: Sequence[Amount] = (),
     ) -> Hold:
-        """Hold `estimate` (a dry run when `shadow`). A DENY is a Hold in state DENIED, not an error; ledger
-        errors (unreachable, invalid input) are raised, since what to do then is the edge's policy."""
+        """Hold `estimate` (a dry run when `shadow`), and `also` in other units in the same decision. A DENY is
+        a Hold in state DENIED, not an error; ledger errors (unreachable, invalid input) are raised, since what
+        to do then is the edge's policy."""
         ledger = await self.ledger()
         r = await ledger.reserve(
             subject,
@@ -190,6 +192,7 @@ class Lifecycle:
             dry_run=shadow,
             soft_landing=soft_landing,
             metadata=metadata,
+            also=also,
         )
         if shadow:
             state = HoldState.SHADOW
@@ -213,16 +216,24 @@ class Lifecycle:
             self._heartbeat().add(hold)
         return hold
 
-    async def commit(self, hold: Hold, actual: Amount, *, metrics: Mapping[str, Any] | None = None) -> None:
-        """The work happened and cost `actual`: commit it, or debit it directly when nothing holds it any more
-        (shadow, expired, given back). Retried while the ledger is unreachable; never raises."""
+    async def commit(
+        self,
+        hold: Hold,
+        actual: Amount,
+        *,
+        metrics: Mapping[str, Any] | None = None,
+        also: Sequence[Amount] = (),
+    ) -> None:
+        """The work happened and cost `actual` (and `also` in other units): commit it, or debit it directly
+        when nothing holds it any more (shadow, expired, given back). Retried while the ledger is unreachable;
+        never raises."""
         if hold.state in (HoldState.COMMITTED, HoldState.DEBITED, HoldState.DENIED):
             return
         self.stop_heartbeat(hold)
 
         async def attempt() -> None:
             ledger = await self.ledger()
-            if hold.state is HoldState.HELD and await self._commit_held(ledger, hold, actual, metrics):
+            if hold.state is HoldState.HELD and await self._commit_held(ledger, hold, actual, metrics, also):
                 return
             # Shadow, released or expired: the work ran and nothing holds its cost. Shadow records every unit
             # (past the budget as debt); a real call is debited under its own overage policy.
@@ -235,6 +246,7 @@ class Lifecycle:
                     overage_policy=policy,
                     idempotency_key=hold.debit_key,
                     metrics=metrics,
+                    also=also,
                 )
             hold.state = HoldState.DEBITED
 
@@ -247,20 +259,31 @@ class Lifecycle:
             self.counters["settle_refused"] += 1
             self.log.error("cycles: the ledger refused the spend of %s (%s): %s", hold.label, exc.code, exc.message)
 
-    async def _commit_held(self, ledger: Ledger, hold: Hold, actual: Amount, metrics: Mapping[str, Any] | None) -> bool:
+    async def _commit_held(
+        self,
+        ledger: Ledger,
+        hold: Hold,
+        actual: Amount,
+        metrics: Mapping[str, Any] | None,
+        also: Sequence[Amount] = (),
+    ) -> bool:
         """Commit the reservation; False when it is gone unpaid (expired or released), so a debit must follow."""
         rid = hold.reservation_id
         assert rid is not None
         try:
             try:
-                await ledger.commit(rid, actual, metrics=metrics)
+                await ledger.commit(rid, actual, metrics=metrics, also=also)
             except (BudgetExceededError, OverdraftLimitExceededError) as exc:
                 # The overage policy refuses the overage (REJECT, or an overdraft past its limit): charge
                 # what was held rather than leave the hold to expire with nothing charged.
                 capped = Amount(unit=actual.unit, amount=min(actual.amount, hold.held.amount))
                 self.log.warning("cycles: %s: %s; committing the %s held", hold.label, exc.message, capped)
                 self.counters["settle_capped"] += 1
-                await ledger.commit(rid, capped, metrics=metrics)
+                held_also = {a.unit: a.amount for a in hold.result.also_reserved}
+                capped_also = [
+                    Amount(unit=a.unit, amount=min(a.amount, held_also.get(a.unit, a.amount))) for a in also
+                ]
+                await ledger.commit(rid, capped, metrics=metrics, also=capped_also)
         except IdempotencyMismatchError:
             pass  # committed before with another amount: charged once
         except ReservationExpiredError:

@@ -51,6 +51,7 @@ from .estimate import (
     price_of_group,
     set_cap,
     soft_landing,
+    token_hold,
 )
 from .routes import Route, classify
 from .settings import Settings, load_settings
@@ -75,6 +76,7 @@ class _Pending:
     kind: str = "chat"
     request_id: str = ""  # this request's own id: a client may send the same call id twice
     streamed: list[str] = field(default_factory=list)
+    tokens: int | None = None  # the tokens held next to the dollars (None: a route not counted in tokens)
 
 
 _ANTHROPIC_CALL_TYPES = frozenset({"anthropic_messages", "aanthropic_messages"})
@@ -280,18 +282,22 @@ class CyclesCallback(CustomLogger):
         action = _action(action_kind(route.kind), action_name(est.model))
         # Shadow evaluates the soft landing too (so its would-be decision is enforce's), but never clamps.
         soft = soft_landing(est, self.settings.min_output_tokens)
-        metadata: dict[str, Any] = {"model_group": group, "call_type": call_type, "input_tokens": est.input_tokens}
+        # `model` and `route` name the call in the ledger's events (Ledger.events): who spent what on which model.
+        metadata: dict[str, Any] = {"model": group, "route": call_type, "input_tokens": est.input_tokens}
         if client_id:
             metadata["request"] = request_id
         # The key of a direct debit of this call (shadow, or a hold that is gone): one per call, whatever its call
         # id (which a client may repeat, or make longer than a key may be); an id LiteLLM made is unique, and what
         # a reader looks for.
         debit_key = f"actual:{call_id}" if not client_chosen and len(call_id) <= 200 else f"actual:{uuid.uuid4().hex}"
+        # The tokens the call may use are held in the same decision, for TOKENS budgets on any of its scopes.
+        tokens = token_hold(est, route.kind)
         try:
             hold = await self.lifecycle.reserve(
                 subject,
                 action,
                 Amount(unit=_USD, amount=est.amount),
+                also=[Amount(unit=Unit.TOKENS, amount=tokens)] if tokens is not None else [],
                 shadow=shadow,
                 idempotency_key=call_id,
                 # LiteLLM made the call id (a fresh UUID) unless the client sent x-litellm-call-id: only a
@@ -325,15 +331,30 @@ class CyclesCallback(CustomLogger):
                 log.info("cycles shadow: would deny %s (%s at %s)", call_id, r.reason_code, r.scope)
             else:
                 self.counters["denied"] += 1
-                left = format_amount(r.remaining, _USD) if r.remaining is not None else "unknown"
-                raise budget_error(
-                    402,
-                    "budget_exceeded",
-                    r.reason_code or "BUDGET_EXCEEDED",
+                unit = r.unit or _USD  # a TOKENS budget can be the one that refused
+                needs = tokens if unit is Unit.TOKENS and tokens is not None else est.amount
+                left = format_amount(r.remaining, unit) if r.remaining is not None else "unknown"
+                refusal: dict[str, Any] = {
+                    "reason": r.reason_code,
+                    "scope": r.scope,
+                    "remaining": r.remaining,
+                    "estimate": needs,
+                    "unit": unit.value,
+                }
+                message = (
                     f"Budget denied ({r.reason_code}) at scope {r.scope}: remaining {left}, "
-                    f"this call needs up to {format_amount(est.amount, _USD)}",
-                    {"reason": r.reason_code, "scope": r.scope, "remaining": r.remaining, "estimate": est.amount},
-                    call_type,
+                    f"this call needs up to {format_amount(needs, unit)}"
+                )
+                if r.reason_code == "RATE_EXCEEDED":
+                    # A burn-rate limit: 402 like every budget refusal, with x-should-retry: false (an SDK
+                    # retrying on its own would drive a loop into the wall); retry_after_ms says when the
+                    # window has room, for a caller that decides to wait.
+                    refusal["retry_after_ms"] = r.retry_after_ms
+                    message = f"Budget denied (RATE_EXCEEDED) at scope {r.scope}: spending faster than its limit" + (
+                        f"; room again in {r.retry_after_ms} ms" if r.retry_after_ms is not None else ""
+                    )
+                raise budget_error(
+                    402, "budget_exceeded", r.reason_code or "BUDGET_EXCEEDED", message, refusal, call_type
                 )
         elif (
             r.decision is Decision.ALLOW_WITH_CAPS
@@ -365,7 +386,7 @@ class CyclesCallback(CustomLogger):
             self._remember_headers(
                 call_id, headers | ({"x-cycles-reservation-id": r.reservation_id} if r.reservation_id else {})
             )
-        self._pending[call_id] = _Pending(call_id, hold, est, group, route.kind, request_id)
+        self._pending[call_id] = _Pending(call_id, hold, est, group, route.kind, request_id, tokens=tokens)
         return data
 
     async def async_pre_call_deployment_hook(self, kwargs: dict[str, Any], call_type: Any) -> dict[str, Any] | None:
@@ -613,7 +634,12 @@ class CyclesCallback(CustomLogger):
     async def _settle(self, pending: _Pending, actual: int, metrics: dict[str, Any]) -> None:
         """Commit the actual cost (in shadow mode, or once the hold is gone: debit it), retrying while the
         ledger is away; the lifecycle logs and counts what it cannot record."""
-        await self.lifecycle.commit(pending.hold, Amount(unit=_USD, amount=actual), metrics=metrics)
+        also = []
+        if pending.tokens is not None:
+            used = int(metrics.get("tokens_input") or 0) + int(metrics.get("tokens_output") or 0)
+            # No usage reported at all: the tokens held stand (the worst case), as for the dollars.
+            also = [Amount(unit=Unit.TOKENS, amount=used if used > 0 else pending.tokens)]
+        await self.lifecycle.commit(pending.hold, Amount(unit=_USD, amount=actual), metrics=metrics, also=also)
 
     async def _release(self, pending: _Pending, reason: str) -> None:
         await self.lifecycle.release(pending.hold, reason)

@@ -267,3 +267,62 @@ def test_embeddings_are_reserved_and_committed(proxy: LiteLLMProxy, fake_upstrea
     with proxy.ledger() as led:
         [res] = led.list_reservations(scope="tenant:e2e-emb")
         assert (res.action.kind, res.status.value) == ("llm.embedding", "COMMITTED")
+
+
+def test_tokens_budget_is_charged_with_the_dollars_and_stops_calls(
+    proxy: LiteLLMProxy, fake_upstream: FakeUpstream
+) -> None:
+    """A TOKENS budget on the payer's scope is held (prompt + cap) in the same decision as the dollars, charged
+    the usage (25 prompt + 30 completion tokens), and refuses the call it cannot pay with 402 naming TOKENS."""
+    body = chat("e2e-tokens", max_tokens=30)
+    hold = litellm.token_counter(model="openai/gpt-4o-mini", messages=body["messages"]) + 30
+    with proxy.ledger() as led:
+        led.set_budget("tenant:e2e-tokens", "1usd")
+        led.set_budget("tenant:e2e-tokens", f"{3 * 55 + hold - 1}tokens")
+    for _ in range(3):
+        r = post(proxy, body, "e2e-tokens")
+        assert r.status_code == 200, r.text
+        with proxy.ledger() as led:
+            wait_until(lambda: led.balance("tenant:e2e-tokens", "TOKENS").reserved == 0)
+    with proxy.ledger() as led:
+        tokens = led.balance("tenant:e2e-tokens", "TOKENS")
+        assert (tokens.spent, tokens.remaining) == (3 * 55, hold - 1)
+        assert led.balance("tenant:e2e-tokens").spent == 3 * cost(25, 30)
+        committed = [e for e in led.events(scope="tenant:e2e-tokens", limit=1000) if e.type == "committed"]
+        assert [e.data["also"] for e in committed] == [{"TOKENS": 55}] * 3
+        assert {(e.model, e.route) for e in committed} == {("gpt-4o-mini", "acompletion")}
+    fake_upstream.clear()
+    r = post(proxy, body, "e2e-tokens")
+    assert r.status_code == 402, r.text
+    err = r.json()["error"]
+    assert (err["code"], err["cycles"]["unit"], err["cycles"]["remaining"]) == ("BUDGET_EXCEEDED", "TOKENS", hold - 1)
+    assert f"remaining {hold - 1} TOKENS" in err["message"]
+    assert fake_upstream.requests == []
+    with proxy.ledger() as led:
+        assert led.verify() == []
+
+
+def test_burn_rate_limit_is_a_402_the_sdk_does_not_retry(proxy: LiteLLMProxy, fake_upstream: FakeUpstream) -> None:
+    """A loop faster than its scope's rate limit gets 402 RATE_EXCEEDED with retry_after_ms, and the OpenAI SDK
+    (max_retries=3) raises at once: a client must not retry a loop into the wall on its own."""
+    import openai
+
+    body = chat("e2e-rate", max_tokens=30)
+    with proxy.ledger() as led:
+        led.set_budget("tenant:e2e-rate", "10usd", rate_limits=[{"amount": 2 * cost(25, 30) + 500, "window": "1h"}])
+    for _ in range(2):
+        assert post(proxy, body, "e2e-rate").status_code == 200
+        with proxy.ledger() as led:
+            wait_until(lambda: led.balance("tenant:e2e-rate").reserved == 0)
+    r = post(proxy, body, "e2e-rate")
+    assert r.status_code == 402, r.text
+    err = r.json()["error"]
+    assert err["code"] == "RATE_EXCEEDED" and 0 < err["cycles"]["retry_after_ms"] <= 3_600_000
+    assert r.headers["x-should-retry"] == "false"
+    client = proxy.openai_client(max_retries=3, default_headers={"x-cycles-tenant": "e2e-rate"})
+    fake_upstream.clear()
+    started = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(**body)
+    assert (info.value.status_code, info.value.code) == (402, "RATE_EXCEEDED")
+    assert time.monotonic() - started < 5 and fake_upstream.requests == []

@@ -619,7 +619,7 @@ class RedisStore(Store, SupportsSweep):
                 reserved={"unit": cmd.unit, "amount": int(f[7])},
                 expires_at_ms=int(f[8]),
             )
-            held = fmt.holds(f[12]) if len(f) > 12 else []
+            held = fmt.holds(f[12]) if len(f) > 12 and f[12] else None
             if held:
                 body["also_reserved"] = [{"unit": unit, "amount": amount} for unit, amount, _, _ in held]
             body["remaining_ttl_ms"] = int(f[9])
@@ -689,7 +689,7 @@ class RedisStore(Store, SupportsSweep):
             "charged": {"unit": cmd.unit, "amount": charged},
             "released": {"unit": cmd.unit, "amount": released} if released else None,
         }
-        held = fmt.holds(f[2]) if len(f) > 2 else []
+        held = fmt.holds(f[2]) if len(f) > 2 and f[2] else None
         if held:
             body["also_charged"] = [{"unit": unit, "amount": got} for unit, _, got, _ in held]
         body["balances"] = fmt.balances(reply, start)
@@ -712,7 +712,7 @@ class RedisStore(Store, SupportsSweep):
             "status": "RELEASED",
             "released": {"unit": unit, "amount": int(f[0])},
         }
-        held = fmt.holds(f[2]) if len(f) > 2 else []
+        held = fmt.holds(f[2]) if len(f) > 2 and f[2] else None
         if held:
             body["also_released"] = [{"unit": u, "amount": amount} for u, amount, _, _ in held]
         body["balances"] = balances
@@ -765,7 +765,7 @@ class RedisStore(Store, SupportsSweep):
             "event_id": fmt.event_id(f[0]),
             "charged": {"unit": cmd.unit, "amount": int(f[1])},
         }
-        charges = fmt.holds(f[3]) if len(f) > 3 else []
+        charges = fmt.holds(f[3]) if len(f) > 3 and f[3] else None
         if charges:
             body["also_charged"] = [{"unit": unit, "amount": got} for unit, _, got, _ in charges]
         body["balances"] = fmt.balances(reply, start)

@@ -37,6 +37,7 @@ from cycles_ledger import (
     open_ledger,
 )
 from cycles_ledger.lifecycle import Hold, HoldState, Lifecycle
+from cycles_ledger.notify import Notifier
 
 from .calls import action_kind, action_name, chunk_text, usd_to_microcents
 from .estimate import (
@@ -195,6 +196,7 @@ class CyclesCallback(CustomLogger):
         self._tasks: set[asyncio.Task[Any]] = set()
         # Reserve, heartbeat and settle as every other edge does; its retries and refusals count here.
         self.lifecycle = Lifecycle(self.ledger, retries=self.settings.settle_retries, counters=self.counters, log=log)
+        self.notifier: Notifier | None = None
 
     async def ledger(self) -> Ledger:
         if self._ledger is None:
@@ -210,7 +212,17 @@ class CyclesCallback(CustomLogger):
                         ) from exc
                     led.start_sweeper(5.0)
                     self._ledger = led
+                    self._start_notifier(led)
         return self._ledger
+
+    def _start_notifier(self, ledger: Ledger) -> None:
+        """Deliver the webhooks of `notify:` from this process while it runs (a lease in the ledger makes one
+        of several proxies the sender; `cycles notify` does the same outside the proxy)."""
+        hooks = self.settings.webhooks()
+        if hooks:
+            self.notifier = Notifier(ledger, hooks)
+            self._spawn(self.notifier.run_forever(1.0))
+            log.info("cycles: delivering ledger events to webhooks %s", ", ".join(h.name for h in hooks))
 
     # --- before routing ----------------------------------------------------------------------
 

@@ -1,10 +1,12 @@
 """Distributed store: Redis or Redis Cluster, for many proxy replicas and agents on many hosts.
 
 Each protocol operation is ONE Lua script (`redis.lua`, loaded once and called by SHA; loaded again
-when a server answers NOSCRIPT) that applies the rules of `cycles_ledger.rules` atomically on the server's
-clock (`TIME`). Concurrent calls of one tenant and operation from one event loop tick go as one batch in
-one call of their script; on plain TCP (`redis://`) script calls use a lean connection of the store's own
-(hiredis packing and parsing), reads and TLS or Cluster use redis-py. All keys of one top-level scope
+when a server answers NOSCRIPT) that applies the rules of `cycles_ledger.rules` in the order of
+`cycles_ledger.operations`, atomically on the server's clock (`TIME`); rule vectors check that it answers
+like the Python engine. Concurrent calls of one tenant and operation from one event loop tick go as one
+batch in one call of their script; on plain TCP (`redis://`) script calls use a lean connection of the
+store's own (`redis_wire`, which also maps every Redis failure to the ledger's errors), reads and TLS or
+Cluster use redis-py. `redis_format` reads the stored texts and the scripts' replies. All keys of one top-level scope
 (usually the tenant) share a hash tag, e.g. `cycles:{tenant:acme}:b`, so every script touches one slot
 and runs unchanged on Redis Cluster. A reservation id carries its hash tag (`rsv_…@tenant:acme`), so
 commit, release and extend find the slot without a lookup.

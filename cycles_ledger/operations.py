@@ -48,6 +48,7 @@ __all__ = [
     "release",
     "reserve",
     "reservation_dict",
+    "settle_answer",
     "sweep",
     "verify",
 ]
@@ -316,7 +317,7 @@ def _settle_target(
     r = rules.found(tx.reservation(reservation_id), reservation_id)
     verdict = rules.settle_verdict(r, now, op, key, payload_hash)
     if verdict == "replay":
-        body = dict(r.settle_response or {})
+        body = dict(r.settle_response or settle_answer(r))
         body["balances"] = [b.as_balance() for b in _load_holds(tx, ((u, s) for u, _, s in r.holds()))]
         return body
     if verdict == "expire":
@@ -325,14 +326,37 @@ def _settle_target(
     return r
 
 
-def _finalize(
-    tx: Txn, now: int, r: ReservationState, status: str, op: str, key: str, h: str, body: dict[str, Any]
-) -> None:
+def settle_answer(r: ReservationState) -> dict[str, Any]:
+    """The answer of a reservation's settle, rebuilt from what the reservation keeps (status, amounts, the
+    other units), so a store need not keep the answer itself for replays."""
+    if r.status == "COMMITTED":
+        charged = r.charged or 0
+        released = max(r.estimate - (r.actual if r.actual is not None else charged), 0)
+        body: dict[str, Any] = {
+            "reservation_id": r.reservation_id,
+            "status": "COMMITTED",
+            "charged": _amount(r.unit, charged),
+            "released": _amount(r.unit, released) if released else None,
+        }
+        also = {u: h["charged"] for u, h in (r.extra or {}).items() if h.get("charged") is not None}
+        if also:
+            body["also_charged"] = _also_list(also)
+        return body
+    body = {"reservation_id": r.reservation_id, "status": "RELEASED", "released": _amount(r.unit, r.estimate)}
+    also = {u: h["amount"] for u, h in (r.extra or {}).items()}
+    if also:
+        body["also_released"] = _also_list(also)
+    return body
+
+
+def _finalize(tx: Txn, now: int, r: ReservationState, status: str, op: str, key: str, h: str) -> dict[str, Any]:
+    """Mark `r` settled by `op` under `key`/`h` (its replay record) and return the settle's answer."""
     r.status = status
     r.finalized_at_ms = now
     r.settle_op, r.settle_key, r.settle_hash = op, key, h
-    r.settle_response = {k: v for k, v in body.items() if k != "balances"}
+    r.settle_response = settle_answer(r)
     tx.update_reservation(r)
+    return dict(r.settle_response)
 
 
 def _expire(tx: Txn, now: int, r: ReservationState) -> None:
@@ -389,16 +413,8 @@ def commit(tx: Txn, now: int, cmd: CommitCommand) -> dict[str, Any] | Failed:
         for unit, got in also_charged.items():
             tx.window_set(r.reservation_id, unit, got)
     released = max(r.estimate - cmd.actual, 0)
-    body: dict[str, Any] = {
-        "reservation_id": cmd.reservation_id,
-        "status": "COMMITTED",
-        "charged": _amount(r.unit, charged),
-        "released": _amount(r.unit, released) if released else None,
-    }
-    if also_charged:
-        body["also_charged"] = _also_list(also_charged)
-    r.charged = charged
-    _finalize(tx, now, r, "COMMITTED", "commit", cmd.idempotency_key, cmd.payload_hash, body)
+    r.charged, r.actual = charged, cmd.actual
+    body = _finalize(tx, now, r, "COMMITTED", "commit", cmd.idempotency_key, cmd.payload_hash)
     data: dict[str, Any] = {"actual": cmd.actual, "released": released}
     if flagged:
         data["over_limit"] = flagged
@@ -427,15 +443,8 @@ def release(tx: Txn, now: int, cmd: ReleaseCommand) -> dict[str, Any] | Failed:
     tx.save_budgets(budgets)
     if r.windowed:
         tx.window_drop(r.reservation_id)
-    body: dict[str, Any] = {
-        "reservation_id": cmd.reservation_id,
-        "status": "RELEASED",
-        "released": _amount(r.unit, r.estimate),
-    }
+    body = _finalize(tx, now, r, "RELEASED", "release", cmd.idempotency_key, cmd.payload_hash)
     also = {u: h["amount"] for u, h in (r.extra or {}).items()}
-    if also:
-        body["also_released"] = _also_list(also)
-    _finalize(tx, now, r, "RELEASED", "release", cmd.idempotency_key, cmd.payload_hash, body)
     data: dict[str, Any] = {"reason": cmd.reason} if cmd.reason else {}
     if also:
         data["also"] = also

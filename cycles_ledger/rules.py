@@ -425,6 +425,7 @@ class ReservationState:
     settle_response: dict[str, Any] | None = None
     extra: dict[str, dict[str, Any]] | None = None
     windowed: bool = False  # logged in the spend window of some rate-limited budget
+    actual: int | None = None  # what the commit said it cost (charged can be less under the overage policy)
 
     @property
     def deadline_ms(self) -> int:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import hashlib
 import json
 import os
 import queue
@@ -96,7 +97,21 @@ CREATE TABLE IF NOT EXISTS reservations (
     settle_hash TEXT,
     settle_response TEXT,
     extra TEXT,  -- holds in other units: {"TOKENS": {"amount": n, "scopes": [...], "charged": m}}
-    windowed INTEGER NOT NULL DEFAULT 0  -- logged in some rate-limited budget's spend window
+    windowed INTEGER NOT NULL DEFAULT 0,  -- logged in some rate-limited budget's spend window
+    shape INTEGER,  -- shapes.id: subject, action and scopes, shared by every reservation of the same caller
+    actual INTEGER  -- what the commit said it cost
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS shapes (  -- content-addressed: id = the first 8 bytes of sha256(text)
+    id INTEGER NOT NULL PRIMARY KEY,
+    text TEXT NOT NULL,
+    scope_path TEXT NOT NULL  -- for listing reservations under a scope
+);
+CREATE INDEX IF NOT EXISTS shapes_scope ON shapes (scope_path);
+CREATE TABLE IF NOT EXISTS pruned_charges (  -- what pruned events charged, so verify() still adds up
+    scope TEXT NOT NULL,
+    unit TEXT NOT NULL,
+    amount INTEGER NOT NULL,
+    PRIMARY KEY (scope, unit)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS reservations_due ON reservations (deadline_ms) WHERE status = 'ACTIVE';
 CREATE TABLE IF NOT EXISTS idempotency (
@@ -139,7 +154,8 @@ _TIMING = ("period", "period_start_ms", "period_end_ms", "rate_limits", "alerts"
 _RES_COLS = (
     "id, status, idempotency_key, subject, action, unit, estimate, charged, overage_policy, created_at_ms,"
     " expires_at_ms, grace_ms, deadline_ms, finalized_at_ms, scope_path, affected_scopes, budgeted_scopes,"
-    " extension_count, metadata, caps, settle_op, settle_key, settle_hash, settle_response, extra, windowed"
+    " extension_count, metadata, caps, settle_op, settle_key, settle_hash, settle_response, extra, windowed, shape,"
+    " actual"
 )
 _RES_INSERT = f"INSERT INTO reservations ({_RES_COLS}) VALUES ({','.join('?' * len(_RES_COLS.split(',')))})"
 Row = sqlite3.Row
@@ -152,6 +168,9 @@ def _migrate(conn: sqlite3.Connection) -> None:
         conn.execute("ALTER TABLE reservations ADD COLUMN extra TEXT")
     if "windowed" not in cols:
         conn.execute("ALTER TABLE reservations ADD COLUMN windowed INTEGER NOT NULL DEFAULT 0")
+    if "shape" not in cols:
+        conn.execute("ALTER TABLE reservations ADD COLUMN shape INTEGER")
+        conn.execute("ALTER TABLE reservations ADD COLUMN actual INTEGER")
     cols = {r[1] for r in conn.execute("PRAGMA table_info(budgets)")}
     if "timing" not in cols:
         conn.execute("ALTER TABLE budgets ADD COLUMN timing TEXT")
@@ -594,34 +613,20 @@ def _timing(b: rules.BudgetState) -> str | None:
     return _JSON({key: getattr(b, key) for key in _TIMING if getattr(b, key) is not None})
 
 
-def _reservation(row: Row) -> rules.ReservationState:
-    return rules.ReservationState(
-        reservation_id=row[0],
-        status=row[1],
-        idempotency_key=row[2],
-        subject_json=row[3],
-        action_json=row[4],
-        unit=row[5],
-        estimate=row[6],
-        charged=row[7],
-        overage_policy=row[8],
-        created_at_ms=row[9],
-        expires_at_ms=row[10],
-        grace_ms=row[11],
-        finalized_at_ms=row[13],
-        scope_path=row[14],
-        affected_json=row[15],
-        budgeted_scopes=json.loads(row[16]),
-        extension_count=row[17],
-        metadata_json=row[18],
-        caps=json.loads(row[19]) if row[19] else None,
-        settle_op=row[20],
-        settle_key=row[21],
-        settle_hash=row[22],
-        settle_response=json.loads(row[23]) if row[23] else None,
-        extra=json.loads(row[24]) if row[24] else None,
-        windowed=bool(row[25]),
-    )
+_SHAPE_TEXTS: dict[int, str] = {}  # id -> text; ids are content hashes, so an entry never goes stale
+
+
+def _shape_id(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big", signed=True)
+
+
+def _default_settle_key(op: str | None, rid: str) -> str:
+    return f"{op}:{rid}"
+
+
+def _simple_commit_hash(r: rules.ReservationState) -> str:
+    """The payload hash `Ledger.commit` sends for a plain commit (no metrics, metadata or other units)."""
+    return f"{r.reservation_id}|{r.unit}|{r.actual}"
 
 
 class SqliteTxn(Txn):
@@ -690,9 +695,79 @@ class SqliteTxn(Txn):
             ),
         )
 
+    def _reservation(self, row: Row) -> rules.ReservationState:
+        """A row as the rules see it. Rows written since shapes keep subject, action and scopes in `shapes`
+        (one row per caller, not per call) and leave out what can be rebuilt: the settle's answer, and its key
+        and hash when they are the defaults."""
+        subject, action, affected, budgeted = row[3], row[4], row[15], row[16]
+        unit, policy, scope_path = row[5], row[8], row[14]
+        if row[26] is not None:
+            text = _SHAPE_TEXTS.get(row[26])
+            if text is None:
+                text = self.conn.execute("SELECT text FROM shapes WHERE id=?", (row[26],)).fetchone()[0]
+                if len(_SHAPE_TEXTS) > 50_000:
+                    _SHAPE_TEXTS.clear()
+                _SHAPE_TEXTS[row[26]] = text
+            subject, action, affected, budgeted, unit, policy, scope_path = json.loads(text)
+        r = rules.ReservationState(
+            reservation_id=row[0],
+            status=row[1],
+            idempotency_key=row[2],
+            subject_json=subject,
+            action_json=action,
+            unit=unit,
+            estimate=row[6],
+            charged=row[7],
+            overage_policy=policy,
+            created_at_ms=row[9],
+            expires_at_ms=row[10],
+            grace_ms=row[11],
+            finalized_at_ms=row[13],
+            scope_path=scope_path,
+            affected_json=affected,
+            budgeted_scopes=json.loads(budgeted),
+            extension_count=row[17],
+            metadata_json=row[18],
+            caps=json.loads(row[19]) if row[19] else None,
+            settle_op=row[20],
+            settle_key=row[21],
+            settle_hash=row[22],
+            settle_response=json.loads(row[23]) if row[23] else None,
+            extra=json.loads(row[24]) if row[24] else None,
+            windowed=bool(row[25]),
+            actual=row[27],
+        )
+        if r.settle_op is not None:
+            if r.settle_key is None:
+                r.settle_key = _default_settle_key(r.settle_op, r.reservation_id)
+            if r.settle_hash is None:
+                r.settle_hash = _simple_commit_hash(r)
+        return r
+
     def reservation(self, reservation_id: str) -> rules.ReservationState | None:
         row = self.conn.execute(f"SELECT {_RES_COLS} FROM reservations WHERE id=?", (reservation_id,)).fetchone()
-        return None if row is None else _reservation(row)
+        return None if row is None else self._reservation(row)
+
+    def _shape(self, r: rules.ReservationState) -> int:
+        text = _JSON(
+            [
+                r.subject_json,
+                r.action_json,
+                r.affected_json,
+                _JSON(r.budgeted_scopes),
+                r.unit,
+                r.overage_policy,
+                r.scope_path,
+            ]
+        )
+        shape = _shape_id(text)
+        if _SHAPE_TEXTS.get(shape) != text:
+            _SHAPE_TEXTS[shape] = text
+        # Every time: a rolled-back savepoint may have taken an earlier insert of it away.
+        self.conn.execute(
+            "INSERT OR IGNORE INTO shapes (id, text, scope_path) VALUES (?, ?, ?)", (shape, text, r.scope_path)
+        )
+        return shape
 
     def insert_reservation(self, r: rules.ReservationState) -> None:
         self.conn.execute(
@@ -701,20 +776,20 @@ class SqliteTxn(Txn):
                 r.reservation_id,
                 r.status,
                 r.idempotency_key,
-                r.subject_json,
-                r.action_json,
-                r.unit,
+                "",
+                "",
+                "",
                 r.estimate,
                 r.charged,
-                r.overage_policy,
+                "",
                 r.created_at_ms,
                 r.expires_at_ms,
                 r.grace_ms,
                 r.deadline_ms,
                 r.finalized_at_ms,
-                r.scope_path,
-                r.affected_json,
-                _JSON(r.budgeted_scopes),
+                "",
+                "",
+                "",
                 r.extension_count,
                 r.metadata_json,
                 _JSON(r.caps) if r.caps else None,
@@ -724,13 +799,16 @@ class SqliteTxn(Txn):
                 None,
                 _JSON(r.extra) if r.extra else None,
                 int(r.windowed),
+                self._shape(r),
+                r.actual,
             ),
         )
 
     def update_reservation(self, r: rules.ReservationState) -> None:
         self.conn.execute(
             "UPDATE reservations SET status=?, charged=?, finalized_at_ms=?, expires_at_ms=?, deadline_ms=?,"
-            " extension_count=?, settle_op=?, settle_key=?, settle_hash=?, settle_response=?, extra=? WHERE id=?",
+            " extension_count=?, settle_op=?, settle_key=?, settle_hash=?, settle_response=NULL, extra=?, actual=?"
+            " WHERE id=?",
             (
                 r.status,
                 r.charged,
@@ -739,10 +817,11 @@ class SqliteTxn(Txn):
                 r.deadline_ms,
                 r.extension_count,
                 r.settle_op,
-                r.settle_key,
-                r.settle_hash,
-                _JSON(r.settle_response) if r.settle_response is not None else None,
+                # The defaults are rebuilt on reading (see _reservation): ~90 bytes less per settled call.
+                None if r.settle_key == _default_settle_key(r.settle_op, r.reservation_id) else r.settle_key,
+                None if r.settle_hash == _simple_commit_hash(r) and r.settle_op == "commit" else r.settle_hash,
                 _JSON(r.extra) if r.extra else None,
+                r.actual,
                 r.reservation_id,
             ),
         )
@@ -753,7 +832,7 @@ class SqliteTxn(Txn):
             " ORDER BY deadline_ms LIMIT ?",
             (now, limit),
         ).fetchall()
-        return [_reservation(r) for r in rows]
+        return [self._reservation(r) for r in rows]
 
     def append_event(
         self,
@@ -769,7 +848,16 @@ class SqliteTxn(Txn):
         cur = self.conn.execute(
             "INSERT INTO events (ts_ms, type, scope, unit, amount, reservation_id, reason_code, data)"
             " VALUES (?,?,?,?,?,?,?,?)",
-            (now, type_, scope, unit, amount, reservation_id, reason_code, _JSON(data) if data else None),
+            (
+                now,
+                type_,
+                scope,
+                _UNIT_CODES.get(unit or "", unit),
+                amount,
+                reservation_id,
+                reason_code,
+                _pack(data, amount),
+            ),
         )
         return int(cur.lastrowid or 0)
 
@@ -858,14 +946,18 @@ class SqliteTxn(Txn):
             sql += " AND status = ?"
             params.append(status)
         if scope_prefix:
-            sql += " AND (scope_path = ? OR scope_path GLOB ?)"
-            params += [scope_prefix, _glob_under(scope_prefix)]
+            # Rows of this version keep their scope in their shape; older rows in their own column.
+            sql += (
+                " AND (shape IN (SELECT id FROM shapes WHERE scope_path = ? OR scope_path GLOB ?)"
+                " OR scope_path = ? OR scope_path GLOB ?)"
+            )
+            params += [scope_prefix, _glob_under(scope_prefix)] * 2
         if idempotency_key:
             sql += " AND idempotency_key = ?"
             params.append(idempotency_key)
         sql += " ORDER BY id DESC LIMIT ?"
         params.append(limit)
-        return [_reservation(r) for r in self.conn.execute(sql, params)]
+        return [self._reservation(r) for r in self.conn.execute(sql, params)]
 
     def find_events(
         self, after: int, limit: int, reservation_id: str | None, scope_prefix: str | None, newest: bool
@@ -887,13 +979,14 @@ class SqliteTxn(Txn):
         out = []
         for r in self.conn.execute(sql, params):
             d = dict(zip(keys, r[:8], strict=True))
-            d["data"] = json.loads(r[8]) if r[8] else {}
+            d["unit"] = _UNITS.get(d["unit"], d["unit"])
+            d["data"] = _unpack(r[8], d["amount"])
             out.append(d)
         return out
 
     def active_reservations(self) -> Iterable[rules.ReservationState]:
         for row in self.conn.execute(f"SELECT {_RES_COLS} FROM reservations WHERE status='ACTIVE'"):
-            yield _reservation(row)
+            yield self._reservation(row)
 
     def charges(self) -> Iterable[tuple[str, int, list[str]]]:
         rows = self.conn.execute(
@@ -902,7 +995,29 @@ class SqliteTxn(Txn):
         )
         for type_, unit, amount, data, rid, scope in rows:
             r = self.reservation(rid) if type_ == "committed" else None
-            yield from operations.charges_of(type_, unit, amount, json.loads(data) if data else {}, r, scope)
+            yield from operations.charges_of(type_, _UNITS.get(unit, unit), amount, _unpack(data, amount), r, scope)
+
+
+# How events are kept small on disk (the API reads back exactly what was written): a unit is one letter,
+# and a commit's usual data {"actual": <its amount>, "released": n} is "~n". ~45 bytes less per call.
+_UNIT_CODES = {"USD_MICROCENTS": "U", "TOKENS": "T", "CREDITS": "C", "RISK_POINTS": "R"}
+_UNITS = {code: unit for unit, code in _UNIT_CODES.items()}
+
+
+def _pack(data: dict[str, Any] | None, amount: int | None) -> str | None:
+    if not data:
+        return None
+    if len(data) == 2 and data.get("actual") == amount and isinstance(data.get("released"), int):
+        return f"~{data['released']}"
+    return _JSON(data)
+
+
+def _unpack(text: str | None, amount: int | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    if text[0] == "~":
+        return {"actual": amount, "released": int(text[1:])}
+    return json.loads(text)  # type: ignore[no-any-return]
 
 
 def _glob_under(scope: str) -> str:

@@ -677,14 +677,38 @@ def events(
     return tx.find_events(after, limit, reservation_id, scope_prefix, newest)
 
 
-def sweep(tx: Txn, now: int, limit: int, retention_ms: int | None) -> int:
-    """Expire overdue holds (returns how many) and roll over the periods that ended."""
+def sweep(
+    tx: Txn, now: int, limit: int, retention_ms: int | None, log_retention_ms: int | None = None, prune: int = 5_000
+) -> int:
+    """Expire overdue holds (returns how many), roll over the periods that ended, and forget what is older
+    than the retention windows: idempotency records (`retention_ms`), and up to `prune` events and finished
+    reservations (`log_retention_ms`)."""
     n = expire_due(tx, now, limit)
     for b in tx.period_due(now, limit):
         _load(tx, now, [b.scope], b.unit)
     if retention_ms is not None:
         tx.prune_idempotency(now - retention_ms)
+    if log_retention_ms is not None:
+        prune_log(tx, now - log_retention_ms, prune)
     return n
+
+
+def prune_log(tx: Txn, before_ms: int, limit: int) -> int:
+    """Delete up to `limit` events older than `before_ms` (never a `period_reset`: the totals of every closed
+    period are kept) and the reservations finished before it. What the deleted events charged is added to
+    each budget's pruned total first, so `verify` still rebuilds spent + debt exactly. Returns how many
+    events went."""
+    old = tx.old_events(before_ms, limit)
+    folded: dict[tuple[str, str], int] = {}
+    for _event_id, type_, unit, amount, data, rid, scope in old:
+        if type_ in ("committed", "debited"):
+            r = tx.reservation(rid) if type_ == "committed" and rid else None
+            for u, charged, scopes in charges_of(type_, unit, amount or 0, data, r, scope):
+                for s in scopes:
+                    folded[(s, u)] = folded.get((s, u), 0) + charged
+    tx.forget_events([e[0] for e in old], folded)
+    tx.forget_reservations(before_ms, limit)
+    return len(old)
 
 
 def verify(tx: Txn, now: int) -> list[str]:

@@ -309,6 +309,23 @@ class Txn(ABC):
     @abstractmethod
     def window_prune(self, scope: str, unit: str, before_ms: int) -> None: ...
 
+    # --- retention ---
+
+    @abstractmethod
+    def old_events(
+        self, before_ms: int, limit: int
+    ) -> list[tuple[int, str, str, int | None, dict[str, Any], str | None, str | None]]:
+        """Up to `limit` of the oldest events before `before_ms`, except `period_reset` ones and the newest
+        event (event ids must keep increasing): (event_id, type, unit, amount, data, reservation_id, scope)."""
+
+    @abstractmethod
+    def forget_events(self, event_ids: list[int], folded: dict[tuple[str, str], int]) -> None:
+        """Delete these events, adding `folded` ((scope, unit) -> amount) to the pruned totals `charges` yields."""
+
+    @abstractmethod
+    def forget_reservations(self, before_ms: int, limit: int) -> None:
+        """Delete up to `limit` finished reservations finalized before `before_ms`."""
+
     @abstractmethod
     def state_get(self, key: str) -> str | None: ...
 

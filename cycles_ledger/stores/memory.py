@@ -176,6 +176,17 @@ class MemoryTxn(Txn):
         entries = self._windows().get((scope, unit), [])
         entries[:] = [e for e in entries if e[0] > before_ms]
 
+    def old_events(
+        self, before_ms: int, limit: int
+    ) -> list[tuple[int, str, str, int | None, dict[str, Any], str | None, str | None]]:
+        return []  # a memory ledger lives as long as its process: nothing is pruned
+
+    def forget_events(self, event_ids: list[int], folded: dict[tuple[str, str], int]) -> None:
+        pass
+
+    def forget_reservations(self, before_ms: int, limit: int) -> None:
+        pass
+
     def state_get(self, key: str) -> str | None:
         if key in self.state_w:
             return self.state_w[key]

@@ -29,12 +29,14 @@ import random
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from .. import operations, rules
-from ..errors import ConfigError, StoreUnavailableError
+from ..errors import ConfigError, CyclesError, StoreUnavailableError
 from ..operations import Failed
+from ..timing import duration_ms
 from .base import (
     BudgetCommand,
     CommitCommand,
@@ -392,12 +394,15 @@ class SqliteStore(Store, SupportsSweep, SupportsState):
         busy_timeout_s: float = 30.0,
         sweep_per_batch: int = 64,
         idempotency_retention_ms: int = 7 * 24 * 3600 * 1000,
+        retention_ms: int | None = 7 * 24 * 3600 * 1000,
         inline: bool = True,
         checkpoint_every: int = 200,
     ) -> None:
         self.path = path
         self.clock: Clock = clock or _wall_clock_ms
         self.idempotency_retention_ms = idempotency_retention_ms
+        # Events and finished reservations older than this are forgotten by the sweeper (None: kept forever).
+        self.retention_ms = retention_ms
         if path != ":memory:":
             parent = os.path.dirname(os.path.abspath(path))
             if not os.path.isdir(parent):
@@ -427,9 +432,20 @@ class SqliteStore(Store, SupportsSweep, SupportsState):
 
     @classmethod
     def from_url(cls, url: str, **settings: Any) -> SqliteStore:
+        """`sqlite:///path.db`, optionally `?retention=30d` (events and finished reservations; `forever` keeps
+        them all)."""
         prefix = "sqlite:///"
+        url, _, query = url.partition("?")
         if not url.startswith(prefix) or len(url) == len(prefix):
             raise ConfigError(f"SQLite URL must look like sqlite:///path/to/budgets.db, got {url!r}")
+        for key, values in urllib.parse.parse_qs(query, keep_blank_values=True).items():
+            if key != "retention":
+                raise ConfigError(f"unknown SQLite URL parameter {key!r}; known: retention")
+            value = values[-1]
+            try:
+                settings["retention_ms"] = None if value == "forever" else duration_ms(value, "retention")
+            except CyclesError as exc:
+                raise ConfigError(exc.message) from None
         return cls(url[len(prefix) :], **settings)
 
     async def _call(self, fn: Callable[..., Any], *args: Any, readonly: bool = False) -> Any:
@@ -564,10 +580,11 @@ class SqliteStore(Store, SupportsSweep, SupportsState):
 
     async def expire_due(self, limit: int = 1000) -> int:
         prune = None
-        if time.monotonic() - self._last_prune > 300:
+        if time.monotonic() - self._last_prune > 300:  # a full scan: every few minutes
             self._last_prune = time.monotonic()
             prune = self.idempotency_retention_ms
-        return await self._call(_op_sweep, limit, prune)  # type: ignore[no-any-return]
+        # The log is pruned a batch per sweep (each its own short transaction, never stop-the-world).
+        return await self._call(_op_sweep, limit, prune, self.retention_ms)  # type: ignore[no-any-return]
 
     async def verify(self) -> list[str]:
         return await self._call(_op_verify, readonly=True)  # type: ignore[no-any-return]
@@ -899,6 +916,40 @@ class SqliteTxn(Txn):
     def window_prune(self, scope: str, unit: str, before_ms: int) -> None:
         self.conn.execute("DELETE FROM spend_window WHERE scope=? AND unit=? AND ts_ms <= ?", (scope, unit, before_ms))
 
+    def old_events(
+        self, before_ms: int, limit: int
+    ) -> list[tuple[int, str, str, int | None, dict[str, Any], str | None, str | None]]:
+        # Oldest first by id (ids follow time), stopping at the first young event: reads at most `limit` rows.
+        newest = self.conn.execute("SELECT MAX(event_id) FROM events").fetchone()[0] or 0
+        out = []
+        for r in self.conn.execute(
+            "SELECT event_id, ts_ms, type, unit, amount, data, reservation_id, scope FROM events"
+            " WHERE type != 'period_reset' AND event_id < ? ORDER BY event_id LIMIT ?",
+            (newest, limit),
+        ):
+            if r[1] >= before_ms:
+                break
+            out.append((r[0], r[2], _UNITS.get(r[3], r[3]), r[4], _unpack(r[5], r[4]), r[6], r[7]))
+        return out
+
+    def forget_events(self, event_ids: list[int], folded: dict[tuple[str, str], int]) -> None:
+        self.conn.executemany(
+            "INSERT INTO pruned_charges (scope, unit, amount) VALUES (?,?,?)"
+            " ON CONFLICT (scope, unit) DO UPDATE SET amount = amount + excluded.amount",
+            [(scope, unit, amount) for (scope, unit), amount in folded.items()],
+        )
+        self.conn.executemany("DELETE FROM events WHERE event_id=?", [(i,) for i in event_ids])
+
+    def forget_reservations(self, before_ms: int, limit: int) -> None:
+        # Ids start with their creation ms (stores/_ids.py), and what finished before the cutoff was created
+        # before it: a range scan of the old rows only.
+        rows = self.conn.execute(
+            "SELECT id FROM reservations WHERE id < ? AND status != 'ACTIVE' AND finalized_at_ms < ?"
+            " ORDER BY id LIMIT ?",
+            (f"rsv_{before_ms:012x}", before_ms, limit),
+        ).fetchall()
+        self.conn.executemany("DELETE FROM reservations WHERE id=?", rows)
+
     def state_get(self, key: str) -> str | None:
         row = self.conn.execute("SELECT value FROM state WHERE key=?", (key,)).fetchone()
         return None if row is None else str(row[0])
@@ -989,6 +1040,8 @@ class SqliteTxn(Txn):
             yield self._reservation(row)
 
     def charges(self) -> Iterable[tuple[str, int, list[str]]]:
+        for scope, unit, amount in self.conn.execute("SELECT scope, unit, amount FROM pruned_charges"):
+            yield unit, amount, [scope]
         rows = self.conn.execute(
             "SELECT type, unit, amount, data, reservation_id, scope FROM events"
             " WHERE type IN ('committed', 'debited', 'period_reset')"

@@ -34,7 +34,7 @@ async def test_a_steady_ledger_stays_the_size_of_its_retention_window(tmp_path: 
     async with open_ledger(f"sqlite:///{path}?retention=1h", clock=clock) as led:
         await led.set_budget("tenant:t", "1000000usd")
         await led.set_budget("tenant:t/agent:a", "1000000usd", period={"every": "1h"})
-        for hour in range(6):
+        for _hour in range(6):
             for i in range(PER_HOUR):
                 clock.advance(HOUR // PER_HOUR)
                 r = await led.reserve(SUBJ, ACT, "0.01usd")

@@ -37,6 +37,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import sqlite3
 import sys
 import tempfile
 import time
@@ -300,7 +301,18 @@ def _verdict(kind: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    head = ("store", "workload", "pairs/s", "reserve p50", "reserve p99", "commit p50", "commit p99", "pairs", "goal")
+    head = (
+        "store",
+        "workload",
+        "pairs/s",
+        "reserve p50",
+        "reserve p99",
+        "commit p50",
+        "commit p99",
+        "pairs",
+        "bytes/pair",
+        "goal",
+    )
     body = [
         (
             r["store_kind"],
@@ -311,6 +323,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
             f"{r['commit_p50_ms']:.3f} ms",
             f"{r['commit_p99_ms']:.3f} ms",
             f"{r['pairs']:,}",
+            f"{r['bytes_per_pair']:,.0f}" if r.get("bytes_per_pair") is not None else "",
             _goal_cell(r),
         )
         for r in rows
@@ -397,13 +410,33 @@ def _scenario(sc: Scenario, url: str, args: argparse.Namespace, say: Any) -> dic
     row = _summarise(sc, parts, url)
     row["store"] = url
     asyncio.run(_check_books(url, spent_before, row["pairs"] + row["warmup_pairs"]))
+    row["bytes_per_pair"] = _bytes_per_pair(url, row["pairs"] + row["warmup_pairs"])
+    stored = f", {row['bytes_per_pair']:,.0f} bytes stored per pair" if row["bytes_per_pair"] is not None else ""
     print(
         f"  {row['pairs_per_s']:,.0f} pairs/s, reserve p50 {row['reserve_p50_ms']:.3f} ms"
-        f" p99 {row['reserve_p99_ms']:.3f} ms, commit p50 {row['commit_p50_ms']:.3f} ms; books agree",
+        f" p99 {row['reserve_p99_ms']:.3f} ms, commit p50 {row['commit_p50_ms']:.3f} ms; books agree{stored}",
         file=say,
         flush=True,
     )
     return row
+
+
+def _bytes_per_pair(url: str, pairs: int) -> float | None:
+    """A SQLite file's size (after a full checkpoint) over the pairs it holds; None for other stores."""
+    if not url.startswith("sqlite:///") or pairs <= 0:
+        return None
+    path = url[len("sqlite:///") :].split("?", 1)[0]
+    if path == ":memory:" or not os.path.exists(path):
+        return None
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        size = int(conn.execute("PRAGMA page_count").fetchone()[0]) * int(
+            conn.execute("PRAGMA page_size").fetchone()[0]
+        )
+    finally:
+        conn.close()
+    return round(float(size) / pairs, 1)
 
 
 def main(argv: list[str] | None = None) -> int:

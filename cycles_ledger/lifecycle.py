@@ -280,9 +280,7 @@ class Lifecycle:
                 self.log.warning("cycles: %s: %s; committing the %s held", hold.label, exc.message, capped)
                 self.counters["settle_capped"] += 1
                 held_also = {a.unit: a.amount for a in hold.result.also_reserved}
-                capped_also = [
-                    Amount(unit=a.unit, amount=min(a.amount, held_also.get(a.unit, a.amount))) for a in also
-                ]
+                capped_also = [Amount(unit=a.unit, amount=min(a.amount, held_also.get(a.unit, a.amount))) for a in also]
                 await ledger.commit(rid, capped, metrics=metrics, also=capped_also)
         except IdempotencyMismatchError:
             pass  # committed before with another amount: charged once

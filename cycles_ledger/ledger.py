@@ -172,6 +172,8 @@ def _text(value: Any) -> str | None:
 
 def _also(values: Sequence[AmountLike], main: Unit, what: str) -> list[dict[str, Any]]:
     """Amounts in other units than `main`, one per unit, as JSON (in the order given)."""
+    if isinstance(values, tuple) and not values:
+        return []
     if isinstance(values, (str, bytes, Amount)) or not isinstance(values, Sequence):
         raise InvalidRequestError(f"{what} must be a list of amounts such as ['1200tokens']")
     out: list[dict[str, Any]] = []

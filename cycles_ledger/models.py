@@ -407,9 +407,10 @@ class ReserveResult(_Model):
     scope: str | None = None
     remaining: int | None = None
     dry_run: bool = False
-    balances: list[Balance] = []
+    balances: list[Balance] = Field(default_factory=list)
     retry_after_ms: int | None = None  # RATE_EXCEEDED: when the window has room again (None: never, too big)
-    also_reserved: list[Amount] = []  # holds in other units taken in the same decision (`reserve(also=…)`)
+    # holds in other units taken in the same decision (`reserve(also=…)`)
+    also_reserved: list[Amount] = Field(default_factory=list)
     unit: Unit | None = None  # on a DENY decided by another unit's budget: the unit `remaining` counts in
 
     @property
@@ -425,7 +426,7 @@ class DecideResult(_Model):
     scope: str | None = None
     remaining: int | None = None
     affected_scopes: list[str]
-    balances: list[Balance] = []
+    balances: list[Balance] = Field(default_factory=list)
     unit: Unit | None = None
     retry_after_ms: int | None = None
 
@@ -435,16 +436,16 @@ class CommitResult(_Model):
     status: Literal["COMMITTED"] = "COMMITTED"
     charged: Amount
     released: Amount | None = None
-    balances: list[Balance] = []
-    also_charged: list[Amount] = []
+    balances: list[Balance] = Field(default_factory=list)
+    also_charged: list[Amount] = Field(default_factory=list)
 
 
 class ReleaseResult(_Model):
     reservation_id: str
     status: Literal["RELEASED"] = "RELEASED"
     released: Amount
-    balances: list[Balance] = []
-    also_released: list[Amount] = []
+    balances: list[Balance] = Field(default_factory=list)
+    also_released: list[Amount] = Field(default_factory=list)
 
 
 class ExtendResult(_Model):
@@ -452,15 +453,15 @@ class ExtendResult(_Model):
     status: Literal["ACTIVE"] = "ACTIVE"
     expires_at_ms: int
     remaining_ttl_ms: int
-    balances: list[Balance] = []
+    balances: list[Balance] = Field(default_factory=list)
 
 
 class EventResult(_Model):
     status: Literal["APPLIED"] = "APPLIED"
     event_id: int
     charged: Amount
-    balances: list[Balance] = []
-    also_charged: list[Amount] = []
+    balances: list[Balance] = Field(default_factory=list)
+    also_charged: list[Amount] = Field(default_factory=list)
 
 
 class Reservation(_Model):
@@ -482,8 +483,8 @@ class Reservation(_Model):
     extension_count: int = 0
     caps: Caps | None = None
     metadata: dict[str, Any] | None = None
-    also_reserved: list[Amount] = []
-    also_committed: list[Amount] = []
+    also_reserved: list[Amount] = Field(default_factory=list)
+    also_committed: list[Amount] = Field(default_factory=list)
 
 
 class LedgerEvent(_Model):

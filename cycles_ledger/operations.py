@@ -110,7 +110,7 @@ def _window_add(tx: Txn, now: int, budgets: list[BudgetState], amounts: dict[str
     """Log a hold or charge in the spend window of every rate-limited budget; True if any was."""
     logged = False
     for b in budgets:
-        span = rules.window_span(b)
+        span = rules.window_span(b) if b.rate_limits else 0
         if span:
             tx.window_prune(b.scope, b.unit, now - span)
             tx.window_add(b.scope, b.unit, now, ref, amounts[b.unit])
@@ -169,17 +169,17 @@ def _evaluate(tx: Txn, now: int, cmd: ReserveCommand, write: bool) -> tuple[rule
     held = list(by_unit[cmd.unit])
     for unit in ev.also:
         held += by_unit[unit]
+    if ev.decision is Decision.DENY and ev.unit != cmd.unit:
+        held += by_unit.get(ev.unit or "", [])
     if ev.decision is not Decision.DENY:
         amounts = {cmd.unit: ev.amount, **ev.also}
         for b in held:
-            span = rules.window_span(b)
+            span = rules.window_span(b) if b.rate_limits else 0
             if span:
                 denial = rules.check_rates(b, amounts[b.unit], tx.window(b.scope, b.unit, now - span), now)
-                if denial is not None:
+                if denial is not None:  # its unit's budgets are held already: ev.also named it
                     ev = denial
                     break
-    if ev.decision is Decision.DENY and ev.unit != cmd.unit:
-        held += by_unit.get(ev.unit or "", [])
     return ev, held
 
 

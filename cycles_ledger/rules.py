@@ -84,7 +84,7 @@ class BudgetState:
         return self.allocated - self.spent - self.reserved - self.debt
 
     def as_balance(self) -> dict[str, Any]:
-        return {
+        out = {
             "scope": self.scope,
             "unit": self.unit,
             "allocated": self.allocated,
@@ -96,12 +96,14 @@ class BudgetState:
             "is_over_limit": self.is_over_limit,
             "status": self.status,
             "caps": self.caps,
-            "period": self.period,
-            "period_start_ms": self.period_start_ms,
-            "period_end_ms": self.period_end_ms,
-            "rate_limits": self.rate_limits,
-            "alerts": self.alerts,
         }
+        if self.period is not None or self.rate_limits or self.alerts:  # most budgets have none of these
+            out["period"] = self.period
+            out["period_start_ms"] = self.period_start_ms
+            out["period_end_ms"] = self.period_end_ms
+            out["rate_limits"] = self.rate_limits
+            out["alerts"] = self.alerts
+        return out
 
 
 @dataclass(slots=True)

@@ -163,6 +163,32 @@ _RES_INSERT = f"INSERT INTO reservations ({_RES_COLS}) VALUES ({','.join('?' * l
 Row = sqlite3.Row
 
 
+class _Conn(sqlite3.Connection):
+    """A connection that knows which shapes are committed in its database, so a reserve by a known caller
+    writes no shape row. A shape inserted by an operation counts as known only once its transaction has
+    committed (`_shapes_committed`); an operation or a batch rolled back forgets the ones it inserted."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.shapes_known: set[int] = set()
+        self.shapes_pending: list[int] = []
+
+
+def _shapes_committed(conn: sqlite3.Connection) -> None:
+    if isinstance(conn, _Conn) and conn.shapes_pending:
+        conn.shapes_known.update(conn.shapes_pending)
+        conn.shapes_pending.clear()
+
+
+def _shapes_rolled_back(conn: sqlite3.Connection, mark: int = 0) -> None:
+    if isinstance(conn, _Conn):
+        del conn.shapes_pending[mark:]
+
+
+def _shapes_mark(conn: sqlite3.Connection) -> int:
+    return len(conn.shapes_pending) if isinstance(conn, _Conn) else 0
+
+
 def _migrate(conn: sqlite3.Connection) -> None:
     """Bring a ledger file written by an older version up to this schema (columns added since)."""
     cols = {r[1] for r in conn.execute("PRAGMA table_info(reservations)")}
@@ -249,7 +275,7 @@ class _Writer(threading.Thread):
     def run(self) -> None:
         try:
             conn = sqlite3.connect(
-                self.path, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False
+                self.path, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False, factory=_Conn
             )
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
@@ -345,6 +371,7 @@ class _Writer(threading.Thread):
             swept = _expire_due(conn, now, self.sweep_per_batch) if not readonly and self.sweep_per_batch else 0
             for j in batch:
                 conn.execute("SAVEPOINT op")
+                mark = _shapes_mark(conn)
                 try:
                     result = j.fn(conn, now, *j.args)
                     if j.fn is _op_sweep:  # the lazy pass above may already have expired what it was asked to
@@ -352,6 +379,7 @@ class _Writer(threading.Thread):
                 except BaseException as exc:  # noqa: BLE001 - every error goes back to its caller
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
+                    _shapes_rolled_back(conn, mark)
                     if isinstance(exc, sqlite3.Error):
                         exc = StoreUnavailableError(f"SQLite error: {exc}")
                     outcomes.append((j, None, exc))
@@ -362,12 +390,14 @@ class _Writer(threading.Thread):
                 else:
                     outcomes.append((j, result, None))
             conn.execute("COMMIT")
+            _shapes_committed(conn)
             if not readonly:
                 self.wrote()
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
+            _shapes_rolled_back(conn)
             err = StoreUnavailableError(f"SQLite ledger unavailable: {exc}")
             outcomes = [(j, None, err) for j in batch]
         # Answer only after COMMIT returned, and wake each caller loop once per batch.
@@ -423,7 +453,7 @@ class SqliteStore(Store, SupportsSweep, SupportsState):
         self._arrivals = 0
         self._last_end = 0.0
         if inline and path != ":memory:":
-            conn = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
+            conn = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False, factory=_Conn)
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=0")
             conn.execute("PRAGMA wal_autocheckpoint=0")  # the writer thread checkpoints
@@ -498,6 +528,7 @@ class SqliteStore(Store, SupportsSweep, SupportsState):
             try:
                 result = fn(conn, now, *args)
             except BaseException as exc:  # noqa: BLE001 - its writes undone, the expiry pass kept
+                _shapes_rolled_back(conn)
                 if swept:
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
@@ -512,12 +543,14 @@ class SqliteStore(Store, SupportsSweep, SupportsState):
             if fn is _op_sweep:
                 result += swept
             conn.execute("COMMIT")
+            _shapes_committed(conn)
             if not readonly:
                 self._writer.wrote()
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
+            _shapes_rolled_back(conn)
             return None, StoreUnavailableError(f"SQLite ledger unavailable: {exc}")
         if isinstance(result, Failed):
             return None, result.error
@@ -630,7 +663,9 @@ def _timing(b: rules.BudgetState) -> str | None:
     return _JSON({key: getattr(b, key) for key in _TIMING if getattr(b, key) is not None})
 
 
-_SHAPE_TEXTS: dict[int, str] = {}  # id -> text; ids are content hashes, so an entry never goes stale
+# Ids are content hashes, so neither cache can go stale: id -> decoded shape, and shape parts -> (id, text).
+_SHAPES: dict[int, tuple[Any, ...]] = {}
+_SHAPE_IDS: dict[tuple[Any, ...], tuple[int, str]] = {}
 
 
 def _shape_id(text: str) -> int:
@@ -716,16 +751,20 @@ class SqliteTxn(Txn):
         """A row as the rules see it. Rows written since shapes keep subject, action and scopes in `shapes`
         (one row per caller, not per call) and leave out what can be rebuilt: the settle's answer, and its key
         and hash when they are the defaults."""
-        subject, action, affected, budgeted = row[3], row[4], row[15], row[16]
-        unit, policy, scope_path = row[5], row[8], row[14]
         if row[26] is not None:
-            text = _SHAPE_TEXTS.get(row[26])
-            if text is None:
+            shape = _SHAPES.get(row[26])
+            if shape is None:
                 text = self.conn.execute("SELECT text FROM shapes WHERE id=?", (row[26],)).fetchone()[0]
-                if len(_SHAPE_TEXTS) > 50_000:
-                    _SHAPE_TEXTS.clear()
-                _SHAPE_TEXTS[row[26]] = text
-            subject, action, affected, budgeted, unit, policy, scope_path = json.loads(text)
+                subject, action, affected, budgeted, unit, policy, scope_path = json.loads(text)
+                shape = (subject, action, affected, json.loads(budgeted), unit, policy, scope_path)
+                if len(_SHAPES) > 50_000:
+                    _SHAPES.clear()
+                _SHAPES[row[26]] = shape
+            subject, action, affected, budgeted_scopes, unit, policy, scope_path = shape
+            budgeted_scopes = list(budgeted_scopes)
+        else:
+            subject, action, affected, budgeted_scopes = row[3], row[4], row[15], json.loads(row[16])
+            unit, policy, scope_path = row[5], row[8], row[14]
         r = rules.ReservationState(
             reservation_id=row[0],
             status=row[1],
@@ -742,7 +781,7 @@ class SqliteTxn(Txn):
             finalized_at_ms=row[13],
             scope_path=scope_path,
             affected_json=affected,
-            budgeted_scopes=json.loads(budgeted),
+            budgeted_scopes=budgeted_scopes,
             extension_count=row[17],
             metadata_json=row[18],
             caps=json.loads(row[19]) if row[19] else None,
@@ -766,24 +805,30 @@ class SqliteTxn(Txn):
         return None if row is None else self._reservation(row)
 
     def _shape(self, r: rules.ReservationState) -> int:
-        text = _JSON(
-            [
-                r.subject_json,
-                r.action_json,
-                r.affected_json,
-                _JSON(r.budgeted_scopes),
-                r.unit,
-                r.overage_policy,
-                r.scope_path,
-            ]
+        parts = (
+            r.subject_json,
+            r.action_json,
+            r.affected_json,
+            tuple(r.budgeted_scopes),
+            r.unit,
+            r.overage_policy,
+            r.scope_path,
         )
-        shape = _shape_id(text)
-        if _SHAPE_TEXTS.get(shape) != text:
-            _SHAPE_TEXTS[shape] = text
-        # Every time: a rolled-back savepoint may have taken an earlier insert of it away.
-        self.conn.execute(
-            "INSERT OR IGNORE INTO shapes (id, text, scope_path) VALUES (?, ?, ?)", (shape, text, r.scope_path)
-        )
+        found = _SHAPE_IDS.get(parts)
+        if found is None:
+            text = _JSON([*parts[:3], _JSON(r.budgeted_scopes), *parts[4:]])
+            found = (_shape_id(text), text)
+            if len(_SHAPE_IDS) > 50_000:
+                _SHAPE_IDS.clear()
+            _SHAPE_IDS[parts] = found
+        shape, text = found
+        conn = self.conn
+        if not isinstance(conn, _Conn) or shape not in conn.shapes_known:
+            conn.execute(
+                "INSERT OR IGNORE INTO shapes (id, text, scope_path) VALUES (?, ?, ?)", (shape, text, r.scope_path)
+            )
+            if isinstance(conn, _Conn):
+                conn.shapes_pending.append(shape)
         return shape
 
     def insert_reservation(self, r: rules.ReservationState) -> None:

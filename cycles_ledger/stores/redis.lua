@@ -20,9 +20,15 @@
 --
 -- Every script works on the keys of ONE top-level scope (its hash tag), all passed in KEYS:
 --   KEYS[1] budgets hash       "<scope>|<unit>" -> "allocated spent reserved debt overdraft_limit
---                                                   is_over_limit(0|1) STATUS[ caps JSON]"
+--                                                   is_over_limit(0|1) STATUS[ ~time][ caps JSON]"
+--                              where time (a budget's period, rate limits and alerts) is
+--                              "period;start;end;limits;alerts;fired;window", each part '' when none:
+--                              period "daily:<tz>" (weekly, monthly) or "<every_ms>+<anchor_ms>", limits
+--                              "amount:window_ms:t|f,…" (throttle or freeze), alerts and fired "50,80",
+--                              window the spend log's sums as of a time, "as_of:sum:sum…" (one per limit)
 --   KEYS[2] reservations hash  "<rid>"   -> "STATUS unit estimate policy created expires grace deadline
 --                                            extensions charged(-1) finalized(-1) scope_path scope,scope,…[ hold…]"
+--                                            (policy ends in ":w" when the hold is in some budget's spend log)
 --                                            where each hold in another unit is "UNIT|amount|charged(-1)|scope,…"
 --                              "<rid>|s" -> static JSON from the client (subject, action, key, metadata)
 --                              "<rid>|c" -> caps JSON (when the decision had caps)
@@ -31,7 +37,15 @@
 --   KEYS[4] events stream      one entry per event, trimmed to about the configured length
 --   KEYS[5] finalized zset     rid scored by finalization time (pruned after the retention)
 --   KEYS[6] ids zset           every rid scored by creation time (for listing)
---   KEYS[7…] idempotency keys  "<payload hash>\n<answer>" with a TTL (reserve, extend, event)
+--   KEYS[7] periods zset       "<scope>|<unit>" of every budget with a period, scored by its period's end
+--   KEYS[8] boundaries hash    calendar period ("daily:Europe/Paris") -> its coming boundaries "ms,ms,…"
+--                              (written by the client, which has the time-zone database; shared by the
+--                              tenant's budgets with that period)
+--   KEYS[9…] idempotency keys  "<payload hash>\n<answer>" with a TTL (reserve, extend, event)
+-- and, not in KEYS but in the same slot (named after KEYS[1]): "<prefix>:{tag}:w:<scope>|<unit>", the spend
+-- log of a rate-limited budget, a zset of "<ref> <amount>" (ref: a reservation id before its "@", or "e" and
+-- a debit's event id) scored by the time of the hold or debit. A budget's sums per limit (in its text) are
+-- brought up to date from the entries that left or entered each window since, so a check reads few entries.
 -- ARGV: [1] now in ms, or "" for Redis TIME; [2] "<overdue holds to expire first>\31<event stream length>\31
 --       <retention of idempotency records and finalized reservations, ms>"; then four per operation:
 --       the index in KEYS of its idempotency key (1 when it has none), the idempotency key (any text), the
@@ -51,8 +65,9 @@
 -- texts keep their compact formats.
 
 -- ═══ 1. prelude ═══════════════════════════════════════════════════════════════════════════════════════
-local BUDGETS_KEY, RESERVATIONS_KEY, DUE_KEY, EVENTS_KEY, FINALIZED_KEY, IDS_KEY =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local BUDGETS_KEY, RESERVATIONS_KEY, DUE_KEY, EVENTS_KEY, FINALIZED_KEY, IDS_KEY, PERIODS_KEY, BOUNDS_KEY =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local WINDOW_BASE = string.sub(BUDGETS_KEY, 1, -2) .. 'w:'
 -- Globals read often, as locals (a global is a table lookup each time). Only those: every function that
 -- uses a local of this chunk looks it up among all of them when a script call defines the function, which
 -- costs more than a few global lookups at run time (tostring, type, pairs, pcall, rawget, … stay globals).
@@ -205,7 +220,8 @@ local function hash_flush(h)
 end
 
 local function new_zset(key) return {key = key, score = {}, order = {}} end
-local DUE, FINALIZED, IDS = new_zset(DUE_KEY), new_zset(FINALIZED_KEY), new_zset(IDS_KEY)
+local DUE, FINALIZED, IDS, PERIODS = new_zset(DUE_KEY), new_zset(FINALIZED_KEY), new_zset(IDS_KEY),
+  new_zset(PERIODS_KEY)
 
 -- ZADD (a number) or ZREM (false) of `member`, pending; the last change of a member is the one that counts.
 local function zset_put(z, member, score)
@@ -235,7 +251,7 @@ end
 local function flush()
   local first
   for _, part in ipairs({{hash_flush, BUDGETS}, {hash_flush, RESERVATIONS}, {zset_flush, DUE},
-                         {zset_flush, FINALIZED}, {zset_flush, IDS}}) do
+                         {zset_flush, FINALIZED}, {zset_flush, IDS}, {zset_flush, PERIODS}}) do
     local ok, err = pcall(part[1], part[2])
     if not ok and first == nil then first = err end
   end
@@ -245,32 +261,98 @@ end
 -- ═══ 3. formats ═══════════════════════════════════════════════════════════════════════════════════════
 -- --- budgets ---
 -- A budget is a table {scope, unit, field, allocated, spent, reserved, debt, overdraft_limit, is_over_limit,
--- status, caps (JSON text, '' for none), text}. Decoding a text is dear, so a batch keeps the budget of each
+-- status, caps (JSON text, '' for none), timing (its time text, '' for none; nil once `tm` changed), tm, text}
+-- where tm (nil for a budget without time policies) is {period (spec text or nil), period_start, period_end,
+-- limits (list of {amount, window, freeze}) and limits_text, alerts, fired (lists, or nil), win ({as_of, sums}
+-- or nil: to be summed again)}. Decoding a text is dear, so a batch keeps the budget of each
 -- field it decoded (DECODED[field], good while its text is the field's cached text) and hands the same table
 -- out again: operations change budgets in place, then save them, which sets their text. A refusal or an
 -- error may leave a changed budget unsaved, so after one the batch forgets them all (run_batch) and decodes
 -- the cached texts again.
 local DECODED = {}
 
+local function numbers(text)
+  local out = {}
+  for n in gmatch(text, '%-?%d+') do out[#out + 1] = tonumber(n) end
+  return out
+end
+
+-- Rate limits "amount:window_ms:t|f,…" as a list of {amount, window, freeze}.
+local function parse_limits(text)
+  local list = {}
+  for amount, window, how in gmatch(text, '(%d+):(%d+):(%a)') do
+    list[#list + 1] = {amount = tonumber(amount), window = tonumber(window), freeze = how == 'f'}
+  end
+  return list
+end
+
+local function decode_timing(text)
+  local period, start, stop, limits, alerts, fired, win =
+    match(text, '^~([^;]*);([^;]*);([^;]*);([^;]*);([^;]*);([^;]*);(.*)$')
+  local tm = {period = optional(period), period_start = number_or_nil(start), period_end = number_or_nil(stop),
+              limits_text = limits}
+  if limits ~= '' then
+    local list = parse_limits(limits)
+    tm.limits = list
+    if win ~= '' then
+      local sums = numbers(win)
+      local as_of = table.remove(sums, 1)
+      if #sums == #list then tm.win = {as_of = as_of, sums = sums} end
+    end
+  end
+  if alerts ~= '' then tm.alerts = numbers(alerts) end
+  if fired ~= '' then tm.fired = numbers(fired) end
+  return tm
+end
+
 local function decode_budget(scope, unit, text)
   local allocated, spent, reserved, debt, overdraft_limit, over, status, caps =
     match(text, '^(%-?%d+) (%-?%d+) (%-?%d+) (%-?%d+) (%-?%d+) (%d) (%u+) ?(.*)$')
+  local timing, tm = '', nil
+  if sub(caps, 1, 1) == '~' then
+    local space = find(caps, ' ', 1, true)
+    if space then timing, caps = sub(caps, 1, space - 1), sub(caps, space + 1) else timing, caps = caps, '' end
+    tm = decode_timing(timing)
+  end
   return {scope = scope, unit = unit, allocated = tonumber(allocated), spent = tonumber(spent),
           reserved = tonumber(reserved), debt = tonumber(debt), overdraft_limit = tonumber(overdraft_limit),
-          is_over_limit = over == '1', status = status, caps = caps}
+          is_over_limit = over == '1', status = status, caps = caps, timing = timing, tm = tm}
+end
+
+local function list_text(list, sep)
+  if list == nil then return '' end
+  local parts = {}
+  for i, n in ipairs(list) do parts[i] = I(n) end
+  return concat(parts, sep or ',')
+end
+
+-- The time text of a budget's tm ('' when it keeps no time policy).
+local function encode_timing(tm)
+  if tm == nil or (tm.period == nil and tm.limits == nil and tm.alerts == nil and tm.fired == nil) then return '' end
+  local win = ''
+  if tm.limits and tm.win then win = I(tm.win.as_of) .. ':' .. list_text(tm.win.sums, ':') end
+  return '~' .. (tm.period or '') .. ';' .. (tm.period_start and I(tm.period_start) or '') .. ';' ..
+    (tm.period_end and I(tm.period_end) or '') .. ';' .. (tm.limits and tm.limits_text or '') .. ';' ..
+    list_text(tm.alerts) .. ';' .. list_text(tm.fired) .. ';' .. win
 end
 
 -- The text of b, printed as head .. "spent reserved" .. tail where head and tail are kept per field with the
 -- values they print (most operations change only spent and reserved).
 local AROUND = {}
 local function encode_budget(b)
+  local timing = b.timing
+  if timing == nil then
+    timing = encode_timing(b.tm)
+    b.timing = timing
+  end
   local h = AROUND[b.field]
   if h == nil or h.allocated ~= b.allocated or h.debt ~= b.debt or h.overdraft_limit ~= b.overdraft_limit or
-      h.is_over_limit ~= b.is_over_limit or h.status ~= b.status or h.caps ~= b.caps then
+      h.is_over_limit ~= b.is_over_limit or h.status ~= b.status or h.caps ~= b.caps or h.timing ~= timing then
     local tail = fmt(' %d %d %d %s', b.debt, b.overdraft_limit, b.is_over_limit and 1 or 0, b.status)
+    if timing ~= '' then tail = tail .. ' ' .. timing end
     if b.caps ~= '' then tail = tail .. ' ' .. b.caps end
     h = {allocated = b.allocated, debt = b.debt, overdraft_limit = b.overdraft_limit, is_over_limit = b.is_over_limit,
-         status = b.status, caps = b.caps, head = fmt('%d ', b.allocated), tail = tail}
+         status = b.status, caps = b.caps, timing = timing, head = fmt('%d ', b.allocated), tail = tail}
     AROUND[b.field] = h
   end
   local text = h.head .. fmt('%d %d', b.spent, b.reserved) .. h.tail
@@ -323,6 +405,20 @@ local function load_budgets(scopes, unit)
     end
   end
   return out
+end
+
+-- The budget at (scope, unit), or nil.
+local function budget_at(scope, unit)
+  local field = scope .. '|' .. unit
+  local text = hash_get(BUDGETS, field)
+  if not text then return nil end
+  local b = DECODED[field]
+  if b == nil or b.text ~= text then
+    b = decode_budget(scope, unit, text)
+    b.field, b.text = field, text
+    DECODED[field] = b
+  end
+  return b
 end
 
 local function save_budgets(budgets)
@@ -402,8 +498,8 @@ local function decode_amounts(text)
 end
 
 -- --- reservations ---
--- A record as a table {id, status, unit, estimate, policy, deadline, charged, finalized, scope_path, budgeted,
--- holds_text}, plus `mid` and `tail`, its text between the status and `charged` and after `finalized`, kept to
+-- A record as a table {id, status, unit, estimate, policy, windowed, deadline, charged, finalized, scope_path,
+-- budgeted, holds_text}, plus `mid` and `tail`, its text between the status and `charged` and after `finalized`, kept to
 -- write it back around a new status, charged and finalized while the rest is as read (charged and finalized
 -- stay as read, text, until set: they are only written). Settling needs few fields, so created, expires,
 -- grace and extensions are read from `mid` on first use.
@@ -423,11 +519,12 @@ end}
 local function load_record(rid)
   local text = hash_get(RESERVATIONS, rid)
   if not text then return nil end
-  local status, mid, unit, estimate, policy, deadline, charged, finalized, tail, scope_path, budgeted, holds =
-    match(text, '^(%u+) ((%S+) (%d+) (%S+) %d+ %d+ %d+ (%d+) %d+) (%-?%d+) (%-?%d+) ((%S+) ?(%S*) ?(.*))$')
+  local status, mid, unit, estimate, policy, windowed, deadline, charged, finalized, tail, scope_path, budgeted,
+    holds = match(text,
+      '^(%u+) ((%S+) (%d+) ([%u_]+)(%S*) %d+ %d+ %d+ (%d+) %d+) (%-?%d+) (%-?%d+) ((%S+) ?(%S*) ?(.*))$')
   estimate, deadline = tonumber(estimate), tonumber(deadline)
   return setmetatable({id = rid, status = status, unit = unit, estimate = estimate, policy = policy,
-                       deadline = deadline, charged = charged, finalized = finalized, scope_path = scope_path,
+                       windowed = windowed ~= '', deadline = deadline, charged = charged, finalized = finalized, scope_path = scope_path,
                        budgeted = scope_list(budgeted), holds_text = holds, mid = mid, tail = tail,
                        estimate_as_read = estimate, deadline_as_read = deadline}, RECORD_MORE)
 end
@@ -450,7 +547,8 @@ local function save_record(rec, field, value)
        (rec.expires == rec.expires_as_read and rec.extensions == rec.extensions_as_read)) then
     text = rec.status .. ' ' .. rec.mid .. ' ' .. I(rec.charged) .. ' ' .. I(rec.finalized) .. ' ' .. rec.tail
   else
-    text = fmt('%s %s %d %s %s %d %d %d %d %d %d %s %s', rec.status, rec.unit, rec.estimate, rec.policy, rec.created,
+    text = fmt('%s %s %d %s %s %d %d %d %d %d %d %s %s', rec.status, rec.unit, rec.estimate,
+      rec.windowed and rec.policy .. ':w' or rec.policy, rec.created,
       rec.expires, rec.grace, rec.deadline, rec.extensions, rec.charged, rec.finalized, rec.scope_path,
       concat(rec.budgeted, ','))
     if rec.holds_text ~= '' then text = text .. ' ' .. rec.holds_text end
@@ -460,7 +558,7 @@ local function save_record(rec, field, value)
 end
 
 -- --- events ---
-local function emit(kind, scope, unit, amount, rid, reason, data)
+local function xadd(kind, scope, unit, amount, rid, reason, data)
   if scope and unit and amount and rid and not reason then -- reserved, committed, released, expired: no table
     if data then
       return rcall('XADD', EVENTS_KEY, 'MAXLEN', '~', EVENT_STREAM_LENGTH, '*', 'ts', NOW_S, 'type', kind,
@@ -477,6 +575,30 @@ local function emit(kind, scope, unit, amount, rid, reason, data)
   if reason then f[#f + 1] = 'reason'; f[#f + 1] = reason end
   if data then f[#f + 1] = 'data'; f[#f + 1] = data end
   return rcall('XADD', EVENTS_KEY, 'MAXLEN', '~', EVENT_STREAM_LENGTH, '*', unpack(f))
+end
+
+-- Periods this operation rolled over and has not written yet: {budget, closed period}. The Python engine
+-- writes a roll-over (and its period_reset event) as it loads the budget, and drops it with everything else
+-- when the operation then refuses; here a roll-over waits for the operation's first write (its first event,
+-- or its end), and a refusal forgets it (run_batch).
+local ROLLED = {}
+local function write_rolls()
+  local rolled = ROLLED
+  ROLLED = {}
+  for _, r in ipairs(rolled) do
+    local b, c = r[1], r[2]
+    save_budgets({b})
+    zset_put(PERIODS, b.field, b.tm.period_end)
+    xadd('period_reset', b.scope, b.unit, c.spent, nil, nil,
+      '{"period_start_ms":' .. (c.start and I(c.start) or 'null') .. ',"period_end_ms":' .. I(c.stop) ..
+      ',"allocated":' .. I(c.allocated) .. ',"spent":' .. I(c.spent) .. ',"debt":' .. I(c.debt) ..
+      ',"reserved":' .. I(c.reserved) .. '}')
+  end
+end
+
+local function emit(kind, scope, unit, amount, rid, reason, data)
+  if ROLLED[1] then write_rolls() end
+  return xadd(kind, scope, unit, amount, rid, reason, data)
 end
 
 -- --- idempotency records ---
@@ -537,20 +659,180 @@ local function finalize(rec, status, field, value)
   zset_put(FINALIZED, rec.id, NOW)
 end
 
+-- --- time: periods and spend logs (rules.roll_period, operations._load, the Txn's spend window) ---
+-- A period's [start, end) around now (timing.period_bounds): a fixed duration counted from its anchor, or a
+-- calendar period from the boundaries the client stored (read once per script call); nil when those do not
+-- reach now (the sweeper keeps them months ahead).
+local BOUNDS = {}
+local function period_bounds(period)
+  local step, anchor = match(period, '^(%d+)%+(%d+)$')
+  if step then
+    step, anchor = tonumber(step), tonumber(anchor)
+    local start = anchor + floor((NOW - anchor) / step) * step
+    while start > NOW do start = start - step end
+    while start + step <= NOW do start = start + step end
+    return start, start + step
+  end
+  local list = BOUNDS[period]
+  if list == nil then
+    list = numbers(rcall('HGET', BOUNDS_KEY, period) or '')
+    BOUNDS[period] = list
+  end
+  for i = 1, #list - 1 do
+    if list[i] <= NOW and NOW < list[i + 1] then return list[i], list[i + 1] end
+  end
+  return nil
+end
+
+-- At the first touch after its period's end a budget's spent starts again from zero; holds keep their amount,
+-- debt carries over. Returns the closed period ({start, stop, allocated, spent, debt, reserved}) or nil
+-- (rules.roll_period); nil too while a calendar period's next boundary is not known (then it waits for it).
+local function roll_period(b)
+  local tm = b.tm
+  if tm == nil or tm.period == nil or tm.period_end == nil or NOW < tm.period_end then return nil end
+  local start, stop = period_bounds(tm.period)
+  if start == nil then return nil end
+  local closed = {start = tm.period_start, stop = tm.period_end, allocated = b.allocated, spent = b.spent,
+                  debt = b.debt, reserved = b.reserved}
+  tm.period_start, tm.period_end, tm.fired = start, stop, nil
+  b.spent = 0
+  b.is_over_limit = b.debt > b.overdraft_limit
+  b.timing = nil
+  return closed
+end
+
+local function roll(b, write)
+  local closed = roll_period(b)
+  if closed and write then ROLLED[#ROLLED + 1] = {b, closed} end
+end
+
+-- Budgets whose period has ended by now, as a set of fields (the periods zset, read once per script call).
+local DUE_PERIODS = nil
+
+-- The budgets at `scopes` in `unit`, their periods rolled over first (Python: _load). With unit nil, every
+-- unit's budget there whose period has ended is rolled over and nothing is returned. A read (`write` false)
+-- sees the rolled state; a write keeps it (ROLLED).
+local function load_rolled(scopes, unit, write)
+  if unit then
+    local budgets = load_budgets(scopes, unit)
+    for i = 1, #budgets do
+      local tm = budgets[i].tm
+      if tm and tm.period_end and tm.period_end <= NOW then roll(budgets[i], write) end
+    end
+    return budgets
+  end
+  if DUE_PERIODS == nil then
+    DUE_PERIODS = {}
+    for _, field in ipairs(rcall('ZRANGEBYSCORE', PERIODS_KEY, '-inf', NOW_S)) do DUE_PERIODS[field] = true end
+  end
+  if next(DUE_PERIODS) == nil then return nil end
+  for _, scope in ipairs(scopes) do
+    for _, u in ipairs(UNITS) do
+      if DUE_PERIODS[scope .. '|' .. u] then
+        local b = budget_at(scope, u)
+        if b then roll(b, write) end
+      end
+    end
+  end
+  return nil
+end
+
+local function window_sum(key, from, to)
+  local total = 0
+  for _, m in ipairs(rcall('ZRANGEBYSCORE', key, from, to)) do total = total + tonumber(match(m, '%d+$')) end
+  return total
+end
+
+-- What each rate limit's window holds now (one sum per limit). The budget keeps the sums as of a time; the
+-- entries that left a window since (or came back into it, had the clock gone back) are read and counted, so a
+-- check reads the few entries that moved, not the whole log. With no sums kept (new limits) they are summed.
+local function window_now(b)
+  local tm = b.tm
+  local limits, win, key = tm.limits, tm.win, WINDOW_BASE .. b.field
+  if win == nil then
+    local sums = {}
+    for i, lim in ipairs(limits) do sums[i] = window_sum(key, '(' .. I(NOW - lim.window), '+inf') end
+    win = {as_of = NOW, sums = sums}
+    tm.win, b.timing = win, nil
+  elseif win.as_of ~= NOW then
+    local t, sums = win.as_of, win.sums
+    for i, lim in ipairs(limits) do
+      local w = lim.window
+      if NOW > t then
+        sums[i] = sums[i] - window_sum(key, '(' .. I(t - w), I(NOW - w))
+      else
+        sums[i] = sums[i] + window_sum(key, '(' .. I(NOW - w), I(t - w))
+      end
+    end
+    win.as_of, b.timing = NOW, nil
+  end
+  return win.sums
+end
+
+-- A hold's or a debit's entry in a rate-limited budget's spend log, after the entries older than its longest
+-- window (operations._window_add).
+local function window_add(b, ref, amount)
+  local sums = window_now(b)
+  local key, span = WINDOW_BASE .. b.field, 0
+  for _, lim in ipairs(b.tm.limits) do span = max(span, lim.window) end
+  rcall('ZREMRANGEBYSCORE', key, '-inf', I(NOW - span))
+  rcall('ZADD', key, NOW_S, ref .. ' ' .. I(amount))
+  for i = 1, #sums do sums[i] = sums[i] + amount end
+  b.timing = nil
+end
+
+-- A hold made at `ts` and logged as `old` is settled for `new` (Txn.window_set) or returned (`new` nil:
+-- Txn.window_drop), in b's log if it is still there (whether or not b has rate limits now).
+local function window_change(b, ref, ts, old, new)
+  if new == old then return end
+  local limits = b.tm and b.tm.limits
+  if limits then window_now(b) end -- first: the sums are those of the log as it was
+  local key = WINDOW_BASE .. b.field
+  if rcall('ZREM', key, ref .. ' ' .. I(old)) == 0 then return end
+  if new then rcall('ZADD', key, ts, ref .. ' ' .. I(new)) end
+  if limits then
+    local sums = b.tm.win.sums
+    for i, lim in ipairs(limits) do
+      if ts > NOW - lim.window then sums[i] = sums[i] - old + (new or 0) end
+    end
+    b.timing = nil
+  end
+end
+
+-- A reservation's name in spend logs: its id before the "@".
+local function ref_of(rid) return match(rid, '^[^@]+') end
+
+-- A hold's entries in the spend logs of `budgets` (every unit's budgets it was on) now count what each unit
+-- was charged (`charged`: the main unit's; the others' are in `holds`), or are gone (`charged` nil) (Python:
+-- Txn.window_set, window_drop).
+local function settle_windows(rec, budgets, holds, charged)
+  local ref, created = ref_of(rec.id), tonumber(rec.created)
+  for _, b in ipairs(budgets) do
+    if b.unit == rec.unit then
+      window_change(b, ref, created, rec.estimate, charged)
+    else
+      for _, h in ipairs(holds) do
+        if h.unit == b.unit then window_change(b, ref, created, h.amount, charged and h.charged) end
+      end
+    end
+  end
+end
+
 -- Return every unit's hold and mark the reservation EXPIRED (Python: _expire).
 local function expire(rec)
-  local budgets = load_budgets(rec.budgeted, rec.unit)
+  local budgets = load_rolled(rec.budgeted, rec.unit, true)
   unhold(budgets, rec.estimate)
-  local data = nil
+  local data, holds = nil, NO_HOLDS
   if rec.holds_text ~= '' then
-    local holds = other_holds(rec)
+    holds, budgets = other_holds(rec), append({}, budgets)
     for _, h in ipairs(holds) do
-      local on = load_budgets(h.scopes, h.unit)
+      local on = load_rolled(h.scopes, h.unit, true)
       unhold(on, h.amount)
-      save_budgets(on)
+      append(budgets, on)
     end
     data = '{"also":' .. holds_json(holds, 'amount') .. '}'
   end
+  if rec.windowed then settle_windows(rec, budgets, holds, nil) end
   save_budgets(budgets)
   finalize(rec, 'EXPIRED')
   emit('expired', rec.scope_path, rec.unit, rec.estimate, rec.id, nil, data)
@@ -648,7 +930,12 @@ local function run_batch(op)
     KEY, F, TEXT = ARGV[i + 1], fields_of(ARGV[i + 2]), ARGV[i + 3]
     local ok, reply = pcall(op)
     if not ok then reply = raised(reply) end
-    if reply[1] == 'err' or reply[1] == 'raise' then DECODED = {} end -- it may have changed budgets it did not save
+    if reply[1] == 'err' or reply[1] == 'raise' then
+      DECODED, ROLLED = {}, {} -- it may have changed budgets it did not save; its roll-overs are not kept
+    elseif ROLLED[1] then
+      local done, err = pcall(write_rolls)
+      if not done then reply = raised(err) end
+    end
     out[#out + 1] = reply
   end
   local err = flush()
@@ -850,11 +1137,47 @@ local function evaluate_units(by_unit, unit, estimate, soft_landing, also)
 end
 
 -- A reserve denied for lack of room looks again after expiring overdue holds (they still counted).
-local function retry_after_expiry(ev) return ev.reason_code == 'BUDGET_EXCEEDED' end
+local function retry_after_expiry(ev)
+  return ev.reason_code == 'BUDGET_EXCEEDED' or ev.reason_code == 'RATE_EXCEEDED'
+end
+
+-- Would holding `amount` more on b now push what was spent or held in one of its rate limits' sliding windows
+-- past it? A denial (RATE_EXCEEDED) saying when the window has room again (after enough of its oldest entries
+-- leave it; nil when `amount` alone is above the limit), or nil (rules.check_rates).
+local function check_rates(b, amount)
+  local sums = window_now(b)
+  for i, lim in ipairs(b.tm.limits) do
+    local used, limit = sums[i], lim.amount
+    if used + amount > limit then
+      local retry = nil
+      if amount <= limit then
+        local excess, freed, offset = used + amount - limit, 0, 0
+        local key, from = WINDOW_BASE .. b.field, '(' .. I(NOW - lim.window)
+        while retry == nil do
+          local got = rcall('ZRANGEBYSCORE', key, from, '+inf', 'WITHSCORES', 'LIMIT', offset, 100)
+          if #got == 0 then break end
+          for j = 1, #got, 2 do
+            freed = freed + tonumber(match(got[j], '%d+$'))
+            if freed >= excess then
+              retry = tonumber(got[j + 1]) + lim.window - NOW -- the entry is out once now - window >= ts
+              break
+            end
+          end
+          offset = offset + 100
+        end
+      end
+      return {decision = 'DENY', reason_code = 'RATE_EXCEEDED', scope = b.scope, remaining = max(limit - used, 0),
+              unit = b.unit, retry_after_ms = retry, freeze = lim.freeze, also = NO_HOLDS}
+    end
+  end
+  return nil
+end
 
 -- The decision on a reserve, the budgets it counted (every unit it holds on, and the unit that denied) and
--- its budgets by unit (Python: _evaluate); or nil, nil and a failure.
-local function evaluate(scopes, unit, units, also, allow_unbudgeted, estimate, soft_landing)
+-- its budgets by unit (Python: _evaluate); or nil, nil and a failure. Periods that ended roll over first (kept
+-- when `write`).
+local function evaluate(scopes, unit, units, also, allow_unbudgeted, estimate, soft_landing, write)
+  load_rolled(scopes, nil, write)
   local by_unit, failure = budgets_by_unit(scopes, units, allow_unbudgeted)
   if failure then return nil, nil, failure end
   if by_unit == nil then
@@ -867,6 +1190,23 @@ local function evaluate(scopes, unit, units, also, allow_unbudgeted, estimate, s
     held = append({}, held)
     for _, h in ipairs(ev.also) do append(held, by_unit[h.unit]) end
     if ev.unit ~= unit then append(held, by_unit[ev.unit]) end
+  end
+  if ev.decision ~= 'DENY' then
+    for _, b in ipairs(held) do
+      if b.tm and b.tm.limits then
+        local amount = ev.amount
+        if b.unit ~= unit then
+          for _, a in ipairs(ev.also) do
+            if a.unit == b.unit then amount = a.amount end
+          end
+        end
+        local denial = check_rates(b, amount)
+        if denial then
+          ev = denial
+          break
+        end
+      end
+    end
   end
   return ev, held, nil, by_unit
 end
@@ -959,12 +1299,50 @@ local function debts_before(policy, budgets, into)
   return into
 end
 
--- What a charge can cause (Python: _after_charge): a `debt` event for every budget whose debt grew. (Alert
--- thresholds need alerts, which the Redis store does not keep yet.)
+-- x * m exactly, as (high, low) in base 2^26, for 0 <= x < 2^53 and 0 <= m <= 10^4.
+local function times(x, m)
+  local high = floor(x / 67108864)
+  local low = (x - high * 67108864) * m
+  local carry = floor(low / 67108864)
+  return high * m + carry, low - carry * 67108864
+end
+
+-- Alert thresholds (percent of the allocation) that spent + debt has reached and that have not fired in this
+-- period; marks them fired (rules.crossed_thresholds). Compared exactly: t * allocated <= (spent + debt) * 100.
+local function crossed_thresholds(b)
+  local tm = b.tm
+  if tm == nil or tm.alerts == nil or b.allocated <= 0 then return NO_HOLDS end
+  local fired = {}
+  for _, t in ipairs(tm.fired or NO_HOLDS) do fired[t] = true end
+  local used_high, used_low = times(b.spent + b.debt, 100)
+  local new = {}
+  for _, t in ipairs(tm.alerts) do
+    if not fired[t] then
+      local high, low = times(b.allocated, t)
+      if high < used_high or (high == used_high and low <= used_low) then new[#new + 1] = t end
+    end
+  end
+  if #new > 0 then
+    for _, t in ipairs(new) do fired[t] = true end
+    local all = {}
+    for t in pairs(fired) do all[#all + 1] = t end
+    table.sort(all)
+    tm.fired, b.timing = all, nil
+  end
+  return new
+end
+
+-- What a charge can cause (Python: _after_charge): a `threshold_crossed` event for each alert threshold the
+-- budget's spend reached (once per period), a `debt` event for every budget whose debt grew.
 local function after_charge(budgets, debts, rid)
-  if debts == nil then return end
   for _, b in ipairs(budgets) do
-    local added = b.debt - (debts[b.field] or 0)
+    if b.tm and b.tm.alerts then
+      for _, t in ipairs(crossed_thresholds(b)) do
+        emit('threshold_crossed', b.scope, b.unit, b.spent + b.debt, rid, nil, '{"threshold":' .. I(t) ..
+          ',"allocated":' .. I(b.allocated) .. ',"spent":' .. I(b.spent) .. ',"debt":' .. I(b.debt) .. '}')
+      end
+    end
+    local added = debts and b.debt - (debts[b.field] or 0) or 0
     if added > 0 then
       emit('debt', b.scope, b.unit, added, rid, nil,
         '{"debt":' .. I(b.debt) .. ',"added":' .. I(added) .. ',"overdraft_limit":' .. I(b.overdraft_limit) .. '}')
@@ -1093,6 +1471,49 @@ local function set_allocation(b, amount, overdraft_limit, caps)
   return data
 end
 
+-- A period as the Python engine shows it (models.Period.spec()), JSON.
+local function period_json(period)
+  local step, anchor = match(period, '^(%d+)%+(%d+)$')
+  if step then return '{"every_ms":' .. step .. ',"anchor_ms":' .. anchor .. '}' end
+  local every, tz = match(period, '^(%a+):(.*)$')
+  return '{"every":' .. q(every) .. ',"tz":' .. q(tz) .. '}'
+end
+
+-- Period, rate limits and alerts as the command says: '' leaves one as it is, '-' removes it (Python:
+-- _set_time_policy). A new or changed period starts at the boundary before now; changed limits are summed
+-- again from the spend log. Returns a failure when a calendar period's boundaries do not reach now.
+local function set_time_policy(b, period, limits, alerts)
+  local tm = b.tm or {limits_text = ''}
+  if period ~= '' then
+    local new = nil
+    if period ~= '-' then new = period end
+    if new ~= tm.period then
+      local start, stop = nil, nil
+      if new then
+        start, stop = period_bounds(new)
+        if start == nil then
+          return fail('INVALID_REQUEST', 'the boundaries sent for period ' .. new .. ' do not reach the time of the ' ..
+            'Redis server (' .. NOW_S .. '); are the clocks of the client and the server far apart?')
+        end
+      end
+      tm.period, tm.period_start, tm.period_end = new, start, stop
+    end
+  end
+  if limits ~= '' then
+    local text = limits ~= '-' and limits or ''
+    if text ~= (tm.limits and tm.limits_text or '') then
+      tm.limits_text, tm.limits, tm.win = text, nil, nil
+      if text ~= '' then tm.limits = parse_limits(text) end
+    end
+  end
+  if alerts ~= '' then
+    tm.alerts = nil
+    if alerts ~= '-' then tm.alerts = numbers(alerts) end
+  end
+  b.tm, b.timing = tm, nil
+  return nil
+end
+
 local STATUS_CHANGES = {freeze = {'FROZEN', 'frozen'}, unfreeze = {'ACTIVE', 'unfrozen'}, close = {'CLOSED', 'closed'}}
 
 -- freeze / unfreeze / close; a closed budget stays closed. Returns the event type.
@@ -1111,7 +1532,7 @@ end
 -- F: hash, rid, unit, estimate, ttl, grace, policy, dry_run, allow_unbudgeted, soft_min, soft_fixed, soft_apm,
 -- also ("UNIT|amount …"), subject JSON, action JSON, metadata JSON, scopes…
 -- Reply: {"reserve", decision, reason, scope, remaining, caps JSON, dry_run, rid, amount, expires_at, ttl,
---         budgeted scopes, unit that denied, holds in other units, balances…};
+--         budgeted scopes, unit that denied, holds in other units, retry_after_ms (RATE_EXCEEDED), balances…};
 -- a replay: {"replay", stored reply, now, balances…}.
 HEAD = 2
 OPS.reserve = function(decide_only)
@@ -1149,26 +1570,36 @@ OPS.reserve = function(decide_only)
     end
   end
 
-  local ev, budgets, failure, by_unit = evaluate(scopes, unit, units, also, allow_unbudgeted, estimate, soft_landing)
+  local write = not decide_only
+  local ev, budgets, failure, by_unit =
+    evaluate(scopes, unit, units, also, allow_unbudgeted, estimate, soft_landing, write)
   if failure then return failure end
-  if not decide_only and retry_after_expiry(ev) and expire_due(1000) > 0 then
+  if write and retry_after_expiry(ev) and expire_due(1000) > 0 then
     -- overdue holds were still counted; look again without them
-    ev, budgets, failure, by_unit = evaluate(scopes, unit, units, also, allow_unbudgeted, estimate, soft_landing)
+    ev, budgets, failure, by_unit = evaluate(scopes, unit, units, also, allow_unbudgeted, estimate, soft_landing, true)
     if failure then return failure end
   end
   local caps = caps_json(ev.caps)
   local denied_by = ev.decision == 'DENY' and ev.unit ~= unit and ev.unit or false
+  local rated = ev.reason_code == 'RATE_EXCEEDED'
+  local retry = rated and ev.retry_after_ms and I(ev.retry_after_ms) or ''
   -- (the trailing nils make room for the balances of three budgets: the table need not grow)
   local reply = {'reserve', ev.decision, ev.reason_code or false, ev.scope or false,
                  ev.remaining and I(ev.remaining) or false, caps, dry_run and '1' or '0', false, false, false, false,
-                 '', denied_by, '', nil, nil, nil, nil, nil, nil}
-  if decide_only then return push_balances(reply, budgets) end
+                 '', denied_by, '', retry, nil, nil, nil, nil, nil, nil}
+  if decide_only then
+    for _, b in ipairs(budgets) do
+      if b.timing == nil then encode_budget(b) end -- rolled over (or its window summed) for this answer only
+    end
+    return push_balances(reply, budgets)
+  end
   if dry_run or ev.decision == 'DENY' then
     local kind = 'denied'
     if dry_run then kind = (ev.decision == 'DENY') and 'would_deny' or 'would_allow' end
     local info = '{"subject":' .. F[14] .. ',"action":' .. F[15] .. ',"key":' .. q(key) .. ',"remaining":' ..
       (ev.remaining and I(ev.remaining) or 'null')
     if caps and caps ~= '{}' then info = info .. ',"caps":' .. caps end
+    if rated then info = info .. ',"retry_after_ms":' .. (retry ~= '' and retry or 'null') end
     local event_unit, amount = unit, estimate
     if #also > 0 then
       local parts = {}
@@ -1179,7 +1610,16 @@ OPS.reserve = function(decide_only)
       info = info .. ',"also":{' .. concat(parts, ',') .. '}'
     end
     emit(kind, ev.scope or path, event_unit, amount, nil, ev.reason_code, info .. '}')
-    if dry_run and hash ~= '' then remember(hash, joined(reply, 2, #reply)) end
+    if ev.freeze and not dry_run then -- the circuit breaker: the scope stays shut until unfrozen
+      for _, b in ipairs(budgets) do
+        if b.scope == ev.scope and b.unit == event_unit then
+          b.status = 'FROZEN'
+          save_budgets({b})
+          emit('frozen', b.scope, b.unit, nil, nil, 'RATE_EXCEEDED', '{"by":"rate_limit"}')
+        end
+      end
+    end
+    if dry_run and hash ~= '' then remember(hash, joined(reply, 2, 15)) end
     return push_balances(reply, budgets)
   end
   local main = by_unit[unit]
@@ -1196,6 +1636,19 @@ OPS.reserve = function(decide_only)
     end
     holds_text = encode_holds(holds)
   end
+  local windowed = ''
+  for _, b in ipairs(budgets) do
+    if b.tm and b.tm.limits then
+      local amount = ev.amount
+      if b.unit ~= unit then
+        for _, h in ipairs(holds) do
+          if h.unit == b.unit then amount = h.amount end
+        end
+      end
+      window_add(b, ref_of(rid), amount)
+      windowed = ':w'
+    end
+  end
   save_budgets(budgets)
   local expires = NOW + ttl
   local budgeted = {}
@@ -1203,8 +1656,8 @@ OPS.reserve = function(decide_only)
   local amount_s, expires_s, budgeted_s = I(ev.amount), I(expires), concat(budgeted, ',')
   -- the record, as save_record would write {ACTIVE, unit, amount, policy, now, expires, grace, deadline, 0, -1,
   -- -1, path, budgeted[, holds]}
-  local record = 'ACTIVE ' .. unit .. ' ' .. amount_s .. ' ' .. policy .. ' ' .. NOW_S .. ' ' .. expires_s .. ' ' ..
-    I(grace) .. ' ' .. I(expires + grace) .. ' 0 -1 -1 ' .. path .. ' ' .. budgeted_s
+  local record = 'ACTIVE ' .. unit .. ' ' .. amount_s .. ' ' .. policy .. windowed .. ' ' .. NOW_S .. ' ' ..
+    expires_s .. ' ' .. I(grace) .. ' ' .. I(expires + grace) .. ' 0 -1 -1 ' .. path .. ' ' .. budgeted_s
   if holds_text ~= '' then record = record .. ' ' .. holds_text end
   hash_set(RESERVATIONS, rid, record)
   local static = F.static -- the static JSON after the key
@@ -1223,7 +1676,7 @@ OPS.reserve = function(decide_only)
   emit('reserved', path, unit, ev.amount, rid, nil, data and '{' .. data .. '}')
   reply[8], reply[9], reply[10], reply[11], reply[12], reply[14] = rid, amount_s, expires_s, I(ttl), budgeted_s,
     holds_text
-  if hash ~= '' then remember(hash, joined(reply, 2, 14)) end
+  if hash ~= '' then remember(hash, joined(reply, 2, 15)) end
   return push_balances(reply, budgets)
 end
 
@@ -1253,7 +1706,7 @@ OPS.commit = function()
     return fail('UNIT_MISMATCH', 'commit in ' .. unit .. ' for a reservation in ' .. rec.unit,
       {requested_unit = unit, expected_units = {'[' .. q(rec.unit) .. ']'}})
   end
-  local budgets = load_budgets(rec.budgeted, rec.unit)
+  local budgets = load_rolled(rec.budgeted, rec.unit, true)
   local debts = debts_before(rec.policy, budgets)
   local charged, flagged = settle(budgets, rec.estimate, actual, rec.policy, true)
   if not charged then return flagged end
@@ -1263,7 +1716,7 @@ OPS.commit = function()
     local also_actual = F.also_actual
     for _, h in ipairs(holds) do
       -- A unit the commit does not name is charged what was held: the worst case stands.
-      local on = load_budgets(h.scopes, h.unit)
+      local on = load_rolled(h.scopes, h.unit, true)
       debts = debts_before(rec.policy, on, debts)
       local got, more = settle(on, h.amount, also_actual[h.unit] or h.amount, rec.policy, true)
       if not got then return more end
@@ -1274,8 +1727,9 @@ OPS.commit = function()
     rec.holds_text = encode_holds(holds)
     rec.tail = nil -- the charges change the text after `finalized`
   end
-  save_budgets(budgets)
   after_charge(budgets, debts, rid)
+  if rec.windowed then settle_windows(rec, budgets, holds, charged) end
+  save_budgets(budgets)
   local released = max(rec.estimate - actual, 0)
   local reply = {'commit', I(charged), I(released), rec.holds_text, nil, nil, nil, nil, nil, nil} -- three balances
   settled(rec, 'COMMITTED', charged, 'commit', key, hash, reply[2] .. SEP .. reply[3] .. SEP .. reply[4])
@@ -1299,19 +1753,20 @@ OPS.release = function()
   expire_overdue()
   local rec, answer = settle_target('release', rid, key, hash)
   if not rec then return answer end
-  local budgets = load_budgets(rec.budgeted, rec.unit)
+  local budgets = load_rolled(rec.budgeted, rec.unit, true)
   unhold(budgets, rec.estimate)
-  local also = nil
+  local also, holds = nil, NO_HOLDS
   if rec.holds_text ~= '' then
     budgets = append({}, budgets)
-    local holds = other_holds(rec)
+    holds = other_holds(rec)
     for _, h in ipairs(holds) do
-      local on = load_budgets(h.scopes, h.unit)
+      local on = load_rolled(h.scopes, h.unit, true)
       unhold(on, h.amount)
       append(budgets, on)
     end
     also = '"also":' .. holds_json(holds, 'amount')
   end
+  if rec.windowed then settle_windows(rec, budgets, holds, nil) end
   save_budgets(budgets)
   local reply = {'release', I(rec.estimate), rec.unit, rec.holds_text}
   settled(rec, 'RELEASED', -1, 'release', key, hash, reply[2] .. SEP .. reply[3] .. SEP .. reply[4])
@@ -1378,6 +1833,7 @@ OPS.event = function()
   local prior, mismatch = replay('event', key, hash)
   if mismatch then return mismatch end
   if prior then return replayed(prior, unit, 3, 4) end
+  load_rolled(scopes, nil, true)
   local by_unit, failure = budgets_by_unit(scopes, F.units, allow_unbudgeted)
   if failure then return failure end
   if by_unit == nil then return fail('NOT_FOUND', 'no budget for ' .. path .. ' or its parents', {scope = path}) end
@@ -1407,7 +1863,6 @@ OPS.event = function()
     end
   end
   after_charge(budgets, debts, nil)
-  save_budgets(budgets)
   local names = {}
   for _, b in ipairs(budgets) do
     if b.unit == unit then names[#names + 1] = b.scope end
@@ -1425,6 +1880,16 @@ OPS.event = function()
     (F[9] ~= '' and F[9] or 'null') .. ',"metadata":' .. (F[10] ~= '' and F[10] or 'null') ..
     ',"key":' .. q(key) .. also_data .. '}'
   local id = emit('debited', path, unit, charged, nil, nil, data)
+  for _, b in ipairs(budgets) do -- the charge in the spend log of every rate-limited budget
+    if b.tm and b.tm.limits then
+      local got = charged
+      for _, c in ipairs(charges) do
+        if c.unit == b.unit then got = c.charged end
+      end
+      window_add(b, 'e' .. id, got)
+    end
+  end
+  save_budgets(budgets)
   for _, scope in ipairs(flagged) do emit('over_limit', scope, unit) end
   for _, su in ipairs(over_limit) do emit('over_limit', su[1], su[2]) end
   local reply = {'event', id, I(charged), concat(names, ','), #charges > 0 and encode_holds(charges) or ''}
@@ -1441,23 +1906,33 @@ end
 
 --@@ budget
 --@include rules-admin
--- F: op, scope, unit, amount, overdraft_limit, caps JSON ("" = not given). Reply: {"budget", field, text}.
+-- F: op, scope, unit, amount, overdraft_limit, caps JSON ("" = not given), then for set: period, its coming
+-- boundaries when it is a calendar period ("ms,ms,…"), rate limits, alerts (each '' = not given, '-' = none;
+-- formats as in the budget text). Reply: {"budget", field, text}.
 OPS.budget = function()
   local op, scope, unit = F[1], F[2], F[3]
   local amount, overdraft_limit, caps = number_or_nil(F[4]), number_or_nil(F[5]), optional(F[6])
+  local period, bounds, limits, alerts = F[7] or '', F[8] or '', F[9] or '', F[10] or ''
   expire_overdue()
-  local b = load_budgets({scope}, unit)[1]
+  local b = load_rolled({scope}, unit, true)[1]
   if op == 'set' then
-    local data = nil
+    if bounds ~= '' then BOUNDS[period] = numbers(bounds) end
+    local data
     if not b then
       b = {scope = scope, unit = unit, field = scope .. '|' .. unit, allocated = amount, spent = 0, reserved = 0,
            debt = 0, overdraft_limit = overdraft_limit or 0, is_over_limit = false, status = 'ACTIVE',
-           caps = (caps and caps ~= '{}') and caps or ''}
+           caps = (caps and caps ~= '{}') and caps or '', timing = ''}
+      data = ''
     else
-      data = set_allocation(b, amount, overdraft_limit, caps)
+      data = sub(set_allocation(b, amount, overdraft_limit, caps), 2, -2)
     end
+    local failure = set_time_policy(b, period, limits, alerts)
+    if failure then return failure end
+    if bounds ~= '' then rcall('HSET', BOUNDS_KEY, period, bounds) end
+    if b.tm and b.tm.period then data = (data ~= '' and data .. ',' or '') .. '"period":' .. period_json(b.tm.period) end
+    if period ~= '' then zset_put(PERIODS, b.field, b.tm.period_end or false) end
     save_budgets({b})
-    emit('budget_set', scope, unit, amount, nil, nil, data)
+    emit('budget_set', scope, unit, amount, nil, nil, data ~= '' and '{' .. data .. '}' or nil)
     return {'budget', b.field, b.text}
   end
   if not b then return fail('NOT_FOUND', 'no ' .. unit .. ' budget at ' .. scope, {scope = scope}) end
@@ -1481,9 +1956,28 @@ OPS.budget = function()
 end
 
 --@@ sweep
--- F: limit. Reply: {"sweep", expired, pruned}.
+-- F: limit. Reply: {"sweep", expired, pruned, then each calendar period's last known boundary: period, ms, …}
+-- (the client tops up the boundaries that run low).
 OPS.sweep = function()
-  local n = expire_due(tonumber(F[1]))
+  local limit = tonumber(F[1])
+  local n = expire_due(limit)
+  -- Periods that ended and that nobody touched since roll over (Python: operations.sweep), earliest end first.
+  zset_flush(PERIODS)
+  local got, due = rcall('ZRANGEBYSCORE', PERIODS_KEY, '-inf', NOW_S, 'WITHSCORES', 'LIMIT', 0, limit), {}
+  for i = 1, #got, 2 do
+    local scope, unit = match(got[i], '^(.*)|([^|]*)$')
+    due[#due + 1] = {tonumber(got[i + 1]), scope, unit}
+  end
+  table.sort(due, function(x, y)
+    if x[1] ~= y[1] then return x[1] < y[1] end
+    if x[2] ~= y[2] then return x[2] < y[2] end
+    return x[3] < y[3]
+  end)
+  for _, d in ipairs(due) do
+    local b = budget_at(d[2], d[3])
+    if b then roll(b, true) end
+  end
+  write_rolls()
   -- Finalized reservations older than the retention go, with all their fields and their listing entry;
   -- straight in Redis, after what is pending, and the cache forgets the fields.
   local err = flush()
@@ -1496,5 +1990,42 @@ OPS.sweep = function()
     rcall('ZREM', IDS_KEY, rid)
     rcall('ZREM', FINALIZED_KEY, rid)
   end
-  return {'sweep', n, #old}
+  local out = {'sweep', n, #old}
+  local bounds = rcall('HGETALL', BOUNDS_KEY)
+  for i = 1, #bounds, 2 do
+    out[#out + 1] = bounds[i]
+    out[#out + 1] = match(bounds[i + 1], '(%d*)$')
+  end
+  return out
+end
+
+--@@ read
+-- F: scope prefix ('' for every scope), unit ('' for every unit). Reply: {"read", field, text, burn, …}: the
+-- budgets as of now, nothing written (a period that has ended shows its new period; the roll-over itself is
+-- the next write's or the sweeper's), and what each rate limit's window holds ("n,n", '' without limits)
+-- (Python: operations.balances).
+OPS.read = function()
+  local prefix, unit = optional(F[1]), optional(F[2])
+  local all, out = rcall('HGETALL', BUDGETS_KEY), {'read'}
+  for i = 1, #all, 2 do
+    local field, text = all[i], all[i + 1]
+    local scope, u = match(field, '^(.*)|([^|]*)$')
+    if (unit == nil or u == unit) and
+        (prefix == nil or scope == prefix or sub(scope, 1, #prefix + 1) == prefix .. '/') then
+      local burn = ''
+      if find(text, '~', 1, true) then
+        local b = decode_budget(scope, u, text)
+        b.field = field
+        if b.tm then
+          roll_period(b)
+          if b.tm.limits then burn = list_text(window_now(b)) end
+          text = encode_budget(b)
+        end
+      end
+      out[#out + 1] = field
+      out[#out + 1] = text
+      out[#out + 1] = burn
+    end
+  end
+  return out
 end

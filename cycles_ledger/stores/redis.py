@@ -11,6 +11,15 @@ Cluster use redis-py. `redis_format` reads the stored texts and the scripts' rep
 and runs unchanged on Redis Cluster. A reservation id carries its hash tag (`rsv_…@tenant:acme`), so
 commit, release and extend find the slot without a lookup.
 
+Time policies (issue 14) run in the scripts too, on Redis time. Periods roll over in the first write after
+their end and in the sweep, once (the roll-over is written with the write); a fixed-duration period's next
+bounds are arithmetic, a calendar period's (local midnight in a time zone) come from the boundaries this
+client computes with the time-zone database and stores per tag and period (`:pb`), months ahead, topped up
+by the sweeper (`_top_up_bounds`). A rate-limited budget has an exact spend log (a zset `:w:<scope>|<unit>`
+of `<ref> <amount>` scored by time) and keeps each limit's window sum in its own text, brought up to date
+from the entries that moved since. The notifier's records (`SupportsState`) live in one hash
+(`<prefix>:state`) outside any tag, changed by a compare-and-set script.
+
 Retention (settings, also URL query parameters): idempotency records and finalized reservations are
 kept `retention_ms` (7 days) and pruned by the sweeper; each tag's event stream keeps about
 `event_retention` entries (1,000,000). Budgets never expire. Durability is Redis's: run it with
@@ -37,6 +46,7 @@ from .. import operations
 from ..errors import ConfigError, CyclesError, InvalidRequestError, NotFoundError, StoreUnavailableError
 from ..models import Unit, parse_scope
 from ..rules import ReservationState
+from ..timing import CALENDAR, period_bounds
 from . import redis_format as fmt
 from ._ids import reservation_id
 from .base import (
@@ -48,6 +58,7 @@ from .base import (
     ReleaseCommand,
     ReserveCommand,
     Store,
+    SupportsState,
     SupportsSweep,
 )
 from .redis_format import SEP
@@ -65,11 +76,27 @@ __all__ = ["RedisStore"]
 MAX_EXACT = 2**53 - 1  # Lua numbers are doubles: integers are exact up to here
 _UNITS = ("CREDITS", "RISK_POINTS", "TOKENS", "USD_MICROCENTS")  # must match UNITS in redis.lua
 assert set(_UNITS) == {u.value for u in Unit}, "redis.lua's unit list is out of date"
-_OPS = ("reserve", "decide", "commit", "release", "extend", "event", "note", "budget", "sweep")
+_OPS = ("reserve", "decide", "commit", "release", "extend", "event", "note", "budget", "sweep", "read")
 _JSON = json.JSONEncoder(separators=(",", ":")).encode
 _CLUSTER_IN_FLIGHT = 64  # below redis-py's 100 connections per cluster node
 _BATCH_MAX = 128  # operations per script call: bounds how long one call holds the server
 Clock = Callable[[], int]
+# Calendar periods: how many boundaries ahead of now the scripts know (about four months of days, a year of
+# weeks, two years of months); the sweeper tops a list up when fewer than half are left. The first one is a
+# period before now less this margin, so a server clock a little behind the client's still finds its period.
+_BOUNDS_AHEAD = {"daily": 120, "weekly": 56, "monthly": 24}
+_BOUNDS_LOW_MS = {"daily": 60 * 86_400_000, "weekly": 28 * 7 * 86_400_000, "monthly": 12 * 28 * 86_400_000}
+_BOUNDS_MARGIN_MS = 2 * 86_400_000
+# Compare-and-set of one notifier record (SupportsState): KEYS[1] the state hash; ARGV key, "1" and the
+# expected value (or "0": absent), "1" and the new value (or "0": delete). Returns 1 when it wrote.
+_STATE_CAS = """local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if ARGV[2] == '1' then
+  if cur ~= ARGV[3] then return 0 end
+elseif cur then
+  return 0
+end
+if ARGV[4] == '1' then redis.call('HSET', KEYS[1], ARGV[1], ARGV[5]) else redis.call('HDEL', KEYS[1], ARGV[1]) end
+return 1"""
 _Address = tuple[str, int, int, str | None, str | None, float]  # host, port, db, user, password, timeout
 
 
@@ -211,7 +238,18 @@ class _Batch:
 _Op = tuple[str, str, str, str | None, str, str, str]
 
 
-class RedisStore(Store, SupportsSweep):
+def calendar_bounds(spec: dict[str, Any], now_ms: int) -> list[int]:
+    """The boundaries of a calendar period from the one before `now_ms` (less a margin) to `_BOUNDS_AHEAD`
+    periods after it, ascending: what the scripts read to roll the period over in Redis time."""
+    start, end = period_bounds(spec, now_ms - _BOUNDS_MARGIN_MS)
+    out, ahead = [start, end], int(end > now_ms)
+    while ahead < _BOUNDS_AHEAD[spec["every"]]:
+        out.append(period_bounds(spec, out[-1])[1])
+        ahead += out[-1] > now_ms
+    return out
+
+
+class RedisStore(Store, SupportsSweep, SupportsState):
     """`redis://[:password@]host:6379/0`, `rediss://…` (TLS) or `redis+cluster://host:7000` (Redis Cluster).
 
     URL query parameters: `prefix` (key prefix, default `cycles`), `timeout` (seconds per command,
@@ -221,6 +259,7 @@ class RedisStore(Store, SupportsSweep):
     """
 
     schemes = ("redis", "rediss", "redis+cluster", "rediss+cluster")
+    time_policies = True
 
     def __init__(
         self,
@@ -250,6 +289,7 @@ class RedisStore(Store, SupportsSweep):
         self._shas = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in self._sources.items()}
         self._by_sha = {sha: self._sources[name] for name, sha in self._shas.items()}
         self._tops_key = f"{prefix}:tops"
+        self._state_key = f"{prefix}:state"
         self._known_tops: set[str] = set()
         self._closed = False
         self._batches: dict[asyncio.AbstractEventLoop, _Batch] = {}
@@ -330,7 +370,7 @@ class RedisStore(Store, SupportsSweep):
 
     def _keys(self, tag: str) -> list[str]:
         base = f"{self._prefix}:{{{tag}}}:"
-        return [base + "b", base + "r", base + "due", base + "e", base + "fin", base + "ids"]
+        return [base + "b", base + "r", base + "due", base + "e", base + "fin", base + "ids", base + "pd", base + "pb"]
 
     async def _redis(self, call: Coroutine[Any, Any, Any]) -> Any:
         """Await one Redis call; every driver failure is the ledger's "unavailable" (redis_wire.driver_errors)."""
@@ -615,6 +655,8 @@ class RedisStore(Store, SupportsSweep):
         }
         if len(f) > 11 and f[11]:
             body["unit"] = f[11]
+        if f[1] == "RATE_EXCEEDED":
+            body["retry_after_ms"] = int(f[13]) if len(f) > 13 and f[13] else None
         if f[6]:
             body.update(
                 reservation_id=f[6],
@@ -640,16 +682,16 @@ class RedisStore(Store, SupportsSweep):
                 body["remaining_ttl_ms"] = max(0, body["expires_at_ms"] - int(reply[2]))
             body["balances"] = fmt.balances(reply, 3)
             return body
-        body = self._decision(cmd, reply[1:14])
-        body["balances"] = fmt.balances(reply, 14)
+        body = self._decision(cmd, reply[1:15])
+        body["balances"] = fmt.balances(reply, 15)
         return body
 
     async def decide(self, cmd: ReserveCommand) -> dict[str, Any]:
         tag = _tag_of_scope(cmd.scopes[0])
         reply = await self._run("decide", tag, self._reserve_fields(cmd, ""), key=cmd.idempotency_key)
-        body = self._decision(cmd, reply[1:14])
+        body = self._decision(cmd, reply[1:15])
         del body["dry_run"]
-        body["balances"] = fmt.balances(reply, 14)
+        body["balances"] = fmt.balances(reply, 15)
         return body
 
     @staticmethod
@@ -785,23 +827,32 @@ class RedisStore(Store, SupportsSweep):
         for name, value in (cmd.caps or {}).items():
             if isinstance(value, int):
                 _exact(value, f"caps.{name}")
+        for lim in cmd.rate_limits or ():
+            _exact(lim["amount"], "rate limit amount")
         tag = _tag_of_scope(cmd.scope)
         await self._register(tag, always=True)
         caps = None if cmd.caps is None else _JSON(cmd.caps)
-        fields = [cmd.op, cmd.scope, cmd.unit, cmd.amount, cmd.overdraft_limit, caps]
+        period = fmt.period_text(cmd.period)
+        bounds = ""
+        if cmd.period and cmd.period.get("every") in CALENDAR:
+            bounds = ",".join(map(str, calendar_bounds(cmd.period, self._now_ms())))
+        limits, alerts = fmt.limits_text(cmd.rate_limits), fmt.alerts_text(cmd.alerts)
+        fields = [cmd.op, cmd.scope, cmd.unit, cmd.amount, cmd.overdraft_limit, caps, period, bounds, limits, alerts]
         reply = await self._run("budget", tag, fields)
         return fmt.balance(reply[1], reply[2])
+
+    def _now_ms(self) -> int:
+        """This client's idea of now (the scripts use Redis time; boundaries are computed around this)."""
+        return self._clock() if self._clock is not None else time.time_ns() // 1_000_000
 
     # --- reads --------------------------------------------------------------------------------
 
     async def balances(self, scope_prefix: str | None = None, unit: str | None = None) -> list[dict[str, Any]]:
+        """Budgets as of now (a read script on Redis time: an ended period shows its new one, a rate-limited
+        budget what each window holds, `burn`)."""
         out = []
         for tag in await self._tags(scope_prefix):
-            raw = await self._redis(self._client.hgetall(self._keys(tag)[0]))
-            for field, text in raw.items():
-                b = fmt.balance(field, text)
-                if _under(b["scope"], scope_prefix) and (unit is None or b["unit"] == unit):
-                    out.append(b)
+            out += fmt.read_balances(await self._run("read", tag, [scope_prefix or "", unit or ""]))
         return sorted(out, key=lambda b: (b["scope"], b["unit"]))
 
     async def _reservations(self, tag: str, ids: list[str]) -> list[dict[str, Any]]:
@@ -902,7 +953,19 @@ class RedisStore(Store, SupportsSweep):
         for tag in await self._tags():
             reply = await self._run("sweep", tag, [limit])
             total += int(reply[1])
+            await self._top_up_bounds(tag, reply[3:])
         return total
+
+    async def _top_up_bounds(self, tag: str, last: list[str]) -> None:
+        """Keep each calendar period's boundaries (the scripts cannot read the time-zone database) months
+        ahead: `last` is each period's last known boundary (period, ms, …, as the sweep saw them); a list
+        whose end is less than `_BOUNDS_LOW_MS` away is written again from now on."""
+        now = self._now_ms()
+        for period, end in zip(last[::2], last[1::2], strict=True):
+            every, _, tz = period.partition(":")
+            if every in _BOUNDS_LOW_MS and (not end or int(end) - now < _BOUNDS_LOW_MS[every]):
+                bounds = ",".join(map(str, calendar_bounds({"every": every, "tz": tz}, now)))
+                await self._redis(self._client.hset(self._keys(tag)[7], period, bounds))
 
     async def verify(self) -> list[str]:
         """Rebuild each budget's reserved (from ACTIVE reservations) and spent+debt (from the event log,
@@ -927,7 +990,7 @@ class RedisStore(Store, SupportsSweep):
             if complete:
                 async for _sid, fields in self._stream(keys[3]):
                     kind = fields["type"]
-                    if kind not in ("committed", "debited"):
+                    if kind not in ("committed", "debited", "period_reset"):
                         continue
                     r = found.get(fields.get("rid", ""))
                     if kind == "committed" and r is None:  # pruned after its retention
@@ -935,7 +998,7 @@ class RedisStore(Store, SupportsSweep):
                         break
                     data = json.loads(fields.get("data") or "{}")
                     for unit, amount, scopes in operations.charges_of(
-                        kind, fields["unit"], int(fields["amount"]), data, r
+                        kind, fields["unit"], int(fields["amount"]), data, r, fields.get("scope")
                     ):
                         for s in scopes:
                             charged[(s, unit)] = charged.get((s, unit), 0) + amount
@@ -979,6 +1042,21 @@ class RedisStore(Store, SupportsSweep):
             for entry in entries:
                 yield entry
             start = f"({entries[-1][0]}"
+
+    # --- keyed state (the notifier's cursor, lease and dead letters) --------------------------------
+
+    async def state_get(self, key: str) -> str | None:
+        value = await self._redis(self._client.hget(self._state_key, key))
+        return None if value is None else str(value)
+
+    async def state_put(self, key: str, value: str | None, expected: str | None) -> bool:
+        _check_text(key, "state key")
+        args = [key, "0" if expected is None else "1", expected or "", "0" if value is None else "1", value or ""]
+        return bool(await self._redis(self._client.eval(_STATE_CAS, 1, self._state_key, *args)))
+
+    async def state_list(self, prefix: str) -> dict[str, str]:
+        found = await self._redis(self._client.hgetall(self._state_key))
+        return {k: found[k] for k in sorted(found) if k.startswith(prefix)}
 
     async def aclose(self) -> None:
         if self._closed:

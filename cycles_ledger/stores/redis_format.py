@@ -8,43 +8,51 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..rules import BudgetState, ReservationState
+from ..rules import ReservationState
 
 __all__ = [
     "SEP",
+    "alerts_text",
     "amounts_text",
     "balance",
     "balances",
     "event",
     "event_id",
     "holds",
+    "limits_text",
+    "period_text",
+    "read_balances",
     "record",
     "reservation",
     "stream_id",
 ]
 
 SEP = "\x1f"  # joins the fields of a script's arguments and of the answers kept for replays
-
-_TEXT_FIELDS = {"scope", "unit", "allocated", "spent", "reserved", "debt", "overdraft_limit", "remaining"}
-_TEXT_FIELDS |= {"is_over_limit", "status", "caps"}
-# What the Python engine's balances carry beyond what a budget text keeps (the time policies the Redis store
-# does not keep yet: `Store.time_policies`), at their defaults.
-_UNKEPT = {k: v for k, v in BudgetState("", "", 0).as_balance().items() if k not in _TEXT_FIELDS}
+_PLAIN: dict[str, Any] = {}  # a budget without time policies shows no time fields (BudgetState.as_balance)
+_ON_EXCEED = {"t": "throttle", "f": "freeze"}
 
 
 def balance(field: str, text: str) -> dict[str, Any]:
-    """One budget from its hash field `scope|unit` and text `a s r d o x STATUS [caps JSON]`."""
+    """One budget from its hash field `scope|unit` and text `a s r d o x STATUS[ ~time][ caps JSON]`."""
     return balances([field, text], 0)[0]
 
 
-def balances(flat: list[Any], start: int) -> list[dict[str, Any]]:
-    """The budgets a script reply lists from `start` as (field, text) pairs, parsed in one loop: every
-    reply carries them, so this is one of the hottest paths of the client."""
+def balances(flat: list[Any], start: int, step: int = 2) -> list[dict[str, Any]]:
+    """The budgets a script reply lists from `start` as (field, text) pairs (or longer groups: `step`),
+    parsed in one loop: every reply carries them, so this is one of the hottest paths of the client."""
     out = []
-    for i in range(start, len(flat), 2):
+    for i in range(start, len(flat), step):
         scope, _, unit = flat[i].rpartition("|")
         parts = flat[i + 1].split(" ", 7)
         a, s, r, d = int(parts[0]), int(parts[1]), int(parts[2]), int(parts[3])
+        caps: Any = None
+        timed = _PLAIN
+        if len(parts) > 7:
+            rest = parts[7]
+            if rest[0] == "~":
+                token, _, rest = rest.partition(" ")
+                timed = _timing(token)
+            caps = json.loads(rest) if rest else None
         out.append(
             {
                 "scope": scope,
@@ -57,11 +65,79 @@ def balances(flat: list[Any], start: int) -> list[dict[str, Any]]:
                 "remaining": a - s - r - d,
                 "is_over_limit": parts[5] == "1",
                 "status": parts[6],
-                "caps": json.loads(parts[7]) if len(parts) > 7 else None,
-                **_UNKEPT,
+                "caps": caps,
+                **timed,
             }
         )
     return out
+
+
+def read_balances(flat: list[Any]) -> list[dict[str, Any]]:
+    """The budgets of a `read` reply (field, text, burn), with `burn` for the rate-limited ones."""
+    out = balances(flat, 1, 3)
+    for b, i in zip(out, range(3, len(flat), 3), strict=True):
+        if flat[i]:
+            b["burn"] = [int(n) for n in flat[i].split(",")]
+    return out
+
+
+def _timing(token: str) -> dict[str, Any]:
+    """A budget's time text `~period;start;end;limits;alerts;fired;window` as its balance fields (none when it
+    keeps only what fired before its alerts were removed)."""
+    period, start, end, limits, alerts, _fired, _window = token[1:].split(";")
+    if not (period or limits or alerts):
+        return _PLAIN
+    spec: dict[str, Any] | None = None
+    if period:
+        every, plus, anchor = period.partition("+")
+        if plus:
+            spec = {"every_ms": int(every), "anchor_ms": int(anchor)}
+        else:
+            every, _, tz = period.partition(":")
+            spec = {"every": every, "tz": tz}
+    return {
+        "period": spec,
+        "period_start_ms": int(start) if start else None,
+        "period_end_ms": int(end) if end else None,
+        "rate_limits": [
+            {"amount": int(a), "window_ms": int(w), "on_exceed": _ON_EXCEED[how]}
+            for a, w, how in (lim.split(":") for lim in limits.split(","))
+        ]
+        if limits
+        else None,
+        "alerts": [int(t) for t in alerts.split(",")] if alerts else None,
+    }
+
+
+def period_text(spec: dict[str, Any] | None) -> str:
+    """A command's period for a script: `daily:<tz>` (weekly, monthly) or `<every_ms>+<anchor_ms>`; `-` for
+    none (removed), '' when not given."""
+    if spec is None:
+        return ""
+    if not spec:
+        return "-"
+    if "every_ms" in spec:
+        return f"{int(spec['every_ms'])}+{int(spec.get('anchor_ms') or 0)}"
+    return f"{spec['every']}:{spec.get('tz') or 'UTC'}"
+
+
+def limits_text(limits: list[dict[str, Any]] | None) -> str:
+    """Rate limits for a script: `amount:window_ms:t|f`, comma-separated; `-` for none, '' when not given."""
+    if limits is None:
+        return ""
+    if not limits:
+        return "-"
+    return ",".join(
+        f"{int(lim['amount'])}:{int(lim['window_ms'])}:{'f' if lim.get('on_exceed') == 'freeze' else 't'}"
+        for lim in limits
+    )
+
+
+def alerts_text(alerts: list[int] | None) -> str:
+    """Alert thresholds for a script, comma-separated; `-` for none, '' when not given."""
+    if alerts is None:
+        return ""
+    return ",".join(str(int(t)) for t in sorted(alerts)) or "-"
 
 
 def holds(text: str | None) -> list[tuple[str, int, int | None, list[str]]]:
@@ -83,6 +159,7 @@ def record(rid: str, text: str) -> ReservationState:
     """A reservation from its record alone; its key, subject, action and affected scopes live in `<rid>|s`
     (read for listings only) and are left empty here."""
     st, u, e, op, c0, x, g, _dl, n, ch, fin, sp, *rest = text.split(" ")
+    op, windowed, _ = op.partition(":")
     budgeted = rest[0] if rest else ""
     extra = {
         unit: {"amount": amount, "scopes": scopes, "charged": charged}
@@ -107,6 +184,7 @@ def record(rid: str, text: str) -> ReservationState:
         finalized_at_ms=int(fin) if fin != "-1" else None,
         extension_count=int(n),
         extra=extra or None,
+        windowed=bool(windowed),
     )
 
 

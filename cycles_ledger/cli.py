@@ -25,6 +25,9 @@ from .errors import ConfigError, CyclesError
 from .ledger import Ledger, open_ledger
 from .models import Amount, Balance, LedgerEvent, Reservation, Unit, format_amount
 from .notify import Notifier, webhooks_from_settings
+from .report import build_report, parse_by, render_csv, render_json, render_table
+from .report_html import render_html
+from .top import run as run_top
 
 __all__ = ["main"]
 
@@ -302,6 +305,22 @@ async def _alerts(ledger: Ledger, args: argparse.Namespace) -> int:
         await notifier.aclose()
 
 
+async def _report(ledger: Ledger, args: argparse.Namespace) -> int:
+    report = await build_report(
+        ledger, by=parse_by(args.by), scope=args.scope, since=args.since, until=args.until, depth=args.depth
+    )
+    if args.html:
+        Path(args.html).write_text(render_html(report, stack=args.stack), encoding="utf-8")
+        print(f"wrote {args.html}", file=sys.stderr)
+    print(render_csv(report) if args.csv else render_json(report) if args.json else render_table(report))
+    return 0
+
+
+async def _top(ledger: Ledger, args: argparse.Namespace) -> int:
+    await run_top(ledger, scope=args.scope, minutes=args.minutes, interval=args.interval, once=args.once)
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cycles", description="Budget authority ledger for AI agents.")
     p.add_argument("--store", help="store URL (default: $CYCLES_STORE, else store: of the settings file)")
@@ -387,10 +406,28 @@ def _parser() -> argparse.ArgumentParser:
     al.add_argument("--json", action="store_true")
     al.set_defaults(fn=_alerts)
     sub.add_parser("verify", help="reconcile balances with reservations and events").set_defaults(fn=_verify)
+    rp = sub.add_parser("report", help="spend by scope, model, route and day from the event log")
+    rp.add_argument("--scope", help="only this scope and below")
+    rp.add_argument("--since", help="from this UTC date (2026-12-01) or ISO date-time")
+    rp.add_argument("--until", help="up to this UTC date (included) or ISO date-time (excluded)")
+    rp.add_argument("--by", action="append", help="group keys, combinable: scope,model,route,day (default scope,model)")
+    rp.add_argument("--depth", type=int, help="cut scopes to this many levels (1: tenants)")
+    out = rp.add_mutually_exclusive_group()
+    out.add_argument("--csv", action="store_true")
+    out.add_argument("--json", action="store_true")
+    rp.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report with charts")
+    rp.add_argument("--stack", choices=["model", "scope"], default="model", help="what the HTML chart stacks by")
+    rp.set_defaults(fn=_report)
+    tp = sub.add_parser("top", help="live balances, burn rates and spend per minute (Ctrl-C quits)")
+    tp.add_argument("--scope", help="only this scope and below")
+    tp.add_argument("--minutes", type=int, default=10, help="spend per minute over this many minutes (default 10)")
+    tp.add_argument("--interval", type=float, default=1.0, help="seconds between frames (default 1)")
+    tp.add_argument("--once", action="store_true", help="print one frame and exit")
+    tp.set_defaults(fn=_top)
     return p
 
 
-_READS = frozenset({"balances", "reservations", "events", "verify", "notify", "alerts"})
+_READS = frozenset({"balances", "reservations", "events", "verify", "notify", "alerts", "report", "top"})
 
 
 def _missing_sqlite_file(url: str) -> Path | None:

@@ -192,9 +192,9 @@ def frame(
         out.append(f"  {_clock(m, '%H:%M')}   {cells}  {_paint(_bar([(sums[first][i], '#')], peak, 20), _DIM, colour)}")
     for u in units:
         total = sum(sums[u])
-        out.append(
-            f"  {unit_name(u)}: {show(total, u)} in {recent.minutes} min, {show(total // recent.minutes, u)}/min"
-        )
+        rate = total // recent.minutes
+        rate -= rate % 10_000 if u is Unit.USD_MICROCENTS else 0  # to a hundredth of a cent
+        out.append(f"  {unit_name(u)}: {show(total, u)} in {recent.minutes} min, {show(rate, u)}/min")
     tops = recent.top_scopes(first)
     if tops:
         out.append(f"  top scopes ({unit_name(first)}): " + ", ".join(f"{s} {show(v, first)}" for s, v in tops))

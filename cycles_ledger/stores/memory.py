@@ -205,7 +205,8 @@ class MemoryTxn(Txn):
             for b in {**self.state.budgets, **self.budgets_w}.values()
             if b.period_end_ms is not None and b.period_end_ms <= now
         ]
-        return [_copy_budget(b) for b in sorted(due, key=lambda b: b.period_end_ms or 0)[:limit]]
+        due.sort(key=lambda b: (b.period_end_ms or 0, b.scope, b.unit))  # ties in the order of Txn.budgets
+        return [_copy_budget(b) for b in due[:limit]]
 
     def all_budgets(self, scope_prefix: str | None, unit: str | None) -> list[rules.BudgetState]:
         merged = {**self.state.budgets, **self.budgets_w}

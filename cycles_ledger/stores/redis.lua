@@ -58,6 +58,8 @@
 -- never raises after its first write: a refusal is the entry {"err", CODE, message, details JSON}, so
 -- the writes made on purpose (expiring overdue holds) stay and nothing else was written. A Lua error
 -- (a bug) is caught per operation and comes back as {"raise", message}, for that operation's caller only.
+-- {"bounds", period}: the operation met a calendar period whose stored boundaries do not reach now and did
+-- nothing else (but its expiry of overdue holds); the client stores new ones and runs it again.
 -- The operations' writes to the two hashes and the three zsets are gathered and made once, at the end of
 -- the script call (see the write-back cache); events and idempotency records are written at once.
 --
@@ -661,8 +663,8 @@ end
 
 -- --- time: periods and spend logs (rules.roll_period, operations._load, the Txn's spend window) ---
 -- A period's [start, end) around now (timing.period_bounds): a fixed duration counted from its anchor, or a
--- calendar period from the boundaries the client stored (read once per script call); nil when those do not
--- reach now (the sweeper keeps them months ahead).
+-- calendar period from the boundaries the client stored (read once per script call, months of them); nil when
+-- those do not reach now.
 local BOUNDS = {}
 local function period_bounds(period)
   local step, anchor = match(period, '^(%d+)%+(%d+)$')
@@ -686,12 +688,14 @@ end
 
 -- At the first touch after its period's end a budget's spent starts again from zero; holds keep their amount,
 -- debt carries over. Returns the closed period ({start, stop, allocated, spent, debt, reserved}) or nil
--- (rules.roll_period); nil too while a calendar period's next boundary is not known (then it waits for it).
+-- (rules.roll_period). When a calendar period's stored boundaries do not reach now, the operation stops here
+-- (before its own writes: a roll-over comes first) and answers {"bounds", period}: the client stores new
+-- ones and runs it again (run_batch).
 local function roll_period(b)
   local tm = b.tm
   if tm == nil or tm.period == nil or tm.period_end == nil or NOW < tm.period_end then return nil end
   local start, stop = period_bounds(tm.period)
-  if start == nil then return nil end
+  if start == nil then error({bounds = tm.period}) end
   local closed = {start = tm.period_start, stop = tm.period_end, allocated = b.allocated, spent = b.spent,
                   debt = b.debt, reserved = b.reserved}
   tm.period_start, tm.period_end, tm.fired = start, stop, nil
@@ -914,7 +918,10 @@ local function fields_of(text)
 end
 
 local function raised(err)
-  if type(err) == 'table' then err = err.err end
+  if type(err) == 'table' then
+    if err.bounds then return {'bounds', err.bounds} end
+    err = err.err
+  end
   return {'raise', tostring(err)}
 end
 
@@ -930,7 +937,7 @@ local function run_batch(op)
     KEY, F, TEXT = ARGV[i + 1], fields_of(ARGV[i + 2]), ARGV[i + 3]
     local ok, reply = pcall(op)
     if not ok then reply = raised(reply) end
-    if reply[1] == 'err' or reply[1] == 'raise' then
+    if reply[1] == 'err' or reply[1] == 'raise' or reply[1] == 'bounds' then
       DECODED, ROLLED = {}, {} -- it may have changed budgets it did not save; its roll-overs are not kept
     elseif ROLLED[1] then
       local done, err = pcall(write_rolls)
@@ -1956,8 +1963,7 @@ OPS.budget = function()
 end
 
 --@@ sweep
--- F: limit. Reply: {"sweep", expired, pruned, then each calendar period's last known boundary: period, ms, …}
--- (the client tops up the boundaries that run low).
+-- F: limit. Reply: {"sweep", expired, pruned}.
 OPS.sweep = function()
   local limit = tonumber(F[1])
   local n = expire_due(limit)
@@ -1990,13 +1996,7 @@ OPS.sweep = function()
     rcall('ZREM', IDS_KEY, rid)
     rcall('ZREM', FINALIZED_KEY, rid)
   end
-  local out = {'sweep', n, #old}
-  local bounds = rcall('HGETALL', BOUNDS_KEY)
-  for i = 1, #bounds, 2 do
-    out[#out + 1] = bounds[i]
-    out[#out + 1] = match(bounds[i + 1], '(%d*)$')
-  end
-  return out
+  return {'sweep', n, #old}
 end
 
 --@@ read

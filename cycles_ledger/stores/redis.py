@@ -82,10 +82,9 @@ _CLUSTER_IN_FLIGHT = 64  # below redis-py's 100 connections per cluster node
 _BATCH_MAX = 128  # operations per script call: bounds how long one call holds the server
 Clock = Callable[[], int]
 # Calendar periods: how many boundaries ahead of now the scripts know (about four months of days, a year of
-# weeks, two years of months); the sweeper tops a list up when fewer than half are left. The first one is a
-# period before now less this margin, so a server clock a little behind the client's still finds its period.
+# weeks, two years of months); a script that runs past the last one asks for more ("bounds"). The first one is
+# a period before now less this margin, so a server clock a little behind the client's still finds its period.
 _BOUNDS_AHEAD = {"daily": 120, "weekly": 56, "monthly": 24}
-_BOUNDS_LOW_MS = {"daily": 60 * 86_400_000, "weekly": 28 * 7 * 86_400_000, "monthly": 12 * 28 * 86_400_000}
 _BOUNDS_MARGIN_MS = 2 * 86_400_000
 # Compare-and-set of one notifier record (SupportsState): KEYS[1] the state hash; ARGV key, "1" and the
 # expected value (or "0": absent), "1" and the new value (or "0": delete). Returns 1 when it wrote.
@@ -592,7 +591,26 @@ class RedisStore(Store, SupportsSweep, SupportsState):
             _check_text(text, "text")
         now = "" if self._clock is None else str(self._clock())
         joined = SEP.join(["" if f is None else f if f.__class__ is str else str(f) for f in fields])
-        return script_reply(await self._call((op, tag, now, idem, key, joined, text)))
+        call = (op, tag, now, idem, key, joined, text)
+        reply = script_reply(await self._call(call))
+        stored: set[str] = set()
+        while reply[0] == "bounds":  # a calendar period ran past its stored boundaries: nothing else was done
+            if reply[1] in stored:
+                raise StoreUnavailableError(
+                    f"Redis ledger unavailable: the boundaries of period {reply[1]} computed here do not reach "
+                    "the Redis server's time; are the clocks of this host and the server far apart?"
+                )
+            stored.add(reply[1])
+            await self._store_bounds(tag, reply[1])
+            reply = script_reply(await self._call(call))
+        return reply
+
+    async def _store_bounds(self, tag: str, period: str) -> None:
+        """The coming boundaries of a calendar period (`daily:Europe/Paris`), from the time-zone database the
+        scripts cannot read, for the tag's budgets with that period."""
+        every, _, tz = period.partition(":")
+        bounds = ",".join(map(str, calendar_bounds({"every": every, "tz": tz}, self._now_ms())))
+        await self._redis(self._client.hset(self._keys(tag)[7], period, bounds))
 
     async def _register(self, tag: str, *, always: bool = False) -> None:
         """Remember a tag in the (unslotted) set of tags, so listings and the sweeper can find it. Runtime
@@ -953,19 +971,7 @@ class RedisStore(Store, SupportsSweep, SupportsState):
         for tag in await self._tags():
             reply = await self._run("sweep", tag, [limit])
             total += int(reply[1])
-            await self._top_up_bounds(tag, reply[3:])
         return total
-
-    async def _top_up_bounds(self, tag: str, last: list[str]) -> None:
-        """Keep each calendar period's boundaries (the scripts cannot read the time-zone database) months
-        ahead: `last` is each period's last known boundary (period, ms, …, as the sweep saw them); a list
-        whose end is less than `_BOUNDS_LOW_MS` away is written again from now on."""
-        now = self._now_ms()
-        for period, end in zip(last[::2], last[1::2], strict=True):
-            every, _, tz = period.partition(":")
-            if every in _BOUNDS_LOW_MS and (not end or int(end) - now < _BOUNDS_LOW_MS[every]):
-                bounds = ",".join(map(str, calendar_bounds({"every": every, "tz": tz}, now)))
-                await self._redis(self._client.hset(self._keys(tag)[7], period, bounds))
 
     async def verify(self) -> list[str]:
         """Rebuild each budget's reserved (from ACTIVE reservations) and spent+debt (from the event log,

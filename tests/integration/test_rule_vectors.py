@@ -164,12 +164,11 @@ async def _run(side: Side, step: Step, n: int) -> Any:
     if kind == "sweep":
         assert isinstance(store, SupportsSweep)
         return await store.expire_due(step[1])
-    # budget changes: ("set", scope, unit, amount, overdraft, caps), ("fund", scope, unit, amount), (op, scope, unit)
+    # budget changes: ("set", scope, unit, amount, overdraft, caps[, period, rate limits, alerts]),
+    # ("fund", scope, unit, amount), (op, scope, unit)
     op, scope, unit, *rest = step
-    amount = rest[0] if rest else None
-    overdraft = rest[1] if len(rest) > 1 else None
-    caps = rest[2] if len(rest) > 2 else None
-    return await store.change_budget(BudgetCommand(op, scope, unit, amount, overdraft, caps))
+    amount, overdraft, caps, period, limits, alerts = [*rest, None, None, None, None, None, None][:6]
+    return await store.change_budget(BudgetCommand(op, scope, unit, amount, overdraft, caps, period, limits, alerts))
 
 
 # --- normalizing ----------------------------------------------------------------------------------------
@@ -224,7 +223,8 @@ async def _books(side: Side) -> Any:
 async def sides(redis_server: RedisTarget) -> AsyncIterator[tuple[Side, Side, FakeClock]]:
     clock = FakeClock()
     memory = MemoryStore(clock=clock)
-    redis = RedisStore.from_url(redis_server.url(), clock=clock)
+    # Finalized reservations are kept as long as the memory store keeps them (the vectors jump years ahead).
+    redis = RedisStore.from_url(redis_server.url(), clock=clock, retention_ms=100 * 365 * 86_400_000)
     try:
         yield Side(memory), Side(redis), clock
     finally:
@@ -252,6 +252,9 @@ async def _agree(sides: tuple[Side, Side, FakeClock], steps: list[Step]) -> None
     for n, step in enumerate(steps):
         if step[0] == "advance":
             clock.advance(step[1])
+            continue
+        if step[0] == "at":
+            clock.now = step[1]
             continue
         want = await _outcome(python, step, n)
         got = await _outcome(lua, step, n)
@@ -449,10 +452,219 @@ NAMED: dict[str, list[Step]] = {
 }
 
 
-@pytest.mark.parametrize("name", list(NAMED))
+# --- time: periods, rate limits, alerts, debt ------------------------------------------------------------
+
+DAY, HOUR, MIN = 86_400_000, 3_600_000, 60_000
+PARIS_SAT_2330 = 1_806_186_600_000  # 2027-03-27 23:30 in Paris; the next day is 23 hours long (summer time)
+PARIS_AUTUMN_2330 = 1_824_931_800_000  # 2027-10-30 23:30 in Paris; the next day is 25 hours long
+NEW_YORK_FEB_END = 1_803_877_140_000  # 2027-02-28 23:59 in New York
+
+
+def _every(ms: int, anchor: int = 0) -> dict[str, int]:
+    return {"every_ms": ms, "anchor_ms": anchor}
+
+
+def _cal(every: str, tz: str) -> dict[str, str]:
+    return {"every": every, "tz": tz}
+
+
+def _lim(amount: int, window_ms: int, *, freeze: bool = False) -> dict[str, Any]:
+    return {"amount": amount, "window_ms": window_ms, "on_exceed": "freeze" if freeze else "throttle"}
+
+
+def _set(
+    scope: str,
+    unit: str,
+    amount: int,
+    *,
+    overdraft: int | None = None,
+    caps: dict[str, Any] | None = None,
+    period: dict[str, Any] | None = None,
+    limits: list[dict[str, Any]] | None = None,
+    alerts: list[int] | None = None,
+) -> Step:
+    return ("set", scope, unit, amount, overdraft, caps, period, limits, alerts)
+
+
+TIMED: dict[str, list[Step]] = {
+    "a period rolls over at the first write after its end; holds keep their amount, debt carries over": [
+        _set(TOP, USD, 1000, overdraft=300, period=_every(10_000)),
+        _set(TOP, TOK, 500, period=_every(4_000, 1_000)),
+        _set(WS, USD, 800),
+        _res(0, USD, 300),
+        _com(0, USD, 300),
+        _res(0, USD, 200, ttl=100_000),
+        _res(0, USD, 400, policy="ALLOW_WITH_OVERDRAFT"),
+        _com(0, USD, 600),
+        ("advance", 10_000),
+        _dec(1, USD, 10),
+        ("note", "denied", TOP, "PRICE_UNKNOWN", None),
+        _res(1, USD, 10),
+        _res(1, USD, 10),
+        ("fund", TOP, USD, 500),
+        _res(1, USD, 10),
+        ("advance", 35_000),
+        _evt(1, USD, 5),
+        _com(2, USD, 150),
+        ("advance", 10_000),
+        ("sweep", 1000),
+        ("sweep", 1000),
+        ("advance", 2_000),
+        ("extend", 0, 1000, None, None),
+        ("release", 0, None, None),
+        _set(TOP, USD, 1000, period={}),
+        ("advance", 20_000),
+        _res(1, USD, 10, also=((TOK, 7),)),
+        _set(TOP, USD, 1000, period=_every(7_000, 3)),
+        _set(TOP, USD, 900, period=_every(7_000, 3)),
+        ("advance", 7_000),
+        ("close", TOP, USD),
+        ("advance", 7_000),
+        _set(TOP, USD, 5),
+    ],
+    "calendar periods: 23 and 25-hour days in Paris, a month in New York, a week in Tokyo": [
+        ("at", PARIS_SAT_2330),
+        _set(TOP, USD, 1000, period=_cal("daily", "Europe/Paris")),
+        _set(WS, USD, 1000, period=_cal("monthly", "America/New_York")),
+        _set(AGENT, USD, 1000, period=_cal("weekly", "Asia/Tokyo")),
+        _set(AGENT, TOK, 1000, period=_cal("daily", "Europe/Paris")),
+        _res(2, USD, 100, also=((TOK, 10),)),
+        _com(0, USD, 100),
+        ("advance", 30 * MIN),
+        _res(2, USD, 100),
+        ("advance", 1),
+        _res(2, USD, 100),
+        _com(0, USD, 90),
+        ("advance", 23 * HOUR - 2),
+        _evt(2, USD, 20),
+        ("advance", 1),
+        _evt(2, USD, 20),
+        ("at", NEW_YORK_FEB_END + 32 * DAY),
+        _evt(2, USD, 20),
+        ("sweep", 1000),
+        ("advance", 200 * DAY),
+        _dec(2, USD, 10),
+        _res(2, USD, 10),
+        ("advance", 400 * DAY),
+        ("sweep", 1000),
+        ("at", PARIS_AUTUMN_2330),
+        _set(TOP, USD, 1000, period=_cal("daily", "Europe/Paris")),
+        _set(TOP, USD, 1000, period=_cal("weekly", "Europe/Paris")),
+        _set(TOP, USD, 1000, period=_cal("daily", "Europe/Paris")),
+        ("advance", 30 * MIN),
+        _evt(0, USD, 1),
+        ("advance", 25 * HOUR - 1),
+        _evt(0, USD, 1),
+        ("advance", 1),
+        _evt(0, USD, 1),
+    ],
+    "rate limits: the window counts holds, then charges; releases and expiry leave it; retry_after_ms": [
+        _set(TOP, USD, 100_000, limits=[_lim(100, 10_000)]),
+        _set(WS, USD, 100_000, limits=[_lim(60, 3_000), _lim(150, 30_000)]),
+        _res(1, USD, 40),
+        ("advance", 1000),
+        _res(1, USD, 15, ttl=1500),
+        ("advance", 1000),
+        _res(1, USD, 30),
+        _dec(1, USD, 30),
+        _res(1, USD, 30, dry=True, key="d"),
+        _res(1, USD, 30, dry=True, key="d"),
+        _com(1, USD, 10),
+        _res(1, USD, 30),
+        ("advance", 1000),
+        _res(1, USD, 30),
+        ("release", 0, "done", None),
+        _res(1, USD, 30),
+        _evt(1, USD, 45),
+        _res(1, USD, 1),
+        _res(1, USD, 200),
+        _res(0, USD, 101),
+        ("advance", 3000),
+        _res(1, USD, 20, also=((TOK, 5),)),
+        _com(0, USD, 25),
+        ("advance", 30_000),
+        _res(1, USD, 60),
+        _res(1, USD, 1),
+    ],
+    "freeze: the breaker trips once, dry runs never trip it, a limit on another unit's budget names it": [
+        _set(TOP, USD, 10_000, limits=[_lim(50, MIN, freeze=True)]),
+        _set(AGENT, TOK, 10_000, limits=[_lim(100, MIN, freeze=True), _lim(1000, HOUR)]),
+        _res(2, USD, 60, dry=True),
+        _res(2, USD, 30, also=((TOK, 60),)),
+        _res(2, USD, 10, also=((TOK, 60),)),
+        _res(2, USD, 10),
+        _res(2, USD, 10, also=((TOK, 1),)),
+        _res(2, USD, 30),
+        _res(2, USD, 1),
+        _evt(2, USD, 5),
+        ("unfreeze", TOP, USD),
+        ("advance", MIN + 1),
+        _res(2, USD, 1),
+        ("unfreeze", AGENT, TOK),
+        _evt(2, USD, 5, also=((TOK, 500),)),
+        _res(2, USD, 1, also=((TOK, 1),)),
+        ("advance", MIN),
+        _res(2, USD, 1, also=((TOK, 1),)),
+    ],
+    "alerts fire once per period; a charge that makes debt is a debt event": [
+        _set(TOP, USD, 1000, overdraft=500, period=_every(MIN), alerts=[50, 80, 100, 150]),
+        _set(WS, USD, 200, alerts=[90, 200]),
+        _res(1, USD, 100),
+        _com(0, USD, 450),
+        _evt(1, USD, 100),
+        _evt(1, USD, 100),
+        _res(1, USD, 100, policy="ALLOW_WITH_OVERDRAFT"),
+        _com(0, USD, 600),
+        _evt(1, USD, 1, policy="RECORD_ALL"),
+        ("advance", MIN),
+        ("fund", TOP, USD, 400),
+        _evt(1, USD, 700, policy="RECORD_ALL"),
+        _set(TOP, USD, 3000),
+        _evt(1, USD, 1, policy="RECORD_ALL"),
+        _set(TOP, USD, 3000, alerts=[]),
+        _evt(1, USD, 2000, policy="RECORD_ALL"),
+        _set(TOP, USD, 3000, alerts=[10]),
+        _evt(1, USD, 1, policy="RECORD_ALL"),
+        ("sweep", 1000),
+        ("advance", MIN),
+        ("sweep", 1000),
+        _evt(1, USD, 1, policy="RECORD_ALL"),
+    ],
+    "changed limits are summed again; removed limits keep the log; a clock that goes back": [
+        _set(TOP, USD, 100_000, limits=[_lim(100, 10_000)]),
+        _res(0, USD, 40),
+        ("advance", 4_000),
+        _evt(0, USD, 30),
+        ("advance", 4_000),
+        _set(TOP, USD, 100_000, limits=[_lim(50, 5_000), _lim(100, 10_000)]),
+        _res(0, USD, 25),
+        _set(TOP, USD, 100_000, limits=[]),
+        _com(1, USD, 5),
+        _res(0, USD, 500),
+        ("advance", 1_000),
+        _set(TOP, USD, 100_000, limits=[_lim(120, 10_000)]),
+        _res(0, USD, 1),
+        ("advance", -6_000),
+        _res(0, USD, 1),
+        _evt(0, USD, 1),
+        ("advance", 16_000),
+        _res(0, USD, 100),
+        ("release", 0, None, None),
+        _res(0, USD, 120),
+        ("advance", 60_000),
+        _evt(0, USD, 60),
+        ("advance", 10_000),
+        _evt(0, USD, 10),
+        ("advance", -1),
+        _res(0, USD, 85),
+    ],
+}
+
+
+@pytest.mark.parametrize("name", list(NAMED) + list(TIMED))
 async def test_named_vector(sides: tuple[Side, Side, FakeClock], name: str) -> None:
     """Each named rule answers alike in Python and in Lua."""
-    await _agree(sides, NAMED[name])
+    await _agree(sides, NAMED.get(name) or TIMED[name])
 
 
 # --- seeded random vectors ----------------------------------------------------------------------------
@@ -588,3 +800,82 @@ def _random_vector(seed: int, count: int) -> list[Step]:
 async def test_random_vector(sides: tuple[Side, Side, FakeClock], seed: int) -> None:
     """Seeded random sequences of every operation answer alike in Python and in Lua."""
     await _agree(sides, _random_vector(seed, 400))
+
+
+PERIODS: list[dict[str, Any] | None] = [
+    None,
+    None,
+    {},
+    _every(5_000),
+    _every(MIN, 7),
+    _cal("daily", "UTC"),
+    _cal("daily", "Europe/Paris"),
+    _cal("weekly", "Asia/Tokyo"),
+    _cal("monthly", "America/New_York"),
+]
+LIMITS: list[list[dict[str, Any]] | None] = [
+    None,
+    None,
+    [],
+    [_lim(300, 5_000)],
+    [_lim(400, MIN, freeze=True)],
+    [_lim(100, 2_000), _lim(600, 30_000)],
+]
+ALERTS: list[list[int] | None] = [None, None, [], [50, 100], [10, 80, 120]]
+
+
+TIMED_KINDS = ["reserve"] * 8 + ["commit"] * 5 + ["release"] * 2 + ["event"] * 3 + ["budget"] * 3
+TIMED_KINDS += ["extend", "decide", "sweep", "note", "advance", "advance", "advance", "jump"]
+
+
+def _timed_step(rng: random.Random) -> Step:
+    """A random step for the time vectors: budgets mostly set (with periods, limits and alerts) or funded,
+    rarely closed; the clock mostly moving within rate windows, sometimes across days or months, or back."""
+    kind = rng.choice(TIMED_KINDS)
+    if kind == "advance":
+        return ("advance", rng.choice([1, 100, 500, 1000, 2000, 4000]))
+    if kind == "jump":
+        return ("advance", rng.choice([MIN, HOUR, DAY, 7 * DAY, 31 * DAY, -rng.randrange(1, 3000)]))
+    if kind != "budget":
+        return _step(rng, kind)
+    scope, unit = rng.choice(SCOPES), rng.choice([USD, USD, TOK, CR])
+    op = rng.choice(["set"] * 6 + ["fund"] * 3 + ["unfreeze"] * 2 + ["freeze"] + ["close"] * (rng.random() < 0.1))
+    if op == "set":
+        amount = rng.choice([100, 500, 1000, 5000])
+        overdraft = rng.choice([None, None, 0, 200])
+        return _set(
+            scope,
+            unit,
+            amount,
+            overdraft=overdraft,
+            period=rng.choice(PERIODS),
+            limits=rng.choice(LIMITS),
+            alerts=rng.choice(ALERTS),
+        )
+    if op == "fund":
+        return ("fund", scope, unit, rng.choice([30, 200, 1000]))
+    return (op, scope, unit)
+
+
+def _random_timed_vector(seed: int, count: int) -> list[Step]:
+    rng = random.Random(seed)
+    steps: list[Step] = [
+        ("at", PARIS_SAT_2330 + rng.randrange(-DAY, DAY)),
+        _set(TOP, USD, 2000, overdraft=100, period=_every(MIN), limits=[_lim(500, 10_000)], alerts=[50, 90]),
+        _set(WS, USD, 800, period=_cal("daily", "Europe/Paris"), alerts=[100]),
+        _set(TOP, TOK, 1000, limits=[_lim(300, 5_000, freeze=True)]),
+        _set(AGENT, CR, 300, period=_every(7_000, 1_000), limits=[_lim(100, 3_000)]),
+    ]
+    while len(steps) < count:
+        step = _timed_step(rng)
+        steps.append(step)
+        if rng.random() < 0.05:
+            steps.append(step)
+    return steps
+
+
+@pytest.mark.parametrize("seed", range(20))
+async def test_random_timed_vector(sides: tuple[Side, Side, FakeClock], seed: int) -> None:
+    """Seeded random sequences with periods (fixed and calendar, the clock jumping across boundaries and back),
+    rate limits (throttle and freeze), alerts and debt answer alike in Python and in Lua."""
+    await _agree(sides, _random_timed_vector(seed, 500))

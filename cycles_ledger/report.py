@@ -213,7 +213,7 @@ class Report:
         if self.oldest_kept_ms is not None:
             kept += f"; its oldest event is from {_iso(self.oldest_kept_ms)}"
             if self.since_ms is None or self.since_ms < self.oldest_kept_ms:
-                kept += " (spend before it is not in this report)"
+                kept += " (spend before it, if any, is not in this report)"
         return f"Asked: {asked}; {found}. {kept}. Days are UTC."
 
 

@@ -13,6 +13,7 @@ import csv
 import datetime as dt
 import io
 import json
+import textwrap
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -311,9 +312,12 @@ def render_table(report: Report) -> str:
     return "\n".join(
         [
             f"Spend by {', '.join(report.by)}" + (f" under {report.scope}" if report.scope else ""),
-            report.window_text(),
-            "enforced: committed reservations (held before the call); shadow/debit: debited without a hold "
-            "(shadow mode, direct debits, expired holds).",
+            textwrap.fill(report.window_text(), 110),
+            textwrap.fill(
+                "enforced: committed reservations (held before the call); shadow/debit: debited without a hold "
+                "(shadow mode, direct debits, expired holds).",
+                110,
+            ),
             "",
             line(headers),
             rule,

@@ -70,7 +70,8 @@ def _cards(report: Report) -> str:
             f"enforced {escape(show(s.enforced, unit))} · shadow/debit {escape(show(s.debited, unit))}"
             f" · {s.calls} calls</div>"
         )
-    return f'<div class="cards">{"".join(cards) or "<div class=card>No spend in this window</div>"}</div>\n'
+    empty = '<div class="card">No spend in this window</div>'
+    return f'<div class="cards">{"".join(cards) or empty}</div>\n'
 
 
 def _days(report: Report, unit: Unit) -> list[str]:

@@ -212,15 +212,12 @@ class Run:
 # -- one LLM call through the proxy -------------------------------------------------------------
 
 
-def ask_llm(client: httpx.Client, ledger: SyncLedger, run: Run, doc: Doc, last_error: str | None) -> str:
-    """POST /v1/chat/completions with the budget subject in `x-cycles-*` headers; wait for the proxy's
-    background settle so this run's numbers are exact and reproducible (a real agent would not wait:
-    the hold covers the gap)."""
-    n = run.next_call()
+def llm_body(doc: Doc, last_error: str | None) -> dict[str, Any]:
+    """The agent's chat request for one step (also what `weekend_log.py` writes into its log)."""
     user = f"Document {doc.id} ({doc.pages} pages) needs its fields extracted."
     if last_error:
         user += f" The OCR tool failed: {last_error}."
-    body = {
+    return {
         "model": MODEL,
         "max_tokens": MAX_TOKENS,
         "messages": [
@@ -228,7 +225,14 @@ def ask_llm(client: httpx.Client, ledger: SyncLedger, run: Run, doc: Doc, last_e
             {"role": "user", "content": user},
         ],
     }
-    r = client.post("/v1/chat/completions", json=body, headers=litellm_headers())
+
+
+def ask_llm(client: httpx.Client, ledger: SyncLedger, run: Run, doc: Doc, last_error: str | None) -> str:
+    """POST /v1/chat/completions with the budget subject in `x-cycles-*` headers; wait for the proxy's
+    background settle so this run's numbers are exact and reproducible (a real agent would not wait:
+    the hold covers the gap)."""
+    n = run.next_call()
+    r = client.post("/v1/chat/completions", json=llm_body(doc, last_error), headers=litellm_headers())
     if r.status_code == 402:
         raise LlmRefused(r.json())
     r.raise_for_status()

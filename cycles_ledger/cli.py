@@ -25,8 +25,11 @@ from .errors import ConfigError, CyclesError
 from .ledger import Ledger, open_ledger
 from .models import Amount, Balance, LedgerEvent, Reservation, Unit, format_amount
 from .notify import Notifier, webhooks_from_settings
+from .replay import render_replay, replay
 from .report import build_report, parse_by, render_csv, render_json, render_table
 from .report_html import render_html
+from .spendlog import SpendLog
+from .suggest import render_suggest, suggest
 from .top import run as run_top
 
 __all__ = ["main"]
@@ -321,6 +324,45 @@ async def _top(ledger: Ledger, args: argparse.Namespace) -> int:
     return 0
 
 
+def _spend_log(args: argparse.Namespace) -> SpendLog:
+    """The log files through the LiteLLM / Langfuse readers of cycles_litellm (imported only here)."""
+    try:
+        from cycles_litellm.spend_logs import read_for_cli
+    except ImportError as exc:
+        needs = "reading spend logs needs cycles_litellm (pip install 'cycles-litellm[litellm]')"
+        raise ConfigError(f"{needs}: {exc}") from None
+    log = read_for_cli(
+        args.log,
+        log_format=args.format,
+        config=args.config,
+        subject_fields=args.subject_field,
+        subject_defaults=args.subject_default,
+        run_field=args.run_field,
+        estimates=args.estimates,
+    )
+    print(f"read {len(log.records):,} calls, skipped {len(log.skipped)} bad lines", file=sys.stderr)
+    return log
+
+
+def _replay(args: argparse.Namespace) -> int:
+    report = asyncio.run(replay(_spend_log(args), load_budgets(args.budgets), unbudgeted=args.unbudgeted))
+    print(json.dumps(report.to_json(), indent=2) if args.json else render_replay(report))
+    return 0
+
+
+def _suggest(args: argparse.Namespace) -> int:
+    s = suggest(_spend_log(args), headroom=args.headroom, window=args.window, tz=args.tz, scope_prefixes=args.scope)
+    if args.json:
+        print(json.dumps(s.to_json(), indent=2))
+    elif args.out:
+        Path(args.out).write_text(s.yaml(), encoding="utf-8")
+        print(render_suggest(s) + f"\n\nwrote {args.out} (apply with: cycles budgets apply {args.out})")
+    else:
+        print(render_suggest(s) + "\n", file=sys.stderr)
+        print(s.yaml(), end="")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cycles", description="Budget authority ledger for AI agents.")
     p.add_argument("--store", help="store URL (default: $CYCLES_STORE, else store: of the settings file)")
@@ -424,6 +466,25 @@ def _parser() -> argparse.ArgumentParser:
     tp.add_argument("--interval", type=float, default=1.0, help="seconds between frames (default 1)")
     tp.add_argument("--once", action="store_true", help="print one frame and exit")
     tp.set_defaults(fn=_top)
+    logs = argparse.ArgumentParser(add_help=False)  # reading past spend: LiteLLM's logging payload, Langfuse exports
+    logs.add_argument("log", nargs="+", help="JSONL / JSON files or directories of them (.gz too)")
+    logs.add_argument("--format", choices=["auto", "litellm", "langfuse"], default="auto")
+    logs.add_argument("--subject-field", action="append", default=[], metavar="LEVEL=PATH", help="e.g. tenant=user_id")
+    logs.add_argument("--subject-default", action="append", default=[], metavar="LEVEL=VALUE", help="e.g. tenant=acme")
+    logs.add_argument("--run-field", metavar="PATH", help="what a run is (default: run dimension, session, trace)")
+    logs.add_argument("--estimates", choices=["auto", "logged", "actual"], default="auto", help="what a call holds")
+    logs.add_argument("--json", action="store_true")
+    ry = sub.add_parser("replay", parents=[logs], help="a past spend log through a budgets file, on no real ledger")
+    ry.add_argument("--budgets", required=True, help="budgets file (configs/budgets.yaml format)")
+    ry.add_argument("--unbudgeted", choices=["allow", "deny"], default="allow", help="calls no budget applies to")
+    ry.set_defaults(offline=_replay)
+    sg = sub.add_parser("suggest", parents=[logs], help="budgets and burn-rate limits from the percentiles of a log")
+    sg.add_argument("--headroom", type=float, default=1.5, help="multiplier on the percentiles (default 1.5)")
+    sg.add_argument("--window", default="10m", help="rate-limit window (default 10m)")
+    sg.add_argument("--tz", default="UTC", help="time zone of days and daily periods (default UTC)")
+    sg.add_argument("--scope", action="append", default=[], help="only this scope and below (repeatable)")
+    sg.add_argument("--out", "-o", help="write the budgets YAML here (default: stdout, the table on stderr)")
+    sg.set_defaults(offline=_suggest)
     return p
 
 
@@ -455,6 +516,12 @@ def _store_for(args: argparse.Namespace) -> tuple[str, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if getattr(args, "offline", None) is not None:  # replay, suggest: private in-process ledgers, no store
+        try:
+            return int(args.offline(args))
+        except CyclesError as exc:
+            print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
+            return 2
     fn: Callable[[Ledger, argparse.Namespace], Awaitable[int]] = args.fn
 
     async def run(url: str) -> int:

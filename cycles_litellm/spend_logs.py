@@ -43,7 +43,7 @@ from .routes import classify
 from .settings import Settings
 from .subject import LEVELS, payer_from_request, scope_value
 
-__all__ = ["ReadOptions", "read_spend_logs"]
+__all__ = ["ReadOptions", "read_for_cli", "read_spend_logs"]
 
 Format = Literal["auto", "litellm", "langfuse"]
 Estimates = Literal["auto", "logged", "actual"]
@@ -537,3 +537,42 @@ class _Langfuse:
         if usage.get("totalCost") is not None:
             return _usd(usage["totalCost"], "usage.totalCost")
         return None
+
+
+def read_for_cli(
+    paths: Iterable[str],
+    *,
+    log_format: Format = "auto",
+    config: str | None = None,
+    subject_fields: Iterable[str] = (),
+    subject_defaults: Iterable[str] = (),
+    run_field: str | None = None,
+    estimates: Estimates = "auto",
+) -> SpendLog:
+    """`cycles replay` / `cycles suggest`: the plugin's settings (subject mapping, prices) found as the proxy
+    finds them, `level=value` options checked, then `read_spend_logs`."""
+    from cycles_ledger import ConfigError
+
+    from .settings import load_settings
+
+    def pairs(items: Iterable[str], what: str) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for item in items:
+            level, sep, value = item.partition("=")
+            if not sep or level not in LEVELS or not value:
+                raise ConfigError(f"{what} {item!r}: write <level>=<value> with a level of {', '.join(LEVELS)}")
+            out[level] = value
+        return out
+
+    options = ReadOptions(
+        format=log_format,
+        settings=load_settings(config),
+        subject_fields=pairs(subject_fields, "--subject-field"),
+        subject_defaults=pairs(subject_defaults, "--subject-default"),
+        run_field=run_field,
+        estimates=estimates,
+    )
+    for path in paths:
+        if not Path(path).exists():
+            raise ConfigError(f"no such log file or directory: {path}")
+    return read_spend_logs(paths, options)

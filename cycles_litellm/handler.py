@@ -54,6 +54,9 @@ from .estimate import (
     soft_landing,
     token_hold,
 )
+from .health import LedgerHealth, install_routes
+from .metrics import Collector, LedgerView, Stats, register
+from .observe import DecisionFields, attach, not_a_deployment_failure, record_committed, spare_prometheus
 from .routes import Route, classify
 from .settings import Settings, load_settings
 from .subject import payer_from_request
@@ -78,6 +81,7 @@ class _Pending:
     request_id: str = ""  # this request's own id: a client may send the same call id twice
     streamed: list[str] = field(default_factory=list)
     tokens: int | None = None  # the tokens held next to the dollars (None: a route not counted in tokens)
+    actual: tuple[int, dict[str, Any]] | None = None  # the charge and usage, once LiteLLM logs the success
 
 
 _ANTHROPIC_CALL_TYPES = frozenset({"anthropic_messages", "aanthropic_messages"})
@@ -114,7 +118,7 @@ def budget_error(
                 body["cycles"] = dict(details)
             return body
 
-    return CyclesProxyError(
+    refusal = CyclesProxyError(
         message=message,
         type=error_type,
         param=None,
@@ -122,6 +126,8 @@ def budget_error(
         # 402 is not retried by OpenAI or Anthropic SDKs; this header makes sure no client retries it.
         headers={"x-should-retry": "false"},
     )
+    not_a_deployment_failure(refusal)  # the router must not count it against, or cool down, a deployment
+    return refusal
 
 
 @functools.lru_cache(maxsize=1024)
@@ -197,6 +203,22 @@ class CyclesCallback(CustomLogger):
         # Reserve, heartbeat and settle as every other edge does; its retries and refusals count here.
         self.lifecycle = Lifecycle(self.ledger, retries=self.settings.settle_retries, counters=self.counters, log=log)
         self.notifier: Notifier | None = None
+        # Observability (metrics.py, health.py, observe.py): decisions and latencies counted here, the ledger's
+        # state kept by its sweeper, exposed on LiteLLM's /metrics, /cycles/health and /health/readiness.
+        self.stats = Stats(counters=self.counters)
+        self.health = LedgerHealth(self.ledger, self.settings)
+        self.view = LedgerView(self.ledger, self.settings.metrics, [h.name for h in self.settings.webhooks()])
+        self._prometheus_spared = spare_prometheus()
+        self._expose()
+
+    def _expose(self) -> None:
+        """Register the metrics collector (when prometheus_client is installed) and the health routes (when this
+        process runs LiteLLM's proxy)."""
+        try:
+            register(Collector(self.stats, self.view, self.health))
+        except CyclesError as exc:  # no prometheus_client: nothing can scrape metrics anyway
+            log.debug("cycles: metrics not exposed: %s", exc.message)
+        install_routes(self.health)
 
     async def ledger(self) -> Ledger:
         if self._ledger is None:
@@ -210,9 +232,12 @@ class CyclesCallback(CustomLogger):
                         raise StoreUnavailableError(
                             f"cannot open the ledger {self.settings.store_url()}: {exc}"
                         ) from exc
-                    led.start_sweeper(5.0)
                     self._ledger = led
+                    self.view.loop = asyncio.get_running_loop()
+                    self._spawn(self.health.run_forever())  # the sweeper, and the ledger's health
                     self._start_notifier(led)
+        elif self.view.loop is None:
+            self.view.loop = asyncio.get_running_loop()
         return self._ledger
 
     def _start_notifier(self, ledger: Ledger) -> None:
@@ -230,10 +255,13 @@ class CyclesCallback(CustomLogger):
         self, user_api_key_dict: Any, cache: Any, data: dict[str, Any], call_type: str
     ) -> dict[str, Any]:
         started = time.perf_counter()
+        if not self._prometheus_spared:
+            self._prometheus_spared = spare_prometheus()
         route = classify(str(call_type), self.settings.unmetered_routes)
         if route.kind == "free":
             if call_type in self.settings.unmetered_routes:
                 self.counters[f"unmetered:{call_type}"] += 1
+                self._decided(data, "ALLOW", "UNMETERED_ROUTE", self.settings.mode == "shadow")
                 log.info(
                     "cycles: %s let through unmetered (unmetered_routes in cycles.yaml)", _route_name(data, call_type)
                 )
@@ -304,6 +332,7 @@ class CyclesCallback(CustomLogger):
         debit_key = f"actual:{call_id}" if not client_chosen and len(call_id) <= 200 else f"actual:{uuid.uuid4().hex}"
         # The tokens the call may use are held in the same decision, for TOKENS budgets on any of its scopes.
         tokens = token_hold(est, route.kind)
+        reserving = time.perf_counter()
         try:
             hold = await self.lifecycle.reserve(
                 subject,
@@ -323,6 +352,7 @@ class CyclesCallback(CustomLogger):
                 metadata=metadata,
             )
         except StoreUnavailableError as exc:
+            self.health.mark(False, exc)
             return self._unavailable(call_id, data, exc, subject, call_type, shadow)
         except IdempotencyMismatchError:
             return self._call_id_reused(call_id, data, shadow, call_type, subject)
@@ -330,12 +360,20 @@ class CyclesCallback(CustomLogger):
             return self._refuse(
                 exc.code, exc.http_status, "invalid_request_error", exc.message, data, call_type, shadow, subject
             )
+        self.stats.reserve.observe(time.perf_counter() - reserving)
+        self.health.mark(True)
         if self._backlog and not self._flushing:  # the ledger is back: write the refusals that waited
             self._spawn(self._flush())
         r = hold.result
         headers = {"x-cycles-decision": r.decision.value, "x-cycles-scope": r.scope or subject.scope_path}
-        if r.remaining is not None:
-            headers["x-cycles-remaining"] = format_amount(r.remaining - (r.reserved.amount if r.reserved else 0), _USD)
+        left_after = r.remaining - (r.reserved.amount if r.reserved else 0) if r.remaining is not None else None
+        if left_after is not None:
+            headers["x-cycles-remaining"] = format_amount(left_after, _USD)
+        fields = self._decided(data, r.decision.value, r.reason_code, shadow, r.scope or subject.scope_path)
+        fields["call_id"] = str(call_id)
+        fields["reservation_id"] = r.reservation_id
+        fields["remaining"] = left_after if r.decision is not Decision.DENY else r.remaining
+        fields["estimate"] = r.reserved.amount if r.reserved else est.amount
         clamped = False
         if r.decision is Decision.DENY:
             if shadow:
@@ -345,6 +383,7 @@ class CyclesCallback(CustomLogger):
                 self.counters["denied"] += 1
                 unit = r.unit or _USD  # a TOKENS budget can be the one that refused
                 needs = tokens if unit is Unit.TOKENS and tokens is not None else est.amount
+                fields["unit"], fields["estimate"], fields["committed"] = unit.value, needs, 0
                 left = format_amount(r.remaining, unit) if r.remaining is not None else "unknown"
                 refusal: dict[str, Any] = {
                     "reason": r.reason_code,
@@ -379,6 +418,7 @@ class CyclesCallback(CustomLogger):
             cap = max(MIN_CAP.get(est.cap_field, 1), min(r.caps.max_tokens, est.output_cap))
             set_cap(data, est, cap)
             headers["x-cycles-max-tokens"] = str(cap)
+            fields["max_tokens"] = cap
             held = r.reserved.amount if r.reserved else est.amount
             est = dataclasses.replace(est, output_cap=cap, amount=held)
             clamped = True
@@ -473,6 +513,7 @@ class CyclesCallback(CustomLogger):
         if data.get("model"):
             note["model"] = str(data["model"])[:200]
         self._spawn(self._note(scope, reason, shadow, note))
+        self._decided(data, "DENY", reason, shadow, scope)["call_id"] = call_id
         if shadow:
             self.counters["shadow_would_deny"] += 1
             log.warning("cycles shadow: would refuse %s (%s): %s", call_id, reason, message)
@@ -522,6 +563,8 @@ class CyclesCallback(CustomLogger):
         if data.get("model"):
             note["model"] = str(data["model"])[:200]
         self._spawn(self._note(subject.scope_path, "LEDGER_UNAVAILABLE", fail_open, note))
+        fields = self._decided(data, "ALLOW" if fail_open else "DENY", "LEDGER_UNAVAILABLE", shadow, subject.scope_path)
+        fields["call_id"] = str(call_id)
         if fail_open:
             self.counters["fail_open"] += 1
             log.warning("cycles: ledger unavailable (%s); on_unavailable=fail_open lets %s through", exc, call_id)
@@ -529,6 +572,26 @@ class CyclesCallback(CustomLogger):
         self.counters["fail_closed"] += 1
         log.error("cycles: ledger unavailable (%s); on_unavailable=fail_closed refuses %s", exc, call_id)
         raise budget_error(503, "cycles_unavailable", "LEDGER_UNAVAILABLE", f"budget ledger unavailable: {exc}")
+
+    def _decided(
+        self, data: dict[str, Any], decision: str, reason: str | None, shadow: bool, scope: str | None = None
+    ) -> DecisionFields:
+        """Count a decision and put it in the request's logging metadata (observe.py), where every logger LiteLLM
+        runs for this call finds it; the caller fills in what else it knows. A refusal commits nothing."""
+        self.stats.decision(decision, reason, shadow)
+        fields: DecisionFields = {
+            "decision": decision,
+            "reason": reason,
+            "scope": scope,
+            "remaining": None,
+            "unit": _USD.value,
+            "reservation_id": None,
+            "estimate": None,
+            "committed": 0 if decision == "DENY" and not shadow else None,
+            "shadow": shadow,
+        }
+        attach(data, fields)
+        return fields
 
     def _remember_headers(self, call_id: str, headers: dict[str, str]) -> None:
         self._headers[call_id] = headers
@@ -547,12 +610,31 @@ class CyclesCallback(CustomLogger):
 
     # --- after the call ------------------------------------------------------------------------
 
+    async def async_logging_hook(
+        self, kwargs: dict[str, Any], result: Any, call_type: str
+    ) -> tuple[dict[str, Any], Any]:
+        """LiteLLM runs this on every success before any logger sees it: the charge is worked out here, once, so
+        the payload every logger gets says what the call committed (the commit itself follows the success)."""
+        pending = self._pending.get(str(kwargs.get("litellm_call_id")))
+        if pending is not None and kwargs.get("standard_logging_object") is not None:
+            streamed = bool(pending.streamed) or bool(kwargs.get("stream"))
+            if not streamed or kwargs.get("async_complete_streaming_response") is not None:
+                pending.actual = self._actual(pending, kwargs, result)
+                record_committed(kwargs, pending.actual[0])
+        return kwargs, result
+
     async def async_log_success_event(
         self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
     ) -> None:
         pending = self._pending.pop(str(kwargs.get("litellm_call_id")), None)
         if pending is None:
             return
+        actual, metrics = pending.actual or self._actual(pending, kwargs, response_obj)
+        # Settle in the background: the client's answer never waits for the ledger's write.
+        self._spawn(self._settle(pending, actual, metrics))
+
+    def _actual(self, pending: _Pending, kwargs: Mapping[str, Any], response_obj: Any) -> tuple[int, dict[str, Any]]:
+        """What the call cost, and its token usage, from what LiteLLM reports."""
         prompt, completion = _usage(kwargs, response_obj)
         cost = kwargs.get("response_cost")
         if pending.streamed and not completion and any(pending.streamed):
@@ -571,8 +653,7 @@ class CyclesCallback(CustomLogger):
                 actual = pending.estimate.amount
         else:  # priced per image, character, second or query, and LiteLLM computed no cost: the estimate
             actual = pending.estimate.amount
-        # Settle in the background: the client's answer never waits for the ledger's write.
-        self._spawn(self._settle(pending, actual, {"tokens_input": prompt, "tokens_output": completion}))
+        return actual, {"tokens_input": prompt, "tokens_output": completion}
 
     async def async_post_call_failure_hook(
         self,
@@ -651,7 +732,9 @@ class CyclesCallback(CustomLogger):
             used = int(metrics.get("tokens_input") or 0) + int(metrics.get("tokens_output") or 0)
             # No usage reported at all: the tokens held stand (the worst case), as for the dollars.
             also = [Amount(unit=Unit.TOKENS, amount=used if used > 0 else pending.tokens)]
+        settling = time.perf_counter()
         await self.lifecycle.commit(pending.hold, Amount(unit=_USD, amount=actual), metrics=metrics, also=also)
+        self.stats.commit.observe(time.perf_counter() - settling)
 
     async def _release(self, pending: _Pending, reason: str) -> None:
         await self.lifecycle.release(pending.hold, reason)

@@ -9,6 +9,8 @@ min_output_tokens: 256              # smallest useful answer when clamping max_t
 prices: {my-model: {input_per_million: "0.15usd", output_per_million: "0.60usd"}}
 free_models: [local-llama]
 unmetered_routes: [pass_through_endpoint]   # call types let through unmetered (default: refused, 402)
+metrics: {scopes: [tenant:acme], burn_window_minutes: 5}   # budgets exported as gauges (default: top level)
+readiness: true                     # /health/readiness answers 503 while a fail-closed ledger is down
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from cycles_ledger.config import SETTINGS_ENV, SettingsFile, find_settings, sett
 from cycles_ledger.models import parse_scope
 from cycles_ledger.notify import Webhook, webhooks_from_settings
 
-__all__ = ["CONFIG_ENV", "ModelPrice", "Settings", "SubjectMapping", "load_settings"]
+__all__ = ["CONFIG_ENV", "MetricsSettings", "ModelPrice", "Settings", "SubjectMapping", "load_settings"]
 
 CONFIG_ENV = SETTINGS_ENV
 
@@ -103,6 +105,23 @@ class ModelPrice(_Strict):
         return inp.amount, out.amount
 
 
+class MetricsSettings(_Strict):
+    """Which budgets become Prometheus series. Every series is one (scope, unit), so the set must stay
+    bounded whatever the traffic: the scopes listed here, or else every top-level budget (`tenant:x`),
+    at most `max_scopes` of them (the first by name)."""
+
+    scopes: list[str] = Field(default_factory=list)
+    max_scopes: Annotated[int, Field(ge=1, le=10_000)] = 200
+    burn_window_minutes: Annotated[int, Field(ge=1, le=60)] = 5  # burn rate = spend in this window / its length
+
+    @field_validator("scopes")
+    @classmethod
+    def _scopes(cls, v: list[str]) -> list[str]:
+        for scope in v:
+            parse_scope(scope)
+        return v
+
+
 class Settings(_Strict):
     store: str | None = None
     mode: Literal["enforce", "shadow"] = "enforce"
@@ -125,6 +144,10 @@ class Settings(_Strict):
     # Webhooks for chosen ledger events (cycles_ledger.notify): `notify: {webhooks: [{name, url, secret_env,
     # events, format, scope}]}`; the proxy delivers them while it runs, as `cycles notify` does.
     notify: dict[str, Any] | None = None
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    # The proxy's /health/readiness answers 503 while the ledger is unreachable and the plugin fails closed,
+    # so a load balancer stops sending it calls it would refuse (/cycles/health says why either way).
+    readiness: bool = True
     _source: SettingsFile = PrivateAttr(default_factory=lambda: SettingsFile(None, "built in code"))
 
     @field_validator("notify")

@@ -17,13 +17,14 @@ saved (the actual cost of the calls it denied there) and those differences. Noth
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .config import BudgetEntry
-from .errors import CyclesError, ReservationExpiredError
+from .errors import CyclesError, NotFoundError, ReservationExpiredError
 from .ledger import Ledger, open_ledger
 from .models import Amount, Decision, OveragePolicy, ReserveResult, Unit, format_amount
 from .spendlog import SpendLog, SpendRecord, iso_ms
@@ -227,15 +228,16 @@ class _Replayer:
                 )
         elif enforce_allowed:  # allowed with nothing to hold (no budget applies): the call ran and was paid
             charged = rec.actual
-        if evaluated:
-            await self.shadow.record_event(
-                rec.subject,
-                action,
-                Amount(unit=_USD, amount=rec.actual),
-                also=self._also(rec.tokens),
-                overage_policy=OveragePolicy.RECORD_ALL,
-                idempotency_key=f"actual:{self._key(n, rec)}"[:256],
-            )
+        if evaluated:  # no budget to debit (unbudgeted="deny"): shadow records nothing, like the proxy
+            with contextlib.suppress(NotFoundError):
+                await self.shadow.record_event(
+                    rec.subject,
+                    action,
+                    Amount(unit=_USD, amount=rec.actual),
+                    also=self._also(rec.tokens),
+                    overage_policy=OveragePolicy.RECORD_ALL,
+                    idempotency_key=f"actual:{self._key(n, rec)}"[:256],
+                )
         return charged
 
 

@@ -75,6 +75,8 @@ class LedgerHealth:
             await asyncio.wait_for(ledger.sweep(), self.timeout_s)
         except (CyclesError, OSError, TimeoutError) as exc:
             self.mark(False, exc if str(exc) else type(exc).__name__)
+        except Exception as exc:  # noqa: BLE001 - a probe reports any failure; it must never stop sweeping
+            self.mark(False, f"{type(exc).__name__}: {exc}")
         else:
             self.mark(True)
             self.last_ok_at = time.monotonic()
@@ -158,6 +160,11 @@ def add_routes(app: Any, health: LedgerHealth) -> bool:
         ),
         None,
     )
+    if original is None:  # the proxy may include its health router after loading its config (and us)
+        try:
+            from litellm.proxy.health_endpoints._health_endpoints import health_readiness as original
+        except ImportError:
+            original = None
 
     async def cycles_health(response: Response) -> dict[str, Any]:
         """The budget ledger's state: 503 while the plugin refuses every metered call."""
@@ -167,6 +174,8 @@ def add_routes(app: Any, health: LedgerHealth) -> bool:
             response.status_code = 503
         return _current.report(check)
 
+    # This module postpones annotations; FastAPI must see the class to inject the response.
+    cycles_health.__annotations__["response"] = Response
     added = [APIRoute(HEALTH_PATH, cycles_health, methods=["GET"], tags=["health"])]
     if health.settings.readiness and original is not None:
 
@@ -180,6 +189,7 @@ def add_routes(app: Any, health: LedgerHealth) -> bool:
             result = await original(response=response)
             return {**result, "cycles": _current.report(check)} if isinstance(result, dict) else result
 
+        health_readiness.__annotations__["response"] = Response
         added.append(APIRoute(READINESS_PATH, health_readiness, methods=["GET"], tags=["health"]))
     routes[0:0] = added
     return True

@@ -51,8 +51,9 @@ def router(up: FakeUpstream) -> Router:
 async def refused_three_times(r: Router) -> None:
     for _ in range(3):  # calls on dep-1 (by its id) that skipped the pre-call hook: the plugin's last gate refuses
         with pytest.raises(Exception) as info:
+            call_id = uuid.uuid4().hex
             await r.acompletion(
-                model="dep-1", messages=MSGS, max_tokens=5, litellm_call_id=uuid.uuid4().hex, proxy_server_request=PROXIED
+                model="dep-1", messages=MSGS, max_tokens=5, litellm_call_id=call_id, proxy_server_request=PROXIED
             )
         assert getattr(info.value, "status_code", None) == 402
 

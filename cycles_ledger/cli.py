@@ -363,6 +363,17 @@ def _suggest(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _metrics(ledger: Ledger, args: argparse.Namespace) -> int:
+    # The exporter lives with the plugin (it reads the plugin's settings); it imports no litellm.
+    from cycles_litellm.metrics import serve
+    from cycles_litellm.settings import load_settings
+
+    text = await serve(ledger, load_settings(args.config), port=args.port, host=args.host, once=args.once)
+    if text is not None:
+        print(text, end="")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cycles", description="Budget authority ledger for AI agents.")
     p.add_argument("--store", help="store URL (default: $CYCLES_STORE, else store: of the settings file)")
@@ -466,6 +477,11 @@ def _parser() -> argparse.ArgumentParser:
     tp.add_argument("--interval", type=float, default=1.0, help="seconds between frames (default 1)")
     tp.add_argument("--once", action="store_true", help="print one frame and exit")
     tp.set_defaults(fn=_top)
+    mt = sub.add_parser("metrics", help="serve the ledger's Prometheus metrics on http://HOST:PORT/metrics")
+    mt.add_argument("--port", type=int, default=9464, help="port to listen on (default 9464)")
+    mt.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    mt.add_argument("--once", action="store_true", help="print the metrics once and exit")
+    mt.set_defaults(fn=_metrics)
     logs = argparse.ArgumentParser(add_help=False)  # reading past spend: LiteLLM's logging payload, Langfuse exports
     logs.add_argument("log", nargs="+", help="JSONL / JSON files or directories of them (.gz too)")
     logs.add_argument("--format", choices=["auto", "litellm", "langfuse"], default="auto")
@@ -488,7 +504,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-_READS = frozenset({"balances", "reservations", "events", "verify", "notify", "alerts", "report", "top"})
+_READS = frozenset({"balances", "reservations", "events", "verify", "notify", "alerts", "report", "top", "metrics"})
 
 
 def _missing_sqlite_file(url: str) -> Path | None:

@@ -150,16 +150,21 @@ async def _apply(ledger: Ledger, budgets: Sequence[BudgetEntry]) -> None:
 
 def _budget_text(e: BudgetEntry) -> str:
     text = format_amount(e.allocated.amount, e.allocated.unit)
-    every = (e.period or {}).get("every")
-    if every:
-        text += f" {every}"
-    elif (e.period or {}).get("every_ms"):
-        text += f" every {int(e.period['every_ms']) // 1000}s"  # type: ignore[index]
+    period = e.period or {}
+    if period.get("every"):
+        text += f" {period['every']}"
+    elif period.get("every_ms"):
+        text += f" every {int(period['every_ms']) // 1000}s"
     if e.rate_limits:
         text += ", " + ", ".join(
             f"{format_amount(int(r['amount']), e.allocated.unit)}/{int(r['window_ms']) // 1000}s" for r in e.rate_limits
         )
     return text
+
+
+def _action(rec: SpendRecord) -> dict[str, str]:
+    """The ledger action of a call, cut to the lengths an Action takes (any log's names are welcome)."""
+    return {"kind": (rec.kind or "call")[:64], "name": (rec.name or rec.model or "call")[:256]}
 
 
 class _Replayer:
@@ -179,7 +184,7 @@ class _Replayer:
 
     async def start(self, n: int, rec: SpendRecord) -> tuple[_Decision, _Decision]:
         """Both evaluations of a call at its start; enforce holds what it allows."""
-        action = {"kind": rec.kind, "name": rec.name or rec.model or "call"}
+        action = _action(rec)
         estimate = Amount(unit=_USD, amount=rec.estimate if rec.estimate is not None else rec.actual)
         token_hold = rec.token_estimate if rec.token_estimate is not None else rec.tokens
         ttl = min(_MAX_TTL_MS, max(60_000, rec.end_ms - rec.start_ms + _TTL_MARGIN_MS))
@@ -216,7 +221,7 @@ class _Replayer:
         debits the actual cost whatever it decided."""
         charged = 0
         hold = self.holds.pop(n, None)
-        action = {"kind": rec.kind, "name": rec.name or rec.model or "call"}
+        action = _action(rec)
         if hold is not None:
             rid, held, clamped = hold
             charged = min(rec.actual, held) if clamped else rec.actual

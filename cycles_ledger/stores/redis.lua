@@ -67,9 +67,8 @@
 -- texts keep their compact formats.
 
 -- ═══ 1. prelude ═══════════════════════════════════════════════════════════════════════════════════════
-local BUDGETS_KEY, RESERVATIONS_KEY, DUE_KEY, EVENTS_KEY, FINALIZED_KEY, IDS_KEY, PERIODS_KEY, BOUNDS_KEY =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local WINDOW_BASE = string.sub(BUDGETS_KEY, 1, -2) .. 'w:'
+local BUDGETS_KEY, RESERVATIONS_KEY, DUE_KEY, EVENTS_KEY, FINALIZED_KEY, IDS_KEY =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 -- Globals read often, as locals (a global is a table lookup each time). Only those: every function that
 -- uses a local of this chunk looks it up among all of them when a script call defines the function, which
 -- costs more than a few global lookups at run time (tostring, type, pairs, pcall, rawget, … stay globals).
@@ -222,8 +221,11 @@ local function hash_flush(h)
 end
 
 local function new_zset(key) return {key = key, score = {}, order = {}} end
-local DUE, FINALIZED, IDS, PERIODS = new_zset(DUE_KEY), new_zset(FINALIZED_KEY), new_zset(IDS_KEY),
-  new_zset(PERIODS_KEY)
+local DUE, FINALIZED, IDS = new_zset(DUE_KEY), new_zset(FINALIZED_KEY), new_zset(IDS_KEY)
+-- What time policies share within a script call, in one table (a script call pays for each chunk local its
+-- functions capture): the periods zset, the roll-overs not written yet ({budget, closed period}), the budgets
+-- whose period has ended (a set of fields, read once), the time functions once made (section 4).
+local TIMED = {periods = new_zset(KEYS[7]), rolled = {}, due = nil, functions = nil}
 
 -- ZADD (a number) or ZREM (false) of `member`, pending; the last change of a member is the one that counts.
 local function zset_put(z, member, score)
@@ -253,7 +255,7 @@ end
 local function flush()
   local first
   for _, part in ipairs({{hash_flush, BUDGETS}, {hash_flush, RESERVATIONS}, {zset_flush, DUE},
-                         {zset_flush, FINALIZED}, {zset_flush, IDS}, {zset_flush, PERIODS}}) do
+                         {zset_flush, FINALIZED}, {zset_flush, IDS}, {zset_flush, TIMED.periods}}) do
     local ok, err = pcall(part[1], part[2])
     if not ok and first == nil then first = err end
   end
@@ -272,40 +274,8 @@ end
 -- error may leave a changed budget unsaved, so after one the batch forgets them all (run_batch) and decodes
 -- the cached texts again.
 local DECODED = {}
-
-local function numbers(text)
-  local out = {}
-  for n in gmatch(text, '%-?%d+') do out[#out + 1] = tonumber(n) end
-  return out
-end
-
--- Rate limits "amount:window_ms:t|f,…" as a list of {amount, window, freeze}.
-local function parse_limits(text)
-  local list = {}
-  for amount, window, how in gmatch(text, '(%d+):(%d+):(%a)') do
-    list[#list + 1] = {amount = tonumber(amount), window = tonumber(window), freeze = how == 'f'}
-  end
-  return list
-end
-
-local function decode_timing(text)
-  local period, start, stop, limits, alerts, fired, win =
-    match(text, '^~([^;]*);([^;]*);([^;]*);([^;]*);([^;]*);([^;]*);(.*)$')
-  local tm = {period = optional(period), period_start = number_or_nil(start), period_end = number_or_nil(stop),
-              limits_text = limits}
-  if limits ~= '' then
-    local list = parse_limits(limits)
-    tm.limits = list
-    if win ~= '' then
-      local sums = numbers(win)
-      local as_of = table.remove(sums, 1)
-      if #sums == #list then tm.win = {as_of = as_of, sums = sums} end
-    end
-  end
-  if alerts ~= '' then tm.alerts = numbers(alerts) end
-  if fired ~= '' then tm.fired = numbers(fired) end
-  return tm
-end
+-- The functions of time policies (made in section 4 on first use: most script calls need none of them).
+local TIME
 
 local function decode_budget(scope, unit, text)
   local allocated, spent, reserved, debt, overdraft_limit, over, status, caps =
@@ -314,28 +284,11 @@ local function decode_budget(scope, unit, text)
   if sub(caps, 1, 1) == '~' then
     local space = find(caps, ' ', 1, true)
     if space then timing, caps = sub(caps, 1, space - 1), sub(caps, space + 1) else timing, caps = caps, '' end
-    tm = decode_timing(timing)
+    tm = TIME().decode_timing(timing)
   end
   return {scope = scope, unit = unit, allocated = tonumber(allocated), spent = tonumber(spent),
           reserved = tonumber(reserved), debt = tonumber(debt), overdraft_limit = tonumber(overdraft_limit),
           is_over_limit = over == '1', status = status, caps = caps, timing = timing, tm = tm}
-end
-
-local function list_text(list, sep)
-  if list == nil then return '' end
-  local parts = {}
-  for i, n in ipairs(list) do parts[i] = I(n) end
-  return concat(parts, sep or ',')
-end
-
--- The time text of a budget's tm ('' when it keeps no time policy).
-local function encode_timing(tm)
-  if tm == nil or (tm.period == nil and tm.limits == nil and tm.alerts == nil and tm.fired == nil) then return '' end
-  local win = ''
-  if tm.limits and tm.win then win = I(tm.win.as_of) .. ':' .. list_text(tm.win.sums, ':') end
-  return '~' .. (tm.period or '') .. ';' .. (tm.period_start and I(tm.period_start) or '') .. ';' ..
-    (tm.period_end and I(tm.period_end) or '') .. ';' .. (tm.limits and tm.limits_text or '') .. ';' ..
-    list_text(tm.alerts) .. ';' .. list_text(tm.fired) .. ';' .. win
 end
 
 -- The text of b, printed as head .. "spent reserved" .. tail where head and tail are kept per field with the
@@ -344,7 +297,7 @@ local AROUND = {}
 local function encode_budget(b)
   local timing = b.timing
   if timing == nil then
-    timing = encode_timing(b.tm)
+    timing = TIME().encode_timing(b.tm)
     b.timing = timing
   end
   local h = AROUND[b.field]
@@ -407,20 +360,6 @@ local function load_budgets(scopes, unit)
     end
   end
   return out
-end
-
--- The budget at (scope, unit), or nil.
-local function budget_at(scope, unit)
-  local field = scope .. '|' .. unit
-  local text = hash_get(BUDGETS, field)
-  if not text then return nil end
-  local b = DECODED[field]
-  if b == nil or b.text ~= text then
-    b = decode_budget(scope, unit, text)
-    b.field, b.text = field, text
-    DECODED[field] = b
-  end
-  return b
 end
 
 local function save_budgets(budgets)
@@ -560,7 +499,11 @@ local function save_record(rec, field, value)
 end
 
 -- --- events ---
-local function xadd(kind, scope, unit, amount, rid, reason, data)
+-- Periods this operation rolled over wait for its first write (Python writes a roll-over as it loads the
+-- budget, and drops it with everything else when the operation then refuses; here a refusal forgets it, in
+-- run_batch): the first event writes them first.
+local function emit(kind, scope, unit, amount, rid, reason, data)
+  if TIMED.rolled[1] then TIME().write_rolls() end
   if scope and unit and amount and rid and not reason then -- reserved, committed, released, expired: no table
     if data then
       return rcall('XADD', EVENTS_KEY, 'MAXLEN', '~', EVENT_STREAM_LENGTH, '*', 'ts', NOW_S, 'type', kind,
@@ -577,30 +520,6 @@ local function xadd(kind, scope, unit, amount, rid, reason, data)
   if reason then f[#f + 1] = 'reason'; f[#f + 1] = reason end
   if data then f[#f + 1] = 'data'; f[#f + 1] = data end
   return rcall('XADD', EVENTS_KEY, 'MAXLEN', '~', EVENT_STREAM_LENGTH, '*', unpack(f))
-end
-
--- Periods this operation rolled over and has not written yet: {budget, closed period}. The Python engine
--- writes a roll-over (and its period_reset event) as it loads the budget, and drops it with everything else
--- when the operation then refuses; here a roll-over waits for the operation's first write (its first event,
--- or its end), and a refusal forgets it (run_batch).
-local ROLLED = {}
-local function write_rolls()
-  local rolled = ROLLED
-  ROLLED = {}
-  for _, r in ipairs(rolled) do
-    local b, c = r[1], r[2]
-    save_budgets({b})
-    zset_put(PERIODS, b.field, b.tm.period_end)
-    xadd('period_reset', b.scope, b.unit, c.spent, nil, nil,
-      '{"period_start_ms":' .. (c.start and I(c.start) or 'null') .. ',"period_end_ms":' .. I(c.stop) ..
-      ',"allocated":' .. I(c.allocated) .. ',"spent":' .. I(c.spent) .. ',"debt":' .. I(c.debt) ..
-      ',"reserved":' .. I(c.reserved) .. '}')
-  end
-end
-
-local function emit(kind, scope, unit, amount, rid, reason, data)
-  if ROLLED[1] then write_rolls() end
-  return xadd(kind, scope, unit, amount, rid, reason, data)
 end
 
 -- --- idempotency records ---
@@ -661,165 +580,398 @@ local function finalize(rec, status, field, value)
   zset_put(FINALIZED, rec.id, NOW)
 end
 
--- --- time: periods and spend logs (rules.roll_period, operations._load, the Txn's spend window) ---
--- A period's [start, end) around now (timing.period_bounds): a fixed duration counted from its anchor, or a
--- calendar period from the boundaries the client stored (read once per script call, months of them); nil when
--- those do not reach now.
-local BOUNDS = {}
-local function period_bounds(period)
-  local step, anchor = match(period, '^(%d+)%+(%d+)$')
-  if step then
-    step, anchor = tonumber(step), tonumber(anchor)
-    local start = anchor + floor((NOW - anchor) / step) * step
-    while start > NOW do start = start - step end
-    while start + step <= NOW do start = start + step end
-    return start, start + step
-  end
-  local list = BOUNDS[period]
-  if list == nil then
-    list = numbers(rcall('HGET', BOUNDS_KEY, period) or '')
-    BOUNDS[period] = list
-  end
-  for i = 1, #list - 1 do
-    if list[i] <= NOW and NOW < list[i + 1] then return list[i], list[i + 1] end
-  end
-  return nil
-end
-
--- At the first touch after its period's end a budget's spent starts again from zero; holds keep their amount,
--- debt carries over. Returns the closed period ({start, stop, allocated, spent, debt, reserved}) or nil
--- (rules.roll_period). When a calendar period's stored boundaries do not reach now, the operation stops here
--- (before its own writes: a roll-over comes first) and answers {"bounds", period}: the client stores new
--- ones and runs it again (run_batch).
-local function roll_period(b)
-  local tm = b.tm
-  if tm == nil or tm.period == nil or tm.period_end == nil or NOW < tm.period_end then return nil end
-  local start, stop = period_bounds(tm.period)
-  if start == nil then error({bounds = tm.period}) end
-  local closed = {start = tm.period_start, stop = tm.period_end, allocated = b.allocated, spent = b.spent,
-                  debt = b.debt, reserved = b.reserved}
-  tm.period_start, tm.period_end, tm.fired = start, stop, nil
-  b.spent = 0
-  b.is_over_limit = b.debt > b.overdraft_limit
-  b.timing = nil
-  return closed
-end
-
-local function roll(b, write)
-  local closed = roll_period(b)
-  if closed and write then ROLLED[#ROLLED + 1] = {b, closed} end
-end
-
--- Budgets whose period has ended by now, as a set of fields (the periods zset, read once per script call).
-local DUE_PERIODS = nil
-
+-- --- time: periods, spend logs, alerts (rules.py's time section; operations._load, _after_charge) ---
 -- The budgets at `scopes` in `unit`, their periods rolled over first (Python: _load). With unit nil, every
 -- unit's budget there whose period has ended is rolled over and nothing is returned. A read (`write` false)
--- sees the rolled state; a write keeps it (ROLLED).
+-- sees the rolled state; a write keeps it (TIMED.rolled).
 local function load_rolled(scopes, unit, write)
   if unit then
     local budgets = load_budgets(scopes, unit)
     for i = 1, #budgets do
       local tm = budgets[i].tm
-      if tm and tm.period_end and tm.period_end <= NOW then roll(budgets[i], write) end
+      if tm and tm.period_end and tm.period_end <= NOW then TIME().roll(budgets[i], write) end
     end
     return budgets
   end
-  if DUE_PERIODS == nil then
-    DUE_PERIODS = {}
-    for _, field in ipairs(rcall('ZRANGEBYSCORE', PERIODS_KEY, '-inf', NOW_S)) do DUE_PERIODS[field] = true end
+  local due = TIMED.due
+  if due == nil then
+    due = {}
+    for _, field in ipairs(rcall('ZRANGEBYSCORE', KEYS[7], '-inf', NOW_S)) do due[field] = true end
+    TIMED.due = due
   end
-  if next(DUE_PERIODS) == nil then return nil end
-  for _, scope in ipairs(scopes) do
-    for _, u in ipairs(UNITS) do
-      if DUE_PERIODS[scope .. '|' .. u] then
-        local b = budget_at(scope, u)
-        if b then roll(b, write) end
-      end
-    end
-  end
+  if next(due) ~= nil then TIME().roll_scopes(scopes, write) end
   return nil
 end
 
-local function window_sum(key, from, to)
-  local total = 0
-  for _, m in ipairs(rcall('ZRANGEBYSCORE', key, from, to)) do total = total + tonumber(match(m, '%d+$')) end
-  return total
-end
+-- The functions of time policies, made on the first call of TIME() in a script call. A script call defines
+-- every function of its chunk, and that is dear (each local a function captures is looked up then), so those
+-- only a budget with a period, rate limits or alerts needs are made here, by one function that captures few
+-- chunk locals (builtins come from globals).
+local function time_functions()
+  local rcall, tonumber, ipairs, match, gmatch, concat = redis.call, tonumber, ipairs, string.match, string.gmatch,
+    table.concat
+  local floor, max = math.floor, math.max
+  local PERIODS, BOUNDS_KEY, WINDOW_BASE = TIMED.periods, KEYS[8], string.sub(KEYS[1], 1, -2) .. 'w:'
+  local T = {}
 
--- What each rate limit's window holds now (one sum per limit). The budget keeps the sums as of a time; the
--- entries that left a window since (or came back into it, had the clock gone back) are read and counted, so a
--- check reads the few entries that moved, not the whole log. With no sums kept (new limits) they are summed.
-local function window_now(b)
-  local tm = b.tm
-  local limits, win, key = tm.limits, tm.win, WINDOW_BASE .. b.field
-  if win == nil then
-    local sums = {}
-    for i, lim in ipairs(limits) do sums[i] = window_sum(key, '(' .. I(NOW - lim.window), '+inf') end
-    win = {as_of = NOW, sums = sums}
-    tm.win, b.timing = win, nil
-  elseif win.as_of ~= NOW then
-    local t, sums = win.as_of, win.sums
-    for i, lim in ipairs(limits) do
-      local w = lim.window
-      if NOW > t then
-        sums[i] = sums[i] - window_sum(key, '(' .. I(t - w), I(NOW - w))
-      else
-        sums[i] = sums[i] + window_sum(key, '(' .. I(NOW - w), I(t - w))
+  local function numbers(text)
+    local out = {}
+    for n in gmatch(text, '%-?%d+') do out[#out + 1] = tonumber(n) end
+    return out
+  end
+
+  local function list_text(list, sep)
+    if list == nil then return '' end
+    local parts = {}
+    for i, n in ipairs(list) do parts[i] = I(n) end
+    return concat(parts, sep or ',')
+  end
+  T.list_text = list_text
+
+  -- Rate limits "amount:window_ms:t|f,…" as a list of {amount, window, freeze}.
+  local function parse_limits(text)
+    local list = {}
+    for amount, window, how in gmatch(text, '(%d+):(%d+):(%a)') do
+      list[#list + 1] = {amount = tonumber(amount), window = tonumber(window), freeze = how == 'f'}
+    end
+    return list
+  end
+
+  -- A budget's time text (the budgets hash in the header) as its tm.
+  function T.decode_timing(text)
+    local period, start, stop, limits, alerts, fired, win =
+      match(text, '^~([^;]*);([^;]*);([^;]*);([^;]*);([^;]*);([^;]*);(.*)$')
+    local tm = {period = optional(period), period_start = number_or_nil(start), period_end = number_or_nil(stop),
+                limits_text = limits}
+    if limits ~= '' then
+      local list = parse_limits(limits)
+      tm.limits = list
+      if win ~= '' then
+        local sums = numbers(win)
+        local as_of = table.remove(sums, 1)
+        if #sums == #list then tm.win = {as_of = as_of, sums = sums} end
       end
     end
-    win.as_of, b.timing = NOW, nil
+    if alerts ~= '' then tm.alerts = numbers(alerts) end
+    if fired ~= '' then tm.fired = numbers(fired) end
+    return tm
   end
-  return win.sums
-end
 
--- A hold's or a debit's entry in a rate-limited budget's spend log, after the entries older than its longest
--- window (operations._window_add).
-local function window_add(b, ref, amount)
-  local sums = window_now(b)
-  local key, span = WINDOW_BASE .. b.field, 0
-  for _, lim in ipairs(b.tm.limits) do span = max(span, lim.window) end
-  rcall('ZREMRANGEBYSCORE', key, '-inf', I(NOW - span))
-  rcall('ZADD', key, NOW_S, ref .. ' ' .. I(amount))
-  for i = 1, #sums do sums[i] = sums[i] + amount end
-  b.timing = nil
-end
-
--- A hold made at `ts` and logged as `old` is settled for `new` (Txn.window_set) or returned (`new` nil:
--- Txn.window_drop), in b's log if it is still there (whether or not b has rate limits now).
-local function window_change(b, ref, ts, old, new)
-  if new == old then return end
-  local limits = b.tm and b.tm.limits
-  if limits then window_now(b) end -- first: the sums are those of the log as it was
-  local key = WINDOW_BASE .. b.field
-  if rcall('ZREM', key, ref .. ' ' .. I(old)) == 0 then return end
-  if new then rcall('ZADD', key, ts, ref .. ' ' .. I(new)) end
-  if limits then
-    local sums = b.tm.win.sums
-    for i, lim in ipairs(limits) do
-      if ts > NOW - lim.window then sums[i] = sums[i] - old + (new or 0) end
+  -- The time text of a budget's tm ('' when it keeps no time policy).
+  function T.encode_timing(tm)
+    if tm == nil or (tm.period == nil and tm.limits == nil and tm.alerts == nil and tm.fired == nil) then
+      return ''
     end
+    local win = ''
+    if tm.limits and tm.win then win = I(tm.win.as_of) .. ':' .. list_text(tm.win.sums, ':') end
+    return '~' .. (tm.period or '') .. ';' .. (tm.period_start and I(tm.period_start) or '') .. ';' ..
+      (tm.period_end and I(tm.period_end) or '') .. ';' .. (tm.limits and tm.limits_text or '') .. ';' ..
+      list_text(tm.alerts) .. ';' .. list_text(tm.fired) .. ';' .. win
+  end
+
+  -- The budget at (scope, unit), or nil.
+  local function budget_at(scope, unit)
+    local field = scope .. '|' .. unit
+    local text = hash_get(BUDGETS, field)
+    if not text then return nil end
+    local b = DECODED[field]
+    if b == nil or b.text ~= text then
+      b = decode_budget(scope, unit, text)
+      b.field, b.text = field, text
+      DECODED[field] = b
+    end
+    return b
+  end
+
+  T.budget_at = budget_at
+
+  -- Write the roll-overs this operation made (before its first event, or at its end): each budget, its new
+  -- period end in the periods zset, a period_reset event with the closed period's totals.
+  function T.write_rolls()
+    local rolled = TIMED.rolled
+    TIMED.rolled = {}
+    for _, r in ipairs(rolled) do
+      local b, c = r[1], r[2]
+      save_budgets({b})
+      zset_put(PERIODS, b.field, b.tm.period_end)
+      emit('period_reset', b.scope, b.unit, c.spent, nil, nil,
+        '{"period_start_ms":' .. (c.start and I(c.start) or 'null') .. ',"period_end_ms":' .. I(c.stop) ..
+        ',"allocated":' .. I(c.allocated) .. ',"spent":' .. I(c.spent) .. ',"debt":' .. I(c.debt) ..
+        ',"reserved":' .. I(c.reserved) .. '}')
+    end
+  end
+
+  -- A period's [start, end) around now (timing.period_bounds): a fixed duration counted from its anchor, or a
+  -- calendar period from the boundaries the client stored (read once per script call, months of them); nil
+  -- when those do not reach now.
+  local BOUNDS = {}
+  local function period_bounds(period)
+    local step, anchor = match(period, '^(%d+)%+(%d+)$')
+    if step then
+      step, anchor = tonumber(step), tonumber(anchor)
+      local start = anchor + floor((NOW - anchor) / step) * step
+      while start > NOW do start = start - step end
+      while start + step <= NOW do start = start + step end
+      return start, start + step
+    end
+    local list = BOUNDS[period]
+    if list == nil then
+      list = numbers(rcall('HGET', BOUNDS_KEY, period) or '')
+      BOUNDS[period] = list
+    end
+    for i = 1, #list - 1 do
+      if list[i] <= NOW and NOW < list[i + 1] then return list[i], list[i + 1] end
+    end
+    return nil
+  end
+
+  -- At the first touch after its period's end a budget's spent starts again from zero; holds keep their
+  -- amount, debt carries over. Returns the closed period ({start, stop, allocated, spent, debt, reserved}) or
+  -- nil (rules.roll_period). When a calendar period's stored boundaries do not reach now, the operation stops
+  -- here (before its own writes: a roll-over comes first) and answers {"bounds", period}: the client stores
+  -- new ones and runs it again (run_batch).
+  local function roll_period(b)
+    local tm = b.tm
+    if tm == nil or tm.period == nil or tm.period_end == nil or NOW < tm.period_end then return nil end
+    local start, stop = period_bounds(tm.period)
+    if start == nil then error({bounds = tm.period}) end
+    local closed = {start = tm.period_start, stop = tm.period_end, allocated = b.allocated, spent = b.spent,
+                    debt = b.debt, reserved = b.reserved}
+    tm.period_start, tm.period_end, tm.fired = start, stop, nil
+    b.spent = 0
+    b.is_over_limit = b.debt > b.overdraft_limit
+    b.timing = nil
+    return closed
+  end
+  T.roll_period = roll_period
+
+  local function roll(b, write)
+    local closed = roll_period(b)
+    if closed and write then
+      local rolled = TIMED.rolled
+      rolled[#rolled + 1] = {b, closed}
+    end
+  end
+  T.roll = roll
+
+  -- Roll over every unit's budget at `scopes` whose period has ended (in the order of Txn.budgets).
+  function T.roll_scopes(scopes, write)
+    for _, scope in ipairs(scopes) do
+      for _, u in ipairs(UNITS) do
+        if TIMED.due[scope .. '|' .. u] then
+          local b = budget_at(scope, u)
+          if b then roll(b, write) end
+        end
+      end
+    end
+  end
+
+  local function window_sum(key, from, to)
+    local total = 0
+    for _, m in ipairs(rcall('ZRANGEBYSCORE', key, from, to)) do total = total + tonumber(match(m, '%d+$')) end
+    return total
+  end
+
+  -- What each rate limit's window holds now (one sum per limit). The budget keeps the sums as of a time; the
+  -- entries that left a window since (or came back into it, had the clock gone back) are read and counted, so
+  -- a check reads the few entries that moved, not the whole log. With no sums kept (new limits) they are
+  -- summed.
+  local function window_now(b)
+    local tm = b.tm
+    local limits, win, key = tm.limits, tm.win, WINDOW_BASE .. b.field
+    if win == nil then
+      local sums = {}
+      for i, lim in ipairs(limits) do sums[i] = window_sum(key, '(' .. I(NOW - lim.window), '+inf') end
+      win = {as_of = NOW, sums = sums}
+      tm.win, b.timing = win, nil
+    elseif win.as_of ~= NOW then
+      local t, sums = win.as_of, win.sums
+      for i, lim in ipairs(limits) do
+        local w = lim.window
+        if NOW > t then
+          sums[i] = sums[i] - window_sum(key, '(' .. I(t - w), I(NOW - w))
+        else
+          sums[i] = sums[i] + window_sum(key, '(' .. I(NOW - w), I(t - w))
+        end
+      end
+      win.as_of, b.timing = NOW, nil
+    end
+    return win.sums
+  end
+  T.window_now = window_now
+
+  -- A hold's or a debit's entry in a rate-limited budget's spend log, after the entries older than its longest
+  -- window (operations._window_add).
+  function T.window_add(b, ref, amount)
+    local sums = window_now(b)
+    local key, span = WINDOW_BASE .. b.field, 0
+    for _, lim in ipairs(b.tm.limits) do span = max(span, lim.window) end
+    rcall('ZREMRANGEBYSCORE', key, '-inf', I(NOW - span))
+    rcall('ZADD', key, NOW_S, ref .. ' ' .. I(amount))
+    for i = 1, #sums do sums[i] = sums[i] + amount end
     b.timing = nil
   end
-end
 
--- A reservation's name in spend logs: its id before the "@".
-local function ref_of(rid) return match(rid, '^[^@]+') end
+  -- A hold made at `ts` and logged as `old` is settled for `new` (Txn.window_set) or returned (`new` nil:
+  -- Txn.window_drop), in b's log if it is still there (whether or not b has rate limits now).
+  local function window_change(b, ref, ts, old, new)
+    if new == old then return end
+    local limits = b.tm and b.tm.limits
+    if limits then window_now(b) end -- first: the sums are those of the log as it was
+    local key = WINDOW_BASE .. b.field
+    if rcall('ZREM', key, ref .. ' ' .. I(old)) == 0 then return end
+    if new then rcall('ZADD', key, ts, ref .. ' ' .. I(new)) end
+    if limits then
+      local sums = b.tm.win.sums
+      for i, lim in ipairs(limits) do
+        if ts > NOW - lim.window then sums[i] = sums[i] - old + (new or 0) end
+      end
+      b.timing = nil
+    end
+  end
 
--- A hold's entries in the spend logs of `budgets` (every unit's budgets it was on) now count what each unit
--- was charged (`charged`: the main unit's; the others' are in `holds`), or are gone (`charged` nil) (Python:
--- Txn.window_set, window_drop).
-local function settle_windows(rec, budgets, holds, charged)
-  local ref, created = ref_of(rec.id), tonumber(rec.created)
-  for _, b in ipairs(budgets) do
-    if b.unit == rec.unit then
-      window_change(b, ref, created, rec.estimate, charged)
-    else
-      for _, h in ipairs(holds) do
-        if h.unit == b.unit then window_change(b, ref, created, h.amount, charged and h.charged) end
+  -- A reservation's name in spend logs: its id before the "@".
+  function T.ref_of(rid) return match(rid, '^[^@]+') end
+
+  -- A hold's entries in the spend logs of `budgets` (every unit's budgets it was on) now count what each unit
+  -- was charged (`charged`: the main unit's; the others' are in `holds`), or are gone (`charged` nil) (Python:
+  -- Txn.window_set, window_drop).
+  function T.settle_windows(rec, budgets, holds, charged)
+    local ref, created = T.ref_of(rec.id), tonumber(rec.created)
+    for _, b in ipairs(budgets) do
+      if b.unit == rec.unit then
+        window_change(b, ref, created, rec.estimate, charged)
+      else
+        for _, h in ipairs(holds) do
+          if h.unit == b.unit then window_change(b, ref, created, h.amount, charged and h.charged) end
+        end
       end
     end
   end
+
+  -- Would holding `amount` more on b now push what was spent or held in one of its rate limits' sliding
+  -- windows past it? A denial (RATE_EXCEEDED) saying when the window has room again (after enough of its
+  -- oldest entries leave it; nil when `amount` alone is above the limit), or nil (rules.check_rates).
+  function T.check_rates(b, amount)
+    local sums = window_now(b)
+    for i, lim in ipairs(b.tm.limits) do
+      local used, limit = sums[i], lim.amount
+      if used + amount > limit then
+        local retry = nil
+        if amount <= limit then
+          local excess, freed, offset = used + amount - limit, 0, 0
+          local key, from = WINDOW_BASE .. b.field, '(' .. I(NOW - lim.window)
+          while retry == nil do
+            local got = rcall('ZRANGEBYSCORE', key, from, '+inf', 'WITHSCORES', 'LIMIT', offset, 100)
+            if #got == 0 then break end
+            for j = 1, #got, 2 do
+              freed = freed + tonumber(match(got[j], '%d+$'))
+              if freed >= excess then
+                retry = tonumber(got[j + 1]) + lim.window - NOW -- the entry is out once now - window >= ts
+                break
+              end
+            end
+            offset = offset + 100
+          end
+        end
+        return {decision = 'DENY', reason_code = 'RATE_EXCEEDED', scope = b.scope,
+                remaining = max(limit - used, 0), unit = b.unit, retry_after_ms = retry, freeze = lim.freeze,
+                also = NO_HOLDS}
+      end
+    end
+    return nil
+  end
+
+  -- x * m exactly, as (high, low) in base 2^26, for 0 <= x < 2^53 and 0 <= m <= 10^4.
+  local function times(x, m)
+    local high = floor(x / 67108864)
+    local low = (x - high * 67108864) * m
+    local carry = floor(low / 67108864)
+    return high * m + carry, low - carry * 67108864
+  end
+
+  -- Alert thresholds (percent of the allocation) that spent + debt has reached and that have not fired in this
+  -- period; marks them fired (rules.crossed_thresholds). Compared exactly: t * allocated <= (spent + debt) *
+  -- 100.
+  function T.crossed_thresholds(b)
+    local tm = b.tm
+    if tm == nil or tm.alerts == nil or b.allocated <= 0 then return NO_HOLDS end
+    local fired = {}
+    for _, t in ipairs(tm.fired or NO_HOLDS) do fired[t] = true end
+    local used_high, used_low = times(b.spent + b.debt, 100)
+    local new = {}
+    for _, t in ipairs(tm.alerts) do
+      if not fired[t] then
+        local high, low = times(b.allocated, t)
+        if high < used_high or (high == used_high and low <= used_low) then new[#new + 1] = t end
+      end
+    end
+    if #new > 0 then
+      for _, t in ipairs(new) do fired[t] = true end
+      local all = {}
+      for t in pairs(fired) do all[#all + 1] = t end
+      table.sort(all)
+      tm.fired, b.timing = all, nil
+    end
+    return new
+  end
+
+  -- A period as the Python engine shows it (models.Period.spec()), JSON.
+  function T.period_json(period)
+    local step, anchor = match(period, '^(%d+)%+(%d+)$')
+    if step then return '{"every_ms":' .. step .. ',"anchor_ms":' .. anchor .. '}' end
+    local every, tz = match(period, '^(%a+):(.*)$')
+    return '{"every":' .. q(every) .. ',"tz":' .. q(tz) .. '}'
+  end
+
+  -- A calendar period's boundaries sent by the client, for this script call.
+  function T.sent_bounds(period, text) BOUNDS[period] = numbers(text) end
+
+  -- Period, rate limits and alerts as the command says: '' leaves one as it is, '-' removes it (Python:
+  -- _set_time_policy). A new or changed period starts at the boundary before now; changed limits are summed
+  -- again from the spend log. Returns a failure when a calendar period's boundaries do not reach now.
+  function T.set_time_policy(b, period, limits, alerts)
+    local tm = b.tm or {limits_text = ''}
+    if period ~= '' then
+      local new = nil
+      if period ~= '-' then new = period end
+      if new ~= tm.period then
+        local start, stop = nil, nil
+        if new then
+          start, stop = period_bounds(new)
+          if start == nil then
+            return fail('INVALID_REQUEST', 'the boundaries sent for period ' .. new .. ' do not reach the time ' ..
+              'of the Redis server (' .. NOW_S .. '); are the clocks of the client and the server far apart?')
+          end
+        end
+        tm.period, tm.period_start, tm.period_end = new, start, stop
+      end
+    end
+    if limits ~= '' then
+      local text = limits ~= '-' and limits or ''
+      if text ~= (tm.limits and tm.limits_text or '') then
+        tm.limits_text, tm.limits, tm.win = text, nil, nil
+        if text ~= '' then tm.limits = parse_limits(text) end
+      end
+    end
+    if alerts ~= '' then
+      tm.alerts = nil
+      if alerts ~= '-' then tm.alerts = numbers(alerts) end
+    end
+    b.tm, b.timing = tm, nil
+    return nil
+  end
+
+  return T
+end
+
+TIME = function()
+  local functions = TIMED.functions
+  if functions == nil then
+    functions = time_functions()
+    TIMED.functions = functions
+  end
+  return functions
 end
 
 -- Return every unit's hold and mark the reservation EXPIRED (Python: _expire).
@@ -836,7 +988,7 @@ local function expire(rec)
     end
     data = '{"also":' .. holds_json(holds, 'amount') .. '}'
   end
-  if rec.windowed then settle_windows(rec, budgets, holds, nil) end
+  if rec.windowed then TIME().settle_windows(rec, budgets, holds, nil) end
   save_budgets(budgets)
   finalize(rec, 'EXPIRED')
   emit('expired', rec.scope_path, rec.unit, rec.estimate, rec.id, nil, data)
@@ -938,9 +1090,9 @@ local function run_batch(op)
     local ok, reply = pcall(op)
     if not ok then reply = raised(reply) end
     if reply[1] == 'err' or reply[1] == 'raise' or reply[1] == 'bounds' then
-      DECODED, ROLLED = {}, {} -- it may have changed budgets it did not save; its roll-overs are not kept
-    elseif ROLLED[1] then
-      local done, err = pcall(write_rolls)
+      DECODED, TIMED.rolled = {}, {} -- it may have changed budgets it did not save; its roll-overs are not kept
+    elseif TIMED.rolled[1] then
+      local done, err = pcall(TIME().write_rolls)
       if not done then reply = raised(err) end
     end
     out[#out + 1] = reply
@@ -1148,38 +1300,6 @@ local function retry_after_expiry(ev)
   return ev.reason_code == 'BUDGET_EXCEEDED' or ev.reason_code == 'RATE_EXCEEDED'
 end
 
--- Would holding `amount` more on b now push what was spent or held in one of its rate limits' sliding windows
--- past it? A denial (RATE_EXCEEDED) saying when the window has room again (after enough of its oldest entries
--- leave it; nil when `amount` alone is above the limit), or nil (rules.check_rates).
-local function check_rates(b, amount)
-  local sums = window_now(b)
-  for i, lim in ipairs(b.tm.limits) do
-    local used, limit = sums[i], lim.amount
-    if used + amount > limit then
-      local retry = nil
-      if amount <= limit then
-        local excess, freed, offset = used + amount - limit, 0, 0
-        local key, from = WINDOW_BASE .. b.field, '(' .. I(NOW - lim.window)
-        while retry == nil do
-          local got = rcall('ZRANGEBYSCORE', key, from, '+inf', 'WITHSCORES', 'LIMIT', offset, 100)
-          if #got == 0 then break end
-          for j = 1, #got, 2 do
-            freed = freed + tonumber(match(got[j], '%d+$'))
-            if freed >= excess then
-              retry = tonumber(got[j + 1]) + lim.window - NOW -- the entry is out once now - window >= ts
-              break
-            end
-          end
-          offset = offset + 100
-        end
-      end
-      return {decision = 'DENY', reason_code = 'RATE_EXCEEDED', scope = b.scope, remaining = max(limit - used, 0),
-              unit = b.unit, retry_after_ms = retry, freeze = lim.freeze, also = NO_HOLDS}
-    end
-  end
-  return nil
-end
-
 -- The decision on a reserve, the budgets it counted (every unit it holds on, and the unit that denied) and
 -- its budgets by unit (Python: _evaluate); or nil, nil and a failure. Periods that ended roll over first (kept
 -- when `write`).
@@ -1207,7 +1327,7 @@ local function evaluate(scopes, unit, units, also, allow_unbudgeted, estimate, s
             if a.unit == b.unit then amount = a.amount end
           end
         end
-        local denial = check_rates(b, amount)
+        local denial = TIME().check_rates(b, amount)
         if denial then
           ev = denial
           break
@@ -1306,45 +1426,12 @@ local function debts_before(policy, budgets, into)
   return into
 end
 
--- x * m exactly, as (high, low) in base 2^26, for 0 <= x < 2^53 and 0 <= m <= 10^4.
-local function times(x, m)
-  local high = floor(x / 67108864)
-  local low = (x - high * 67108864) * m
-  local carry = floor(low / 67108864)
-  return high * m + carry, low - carry * 67108864
-end
-
--- Alert thresholds (percent of the allocation) that spent + debt has reached and that have not fired in this
--- period; marks them fired (rules.crossed_thresholds). Compared exactly: t * allocated <= (spent + debt) * 100.
-local function crossed_thresholds(b)
-  local tm = b.tm
-  if tm == nil or tm.alerts == nil or b.allocated <= 0 then return NO_HOLDS end
-  local fired = {}
-  for _, t in ipairs(tm.fired or NO_HOLDS) do fired[t] = true end
-  local used_high, used_low = times(b.spent + b.debt, 100)
-  local new = {}
-  for _, t in ipairs(tm.alerts) do
-    if not fired[t] then
-      local high, low = times(b.allocated, t)
-      if high < used_high or (high == used_high and low <= used_low) then new[#new + 1] = t end
-    end
-  end
-  if #new > 0 then
-    for _, t in ipairs(new) do fired[t] = true end
-    local all = {}
-    for t in pairs(fired) do all[#all + 1] = t end
-    table.sort(all)
-    tm.fired, b.timing = all, nil
-  end
-  return new
-end
-
 -- What a charge can cause (Python: _after_charge): a `threshold_crossed` event for each alert threshold the
 -- budget's spend reached (once per period), a `debt` event for every budget whose debt grew.
 local function after_charge(budgets, debts, rid)
   for _, b in ipairs(budgets) do
     if b.tm and b.tm.alerts then
-      for _, t in ipairs(crossed_thresholds(b)) do
+      for _, t in ipairs(TIME().crossed_thresholds(b)) do
         emit('threshold_crossed', b.scope, b.unit, b.spent + b.debt, rid, nil, '{"threshold":' .. I(t) ..
           ',"allocated":' .. I(b.allocated) .. ',"spent":' .. I(b.spent) .. ',"debt":' .. I(b.debt) .. '}')
       end
@@ -1478,49 +1565,6 @@ local function set_allocation(b, amount, overdraft_limit, caps)
   return data
 end
 
--- A period as the Python engine shows it (models.Period.spec()), JSON.
-local function period_json(period)
-  local step, anchor = match(period, '^(%d+)%+(%d+)$')
-  if step then return '{"every_ms":' .. step .. ',"anchor_ms":' .. anchor .. '}' end
-  local every, tz = match(period, '^(%a+):(.*)$')
-  return '{"every":' .. q(every) .. ',"tz":' .. q(tz) .. '}'
-end
-
--- Period, rate limits and alerts as the command says: '' leaves one as it is, '-' removes it (Python:
--- _set_time_policy). A new or changed period starts at the boundary before now; changed limits are summed
--- again from the spend log. Returns a failure when a calendar period's boundaries do not reach now.
-local function set_time_policy(b, period, limits, alerts)
-  local tm = b.tm or {limits_text = ''}
-  if period ~= '' then
-    local new = nil
-    if period ~= '-' then new = period end
-    if new ~= tm.period then
-      local start, stop = nil, nil
-      if new then
-        start, stop = period_bounds(new)
-        if start == nil then
-          return fail('INVALID_REQUEST', 'the boundaries sent for period ' .. new .. ' do not reach the time of the ' ..
-            'Redis server (' .. NOW_S .. '); are the clocks of the client and the server far apart?')
-        end
-      end
-      tm.period, tm.period_start, tm.period_end = new, start, stop
-    end
-  end
-  if limits ~= '' then
-    local text = limits ~= '-' and limits or ''
-    if text ~= (tm.limits and tm.limits_text or '') then
-      tm.limits_text, tm.limits, tm.win = text, nil, nil
-      if text ~= '' then tm.limits = parse_limits(text) end
-    end
-  end
-  if alerts ~= '' then
-    tm.alerts = nil
-    if alerts ~= '-' then tm.alerts = numbers(alerts) end
-  end
-  b.tm, b.timing = tm, nil
-  return nil
-end
-
 local STATUS_CHANGES = {freeze = {'FROZEN', 'frozen'}, unfreeze = {'ACTIVE', 'unfrozen'}, close = {'CLOSED', 'closed'}}
 
 -- freeze / unfreeze / close; a closed budget stays closed. Returns the event type.
@@ -1652,7 +1696,7 @@ OPS.reserve = function(decide_only)
           if h.unit == b.unit then amount = h.amount end
         end
       end
-      window_add(b, ref_of(rid), amount)
+      TIME().window_add(b, TIME().ref_of(rid), amount)
       windowed = ':w'
     end
   end
@@ -1735,7 +1779,7 @@ OPS.commit = function()
     rec.tail = nil -- the charges change the text after `finalized`
   end
   after_charge(budgets, debts, rid)
-  if rec.windowed then settle_windows(rec, budgets, holds, charged) end
+  if rec.windowed then TIME().settle_windows(rec, budgets, holds, charged) end
   save_budgets(budgets)
   local released = max(rec.estimate - actual, 0)
   local reply = {'commit', I(charged), I(released), rec.holds_text, nil, nil, nil, nil, nil, nil} -- three balances
@@ -1773,7 +1817,7 @@ OPS.release = function()
     end
     also = '"also":' .. holds_json(holds, 'amount')
   end
-  if rec.windowed then settle_windows(rec, budgets, holds, nil) end
+  if rec.windowed then TIME().settle_windows(rec, budgets, holds, nil) end
   save_budgets(budgets)
   local reply = {'release', I(rec.estimate), rec.unit, rec.holds_text}
   settled(rec, 'RELEASED', -1, 'release', key, hash, reply[2] .. SEP .. reply[3] .. SEP .. reply[4])
@@ -1893,7 +1937,7 @@ OPS.event = function()
       for _, c in ipairs(charges) do
         if c.unit == b.unit then got = c.charged end
       end
-      window_add(b, 'e' .. id, got)
+      TIME().window_add(b, 'e' .. id, got)
     end
   end
   save_budgets(budgets)
@@ -1923,7 +1967,7 @@ OPS.budget = function()
   expire_overdue()
   local b = load_rolled({scope}, unit, true)[1]
   if op == 'set' then
-    if bounds ~= '' then BOUNDS[period] = numbers(bounds) end
+    if bounds ~= '' then TIME().sent_bounds(period, bounds) end
     local data
     if not b then
       b = {scope = scope, unit = unit, field = scope .. '|' .. unit, allocated = amount, spent = 0, reserved = 0,
@@ -1933,11 +1977,13 @@ OPS.budget = function()
     else
       data = sub(set_allocation(b, amount, overdraft_limit, caps), 2, -2)
     end
-    local failure = set_time_policy(b, period, limits, alerts)
+    local failure = TIME().set_time_policy(b, period, limits, alerts)
     if failure then return failure end
-    if bounds ~= '' then rcall('HSET', BOUNDS_KEY, period, bounds) end
-    if b.tm and b.tm.period then data = (data ~= '' and data .. ',' or '') .. '"period":' .. period_json(b.tm.period) end
-    if period ~= '' then zset_put(PERIODS, b.field, b.tm.period_end or false) end
+    if bounds ~= '' then rcall('HSET', KEYS[8], period, bounds) end
+    if b.tm and b.tm.period then
+      data = (data ~= '' and data .. ',' or '') .. '"period":' .. TIME().period_json(b.tm.period)
+    end
+    if period ~= '' then zset_put(TIMED.periods, b.field, b.tm.period_end or false) end
     save_budgets({b})
     emit('budget_set', scope, unit, amount, nil, nil, data ~= '' and '{' .. data .. '}' or nil)
     return {'budget', b.field, b.text}
@@ -1968,8 +2014,8 @@ OPS.sweep = function()
   local limit = tonumber(F[1])
   local n = expire_due(limit)
   -- Periods that ended and that nobody touched since roll over (Python: operations.sweep), earliest end first.
-  zset_flush(PERIODS)
-  local got, due = rcall('ZRANGEBYSCORE', PERIODS_KEY, '-inf', NOW_S, 'WITHSCORES', 'LIMIT', 0, limit), {}
+  zset_flush(TIMED.periods)
+  local got, due = rcall('ZRANGEBYSCORE', KEYS[7], '-inf', NOW_S, 'WITHSCORES', 'LIMIT', 0, limit), {}
   for i = 1, #got, 2 do
     local scope, unit = match(got[i], '^(.*)|([^|]*)$')
     due[#due + 1] = {tonumber(got[i + 1]), scope, unit}
@@ -1980,10 +2026,10 @@ OPS.sweep = function()
     return x[3] < y[3]
   end)
   for _, d in ipairs(due) do
-    local b = budget_at(d[2], d[3])
-    if b then roll(b, true) end
+    local b = TIME().budget_at(d[2], d[3])
+    if b then TIME().roll(b, true) end
   end
-  write_rolls()
+  if TIMED.rolled[1] then TIME().write_rolls() end
   -- Finalized reservations older than the retention go, with all their fields and their listing entry;
   -- straight in Redis, after what is pending, and the cache forgets the fields.
   local err = flush()
@@ -2017,8 +2063,9 @@ OPS.read = function()
         local b = decode_budget(scope, u, text)
         b.field = field
         if b.tm then
-          roll_period(b)
-          if b.tm.limits then burn = list_text(window_now(b)) end
+          local time = TIME()
+          time.roll_period(b)
+          if b.tm.limits then burn = time.list_text(time.window_now(b)) end
           text = encode_budget(b)
         end
       end

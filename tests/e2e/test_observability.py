@@ -1,0 +1,267 @@
+"""Decisions in every trace and metric: a real proxy (configs/litellm-observability.yaml) with LiteLLM's `otel`
+callback exporting to an OTLP/HTTP receiver on loopback, its `prometheus` callback serving /metrics, and a
+CustomLogger reading the standard logging payload; health and readiness following the ledger.
+
+Prices (LiteLLM's offline map): gpt-4o-mini costs 15 USD_MICROCENTS per input token and 60 per output
+token; the fake upstream reports 25 prompt tokens and max_tokens completion tokens (up to 40).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from cycles_ledger.redis_server import RedisServer
+from cycles_litellm.launch import REPO_ROOT, LiteLLMProxy
+from tests.conftest import need_redis
+from tests.e2e.conftest import ProxyFactory
+from tests.support.otlp_receiver import OtlpReceiver, Span
+
+OBS_CONFIG = REPO_ROOT / "configs" / "litellm-observability.yaml"
+ALLOWED = 25 * 15 + 5 * 60  # a call with max_tokens 5
+
+
+def wait_until(pred: Callable[[], Any], timeout: float = 20.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := pred()):
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+    return value
+
+
+def chat(proxy: LiteLLMProxy, tenant: str, text: str = "hello there", **extra: Any) -> httpx.Response:
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": text}], "max_tokens": 5, **extra}
+    headers = {**proxy.auth_headers, "x-cycles-tenant": tenant}
+    return httpx.post(f"{proxy.url}/v1/chat/completions", json=body, headers=headers, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[OtlpReceiver]:
+    rx = OtlpReceiver()
+    yield rx
+    rx.close()
+
+
+@pytest.fixture(scope="module")
+def payload_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("payloads") / "payloads.jsonl"
+
+
+@pytest.fixture(scope="module")
+def proxy(proxy_factory: ProxyFactory, receiver: OtlpReceiver, payload_log: Path) -> LiteLLMProxy:
+    env = {
+        "OTEL_EXPORTER": "otlp_http",
+        "OTEL_ENDPOINT": receiver.url,
+        "OTEL_BSP_SCHEDULE_DELAY": "100",  # export within 0.1 s instead of 5 s
+        "CYCLES_PAYLOAD_LOG": str(payload_log),
+    }
+    return proxy_factory({"shadow_scopes": ["tenant:obs-shadow"]}, litellm_config=OBS_CONFIG, env=env)
+
+
+def logged(payload_log: Path, scope: str) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(event, cycles fields, payload) of every payload the CustomLogger got whose decision names `scope`."""
+    out = []
+    for line in payload_log.read_text().splitlines() if payload_log.exists() else []:
+        record = json.loads(line)
+        payload = record["payload"] or {}
+        fields = ((payload.get("metadata") or {}).get("spend_logs_metadata") or {}).get("cycles")
+        if fields and fields.get("scope") == scope:
+            out.append((record["event"], fields, payload))
+    return out
+
+
+@pytest.fixture(scope="module")
+def traffic(proxy: LiteLLMProxy) -> dict[str, httpx.Response]:
+    """One allowed, one denied, one shadow call and one Anthropic /v1/messages call, each its own tenant."""
+    with proxy.ledger() as led:
+        led.set_budget("tenant:obs-ok", "1usd")
+        led.set_budget("tenant:obs-poor", "0.000001usd")
+        led.set_budget("tenant:obs-shadow", "1usd")
+        led.set_budget("tenant:obs-msg", "1usd")
+    messages = httpx.post(
+        f"{proxy.url}/v1/messages",
+        json={"model": "claude-haiku-4-5", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]},
+        headers={**proxy.auth_headers, "x-cycles-tenant": "obs-msg"},
+        timeout=60,
+    )
+    return {
+        "ok": chat(proxy, "obs-ok"),
+        "poor": chat(proxy, "obs-poor"),
+        "shadow": chat(proxy, "obs-shadow"),
+        "messages": messages,
+    }
+
+
+def test_a_custom_logger_reads_each_decision_from_the_standard_logging_payload(
+    proxy: LiteLLMProxy, traffic: dict[str, httpx.Response], payload_log: Path
+) -> None:
+    """Allowed, denied (never reaching a provider), shadow and /v1/messages calls: each logged once with
+    decision, reason, scope, remaining, reservation id, estimate, committed amount and shadow flag."""
+    ok, poor, shadow = traffic["ok"], traffic["poor"], traffic["shadow"]
+    assert (ok.status_code, poor.status_code, shadow.status_code, traffic["messages"].status_code) == (
+        200,
+        402,
+        200,
+        200,
+    )
+
+    [(event, fields, payload)] = wait_until(lambda: logged(payload_log, "tenant:obs-ok"))
+    assert (event, payload["status"]) == ("success", "success")
+    assert fields["decision"] == "ALLOW" and fields["reason"] is None and fields["shadow"] is False
+    assert fields["reservation_id"] == ok.headers["x-cycles-reservation-id"]
+    assert fields["unit"] == "USD_MICROCENTS" and fields["estimate"] > 0  # the fake bills 25 prompt tokens anyway
+    assert fields["committed"] == ALLOWED
+    assert fields["remaining"] == 100_000_000 - fields["estimate"]
+    with proxy.ledger() as led:
+        wait_until(lambda: led.balance("tenant:obs-ok").reserved == 0)
+        assert led.balance("tenant:obs-ok").spent == fields["committed"]
+
+    [(event, fields, payload)] = wait_until(lambda: logged(payload_log, "tenant:obs-poor"))
+    assert (event, payload["status"]) == ("failure", "failure")
+    assert fields["decision"] == "DENY" and fields["reason"] == "BUDGET_EXCEEDED"
+    assert fields["remaining"] == 100 and fields["estimate"] > 100
+    assert fields["committed"] == 0 and fields["reservation_id"] is None and fields["shadow"] is False
+    assert "402" in json.dumps(payload.get("error_information"))
+
+    [(event, fields, _)] = wait_until(lambda: logged(payload_log, "tenant:obs-shadow"))
+    assert event == "success" and fields["shadow"] is True and fields["decision"] == "ALLOW"
+    assert fields["committed"] == ALLOWED and fields["reservation_id"] is None
+
+    [(event, fields, _)] = wait_until(lambda: logged(payload_log, "tenant:obs-msg"))  # `litellm_metadata` routes
+    assert event == "success" and fields["decision"] == "ALLOW" and fields["committed"] > 0
+    time.sleep(0.5)  # nothing more arrives: one logged event per call
+    assert [len(logged(payload_log, f"tenant:obs-{t}")) for t in ("ok", "poor", "shadow", "msg")] == [1, 1, 1, 1]
+
+
+def _decision(span: Span) -> dict[str, Any] | None:
+    raw = span.attributes.get("metadata.spend_logs_metadata")
+    return json.loads(raw)["cycles"] if isinstance(raw, str) and raw.startswith("{") else None
+
+
+def test_otel_spans_carry_the_decision_and_the_deny_span_exists(
+    traffic: dict[str, httpx.Response], receiver: OtlpReceiver
+) -> None:
+    """LiteLLM's otel callback exports the decision as JSON in `metadata.spend_logs_metadata`; a denied call
+    has its own error span with the decision, in the trace of the proxy's failed request."""
+    [allowed] = receiver.wait_for(lambda s: (_decision(s) or {}).get("scope") == "tenant:obs-ok")
+    fields = _decision(allowed)
+    assert fields is not None and fields["decision"] == "ALLOW" and fields["committed"] == ALLOWED
+    assert fields["reservation_id"] == traffic["ok"].headers["x-cycles-reservation-id"]
+
+    [denied] = receiver.wait_for(lambda s: (_decision(s) or {}).get("scope") == "tenant:obs-poor")
+    fields = _decision(denied)
+    assert fields is not None and (fields["decision"], fields["reason"]) == ("DENY", "BUDGET_EXCEEDED")
+    assert denied.status == 2  # ERROR
+    failed = receiver.wait_for(lambda s: s.name == "Failed Proxy Server Request" and s.trace_id == denied.trace_id)
+    assert "BUDGET_EXCEEDED" in str(failed[0].attributes.get("exception"))
+
+
+def scrape(proxy: LiteLLMProxy) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """/metrics as {sample name: [(labels, value)]}."""
+    text = httpx.get(f"{proxy.url}/metrics", follow_redirects=True, timeout=30).text
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return out
+
+
+def total(metrics: dict[str, list[tuple[dict[str, str], float]]], name: str, **labels: str) -> float:
+    return sum(v for lab, v in metrics.get(name, []) if all(lab.get(k) == x for k, x in labels.items()))
+
+
+def test_metrics_count_decisions_and_a_deny_is_not_a_deployment_failure(
+    proxy: LiteLLMProxy, traffic: dict[str, httpx.Response]
+) -> None:
+    """/metrics with LiteLLM's prometheus callback: the plugin's families are there; three denies count as
+    decisions and as failed client requests, never as LLM API or deployment failures, and cool nothing down
+    (both deployments keep serving); a real provider failure (control) does count."""
+    before = scrape(proxy)
+    for _ in range(3):
+        assert chat(proxy, "obs-poor").status_code == 402
+    after = wait_until(
+        lambda: (
+            m
+            if total(m := scrape(proxy), "litellm_proxy_failed_requests_metric_total", exception_status="402")
+            >= total(before, "litellm_proxy_failed_requests_metric_total", exception_status="402") + 3
+            else None
+        )
+    )
+    deny = {"decision": "DENY", "reason": "BUDGET_EXCEEDED", "shadow": "false"}
+    assert total(after, "cycles_decisions_total", **deny) == total(before, "cycles_decisions_total", **deny) + 3
+    for name in ("litellm_deployment_failure_responses_total", "litellm_llm_api_failed_requests_metric_total"):
+        assert total(after, name) == total(before, name), name
+    assert total(after, "litellm_deployment_cooled_down_total") == 0
+    assert all(v == 0 for _, v in after.get("litellm_deployment_state", []))
+
+    # the plugin's own families
+    assert total(after, "cycles_reserve_duration_seconds_count") >= 4
+    assert total(after, "cycles_commit_duration_seconds_count") >= 1
+    assert total(after, "cycles_ledger_up") == 1 and "cycles_sweeper_lag_seconds" in after
+    with proxy.ledger() as led:
+        left = led.balance("tenant:obs-ok").remaining / 10**8
+    assert total(after, "cycles_budget_remaining_usd", scope="tenant:obs-ok") == pytest.approx(left)
+    assert total(after, "cycles_budget_burn_rate_usd_per_second", scope="tenant:obs-ok") > 0
+    assert all("/" not in lab["scope"] for lab, _ in after["cycles_budget_remaining_usd"])  # top level only
+    for name in ("cycles_ledger_unavailable_total", "cycles_fail_open_total", "cycles_settle_retries_total"):
+        assert name in after, name
+
+    # both deployments still take calls
+    with proxy.ledger() as led:
+        led.set_budget("tenant:obs-after", "1usd")
+    served = set()
+    for _ in range(30):
+        r = chat(proxy, "obs-after")
+        assert r.status_code == 200, r.text
+        served.add(r.headers.get("x-litellm-model-id"))
+        if served == {"mini-a", "mini-b"}:
+            break
+    assert served == {"mini-a", "mini-b"}
+
+    # control: a provider failure is a deployment failure in the same metrics
+    assert chat(proxy, "obs-after", text="FAIL500").status_code >= 500
+    wait_until(lambda: total(scrape(proxy), "litellm_deployment_failure_responses_total", exception_status="500"))
+
+
+def test_readiness_follows_a_fail_closed_ledger(proxy_factory: ProxyFactory) -> None:
+    """A Redis ledger whose server stops: /cycles/health and /health/readiness turn 503 (calls get 503 too),
+    and 200 again once it is back, with no call in between."""
+    need_redis()
+    server = RedisServer(appendonly=True, appendfsync="always")
+    try:
+        url = server.url(prefix="obs-health")
+        proxy = proxy_factory({"on_unavailable": "fail_closed"}, env={"CYCLES_STORE": url})
+        with proxy.ledger() as led:
+            led.set_budget("tenant:obs-health", "1usd")
+
+        def ready() -> int:
+            return httpx.get(f"{proxy.url}/health/readiness", timeout=10).status_code
+
+        assert ready() == 200
+        health = httpx.get(f"{proxy.url}/cycles/health", timeout=10)
+        assert health.status_code == 200 and health.json()["ledger"] == "ok"
+        assert chat(proxy, "obs-health").status_code == 200
+
+        server.kill()
+        wait_until(lambda: ready() == 503)
+        health = httpx.get(f"{proxy.url}/cycles/health", timeout=10)
+        assert health.status_code == 503
+        body = health.json()
+        assert (body["status"], body["ledger"], body["serving"]) == ("unavailable", "unavailable", False)
+        assert url not in json.dumps(body)  # the public route names no store address
+        assert chat(proxy, "obs-health").status_code == 503
+
+        server.start()
+        wait_until(lambda: ready() == 200)
+        assert httpx.get(f"{proxy.url}/cycles/health", timeout=10).json()["ledger"] == "ok"
+        assert chat(proxy, "obs-health").status_code == 200
+    finally:
+        server.stop()

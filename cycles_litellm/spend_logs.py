@@ -7,9 +7,9 @@ user is the tenant and its alias the app (`metadata.user_api_key_*`); the client
 request metadata `cycles` (`metadata.requester_metadata`) or `x-cycles-*` headers
 (`metadata.requester_custom_headers`). A call made with the master key (user `default_user_id`, no team,
 organization or alias) is named by metadata and headers alone, as the proxy names it. The estimate is the
-one the log carries (`cycles.estimate`, see `_LOGGED`), else the proxy's own worst case recomputed from
-LiteLLM's prices (the logged messages or prompt tokens, `model_parameters` max tokens), with the same
-soft landing; MCP tool calls (`call_mcp_tool`) hold their cost.
+one the log carries (the plugin's decision: `metadata.spend_logs_metadata.cycles.estimate`), else the proxy's
+own worst case recomputed from LiteLLM's prices (the logged messages or prompt tokens, `model_parameters`
+max tokens), with the same soft landing; MCP tool calls (`call_mcp_tool`) hold their cost.
 
 Langfuse: the blob storage export (`observations_v2/` enriched observations, or legacy `observations/` with
 `traces/` rows in the same input, snake_case), and the UI / API JSON (camelCase; an array, `{"data": [...]}`,
@@ -39,6 +39,7 @@ from cycles_ledger import InvalidRequestError, SoftLanding, Subject
 from cycles_ledger.spendlog import SkippedLine, SpendLog, SpendRecord
 
 from .calls import action_kind, usd_to_microcents
+from .observe import LOGGING_KEY
 from .routes import classify
 from .settings import Settings
 from .subject import LEVELS, payer_from_request, scope_value
@@ -48,8 +49,9 @@ __all__ = ["ReadOptions", "read_for_cli", "read_spend_logs"]
 Format = Literal["auto", "litellm", "langfuse"]
 Estimates = Literal["auto", "logged", "actual"]
 
-# Where a payload may carry the estimate the plugin held for it (the decision fields the plugin logs).
-_LOGGED = (("cycles",), ("metadata", "cycles"), ("metadata", "spend_logs_metadata", "cycles"))
+# Where the plugin logs its decision, estimate included (observe.py): in LiteLLM's payload and in the metadata
+# LiteLLM's Langfuse logger writes; a JSON string there (a logger that flattened it) is read as well.
+_LOGGED = f"metadata.spend_logs_metadata.{LOGGING_KEY}"
 _MASTER_USERS = frozenset({"default_user_id", "litellm_proxy_admin_name", "litellm_proxy_master_key"})
 _TOKEN_KINDS = frozenset({"chat", "text", "messages", "responses", "embedding"})
 _GENERATION_TYPES = frozenset({"GENERATION", "EMBEDDING"})
@@ -305,15 +307,10 @@ def _run(record: Mapping[str, Any], cycles: Any, fallbacks: Iterable[Any], opts:
 
 
 def _logged_estimate(record: Mapping[str, Any]) -> int | None:
-    """The estimate the plugin held, if the payload carries its decision (USD_MICROCENTS, or {unit, amount})."""
-    for path in _LOGGED:
-        value = _path(record, ".".join(path))
-        est = value.get("estimate") if isinstance(value, Mapping) else None
-        if isinstance(est, Mapping):
-            est = est.get("amount") if est.get("unit", "USD_MICROCENTS") == "USD_MICROCENTS" else None
-        if isinstance(est, int) and not isinstance(est, bool) and est >= 0:
-            return est
-    return None
+    """The estimate the plugin held (USD_MICROCENTS), if the payload carries its decision."""
+    fields = _json_object(_path(record, _LOGGED))
+    est = fields.get("estimate") if fields.get("unit", "USD_MICROCENTS") == "USD_MICROCENTS" else None
+    return est if isinstance(est, int) and not isinstance(est, bool) and est >= 0 else None
 
 
 def _epoch_ms(value: Any, what: str) -> int:

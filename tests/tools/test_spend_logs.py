@@ -95,22 +95,25 @@ def test_the_master_key_is_named_by_headers_and_the_run_is_the_trace(tmp_path: P
 
 def test_the_estimate_is_the_proxys_worst_case_unless_the_log_has_one(tmp_path: Path) -> None:
     """Recomputed as the proxy's pre-call hook does (LiteLLM prices, logged messages, max_tokens), with its
-    soft landing; a logged estimate wins; `estimates="actual"` holds the cost itself."""
+    soft landing; the plugin's logged decision (spend_logs_metadata.cycles, also as a JSON string) wins;
+    `estimates="actual"` holds the cost itself."""
     headers = {"x-cycles-tenant": "acme"}
     meta = {"requester_custom_headers": headers}
-    logged = payload("c2", metadata=meta, cycles={"decision": "ALLOW", "estimate": 123_456})
+    decision = {"decision": "ALLOW", "estimate": 123_456, "unit": "USD_MICROCENTS"}
+    logged = payload("c2", metadata=meta | {"spend_logs_metadata": {"cycles": decision}})
+    flattened = payload("c4", metadata=meta | {"spend_logs_metadata": {"cycles": json.dumps(decision)}})
     no_messages = payload("c3", metadata=meta, messages="redacted-by-litellm", prompt_tokens=1000)
-    path = write_jsonl(tmp_path / "a.jsonl", [payload("c1", metadata=meta), logged, no_messages])
+    path = write_jsonl(tmp_path / "a.jsonl", [payload("c1", metadata=meta), logged, no_messages, flattened])
     by_id = {r.call_id: r for r in read_spend_logs([path]).records}
     settings = Settings()
     est = estimate_call("gpt-4o", {"model": "gpt-4o", "max_tokens": 1024, "messages": MESSAGES}, "chat", settings)
     assert by_id["c1"].estimate == est.amount and by_id["c1"].soft_landing == soft_landing(est, 256)
     assert by_id["c1"].token_estimate == est.input_tokens + 1024
-    assert by_id["c2"].estimate == 123_456 and by_id["c2"].soft_landing is None
+    assert by_id["c2"].estimate == by_id["c4"].estimate == 123_456 and by_id["c2"].soft_landing is None
     # no messages in the log: the logged prompt tokens at gpt-4o's $2.50 in, 1024 out at $10 per million
     assert by_id["c3"].estimate == 1000 * 250 + 1024 * 1000
     actual = read_spend_logs([path], ReadOptions(estimates="actual")).records
-    assert [r.estimate for r in actual] == [None, 123_456, None]
+    assert [r.estimate for r in actual] == [None, 123_456, None, 123_456]
 
 
 def test_mcp_tool_calls_are_tool_spend_holding_their_cost(tmp_path: Path) -> None:

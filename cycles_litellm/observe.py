@@ -69,21 +69,22 @@ class _JsonDict(dict[str, Any]):
         return json.dumps(self, default=str, separators=(",", ":"))
 
 
-def _metadata(data: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+def _metadata(data: MutableMapping[str, Any]) -> MutableMapping[str, Any] | None:
     """The request's metadata dict the way LiteLLM names it for this route (`litellm_metadata` on
-    /v1/messages, /v1/responses and newer routes, `metadata` elsewhere)."""
+    /v1/messages, /v1/responses and newer routes, `metadata` elsewhere). The proxy makes one for every
+    request; none is made here, since in a provider call's parameters `metadata` would be sent on."""
     for key in ("litellm_metadata", "metadata"):
         found = data.get(key)
         if isinstance(found, MutableMapping):
             return found
-    made: dict[str, Any] = {}
-    data["metadata"] = made
-    return made
+    return None
 
 
 def attach(data: MutableMapping[str, Any], fields: DecisionFields) -> None:
     """Put `fields` under spend_logs_metadata.cycles of the request, replacing whatever a client sent there."""
     metadata = _metadata(data)
+    if metadata is None:
+        return
     pairs = metadata.get("spend_logs_metadata")
     logged = pairs if isinstance(pairs, _JsonDict) else _JsonDict(pairs if isinstance(pairs, Mapping) else {})
     logged[LOGGING_KEY] = fields

@@ -172,7 +172,7 @@ async def test_refused_routes_and_free_routes(tmp_path: Path) -> None:
         data = {"file_id": "f"}
         assert await cb.async_pre_call_hook(None, None, data, "afile_retrieve") is data
         opened = CyclesCallback(Settings(unmetered_routes=frozenset({"pass_through_endpoint"})), ledger=ledger)
-        passed = await opened.async_pre_call_hook(None, None, {"model": "x"}, "pass_through_endpoint")
+        passed = await opened.async_pre_call_hook(None, None, {"model": "x", "metadata": {}}, "pass_through_endpoint")
         assert passed["model"] == "x"  # let through, its decision in the logging metadata (observe.py)
         assert passed["metadata"]["spend_logs_metadata"]["cycles"]["reason"] == "UNMETERED_ROUTE"
         assert opened.counters["unmetered:pass_through_endpoint"] == 1

@@ -1,10 +1,11 @@
 """Is the ledger there, and should this proxy get traffic? `/cycles/health` and LiteLLM's `/health/readiness`.
 
-The ledger's sweeper is the probe: every sweep is a write (SQLite takes its write lock, Redis runs a
-script), so a store that is down, or a SQLite file that can no longer be written, fails it, and the next
-sweep that succeeds says it is back. The proxy sweeps every few seconds anyway; a health request whose
-last answer is older than `max_age_s` sweeps once more itself, and the hook's own reserves count too (a
-reserve that found the ledger away marks it down at once).
+The ledger's sweeper is the probe: each sweep expires overdue holds and then writes and deletes a key of
+its own in the store's state (a real write, even when nothing was due), so a store that is down, or a
+SQLite file that can no longer be written, fails it, and the next sweep that succeeds says it is back.
+The proxy sweeps every few seconds anyway; a health request whose last answer is older than `max_age_s`
+sweeps once more itself, and the hook's own reserves count too (a reserve that found the ledger away
+marks it down at once).
 
 While the ledger is away and the plugin fails closed (`on_unavailable: fail_closed`, the default when
 enforcing), every metered call gets 503: the proxy's `/health/readiness` then answers 503 too, so a load
@@ -17,11 +18,13 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from cycles_ledger import CyclesError, Ledger
+from cycles_ledger.stores.base import SupportsState
 
 from .settings import Settings
 
@@ -60,6 +63,7 @@ class LedgerHealth:
         self.last: Check | None = None
         self.last_ok_at: float | None = None  # the last successful sweep (sweeper lag counts from here)
         self._probe: asyncio.Task[Check] | None = None
+        self._key = f"health:probe:{uuid.uuid4().hex}"  # this process's own key: written, then deleted
 
     def mark(self, ok: bool, error: BaseException | str | None = None) -> None:
         """Record what an operation on the ledger just showed (a reserve, a sweep)."""
@@ -69,10 +73,10 @@ class LedgerHealth:
             self.last = Check(False, time.monotonic(), self._redact(str(error or "unavailable")))
 
     async def sweep(self) -> Check:
-        """Expire overdue holds now; the outcome is the ledger's health."""
+        """Expire overdue holds now and prove a write lands; the outcome is the ledger's health."""
         try:
             ledger = await self._ledger()
-            await asyncio.wait_for(ledger.sweep(), self.timeout_s)
+            await asyncio.wait_for(self._sweep_and_write(ledger), self.timeout_s)
         except (CyclesError, OSError, TimeoutError) as exc:
             self.mark(False, exc if str(exc) else type(exc).__name__)
         except Exception as exc:  # noqa: BLE001 - a probe reports any failure; it must never stop sweeping
@@ -82,6 +86,14 @@ class LedgerHealth:
             self.last_ok_at = time.monotonic()
         assert self.last is not None
         return self.last
+
+    async def _sweep_and_write(self, ledger: Ledger) -> None:
+        await ledger.sweep()
+        store = ledger.store
+        if isinstance(store, SupportsState):
+            stamp = str(time.time_ns())
+            await store.state_put(self._key, stamp, None)
+            await store.state_put(self._key, None, stamp)
 
     async def run_forever(self) -> None:
         """The proxy's sweeper: every `interval_s` (expiring crashed callers' holds is its first job)."""

@@ -147,6 +147,8 @@ def app_with(settings: Settings, fail: bool) -> TestClient:
             raise StoreUnavailableError("cannot reach redis://:secret@10.0.0.1:6379/0")
 
         class Swept:
+            store = None  # keeps no state: the probe's write is skipped
+
             async def sweep(self) -> int:
                 return 0
 
@@ -182,6 +184,26 @@ def test_health_routes_turn_503_only_when_the_plugin_would_refuse_every_call(
     readiness = client.get("/health/readiness")
     assert readiness.status_code == ready
     assert readiness.json()["cycles"]["status"] == status
+
+
+async def test_the_probe_writes_and_deletes_its_own_key(ledger: Ledger) -> None:
+    """A sweep that expires nothing still proves a write lands: the probe's key is written, then deleted."""
+    writes: list[tuple[str, str | None]] = []
+    put = ledger.store.state_put  # type: ignore[attr-defined]
+
+    async def recording(key: str, value: str | None, expected: str | None) -> bool:
+        writes.append((key, value))
+        return bool(await put(key, value, expected))
+
+    ledger.store.state_put = recording  # type: ignore[attr-defined]
+
+    async def source() -> Ledger:
+        return ledger
+
+    health = LedgerHealth(source, Settings())
+    assert (await health.sweep()).ok and health.sweeper_lag_s() is not None
+    assert [v is None for _, v in writes] == [False, True] and writes[0][0] == writes[1][0]
+    assert await ledger.store.state_list("health:") == {}  # type: ignore[attr-defined]
 
 
 def test_readiness_passes_litellms_answer_through_while_the_ledger_answers() -> None:

@@ -440,10 +440,10 @@ end
 
 -- --- reservations ---
 -- A record as a table {id, status, unit, estimate, policy, windowed, deadline, charged, finalized, scope_path,
--- budgeted, holds_text}, plus `mid` and `tail`, its text between the status and `charged` and after `finalized`, kept to
--- write it back around a new status, charged and finalized while the rest is as read (charged and finalized
--- stay as read, text, until set: they are only written). Settling needs few fields, so created, expires,
--- grace and extensions are read from `mid` on first use.
+-- budgeted, holds_text}, plus `mid` and `tail`, its text between the status and `charged` and after
+-- `finalized`, kept to write it back around a new status, charged and finalized while the rest is as read
+-- (charged and finalized stay as read, text, until set: they are only written). Settling needs few fields,
+-- so created, expires, grace and extensions are read from `mid` on first use.
 local RECORD_MORE = {__index = function(rec, k)
   if k ~= 'created' and k ~= 'expires' and k ~= 'grace' and k ~= 'extensions' then return nil end
   local created, expires, grace, extensions = match(rawget(rec, 'mid'), '^%S+ %d+ %S+ (%d+) (%d+) (%d+) %d+ (%d+)$')
@@ -465,9 +465,9 @@ local function load_record(rid)
       '^(%u+) ((%S+) (%d+) ([%u_]+)(%S*) %d+ %d+ %d+ (%d+) %d+) (%-?%d+) (%-?%d+) ((%S+) ?(%S*) ?(.*))$')
   estimate, deadline = tonumber(estimate), tonumber(deadline)
   return setmetatable({id = rid, status = status, unit = unit, estimate = estimate, policy = policy,
-                       windowed = windowed ~= '', deadline = deadline, charged = charged, finalized = finalized, scope_path = scope_path,
-                       budgeted = scope_list(budgeted), holds_text = holds, mid = mid, tail = tail,
-                       estimate_as_read = estimate, deadline_as_read = deadline}, RECORD_MORE)
+                       windowed = windowed ~= '', deadline = deadline, charged = charged, finalized = finalized,
+                       scope_path = scope_path, budgeted = scope_list(budgeted), holds_text = holds, mid = mid,
+                       tail = tail, estimate_as_read = estimate, deadline_as_read = deadline}, RECORD_MORE)
 end
 
 -- The record's holds in other units (decoded on first use; a commit writes their charges into them).
@@ -638,18 +638,31 @@ local function time_functions()
   end
 
   -- A budget's time text (the budgets hash in the header) as its tm.
+  -- (It runs for every such budget a script call reads: one limit and one sum, the usual case, is read
+  -- without a loop.)
   function T.decode_timing(text)
     local period, start, stop, limits, alerts, fired, win =
       match(text, '^~([^;]*);([^;]*);([^;]*);([^;]*);([^;]*);([^;]*);(.*)$')
     local tm = {period = optional(period), period_start = number_or_nil(start), period_end = number_or_nil(stop),
-                limits_text = limits}
+                limits_text = limits, text = text, win_length = #win}
     if limits ~= '' then
-      local list = parse_limits(limits)
+      local amount, window, how = match(limits, '^(%d+):(%d+):(%a)$')
+      local list
+      if amount then
+        list = {{amount = tonumber(amount), window = tonumber(window), freeze = how == 'f'}}
+      else
+        list = parse_limits(limits)
+      end
       tm.limits = list
       if win ~= '' then
-        local sums = numbers(win)
-        local as_of = table.remove(sums, 1)
-        if #sums == #list then tm.win = {as_of = as_of, sums = sums} end
+        local as_of, sum = match(win, '^(%-?%d+):(%-?%d+)$')
+        if as_of then
+          if #list == 1 then tm.win = {as_of = tonumber(as_of), sums = {tonumber(sum)}} end
+        else
+          local sums = numbers(win)
+          as_of = table.remove(sums, 1)
+          if #sums == #list then tm.win = {as_of = as_of, sums = sums} end
+        end
       end
     end
     if alerts ~= '' then tm.alerts = numbers(alerts) end
@@ -657,113 +670,25 @@ local function time_functions()
     return tm
   end
 
-  -- The time text of a budget's tm ('' when it keeps no time policy).
+  -- The time text of a budget's tm ('' when it keeps no time policy): all but the window's sums is kept as
+  -- `head` until one of its parts changes (most writes change only the sums).
   function T.encode_timing(tm)
     if tm == nil or (tm.period == nil and tm.limits == nil and tm.alerts == nil and tm.fired == nil) then
       return ''
     end
-    local win = ''
-    if tm.limits and tm.win then win = I(tm.win.as_of) .. ':' .. list_text(tm.win.sums, ':') end
-    return '~' .. (tm.period or '') .. ';' .. (tm.period_start and I(tm.period_start) or '') .. ';' ..
-      (tm.period_end and I(tm.period_end) or '') .. ';' .. (tm.limits and tm.limits_text or '') .. ';' ..
-      list_text(tm.alerts) .. ';' .. list_text(tm.fired) .. ';' .. win
-  end
-
-  -- The budget at (scope, unit), or nil.
-  local function budget_at(scope, unit)
-    local field = scope .. '|' .. unit
-    local text = hash_get(BUDGETS, field)
-    if not text then return nil end
-    local b = DECODED[field]
-    if b == nil or b.text ~= text then
-      b = decode_budget(scope, unit, text)
-      b.field, b.text = field, text
-      DECODED[field] = b
+    local head = tm.head
+    if head == nil and tm.text then head = sub(tm.text, 1, #tm.text - tm.win_length) end -- as read
+    if head == nil then
+      head = '~' .. (tm.period or '') .. ';' .. (tm.period_start and I(tm.period_start) or '') .. ';' ..
+        (tm.period_end and I(tm.period_end) or '') .. ';' .. (tm.limits and tm.limits_text or '') .. ';' ..
+        list_text(tm.alerts) .. ';' .. list_text(tm.fired) .. ';'
+      tm.head = head
     end
-    return b
-  end
-
-  T.budget_at = budget_at
-
-  -- Write the roll-overs this operation made (before its first event, or at its end): each budget, its new
-  -- period end in the periods zset, a period_reset event with the closed period's totals.
-  function T.write_rolls()
-    local rolled = TIMED.rolled
-    TIMED.rolled = {}
-    for _, r in ipairs(rolled) do
-      local b, c = r[1], r[2]
-      save_budgets({b})
-      zset_put(PERIODS, b.field, b.tm.period_end)
-      emit('period_reset', b.scope, b.unit, c.spent, nil, nil,
-        '{"period_start_ms":' .. (c.start and I(c.start) or 'null') .. ',"period_end_ms":' .. I(c.stop) ..
-        ',"allocated":' .. I(c.allocated) .. ',"spent":' .. I(c.spent) .. ',"debt":' .. I(c.debt) ..
-        ',"reserved":' .. I(c.reserved) .. '}')
-    end
-  end
-
-  -- A period's [start, end) around now (timing.period_bounds): a fixed duration counted from its anchor, or a
-  -- calendar period from the boundaries the client stored (read once per script call, months of them); nil
-  -- when those do not reach now.
-  local BOUNDS = {}
-  local function period_bounds(period)
-    local step, anchor = match(period, '^(%d+)%+(%d+)$')
-    if step then
-      step, anchor = tonumber(step), tonumber(anchor)
-      local start = anchor + floor((NOW - anchor) / step) * step
-      while start > NOW do start = start - step end
-      while start + step <= NOW do start = start + step end
-      return start, start + step
-    end
-    local list = BOUNDS[period]
-    if list == nil then
-      list = numbers(rcall('HGET', BOUNDS_KEY, period) or '')
-      BOUNDS[period] = list
-    end
-    for i = 1, #list - 1 do
-      if list[i] <= NOW and NOW < list[i + 1] then return list[i], list[i + 1] end
-    end
-    return nil
-  end
-
-  -- At the first touch after its period's end a budget's spent starts again from zero; holds keep their
-  -- amount, debt carries over. Returns the closed period ({start, stop, allocated, spent, debt, reserved}) or
-  -- nil (rules.roll_period). When a calendar period's stored boundaries do not reach now, the operation stops
-  -- here (before its own writes: a roll-over comes first) and answers {"bounds", period}: the client stores
-  -- new ones and runs it again (run_batch).
-  local function roll_period(b)
-    local tm = b.tm
-    if tm == nil or tm.period == nil or tm.period_end == nil or NOW < tm.period_end then return nil end
-    local start, stop = period_bounds(tm.period)
-    if start == nil then error({bounds = tm.period}) end
-    local closed = {start = tm.period_start, stop = tm.period_end, allocated = b.allocated, spent = b.spent,
-                    debt = b.debt, reserved = b.reserved}
-    tm.period_start, tm.period_end, tm.fired = start, stop, nil
-    b.spent = 0
-    b.is_over_limit = b.debt > b.overdraft_limit
-    b.timing = nil
-    return closed
-  end
-  T.roll_period = roll_period
-
-  local function roll(b, write)
-    local closed = roll_period(b)
-    if closed and write then
-      local rolled = TIMED.rolled
-      rolled[#rolled + 1] = {b, closed}
-    end
-  end
-  T.roll = roll
-
-  -- Roll over every unit's budget at `scopes` whose period has ended (in the order of Txn.budgets).
-  function T.roll_scopes(scopes, write)
-    for _, scope in ipairs(scopes) do
-      for _, u in ipairs(UNITS) do
-        if TIMED.due[scope .. '|' .. u] then
-          local b = budget_at(scope, u)
-          if b then roll(b, write) end
-        end
-      end
-    end
+    local win = tm.limits and tm.win
+    if not win then return head end
+    local sums = win.sums
+    if #sums == 1 then return head .. I(win.as_of) .. ':' .. I(sums[1]) end
+    return head .. I(win.as_of) .. ':' .. list_text(sums, ':')
   end
 
   local function window_sum(key, from, to)
@@ -813,18 +738,18 @@ local function time_functions()
   end
 
   -- A hold made at `ts` and logged as `old` is settled for `new` (Txn.window_set) or returned (`new` nil:
-  -- Txn.window_drop), in b's log if it is still there (whether or not b has rate limits now).
+  -- Txn.window_drop), in b's log if it is still there (whether or not b has rate limits now). The sums are
+  -- kept as of their own time: the entry counts in those whose window then held it.
   local function window_change(b, ref, ts, old, new)
     if new == old then return end
-    local limits = b.tm and b.tm.limits
-    if limits then window_now(b) end -- first: the sums are those of the log as it was
     local key = WINDOW_BASE .. b.field
     if rcall('ZREM', key, ref .. ' ' .. I(old)) == 0 then return end
     if new then rcall('ZADD', key, ts, ref .. ' ' .. I(new)) end
-    if limits then
-      local sums = b.tm.win.sums
-      for i, lim in ipairs(limits) do
-        if ts > NOW - lim.window then sums[i] = sums[i] - old + (new or 0) end
+    local win = b.tm and b.tm.limits and b.tm.win
+    if win then
+      local sums, as_of = win.sums, win.as_of
+      for i, lim in ipairs(b.tm.limits) do
+        if ts > as_of - lim.window then sums[i] = sums[i] - old + (new or 0) end
       end
       b.timing = nil
     end
@@ -911,56 +836,160 @@ local function time_functions()
       local all = {}
       for t in pairs(fired) do all[#all + 1] = t end
       table.sort(all)
-      tm.fired, b.timing = all, nil
+      tm.fired, tm.head, tm.text, b.timing = all, nil, nil, nil
     end
     return new
   end
 
-  -- A period as the Python engine shows it (models.Period.spec()), JSON.
-  function T.period_json(period)
-    local step, anchor = match(period, '^(%d+)%+(%d+)$')
-    if step then return '{"every_ms":' .. step .. ',"anchor_ms":' .. anchor .. '}' end
-    local every, tz = match(period, '^(%a+):(.*)$')
-    return '{"every":' .. q(every) .. ',"tz":' .. q(tz) .. '}'
-  end
+  -- The rest (periods rolling over, budget changes: rarer) is made when first asked for.
+  setmetatable(T, {__index = function(_, name)
+    -- The budget at (scope, unit), or nil.
+    local function budget_at(scope, unit)
+      local field = scope .. '|' .. unit
+      local text = hash_get(BUDGETS, field)
+      if not text then return nil end
+      local b = DECODED[field]
+      if b == nil or b.text ~= text then
+        b = decode_budget(scope, unit, text)
+        b.field, b.text = field, text
+        DECODED[field] = b
+      end
+      return b
+    end
 
-  -- A calendar period's boundaries sent by the client, for this script call.
-  function T.sent_bounds(period, text) BOUNDS[period] = numbers(text) end
+    T.budget_at = budget_at
 
-  -- Period, rate limits and alerts as the command says: '' leaves one as it is, '-' removes it (Python:
-  -- _set_time_policy). A new or changed period starts at the boundary before now; changed limits are summed
-  -- again from the spend log. Returns a failure when a calendar period's boundaries do not reach now.
-  function T.set_time_policy(b, period, limits, alerts)
-    local tm = b.tm or {limits_text = ''}
-    if period ~= '' then
-      local new = nil
-      if period ~= '-' then new = period end
-      if new ~= tm.period then
-        local start, stop = nil, nil
-        if new then
-          start, stop = period_bounds(new)
-          if start == nil then
-            return fail('INVALID_REQUEST', 'the boundaries sent for period ' .. new .. ' do not reach the time ' ..
-              'of the Redis server (' .. NOW_S .. '); are the clocks of the client and the server far apart?')
+    -- Write the roll-overs this operation made (before its first event, or at its end): each budget, its new
+    -- period end in the periods zset, a period_reset event with the closed period's totals.
+    function T.write_rolls()
+      local rolled = TIMED.rolled
+      TIMED.rolled = {}
+      for _, r in ipairs(rolled) do
+        local b, c = r[1], r[2]
+        save_budgets({b})
+        zset_put(PERIODS, b.field, b.tm.period_end)
+        emit('period_reset', b.scope, b.unit, c.spent, nil, nil,
+          '{"period_start_ms":' .. (c.start and I(c.start) or 'null') .. ',"period_end_ms":' .. I(c.stop) ..
+          ',"allocated":' .. I(c.allocated) .. ',"spent":' .. I(c.spent) .. ',"debt":' .. I(c.debt) ..
+          ',"reserved":' .. I(c.reserved) .. '}')
+      end
+    end
+
+    -- A period's [start, end) around now (timing.period_bounds): a fixed duration counted from its anchor, or a
+    -- calendar period from the boundaries the client stored (read once per script call, months of them); nil
+    -- when those do not reach now.
+    local BOUNDS = {}
+    local function period_bounds(period)
+      local step, anchor = match(period, '^(%d+)%+(%d+)$')
+      if step then
+        step, anchor = tonumber(step), tonumber(anchor)
+        local start = anchor + floor((NOW - anchor) / step) * step
+        while start > NOW do start = start - step end
+        while start + step <= NOW do start = start + step end
+        return start, start + step
+      end
+      local list = BOUNDS[period]
+      if list == nil then
+        list = numbers(rcall('HGET', BOUNDS_KEY, period) or '')
+        BOUNDS[period] = list
+      end
+      for i = 1, #list - 1 do
+        if list[i] <= NOW and NOW < list[i + 1] then return list[i], list[i + 1] end
+      end
+      return nil
+    end
+
+    -- At the first touch after its period's end a budget's spent starts again from zero; holds keep their
+    -- amount, debt carries over. Returns the closed period ({start, stop, allocated, spent, debt, reserved}) or
+    -- nil (rules.roll_period). When a calendar period's stored boundaries do not reach now, the operation stops
+    -- here (before its own writes: a roll-over comes first) and answers {"bounds", period}: the client stores
+    -- new ones and runs it again (run_batch).
+    local function roll_period(b)
+      local tm = b.tm
+      if tm == nil or tm.period == nil or tm.period_end == nil or NOW < tm.period_end then return nil end
+      local start, stop = period_bounds(tm.period)
+      if start == nil then error({bounds = tm.period}) end
+      local closed = {start = tm.period_start, stop = tm.period_end, allocated = b.allocated, spent = b.spent,
+                      debt = b.debt, reserved = b.reserved}
+      tm.period_start, tm.period_end, tm.fired, tm.head, tm.text = start, stop, nil, nil, nil
+      b.spent = 0
+      b.is_over_limit = b.debt > b.overdraft_limit
+      b.timing = nil
+      return closed
+    end
+    T.roll_period = roll_period
+
+    local function roll(b, write)
+      local closed = roll_period(b)
+      if closed and write then
+        local rolled = TIMED.rolled
+        rolled[#rolled + 1] = {b, closed}
+      end
+    end
+    T.roll = roll
+
+    -- Roll over every unit's budget at `scopes` whose period has ended (in the order of Txn.budgets).
+    function T.roll_scopes(scopes, write)
+      for _, scope in ipairs(scopes) do
+        for _, u in ipairs(UNITS) do
+          if TIMED.due[scope .. '|' .. u] then
+            local b = budget_at(scope, u)
+            if b then roll(b, write) end
           end
         end
-        tm.period, tm.period_start, tm.period_end = new, start, stop
       end
     end
-    if limits ~= '' then
-      local text = limits ~= '-' and limits or ''
-      if text ~= (tm.limits and tm.limits_text or '') then
-        tm.limits_text, tm.limits, tm.win = text, nil, nil
-        if text ~= '' then tm.limits = parse_limits(text) end
+
+    -- A period as the Python engine shows it (models.Period.spec()), JSON.
+    function T.period_json(period)
+      local step, anchor = match(period, '^(%d+)%+(%d+)$')
+      if step then return '{"every_ms":' .. step .. ',"anchor_ms":' .. anchor .. '}' end
+      local every, tz = match(period, '^(%a+):(.*)$')
+      return '{"every":' .. q(every) .. ',"tz":' .. q(tz) .. '}'
+    end
+
+    -- A calendar period's boundaries sent by the client, for this script call.
+    function T.sent_bounds(period, text) BOUNDS[period] = numbers(text) end
+
+    -- Period, rate limits and alerts as the command says: '' leaves one as it is, '-' removes it (Python:
+    -- _set_time_policy). A new or changed period starts at the boundary before now; changed limits are summed
+    -- again from the spend log. Returns a failure when a calendar period's boundaries do not reach now.
+    function T.set_time_policy(b, period, limits, alerts)
+      local tm = b.tm or {limits_text = ''}
+      if period ~= '' then
+        local new = nil
+        if period ~= '-' then new = period end
+        if new ~= tm.period then
+          local start, stop = nil, nil
+          if new then
+            start, stop = period_bounds(new)
+            if start == nil then
+              return fail('INVALID_REQUEST', 'the boundaries sent for period ' .. new .. ' do not reach the time ' ..
+                'of the Redis server (' .. NOW_S .. '); are the clocks of the client and the server far apart?')
+            end
+          end
+          tm.period, tm.period_start, tm.period_end = new, start, stop
+        end
       end
+      if limits ~= '' then
+        local text = limits ~= '-' and limits or ''
+        if text ~= (tm.limits and tm.limits_text or '') then
+          tm.limits_text, tm.limits, tm.win = text, nil, nil
+          if text ~= '' then tm.limits = parse_limits(text) end
+        end
+      end
+      if alerts ~= '' then
+        tm.alerts = nil
+        if alerts ~= '-' then tm.alerts = numbers(alerts) end
+      end
+      tm.head, tm.text = nil, nil
+      b.tm, b.timing = tm, nil
+      return nil
     end
-    if alerts ~= '' then
-      tm.alerts = nil
-      if alerts ~= '-' then tm.alerts = numbers(alerts) end
-    end
-    b.tm, b.timing = tm, nil
-    return nil
-  end
+
+    setmetatable(T, nil)
+    return rawget(T, name)
+  end})
 
   return T
 end

@@ -274,3 +274,59 @@ async def test_more_than_a_hundred_concurrent_calls_on_one_node_are_served(redis
             *(led.reserve({"tenant": tenant}, ACTION, "0.01usd") for _ in range(150)), return_exceptions=True
         )
     assert [o for o in outcomes if isinstance(o, BaseException)] == []
+
+
+async def _timed_scenario(led: Ledger, clock: FakeClock, tenants: list[str]) -> dict[str, Any]:
+    """Periods (fixed and calendar), a rate limit that throttles then freezes, alerts and the notifier's state
+    per tenant; every answer and the books, with ids left out so stores compare."""
+    seen: dict[str, Any] = {}
+    for t in tenants:
+        top, wf = f"tenant:{t}", f"tenant:{t}/workflow:w"
+        subj = {"tenant": t, "workflow": "w"}
+        await led.set_budget(top, "10usd", period={"every": "10s"}, alerts=[50, 90])
+        await led.set_budget(wf, "4usd", period="daily", rate_limits=[{"amount": "1usd", "window": "5s"}])
+        await led.set_budget(
+            top, "1000tokens", rate_limits=[{"amount": "100tokens", "window": "5s", "on_exceed": "freeze"}]
+        )
+        answers: list[Any] = []
+        for i in range(12):
+            r = await led.reserve(subj, ACTION, "0.4usd", also=["60tokens"], idempotency_key=f"r{i}")
+            answers.append((r.decision, r.reason_code, r.scope, r.remaining, r.retry_after_ms))
+            if r.reservation_id:
+                c = await led.commit(r.reservation_id, "0.35usd", also=["50tokens"])
+                answers.append(c.charged.amount)
+            ev = await led.record_event({"tenant": t}, ACTION, "1usd", idempotency_key=f"e{i}")
+            answers.append(ev.charged.amount)
+            clock.advance(1_000)
+        seen[t] = answers
+    clock.advance(30_000)
+    seen["swept"] = await led.sweep()
+    seen["verify"] = await led.verify()
+    seen["balances"] = [b.model_dump() for b in await led.balances()]
+    for t in tenants:
+        seen[f"events {t}"] = [
+            (e.type, e.scope, e.unit, e.amount, e.reason_code, e.data.get("threshold"), e.ts_ms)
+            for e in await led.events(scope=f"tenant:{t}", limit=1000)
+        ]
+    return seen
+
+
+async def test_time_policies_on_a_cluster_agree_with_sqlite(redis_cluster: RedisCluster, tmp_path: Path) -> None:
+    """Periods, rate limits (their spend logs are keys in the tenant's slot that the scripts name themselves),
+    freezes and alerts on three tenants, one per master, answer as on SQLite; the notifier's records (one
+    unslotted hash) work on a cluster."""
+    tenants = _tenants_one_per_node(redis_cluster)
+    clock = FakeClock()
+    async with open_ledger(redis_cluster.url(unique_prefix()), clock=clock) as led:
+        on_cluster = await _timed_scenario(led, clock, tenants)
+        store: Any = led.store
+        assert await store.state_put("notify:lease", "me", None)
+        assert not await store.state_put("notify:lease", "you", None)
+        assert await store.state_list("notify:") == {"notify:lease": "me"}
+    clock = FakeClock()
+    async with open_ledger(f"sqlite:///{tmp_path / 'ref.db'}", clock=clock) as led:
+        on_sqlite = await _timed_scenario(led, clock, tenants)
+    assert on_cluster == on_sqlite
+    types = {e[0] for t in tenants for e in on_cluster[f"events {t}"]}
+    assert {"period_reset", "threshold_crossed", "frozen", "denied"} <= types, types
+    assert any(a[1] == "RATE_EXCEEDED" for t in tenants for a in on_cluster[t] if isinstance(a, tuple))

@@ -49,7 +49,29 @@ def _amount(rng: random.Random, unit: str | None = None) -> str:
     return f"{n}{unit or rng.choice(['credits', 'credits', 'credits', 'tokens'])}"
 
 
-def _op(rng: random.Random, kind: str) -> tuple[Any, ...]:
+def _time_policy(rng: random.Random, scope: str, unit: str) -> dict[str, Any]:
+    """Periods, rate limits and alerts for a budget change (period ends differ by scope: the sweeps of SQLite
+    and Redis order budgets whose periods end together differently)."""
+    anchor = SCOPES.index(scope) * 7 + 1
+    return {
+        "period": rng.choice(
+            [None, None, {}, {"every": "5s", "anchor_ms": anchor}, {"every": "1m", "anchor_ms": anchor}]
+        ),
+        "rate_limits": rng.choice(
+            [
+                None,
+                None,
+                [],
+                [{"amount": f"300{unit}", "window": "2s"}],
+                [{"amount": f"500{unit}", "window": "10s"}],
+                [{"amount": f"200{unit}", "window": "1s", "on_exceed": "freeze"}],
+            ]
+        ),
+        "alerts": rng.choice([None, None, [], [50, 100], [10, 80]]),
+    }
+
+
+def _op(rng: random.Random, kind: str, timed: bool = False) -> tuple[Any, ...]:
     if kind == "reserve":
         soft = None
         if rng.random() < 0.2:
@@ -83,25 +105,27 @@ def _op(rng: random.Random, kind: str) -> tuple[Any, ...]:
         return ("event", rng.randrange(len(SUBJECTS)), _amount(rng), rng.choice(POLICIES), key)
     if kind == "sweep":
         return ("sweep",)
-    op = rng.choice(["set", "set", "fund", "fund", "freeze", "unfreeze", "close"])
+    ops = ["set", "set", "set", "fund", "fund", "freeze", "unfreeze"] if timed else ["set", "set", "fund", "fund"]
+    op = rng.choice(ops if timed else [*ops, "freeze", "unfreeze", "close"])
     scope, unit = rng.choice(SCOPES), "tokens" if rng.random() < 0.3 else "credits"
     if op == "set":
         caps = rng.choice([None, None, {}, {"max_tokens": 100, "tool_denylist": ["x"]}, {"cooldown_ms": 5}])
         overdraft = rng.choice([None, None, 0, 50, 10_000])
-        return ("set", scope, f"{rng.choice([0, 50, 100, 500, 1000])}{unit}", overdraft, caps)
+        timing = _time_policy(rng, scope, unit) if timed else {}
+        return ("set", scope, f"{rng.choice([0, 50, 100, 500, 1000])}{unit}", overdraft, caps, timing)
     if op == "fund":
         return ("fund", scope, f"{rng.choice([1, 30, 200])}{unit}")
     return (op, scope, unit.upper())
 
 
-def _plan(seed: int, ticks: int) -> tuple[dict[str, Any], list[tuple[int, list[tuple[Any, ...]]]]]:
+def _plan(seed: int, ticks: int, timed: bool = False) -> tuple[dict[str, Any], list[tuple[int, list[tuple[Any, ...]]]]]:
     rng = random.Random(seed)
     settings = {"max_extensions": rng.choice([None, 1, 2]), "allow_unbudgeted": rng.random() < 0.3}
     kinds = ["reserve", "reserve", "commit", "commit", "release", "extend", "event", "budget", "decide", "sweep"]
     plan = []
     for _ in range(ticks):
         tick = [
-            _op(rng, kind)
+            _op(rng, kind, timed)
             for kind in rng.choices(kinds, k=rng.choice([1, 1, 2, 3]))
             for _ in range(rng.choice([1, 2, 3, 5, 8]))
         ]
@@ -140,7 +164,7 @@ def _call(led: Any, op: tuple[Any, ...], rid: str | None) -> Any:
     if k == "sweep":
         return led.sweep(1000)
     if k == "set":
-        return led.set_budget(op[1], op[2], overdraft_limit=op[3], caps=op[4])
+        return led.set_budget(op[1], op[2], overdraft_limit=op[3], caps=op[4], **op[5])
     if k == "fund":
         return led.fund(op[1], op[2])
     return getattr(led, k)(op[1], op[2])
@@ -160,7 +184,7 @@ def _seen(result: Any, names: dict[str, str]) -> Any:
 
 
 async def _drive(
-    led: Any, plan: list[Any], clock: FakeClock, orders: list[list[int]], *, gather: bool
+    led: Any, plan: list[Any], clock: FakeClock, orders: list[list[int]], *, gather: bool, timed: bool = False
 ) -> tuple[list[Any], list[Any]]:
     """Run `plan`: with `gather` (Redis) each tick's calls at once, appending to `orders` the order the store
     runs them in (one script call per kind, kinds in order of their first call); else one call at a time, in
@@ -168,9 +192,23 @@ async def _drive(
     live: list[str] = []
     names: dict[str, str] = {}
     out: list[Any] = []
-    await led.set_budget("tenant:a", "1000credits", overdraft_limit=100)
-    await led.set_budget("tenant:a/workspace:w", "400credits")
-    await led.set_budget("tenant:a", "1000tokens")
+    if timed:
+        await led.set_budget(
+            "tenant:a",
+            "1000credits",
+            overdraft_limit=100,
+            period={"every": "5s"},
+            rate_limits=[{"amount": "400credits", "window": "2s"}],
+            alerts=[50, 90],
+        )
+        await led.set_budget(
+            "tenant:a/workspace:w", "400credits", rate_limits=[{"amount": "300credits", "window": "2s"}]
+        )
+        await led.set_budget("tenant:a", "1000tokens", rate_limits=[{"amount": "400tokens", "window": "3s"}])
+    else:
+        await led.set_budget("tenant:a", "1000credits", overdraft_limit=100)
+        await led.set_budget("tenant:a/workspace:w", "400credits")
+        await led.set_budget("tenant:a", "1000tokens")
     for n, (advance, tick) in enumerate(plan):
         clock.advance(advance)
         rids = [
@@ -211,14 +249,16 @@ async def _drive(
     return out, [books, statuses]
 
 
+@pytest.mark.parametrize("timed", [False, True], ids=["plain", "timed"])
 @pytest.mark.parametrize("sweep", [64, 0])
 @pytest.mark.parametrize("seed", range(8))
 async def test_batched_redis_answers_like_sqlite_one_call_at_a_time(
-    redis_server: RedisTarget, tmp_path: Path, seed: int, sweep: int
+    redis_server: RedisTarget, tmp_path: Path, seed: int, sweep: int, timed: bool
 ) -> None:
     """`sweep` overdue holds are expired before each write (0: only when a reserve does not fit, when a
-    settlement finds its hold overdue, and by the sweeps)."""
-    settings, plan = _plan(seed, 40)
+    settlement finds its hold overdue, and by the sweeps). `timed`: budgets with periods, rate limits (the
+    window sums changed by several operations of one script call) and alerts."""
+    settings, plan = _plan(seed, 40, timed)
     orders: list[list[int]] = []
     clock = FakeClock()
     async with open_ledger(redis_server.url(sweep_per_call=sweep), clock=clock, **settings) as led:
@@ -238,12 +278,12 @@ async def test_batched_redis_answers_like_sqlite_one_call_at_a_time(
 
         store._register, store._tags = registered, tags
         sizes = count_script_calls(store)
-        redis_out, redis_books = await _drive(led, plan, clock, orders, gather=True)
+        redis_out, redis_books = await _drive(led, plan, clock, orders, gather=True, timed=timed)
     clock = FakeClock()
     async with open_ledger(
         f"sqlite:///{tmp_path / 'ledger.db'}", clock=clock, sweep_per_batch=sweep, **settings
     ) as led:
-        sqlite_out, sqlite_books = await _drive(led, plan, clock, orders, gather=False)
+        sqlite_out, sqlite_books = await _drive(led, plan, clock, orders, gather=False, timed=timed)
     assert max(sizes) > 3  # batches of several operations did run (operations per script call)
     for n, (r, s) in enumerate(zip(redis_out, sqlite_out, strict=True)):
         assert r == s, f"tick {n}: {plan[n]}"

@@ -70,13 +70,14 @@ async def test_time_comes_from_redis_not_the_client(redis_server: RedisTarget, m
 
 
 async def test_one_slot_per_tenant_and_ids_name_their_tag(redis_server: RedisTarget) -> None:
-    """Every key a tenant's operations write hashes to one slot; reservation ids carry the tag."""
+    """Every key a tenant's operations write hashes to one slot (time policies' too: the periods index, the
+    calendar boundaries, a rate-limited budget's spend log); reservation ids carry the tag."""
     url = redis_server.url()
     prefix = url.rsplit("prefix=", 1)[1]
     async with open_ledger(url) as led:
         for t in ("acme", "beta"):
-            await led.set_budget(f"tenant:{t}", "10usd")
-            await led.set_budget(f"tenant:{t}/workflow:w", "5usd")
+            await led.set_budget(f"tenant:{t}", "10usd", period="monthly")
+            await led.set_budget(f"tenant:{t}/workflow:w", "5usd", rate_limits=[{"amount": "4usd", "window": "1h"}])
             r = await led.reserve({"tenant": t, "workflow": "w"}, ACTION, "1usd", idempotency_key="k")
             assert r.reservation_id is not None and r.reservation_id.endswith(f"@tenant:{t}")
             await led.commit(r.reservation_id, "0.5usd")
@@ -88,6 +89,8 @@ async def test_one_slot_per_tenant_and_ids_name_their_tag(redis_server: RedisTar
         slots.setdefault(tag, set()).add(key_slot(key.encode()))  # the CRC16 slot Redis Cluster would use
     assert set(slots) == {"tenant:acme", "tenant:beta"}
     assert all(len(s) == 1 for s in slots.values()), slots
+    kinds = {key.split("}:", 1)[1].split(":", 1)[0] for key in client.scan_iter(match=f"{prefix}:{{tenant:acme}}*")}
+    assert {"pd", "pb", "w"} <= kinds, kinds
     assert slots["tenant:acme"] != slots["tenant:beta"]
 
 

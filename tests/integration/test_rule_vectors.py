@@ -4,12 +4,14 @@ engine (`operations.py` + `rules.py`, run by the memory:// store).
 A vector is a sequence of store commands (budget set / fund / freeze / unfreeze / close, reserve and
 decide with and without holds in other units, soft landing, dry runs, commits under every overage
 policy, releases, extensions, direct debits, notes, sweeps, the clock moved past expiry and grace,
-replayed and mismatched idempotency keys, unit mismatches, unknown reservations). Each one is run
-through the memory store, the reference, and through the Redis store on a real redis-server, both on
+replayed and mismatched idempotency keys, unit mismatches, unknown reservations; and time: periods fixed
+and calendar (time zones, daylight-saving days, month ends, the clock jumping across boundaries, months
+past the stored calendar boundaries, and back), rate limits that throttle or freeze, alerts, debt). Each
+one is run through the memory store, the reference, and through the Redis store on a real redis-server, both on
 one hand-moved clock. After every command both must give the same answer (or the same error: code,
 message and details), the same balances and the same new events; at the end the same reservations,
 and `verify()` finds nothing on either. The vectors are a few named ones (one rule each) and seeded
-random sequences.
+random sequences, with and without time policies.
 
 Normalized, because they legitimately differ: reservation ids (each store mints its own; a Redis one
 names its hash tag) become R0, R1, … in order of first appearance, in messages too; event ids (the memory
@@ -17,7 +19,8 @@ store counts them, Redis derives them from stream ids) become their position in 
 
 Left out, as differences of the stores rather than of the rules: amounts past 2^53 - 1 (the Redis store
 refuses them), more than one tenant (the memory store's lazy expiry spans every tenant, Redis's one hash
-tag), sweeps with a limit below the lazy pass (the memory store adds its lazy pass to the count).
+tag), sweeps with a limit below the lazy pass (the memory store adds its lazy pass to the count). The Redis
+side keeps finished reservations as long as the memory store does (its retention is set past the jumps).
 """
 
 from __future__ import annotations

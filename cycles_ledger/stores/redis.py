@@ -14,8 +14,9 @@ commit, release and extend find the slot without a lookup.
 Time policies (issue 14) run in the scripts too, on Redis time. Periods roll over in the first write after
 their end and in the sweep, once (the roll-over is written with the write); a fixed-duration period's next
 bounds are arithmetic, a calendar period's (local midnight in a time zone) come from the boundaries this
-client computes with the time-zone database and stores per tag and period (`:pb`), months ahead, topped up
-by the sweeper (`_top_up_bounds`). A rate-limited budget has an exact spend log (a zset `:w:<scope>|<unit>`
+client computes with the time-zone database and stores per tag and period (`:pb`), months ahead; a script
+that runs past them answers "bounds" having done nothing else, and `_run` stores new ones and runs it again
+(`_store_bounds`). A rate-limited budget has an exact spend log (a zset `:w:<scope>|<unit>`
 of `<ref> <amount>` scored by time) and keeps each limit's window sum in its own text, brought up to date
 from the entries that moved since. The notifier's records (`SupportsState`) live in one hash
 (`<prefix>:state`) outside any tag, changed by a compare-and-set script.

@@ -25,6 +25,11 @@ versions of the plugin, which separate runs (±25 % apart on this machine) canno
     .venv/bin/python bench/proxy_overhead.py --stream --requests 200 --json   # streamed; JSON on stdout
     .venv/bin/python bench/proxy_overhead.py --control           # A/A: both without callback = noise floor
     .venv/bin/python bench/proxy_overhead.py --also old:PYTHONPATH=/tmp/old   # and a proxy on another checkout
+    .venv/bin/python bench/proxy_overhead.py --observability    # LiteLLM's otel + prometheus on A and B
+
+`--observability` runs both proxies with LiteLLM's `otel` callback (OTLP/HTTP to a sink on loopback that
+discards the spans) and its `prometheus` callback: what the plugin adds then includes its decision in every
+span and payload, its metrics collector, and a /metrics scrape every second on each proxy.
 
 Exit status: 0 when both proxies were measured, even if the plugin denied or errored (the status codes
 are reported); 3 when the proxy with the callback did not start (e.g. `cycles_litellm.proxy_handler`
@@ -36,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import math
@@ -45,14 +51,18 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import httpx
+import yaml
 
 from cycles_ledger import open_ledger_sync
 from cycles_litellm.fake_provider import FakeUpstream
@@ -244,26 +254,88 @@ async def run_interleaved(
 
 
 def start_all(
-    upstream: FakeUpstream, tmp: Path, control: bool = False, extras: dict[str, dict[str, str]] | None = None
+    upstream: FakeUpstream,
+    tmp: Path,
+    control: bool = False,
+    extras: dict[str, dict[str, str]] | None = None,
+    observability: str | None = None,
 ) -> tuple[LiteLLMProxy | Exception, LiteLLMProxy | Exception, dict[str, LiteLLMProxy | Exception]]:
-    """Start A (with the callback), B (without) and one more proxy with the callback per extra, in parallel."""
-    no_cb = litellm_config_without_callbacks(tmp / "config")
+    """Start A (with the callback), B (without) and one more proxy with the callback per extra, in parallel;
+    with `observability` (an OTLP/HTTP endpoint) every proxy also runs LiteLLM's otel and prometheus callbacks."""
+    with_cb, no_cb = LITELLM_CONFIG, litellm_config_without_callbacks(tmp / "config")
+    common: dict[str, str] = {}
+    if observability is not None:
+        with_cb, no_cb = observed_config(tmp / "config", True), observed_config(tmp / "config", False)
+        common = {"OTEL_EXPORTER": "otlp_http", "OTEL_ENDPOINT": observability}
 
     def start(name: str, config: Path, env: dict[str, str] | None = None) -> LiteLLMProxy | Exception:
         try:
-            return start_proxy(upstream.base_url, tmp / name, litellm_config=config, env=env)
+            return start_proxy(upstream.base_url, tmp / name, litellm_config=config, env={**common, **(env or {})})
         except ProxyStartError as exc:
             return exc
 
     extras = extras or {}
     with ThreadPoolExecutor(max_workers=2 + len(extras)) as pool:
-        a = pool.submit(start, "with-callback", no_cb if control else LITELLM_CONFIG)
+        a = pool.submit(start, "with-callback", no_cb if control else with_cb)
         b = pool.submit(start, "without-callback", no_cb)
-        more = {
-            label: pool.submit(start, f"extra-{n}", LITELLM_CONFIG, env)
-            for n, (label, env) in enumerate(extras.items())
-        }
+        more = {label: pool.submit(start, f"extra-{n}", with_cb, env) for n, (label, env) in enumerate(extras.items())}
         return a.result(), b.result(), {label: f.result() for label, f in more.items()}
+
+
+def observed_config(dest_dir: Path, plugin: bool) -> Path:
+    """configs/litellm.yaml with LiteLLM's otel and prometheus callbacks, with or without the plugin."""
+    config = yaml.safe_load(LITELLM_CONFIG.read_text())
+    settings = config.setdefault("litellm_settings", {})
+    settings["callbacks"] = (["cycles_litellm.proxy_handler"] if plugin else []) + ["otel", "prometheus"]
+    settings["require_auth_for_metrics_endpoint"] = False  # no database to check a key against
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    path = dest_dir / f"litellm-observed-{'plugin' if plugin else 'bare'}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@contextlib.contextmanager
+def span_sink() -> Iterator[str]:
+    """An OTLP/HTTP endpoint on loopback that accepts and discards spans; yields its traces URL."""
+
+    class Sink(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            self.send_response(200)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1/traces"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextlib.contextmanager
+def scraping(proxies: list[LiteLLMProxy], interval_s: float = 1.0) -> Iterator[None]:
+    """GET /metrics on every proxy every `interval_s` (as a Prometheus server would) while the block runs."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        with httpx.Client(timeout=10, follow_redirects=True) as client:
+            while not stop.wait(interval_s):
+                for proxy in proxies:
+                    with contextlib.suppress(httpx.HTTPError):
+                        client.get(proxy.url + "/metrics")
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(15)
 
 
 def parse_extra(spec: str) -> tuple[str, dict[str, str]]:
@@ -307,7 +379,9 @@ def report(sides: list[Side], args: argparse.Namespace, out: Any) -> dict[str, A
     kind = "streamed" if args.stream else "non-streamed"
     print(
         f"\nproxy overhead: {args.requests} requests per proxy, {mode}, interleaved A/B (ABBA), "
-        f"{kind} chat {args.model} max_tokens={args.max_tokens}" + (", a new prompt every time" if args.vary else ""),
+        f"{kind} chat {args.model} max_tokens={args.max_tokens}"
+        + (", a new prompt every time" if args.vary else "")
+        + (", LiteLLM's otel + prometheus callbacks on both" if getattr(args, "observability", False) else ""),
         file=out,
     )
     print(
@@ -315,7 +389,12 @@ def report(sides: list[Side], args: argparse.Namespace, out: Any) -> dict[str, A
         f"{'CPU ms/req':>12}  statuses",
         file=out,
     )
-    result: dict[str, Any] = {"requests": args.requests, "concurrency": args.concurrency, "stream": args.stream}
+    result: dict[str, Any] = {
+        "requests": args.requests,
+        "concurrency": args.concurrency,
+        "stream": args.stream,
+        "observability": getattr(args, "observability", False),
+    }
     for side in sides:
         lat = side.latencies_ms()
         statuses = dict(sorted(side.statuses().items()))
@@ -423,6 +502,11 @@ def main(argv: list[str] | None = None) -> int:
         help="one more proxy with the callback and this extra environment, interleaved with A and B and compared "
         "with B; e.g. `--also old:PYTHONPATH=/tmp/old-checkout` compares two versions of the plugin in one run",
     )
+    parser.add_argument(
+        "--observability",
+        action="store_true",
+        help="every proxy with LiteLLM's otel (to a loopback sink) and prometheus callbacks; /metrics scraped each s",
+    )
     parser.add_argument("--json", action="store_true", help="also print the results as JSON on stdout")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (proxy logs, ledgers)")
     args = parser.parse_args(argv)
@@ -445,11 +529,17 @@ def main(argv: list[str] | None = None) -> int:
     upstream = FakeUpstream().start()
     proxies: list[LiteLLMProxy] = []
     code = 0
+    observed = contextlib.ExitStack()
+    sink = observed.enter_context(span_sink()) if args.observability else None
     try:
         print(f"starting fake upstream {upstream.base_url} and two litellm proxies (logs in {tmp}) ...", file=out)
         t0 = time.perf_counter()
-        with_cb, without_cb, extras = start_all(upstream, tmp, control=args.control, extras=dict(args.also))
+        with_cb, without_cb, extras = start_all(
+            upstream, tmp, control=args.control, extras=dict(args.also), observability=sink
+        )
         proxies = [p for p in (with_cb, without_cb, *extras.values()) if isinstance(p, LiteLLMProxy)]
+        if args.observability:
+            observed.enter_context(scraping(proxies))
         print(f"start-up: {time.perf_counter() - t0:.1f} s", file=out)
         if isinstance(without_cb, Exception):
             print(
@@ -505,6 +595,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             print(json.dumps(result, indent=2, default=str))
     finally:
+        observed.close()
         for proxy in proxies:
             proxy.stop()
         upstream.stop()

@@ -42,8 +42,8 @@ from typing import Any
 
 from cycles_ledger import ConfigError, Ledger, Unit
 from cycles_ledger.models import Balance
+from cycles_ledger.report import charges
 from cycles_ledger.stores.base import SupportsState
-from cycles_ledger.top import RecentSpend
 
 from .health import LedgerHealth
 from .settings import MetricsSettings, Settings
@@ -117,6 +117,56 @@ class Stats:
         self.decisions[(decision, reason or "none", shadow)] += 1
 
 
+_MINUTE_MS = 60_000
+_FIRST_READ = 20_000  # newest events read on the first refresh; later refreshes read only what is new
+
+
+class Burn:
+    """Spend per payer scope and unit in one-minute buckets over the window, fed with the events the log adds
+    since the last read: a refresh costs the new events and the window's minutes, not its whole history."""
+
+    def __init__(self, minutes: int) -> None:
+        self.minutes = minutes
+        self.buckets: dict[int, collections.Counter[tuple[str, Unit]]] = {}
+        self._after: int | None = None
+
+    def start_ms(self, now_ms: int) -> int:
+        return (now_ms // _MINUTE_MS - self.minutes + 1) * _MINUTE_MS
+
+    async def refresh(self, ledger: Ledger, now_ms: int) -> None:
+        if self._after is None:
+            newest = await ledger.events(limit=_FIRST_READ, newest=True)
+            self._after = newest[0].event_id if newest else 0
+            fresh = list(reversed(newest))
+        else:
+            fresh = []
+            while True:
+                page = await ledger.events(after=self._after, limit=5000)
+                fresh += page
+                if page:
+                    self._after = page[-1].event_id
+                if len(page) < 5000:
+                    break
+        first = self.start_ms(now_ms) // _MINUTE_MS
+        for e in fresh:
+            for c in charges(e):
+                minute = c.ts_ms // _MINUTE_MS
+                if minute >= first:
+                    self.buckets.setdefault(minute, collections.Counter())[(c.scope, c.unit)] += c.amount
+        for minute in [m for m in self.buckets if m < first]:
+            del self.buckets[minute]
+
+    def per_second(self, budgets: set[str], now_ms: int) -> dict[tuple[str, Unit], float]:
+        """Spend at or below each budget scope over the window (its minutes so far), per second."""
+        spent: collections.Counter[tuple[str, Unit]] = collections.Counter()
+        for bucket in self.buckets.values():
+            for (scope, unit), amount in bucket.items():
+                for budget in _covering(scope, budgets):
+                    spent[(budget, unit)] += amount
+        window_s = max((now_ms - self.start_ms(now_ms)) / 1000, 1.0)
+        return {key: amount / window_s for key, amount in spent.items()}
+
+
 @dataclass
 class Snapshot:
     """The ledger's numbers as of one read."""
@@ -146,7 +196,7 @@ class LedgerView:
         self.max_age_s = max_age_s
         self.loop: asyncio.AbstractEventLoop | None = None  # set by whoever owns the ledger
         self.snapshot = Snapshot()
-        self._recent = RecentSpend(minutes=settings.burn_window_minutes)
+        self._burn = Burn(settings.burn_window_minutes)
         self._refreshing: asyncio.Task[None] | None = None
         self.logged: collections.Counter[tuple[str, str, bool]] | None = (
             collections.Counter() if count_decisions else None
@@ -181,14 +231,9 @@ class LedgerView:
         now_ms = time.time_ns() // 1_000_000
         snap = Snapshot(at=time.monotonic())
         snap.balances = await self._balances(ledger)
-        await self._recent.refresh(ledger, now_ms)
-        window_s = max((now_ms - self._recent.start_ms(now_ms)) / 1000, 1.0)
-        scopes = {b.scope for b in snap.balances}
-        spent: collections.Counter[tuple[str, Unit]] = collections.Counter()
-        for c in self._recent.items:
-            for scope in _covering(c.scope, scopes):
-                spent[(scope, c.unit)] += c.amount
-        snap.burn = {(b.scope, b.unit): spent[(b.scope, b.unit)] / window_s for b in snap.balances}
+        await self._burn.refresh(ledger, now_ms)
+        burn = self._burn.per_second({b.scope for b in snap.balances}, now_ms)
+        snap.burn = {(b.scope, b.unit): burn.get((b.scope, b.unit), 0.0) for b in snap.balances}
         snap.backlog = await self._backlog(ledger)
         if self.logged is not None:
             await self._count_logged(ledger)

@@ -11,10 +11,10 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cycles_ledger import Ledger, StoreUnavailableError, open_ledger
+from cycles_ledger import Ledger, StoreUnavailableError, Unit, open_ledger
 from cycles_ledger.cli import main as cli
 from cycles_litellm.health import LedgerHealth, add_routes
-from cycles_litellm.metrics import Collector, Histogram, LedgerView, Stats
+from cycles_litellm.metrics import Burn, Collector, Histogram, LedgerView, Stats
 from cycles_litellm.settings import MetricsSettings, Settings
 
 
@@ -93,6 +93,31 @@ async def test_budget_series_are_bounded_and_burn_counts_spend_below_a_scope(led
     configured = LedgerView(source, MetricsSettings(scopes=["tenant:a/workflow:w"]))
     await configured.refresh()
     assert [(b.scope, b.remaining) for b in configured.snapshot.balances] == [("tenant:a/workflow:w", 70_000_000)]
+
+
+async def test_burn_reads_only_new_events_and_forgets_minutes_past_the_window() -> None:
+    """Spend counts in its minute; a later refresh adds what the log added since; minutes older than the
+    window drop out, and the rate is the window's spend over its elapsed seconds."""
+    from tests.conftest import FakeClock
+
+    clock = FakeClock(1_800_000_000_000)
+    async with open_ledger("sqlite:///:memory:", clock=clock) as led:
+        await led.set_budget("tenant:a", "10usd")
+        subject, action = {"tenant": "a", "workflow": "w"}, {"kind": "llm", "name": "m"}
+        burn = Burn(minutes=2)
+        await led.record_event(subject, action, "0.6usd")
+        await burn.refresh(led, clock())
+        window_s = (clock() - burn.start_ms(clock())) / 1000
+        assert burn.per_second({"tenant:a"}, clock()) == pytest.approx(
+            {("tenant:a", Unit.USD_MICROCENTS): 60_000_000 / window_s}
+        )
+        clock.advance(60_000)
+        await led.record_event(subject, action, "0.3usd")
+        await burn.refresh(led, clock())
+        assert sum(sum(b.values()) for b in burn.buckets.values()) == 90_000_000
+        clock.advance(5 * 60_000)
+        await burn.refresh(led, clock())
+        assert burn.buckets == {} and burn.per_second({"tenant:a"}, clock()) == {}
 
 
 async def test_notifier_backlog_and_decisions_from_the_log(ledger: Ledger) -> None:

@@ -26,6 +26,8 @@ def test_shipped_budgets_file_loads() -> None:
     assert entries[0].scope == "tenant:acme" and entries[0].allocated.amount == 100 * 10**8
     assert entries[0].overdraft_limit == 5 * 10**8
     assert any(e.allocated.unit is Unit.TOKENS for e in entries)
+    assert entries[0].period == {"every": "monthly", "tz": "UTC"} and entries[0].alerts == [50, 80, 100]
+    assert entries[0].rate_limits == [{"amount": 50 * 10**8, "window_ms": 3_600_000, "on_exceed": "throttle"}]
 
 
 @pytest.mark.parametrize(

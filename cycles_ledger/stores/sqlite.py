@@ -1016,7 +1016,7 @@ class SqliteTxn(Txn):
     def period_due(self, now: int, limit: int) -> list[rules.BudgetState]:
         rows = self.conn.execute(
             f"SELECT {_BUDGET_COLS} FROM budgets WHERE period_end_ms IS NOT NULL AND period_end_ms <= ?"
-            " ORDER BY period_end_ms LIMIT ?",
+            " ORDER BY period_end_ms, scope, unit LIMIT ?",
             (now, limit),
         )
         return [_budget(r) for r in rows]

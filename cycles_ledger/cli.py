@@ -85,8 +85,10 @@ def _burn_text(b: Balance) -> str:
     parts = []
     for lim, used in zip(b.rate_limits or [], b.burn or [0] * len(b.rate_limits or []), strict=False):
         freeze = " freeze" if lim.on_exceed == "freeze" else ""
+        alert = f" alert {lim.alert_at}%" if lim.alert_at else ""
         parts.append(
-            f"{format_amount(used, b.unit)}/{format_amount(lim.amount, b.unit)} per {_duration(lim.window_ms)}{freeze}"
+            f"{format_amount(used, b.unit)}/{format_amount(lim.amount, b.unit)} per {_duration(lim.window_ms)}"
+            f"{freeze}{alert}"
         )
     return "; ".join(parts)
 

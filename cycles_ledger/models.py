@@ -362,12 +362,14 @@ class RateLimit(_Model):
 
     `throttle` denies (RATE_EXCEEDED, with `retry_after_ms`) only until the window has room, so a loop
     slows to the limit; `freeze` also freezes the budget, a circuit breaker a person resets with
-    `cycles budget unfreeze`.
+    `cycles budget unfreeze`. `alert_at` (percent of `amount`) logs a burn-rate `threshold_crossed` when a
+    reserve or debit leaves the window at or above it, at most once per window length.
     """
 
     amount: Annotated[StrictInt, Field(gt=0, le=INT64_MAX)]
     window_ms: Annotated[StrictInt, Field(ge=1_000, le=31 * 86_400_000)]
     on_exceed: Literal["throttle", "freeze"] = "throttle"
+    alert_at: Annotated[StrictInt, Field(ge=1, le=100)] | None = None
 
 
 class Balance(_Model):

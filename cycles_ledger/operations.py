@@ -118,6 +118,20 @@ def _window_add(tx: Txn, now: int, budgets: list[BudgetState], amounts: dict[str
     return logged
 
 
+def _burn_alerts(tx: Txn, now: int, budgets: list[BudgetState], ref: str | None) -> None:
+    """After a hold or charge entered the spend windows: a `threshold_crossed` event (kind burn_rate) for each
+    rate limit with `alert_at` that its window reached, at most once per window length."""
+    changed = []
+    for b in budgets:
+        if b.rate_limits and any(lim.get("alert_at") for lim in b.rate_limits):
+            entries = tx.window(b.scope, b.unit, now - rules.window_span(b))
+            for data in rules.crossed_rates(b, entries, now):
+                tx.append_event(now, "threshold_crossed", b.scope, b.unit, data["used"], ref, None, data)
+                changed.append(b)
+    if changed:
+        tx.save_budgets(list({id(b): b for b in changed}.values()))
+
+
 def _load_holds(tx: Txn, holds: Iterable[tuple[str, list[str]]]) -> list[BudgetState]:
     out: list[BudgetState] = []
     for unit, scopes in holds:
@@ -287,6 +301,7 @@ def reserve(tx: Txn, now: int, cmd: ReserveCommand) -> dict[str, Any]:
     if ev.also:
         data = {**(data or {}), "also": dict(ev.also)}
     tx.append_event(now, "reserved", cmd.scopes[-1], cmd.unit, ev.amount, rid, None, data)
+    _burn_alerts(tx, now, budgets, rid)
     body.update(reservation_id=rid, reserved=_amount(cmd.unit, ev.amount), expires_at_ms=expires)
     if ev.also:
         body["also_reserved"] = _also_list(ev.also)
@@ -538,6 +553,7 @@ def record_event(tx: Txn, now: int, cmd: EventCommand) -> dict[str, Any]:
     _window_add(
         tx, now, budgets, {cmd.unit: charged, **{u: c["charged"] for u, c in also_charged.items()}}, f"e{event_id}"
     )
+    _burn_alerts(tx, now, budgets, None)
     for scope, unit in flagged_units:
         tx.append_event(now, "over_limit", scope, unit, None, None, None, None)
     body: dict[str, Any] = {"status": "APPLIED", "event_id": event_id, "charged": _amount(cmd.unit, charged)}
@@ -599,8 +615,9 @@ def _set_time_policy(b: BudgetState, cmd: BudgetCommand, now: int) -> None:
     if cmd.period is not None and (cmd.period or None) != b.period:
         b.period = cmd.period or None
         rules.start_period(b, now)
-    if cmd.rate_limits is not None:
+    if cmd.rate_limits is not None and (cmd.rate_limits or None) != b.rate_limits:
         b.rate_limits = cmd.rate_limits or None
+        b.rate_fired = None  # changed limits: their burn-rate alerts start afresh
     if cmd.alerts is not None:
         b.alerts = sorted(cmd.alerts) or None
 

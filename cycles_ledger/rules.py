@@ -38,6 +38,7 @@ __all__ = [
     "check_debit",
     "check_open",
     "check_rates",
+    "crossed_rates",
     "crossed_thresholds",
     "evaluate_reserve",
     "evaluate_units",
@@ -78,6 +79,7 @@ class BudgetState:
     rate_limits: list[dict[str, Any]] | None = None  # models.RateLimit dumps
     alerts: list[int] | None = None  # thresholds, percent of the allocation
     alerts_fired: list[int] | None = None  # thresholds crossed in the current period
+    rate_fired: list[int | None] | None = None  # per rate limit: when its burn-rate alert last fired (ms)
 
     @property
     def remaining(self) -> int:
@@ -586,3 +588,27 @@ def crossed_thresholds(b: BudgetState) -> list[int]:
     if new:
         b.alerts_fired = sorted(fired | set(new))
     return new
+
+
+def crossed_rates(b: BudgetState, entries: list[tuple[int, int]], now: int) -> list[dict[str, Any]]:
+    """Burn-rate alerts: each rate limit with `alert_at` whose sliding window now holds at least that percent
+    of its amount (`entries` as for `check_rates`, the new hold or charge in them), unless it fired less than
+    a window length ago. Marks them fired now; returns the data of their `threshold_crossed` events."""
+    limits = b.rate_limits or ()
+    fired = list(b.rate_fired or ())
+    fired += [None] * (len(limits) - len(fired))
+    out = []
+    for i, lim in enumerate(limits):
+        at = lim.get("alert_at")
+        if not at:
+            continue
+        window, limit, last = int(lim["window_ms"]), int(lim["amount"]), fired[i]
+        if last is not None and now - last < window:
+            continue
+        used = sum(a for ts, a in entries if ts > now - window)
+        if used * 100 >= at * limit:
+            fired[i] = now
+            out.append({"kind": "burn_rate", "threshold": at, "window_ms": window, "limit": limit, "used": used})
+    if out:
+        b.rate_fired = fired
+    return out

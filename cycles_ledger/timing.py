@@ -126,7 +126,7 @@ def parse_period(value: Period | Mapping[str, Any] | str | None) -> dict[str, An
 def parse_rate_limits(
     values: Sequence[RateLimit | Mapping[str, Any]] | None, unit: Unit
 ) -> list[dict[str, Any]] | None:
-    """Each limit as stored: amount in the budget's unit, window in ms, on_exceed."""
+    """Each limit as stored: amount in the budget's unit, window in ms, on_exceed, alert_at (percent, when set)."""
     if values is None:
         return None
     if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Sequence):
@@ -134,12 +134,12 @@ def parse_rate_limits(
     out = []
     for value in values:
         if isinstance(value, RateLimit):
-            out.append(value.model_dump())
+            out.append(value.model_dump(exclude_none=True))
             continue
         if not isinstance(value, Mapping):
             raise InvalidRequestError(f"each rate limit is a mapping with amount and window, got {value!r}")
         raw = dict(value)
-        unknown = set(raw) - {"amount", "window", "window_ms", "on_exceed"}
+        unknown = set(raw) - {"amount", "window", "window_ms", "on_exceed", "alert_at"}
         if unknown:
             raise InvalidRequestError(f"unknown rate limit key(s) {', '.join(sorted(unknown))}")
         amt = raw.get("amount")
@@ -148,7 +148,7 @@ def parse_rate_limits(
             if parsed.unit is not unit:
                 raise InvalidRequestError(f"rate limit amount is in {parsed.unit.value}, the budget in {unit.value}")
             amt = parsed.amount
-        window = raw.get("window_ms", raw.get("window"))
+        window, alert_at = raw.get("window_ms", raw.get("window")), raw.get("alert_at")
         if window is None:
             raise InvalidRequestError("a rate limit needs a window such as 10m")
         lim = _model(
@@ -157,10 +157,11 @@ def parse_rate_limits(
                 "amount": amt,
                 "window_ms": duration_ms(window, "rate limit window"),
                 "on_exceed": raw.get("on_exceed", "throttle"),
+                "alert_at": None if alert_at is None else _percent(alert_at, "rate limit alert_at", 100),
             },
             "rate limit",
         )
-        out.append(lim.model_dump())
+        out.append(lim.model_dump(exclude_none=True))
     return out
 
 
@@ -170,10 +171,12 @@ def parse_alerts(values: Sequence[int | str] | None) -> list[int] | None:
         return None
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
         raise InvalidRequestError("alerts must be a list such as [50%, 80%, 100%]")
-    out = set()
-    for v in values:
-        text = str(v).strip().removesuffix("%").strip() if not isinstance(v, bool) else ""
-        if not text.isdigit() or not 1 <= int(text) <= 1000:
-            raise InvalidRequestError(f"alert threshold {v!r} is not a percentage from 1% to 1000%")
-        out.add(int(text))
-    return sorted(out)
+    return sorted({_percent(v, "alert threshold", 1000) for v in values})
+
+
+def _percent(value: Any, what: str, most: int) -> int:
+    """80 or "80%" as 80, from 1 to `most`."""
+    text = str(value).strip().removesuffix("%").strip() if not isinstance(value, bool) else ""
+    if not text.isdigit() or not 1 <= int(text) <= most:
+        raise InvalidRequestError(f"{what} {value!r} is not a percentage from 1% to {most}%")
+    return int(text)

@@ -43,7 +43,11 @@ _LAZY_EXPIRY = 64  # like SQLite: every write first expires up to this many over
 
 
 def _copy_budget(b: rules.BudgetState) -> rules.BudgetState:
-    return dataclasses.replace(b, alerts_fired=list(b.alerts_fired) if b.alerts_fired else b.alerts_fired)
+    return dataclasses.replace(
+        b,
+        alerts_fired=list(b.alerts_fired) if b.alerts_fired else b.alerts_fired,
+        rate_fired=list(b.rate_fired) if b.rate_fired else b.rate_fired,
+    )
 
 
 def _copy_reservation(r: rules.ReservationState) -> rules.ReservationState:

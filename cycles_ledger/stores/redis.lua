@@ -22,10 +22,12 @@
 --   KEYS[1] budgets hash       "<scope>|<unit>" -> "allocated spent reserved debt overdraft_limit
 --                                                   is_over_limit(0|1) STATUS[ ~time][ caps JSON]"
 --                              where time (a budget's period, rate limits and alerts) is
---                              "period;start;end;limits;alerts;fired;window", each part '' when none:
---                              period "daily:<tz>" (weekly, monthly) or "<every_ms>+<anchor_ms>", limits
---                              "amount:window_ms:t|f,…" (throttle or freeze), alerts and fired "50,80",
---                              window the spend log's sums as of a time, "as_of:sum:sum…" (one per limit)
+--                              "period;start;end;limits;alerts;fired;[rate_fired;]window", each part ''
+--                              when none: period "daily:<tz>" (weekly, monthly) or "<every_ms>+<anchor_ms>",
+--                              limits "amount:window_ms:t|f[:alert_at],…" (throttle or freeze), alerts and
+--                              fired "50,80", rate_fired (only once a burn-rate alert fired) when each limit's
+--                              alert last fired, "ms,,ms" ('' never), window the spend log's sums as of a
+--                              time, "as_of:sum:sum…" (one per limit)
 --   KEYS[2] reservations hash  "<rid>"   -> "STATUS unit estimate policy created expires grace deadline
 --                                            extensions charged(-1) finalized(-1) scope_path scope,scope,…[ hold…]"
 --                                            (policy ends in ":w" when the hold is in some budget's spend log)
@@ -267,7 +269,8 @@ end
 -- A budget is a table {scope, unit, field, allocated, spent, reserved, debt, overdraft_limit, is_over_limit,
 -- status, caps (JSON text, '' for none), timing (its time text, '' for none; nil once `tm` changed), tm, text}
 -- where tm (nil for a budget without time policies) is {period (spec text or nil), period_start, period_end,
--- limits (list of {amount, window, freeze}) and limits_text, alerts, fired (lists, or nil), win ({as_of, sums}
+-- limits (list of {amount, window, freeze, alert_at}) and limits_text, alerts, fired (lists, or nil),
+-- rate_fired (per limit the time its burn-rate alert fired, false never; or nil), win ({as_of, sums}
 -- or nil: to be summed again)}. Decoding a text is dear, so a batch keeps the budget of each
 -- field it decoded (DECODED[field], good while its text is the field's cached text) and hands the same table
 -- out again: operations change budgets in place, then save them, which sets their text. A refusal or an
@@ -628,11 +631,12 @@ local function time_functions()
   end
   T.list_text = list_text
 
-  -- Rate limits "amount:window_ms:t|f,…" as a list of {amount, window, freeze}.
+  -- Rate limits "amount:window_ms:t|f[:alert_at],…" as a list of {amount, window, freeze, alert_at}.
   local function parse_limits(text)
     local list = {}
-    for amount, window, how in gmatch(text, '(%d+):(%d+):(%a)') do
-      list[#list + 1] = {amount = tonumber(amount), window = tonumber(window), freeze = how == 'f'}
+    for amount, window, how, at in gmatch(text, '(%d+):(%d+):(%a):?(%d*)') do
+      list[#list + 1] = {amount = tonumber(amount), window = tonumber(window), freeze = how == 'f',
+                         alert_at = number_or_nil(at)}
     end
     return list
   end
@@ -641,8 +645,13 @@ local function time_functions()
   -- (It runs for every such budget a script call reads: one limit and one sum, the usual case, is read
   -- without a loop.)
   function T.decode_timing(text)
-    local period, start, stop, limits, alerts, fired, win =
-      match(text, '^~([^;]*);([^;]*);([^;]*);([^;]*);([^;]*);([^;]*);(.*)$')
+    local period, start, stop, limits, alerts, fired, rate_fired, win =
+      match(text, '^~([^;]*);([^;]*);([^;]*);([^;]*);([^;]*);([^;]*);([^;]*);(.*)$')
+    if period == nil then -- no burn-rate alert has fired (and texts written before there were any)
+      period, start, stop, limits, alerts, fired, win =
+        match(text, '^~([^;]*);([^;]*);([^;]*);([^;]*);([^;]*);([^;]*);(.*)$')
+      rate_fired = ''
+    end
     local tm = {period = optional(period), period_start = number_or_nil(start), period_end = number_or_nil(stop),
                 limits_text = limits, text = text, win_length = #win}
     if limits ~= '' then
@@ -667,6 +676,11 @@ local function time_functions()
     end
     if alerts ~= '' then tm.alerts = numbers(alerts) end
     if fired ~= '' then tm.fired = numbers(fired) end
+    if rate_fired ~= '' then
+      local list = {}
+      for n in gmatch(rate_fired .. ',', '([^,]*),') do list[#list + 1] = number_or_nil(n) or false end
+      tm.rate_fired = list
+    end
     return tm
   end
 
@@ -682,6 +696,12 @@ local function time_functions()
       head = '~' .. (tm.period or '') .. ';' .. (tm.period_start and I(tm.period_start) or '') .. ';' ..
         (tm.period_end and I(tm.period_end) or '') .. ';' .. (tm.limits and tm.limits_text or '') .. ';' ..
         list_text(tm.alerts) .. ';' .. list_text(tm.fired) .. ';'
+      local rate_fired = tm.rate_fired
+      if rate_fired then
+        local parts = {}
+        for i, t in ipairs(rate_fired) do parts[i] = t and I(t) or '' end
+        head = head .. concat(parts, ',') .. ';'
+      end
       tm.head = head
     end
     local win = tm.limits and tm.win
@@ -841,6 +861,40 @@ local function time_functions()
     return new
   end
 
+  -- Burn-rate alerts: each rate limit with alert_at whose window now holds at least that percent of its amount
+  -- (the new hold or charge in it), unless it fired less than a window length ago; marks them fired now and
+  -- logs a `threshold_crossed` event for each (rules.crossed_rates, operations._burn_alerts). Compared exactly:
+  -- alert_at * amount <= used * 100. True when one fired (b is to be saved).
+  function T.burn_alerts(b, rid)
+    local tm = b.tm
+    local limits = tm and tm.limits
+    if not limits then return false end
+    local sums, fired, any = nil, tm.rate_fired, false
+    for i, lim in ipairs(limits) do
+      local at = lim.alert_at
+      local last = fired and fired[i]
+      if at and not (last and NOW - last < lim.window) then
+        sums = sums or window_now(b)
+        local used = sums[i]
+        local high, low = times(lim.amount, at)
+        local used_high, used_low = times(used, 100)
+        if high < used_high or (high == used_high and low <= used_low) then
+          if not fired then
+            fired = {}
+            for j = 1, #limits do fired[j] = false end
+            tm.rate_fired = fired
+          end
+          fired[i] = NOW
+          any = true
+          emit('threshold_crossed', b.scope, b.unit, used, rid, nil, '{"kind":"burn_rate","threshold":' .. I(at) ..
+            ',"window_ms":' .. I(lim.window) .. ',"limit":' .. I(lim.amount) .. ',"used":' .. I(used) .. '}')
+        end
+      end
+    end
+    if any then tm.head, tm.text, b.timing = nil, nil, nil end
+    return any
+  end
+
   -- The rest (periods rolling over, budget changes: rarer) is made when first asked for.
   setmetatable(T, {__index = function(_, name)
     -- The budget at (scope, unit), or nil.
@@ -974,7 +1028,7 @@ local function time_functions()
       if limits ~= '' then
         local text = limits ~= '-' and limits or ''
         if text ~= (tm.limits and tm.limits_text or '') then
-          tm.limits_text, tm.limits, tm.win = text, nil, nil
+          tm.limits_text, tm.limits, tm.win, tm.rate_fired = text, nil, nil, nil
           if text ~= '' then tm.limits = parse_limits(text) end
         end
       end
@@ -1754,6 +1808,13 @@ OPS.reserve = function(decide_only)
   zset_put(DUE, rid, expires + grace)
   zset_put(IDS, rid, NOW)
   emit('reserved', path, unit, ev.amount, rid, nil, data and '{' .. data .. '}')
+  if windowed ~= '' then
+    local fired = false
+    for _, b in ipairs(budgets) do
+      if TIME().burn_alerts(b, rid) then fired = true end
+    end
+    if fired then save_budgets(budgets) end
+  end
   reply[8], reply[9], reply[10], reply[11], reply[12], reply[14] = rid, amount_s, expires_s, I(ttl), budgeted_s,
     holds_text
   if hash ~= '' then remember(hash, joined(reply, 2, 15)) end
@@ -1967,6 +2028,7 @@ OPS.event = function()
         if c.unit == b.unit then got = c.charged end
       end
       TIME().window_add(b, 'e' .. id, got)
+      TIME().burn_alerts(b, nil)
     end
   end
   save_budgets(budgets)

@@ -82,9 +82,9 @@ def read_balances(flat: list[Any]) -> list[dict[str, Any]]:
 
 
 def _timing(token: str) -> dict[str, Any]:
-    """A budget's time text `~period;start;end;limits;alerts;fired;window` as its balance fields (none when it
-    keeps only what fired before its alerts were removed)."""
-    period, start, end, limits, alerts, _fired, _window = token[1:].split(";")
+    """A budget's time text `~period;start;end;limits;alerts;fired;[rate_fired;]window` as its balance fields
+    (none when it keeps only what fired before its alerts were removed)."""
+    period, start, end, limits, alerts = token[1:].split(";", 5)[:5]
     if not (period or limits or alerts):
         return _PLAIN
     spec: dict[str, Any] | None = None
@@ -99,14 +99,18 @@ def _timing(token: str) -> dict[str, Any]:
         "period": spec,
         "period_start_ms": int(start) if start else None,
         "period_end_ms": int(end) if end else None,
-        "rate_limits": [
-            {"amount": int(a), "window_ms": int(w), "on_exceed": _ON_EXCEED[how]}
-            for a, w, how in (lim.split(":") for lim in limits.split(","))
-        ]
-        if limits
-        else None,
+        "rate_limits": [_limit(lim) for lim in limits.split(",")] if limits else None,
         "alerts": [int(t) for t in alerts.split(",")] if alerts else None,
     }
+
+
+def _limit(text: str) -> dict[str, Any]:
+    """One rate limit `amount:window_ms:t|f[:alert_at]` as stored by the Python engine."""
+    a, w, how, *at = text.split(":")
+    out: dict[str, Any] = {"amount": int(a), "window_ms": int(w), "on_exceed": _ON_EXCEED[how]}
+    if at:
+        out["alert_at"] = int(at[0])
+    return out
 
 
 def period_text(spec: dict[str, Any] | None) -> str:
@@ -122,13 +126,15 @@ def period_text(spec: dict[str, Any] | None) -> str:
 
 
 def limits_text(limits: list[dict[str, Any]] | None) -> str:
-    """Rate limits for a script: `amount:window_ms:t|f`, comma-separated; `-` for none, '' when not given."""
+    """Rate limits for a script: `amount:window_ms:t|f[:alert_at]`, comma-separated; `-` for none, '' when not
+    given."""
     if limits is None:
         return ""
     if not limits:
         return "-"
     return ",".join(
         f"{int(lim['amount'])}:{int(lim['window_ms'])}:{'f' if lim.get('on_exceed') == 'freeze' else 't'}"
+        + (f":{int(lim['alert_at'])}" if lim.get("alert_at") else "")
         for lim in limits
     )
 

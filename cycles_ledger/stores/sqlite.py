@@ -152,7 +152,7 @@ CREATE TABLE IF NOT EXISTS events (
 """
 
 _BUDGET_COLS = "scope, unit, allocated, spent, reserved, debt, overdraft_limit, is_over_limit, status, caps, timing"
-_TIMING = ("period", "period_start_ms", "period_end_ms", "rate_limits", "alerts", "alerts_fired")
+_TIMING = ("period", "period_start_ms", "period_end_ms", "rate_limits", "alerts", "alerts_fired", "rate_fired")
 _RES_COLS = (
     "id, status, idempotency_key, subject, action, unit, estimate, charged, overage_policy, created_at_ms,"
     " expires_at_ms, grace_ms, deadline_ms, finalized_at_ms, scope_path, affected_scopes, budgeted_scopes,"

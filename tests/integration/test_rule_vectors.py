@@ -6,9 +6,9 @@ decide with and without holds in other units, soft landing, dry runs, commits un
 policy, releases, extensions, direct debits, notes, sweeps, the clock moved past expiry and grace,
 replayed and mismatched idempotency keys, unit mismatches, unknown reservations; and time: periods fixed
 and calendar (time zones, daylight-saving days, month ends, the clock jumping across boundaries, months
-past the stored calendar boundaries, and back), rate limits that throttle or freeze, alerts, debt). Each
-one is run through the memory store, the reference, and through the Redis store on a real redis-server, both on
-one hand-moved clock. After every command both must give the same answer (or the same error: code,
+past the stored calendar boundaries, and back), rate limits that throttle or freeze (and their burn-rate
+alerts), alerts, debt). Each one is run through the memory store, the reference, and through the Redis store
+on a real redis-server, both on one hand-moved clock. After every command both must give the same answer (or the same error: code,
 message and details), the same balances and the same new events; at the end the same reservations,
 and `verify()` finds nothing on either. The vectors are a few named ones (one rule each) and seeded
 random sequences, with and without time policies.
@@ -471,8 +471,11 @@ def _cal(every: str, tz: str) -> dict[str, str]:
     return {"every": every, "tz": tz}
 
 
-def _lim(amount: int, window_ms: int, *, freeze: bool = False) -> dict[str, Any]:
-    return {"amount": amount, "window_ms": window_ms, "on_exceed": "freeze" if freeze else "throttle"}
+def _lim(amount: int, window_ms: int, *, freeze: bool = False, alert_at: int | None = None) -> dict[str, Any]:
+    lim: dict[str, Any] = {"amount": amount, "window_ms": window_ms, "on_exceed": "freeze" if freeze else "throttle"}
+    if alert_at is not None:
+        lim["alert_at"] = alert_at
+    return lim
 
 
 def _set(
@@ -632,6 +635,45 @@ TIMED: dict[str, list[Step]] = {
         ("advance", MIN),
         ("sweep", 1000),
         _evt(1, USD, 1, policy="RECORD_ALL"),
+    ],
+    "burn-rate alerts: once per window length, again after it; not on a denial or a dry run; debits fire": [
+        _set(TOP, USD, 100_000, limits=[_lim(100, 10_000, alert_at=80)]),
+        _set(WS, USD, 100_000, limits=[_lim(60, 3_000), _lim(150, 30_000, alert_at=50)]),
+        _set(AGENT, CR, 1000, limits=[_lim(50, MIN, freeze=True, alert_at=100)]),
+        _res(1, USD, 50),
+        _res(1, USD, 40, dry=True),
+        ("advance", 3_000),
+        _res(1, USD, 30),
+        _res(1, USD, 10),
+        _res(1, USD, 20),
+        _evt(0, USD, 5),
+        ("advance", 10_000),
+        _evt(0, USD, 85),
+        _res(1, USD, 1),
+        ("release", 0, None, None),
+        _set(TOP, USD, 100_000, limits=[_lim(100, 10_000, alert_at=90)]),
+        _res(0, USD, 5),
+        _set(TOP, USD, 100_000, limits=[_lim(100, 10_000, alert_at=90)]),
+        _res(0, USD, 1),
+        _evt(0, USD, 5, policy="RECORD_ALL"),
+        _set(TOP, TOK, 1000, limits=[_lim(100, MIN, alert_at=10)]),
+        _res(1, USD, 1, also=((TOK, 20),)),
+        _com(0, USD, 3, also=((TOK, 90),)),
+        _res(2, CR, 49),
+        _res(2, CR, 1),
+        _res(2, CR, 1),
+        _set(WS, USD, 100_000, period=_every(MIN)),
+        ("advance", MIN),
+        _res(1, USD, 80),
+        ("advance", 20_000),
+        _res(1, USD, 1),
+        ("advance", -5_000),
+        _evt(1, USD, 100),
+        _set(WS, USD, 100_000, limits=[_lim(60, 3_000), _lim(150, 30_000)]),
+        _res(1, USD, 1),
+        ("unfreeze", AGENT, CR),
+        ("advance", MIN),
+        _evt(2, CR, 60),
     ],
     "changed limits are summed again; removed limits keep the log; a clock that goes back": [
         _set(TOP, USD, 100_000, limits=[_lim(100, 10_000)]),
@@ -823,6 +865,10 @@ LIMITS: list[list[dict[str, Any]] | None] = [
     [_lim(300, 5_000)],
     [_lim(400, MIN, freeze=True)],
     [_lim(100, 2_000), _lim(600, 30_000)],
+    [_lim(300, 5_000, alert_at=80)],
+    [_lim(400, MIN, freeze=True, alert_at=50)],
+    [_lim(100, 2_000, alert_at=60), _lim(600, 30_000, alert_at=90)],
+    [_lim(100, 2_000), _lim(600, 30_000, alert_at=40)],
 ]
 ALERTS: list[list[int] | None] = [None, None, [], [50, 100], [10, 80, 120]]
 
@@ -864,10 +910,12 @@ def _random_timed_vector(seed: int, count: int) -> list[Step]:
     rng = random.Random(seed)
     steps: list[Step] = [
         ("at", PARIS_SAT_2330 + rng.randrange(-DAY, DAY)),
-        _set(TOP, USD, 2000, overdraft=100, period=_every(MIN), limits=[_lim(500, 10_000)], alerts=[50, 90]),
+        _set(
+            TOP, USD, 2000, overdraft=100, period=_every(MIN), limits=[_lim(500, 10_000, alert_at=70)], alerts=[50, 90]
+        ),
         _set(WS, USD, 800, period=_cal("daily", "Europe/Paris"), alerts=[100]),
         _set(TOP, TOK, 1000, limits=[_lim(300, 5_000, freeze=True)]),
-        _set(AGENT, CR, 300, period=_every(7_000, 1_000), limits=[_lim(100, 3_000)]),
+        _set(AGENT, CR, 300, period=_every(7_000, 1_000), limits=[_lim(100, 3_000), _lim(200, 20_000, alert_at=50)]),
     ]
     while len(steps) < count:
         step = _timed_step(rng)

@@ -27,7 +27,9 @@ def test_shipped_budgets_file_loads() -> None:
     assert entries[0].overdraft_limit == 5 * 10**8
     assert any(e.allocated.unit is Unit.TOKENS for e in entries)
     assert entries[0].period == {"every": "monthly", "tz": "UTC"} and entries[0].alerts == [50, 80, 100]
-    assert entries[0].rate_limits == [{"amount": 50 * 10**8, "window_ms": 3_600_000, "on_exceed": "throttle"}]
+    assert entries[0].rate_limits == [
+        {"amount": 50 * 10**8, "window_ms": 3_600_000, "on_exceed": "throttle", "alert_at": 80}
+    ]
 
 
 @pytest.mark.parametrize(
@@ -227,7 +229,7 @@ def test_budgets_file_with_periods_rate_limits_and_alerts(tmp_path: Path, capsys
         "  - scope: tenant:acme\n"
         "    allocated: 5000usd\n"
         "    period: {every: monthly, tz: Europe/Paris}\n"
-        "    rate_limits: [{amount: 5usd, window: 10m, on_exceed: freeze}]\n"
+        "    rate_limits: [{amount: 5usd, window: 10m, on_exceed: freeze, alert_at: 80%}]\n"
         "    alerts: [50%, 80%, 100%]\n"
         "  - scope: tenant:acme/agent:bot\n"
         "    allocated: 1000000tokens\n"
@@ -238,7 +240,7 @@ def test_budgets_file_with_periods_rate_limits_and_alerts(tmp_path: Path, capsys
     capsys.readouterr()
     assert cli(store, "balances") == 0
     out = capsys.readouterr().out
-    assert "monthly Europe/Paris (" in out and "$2.00/$5.00 per 10m freeze" in out and "50%, 80%, 100%" in out
+    assert "monthly Europe/Paris (" in out and "$2.00/$5.00 per 10m freeze alert 80%" in out and "50%, 80%, 100%" in out
     assert "daily (" in out
     # Applying the file without them removes them: the file is the truth.
     path.write_text("budgets:\n  - scope: tenant:acme\n    allocated: 5000usd\n")
@@ -257,6 +259,7 @@ def test_budgets_file_with_periods_rate_limits_and_alerts(tmp_path: Path, capsys
         ("    rate_limits: [{amount: 5tokens, window: 1m}]\n", ":2: rate limit amount is in TOKENS"),
         ("    rate_limits: [{amount: 5usd}]\n", ":2: a rate limit needs a window"),
         ("    alerts: [0%]\n", ":2: alert threshold '0%' is not a percentage"),
+        ("    rate_limits: [{amount: 5usd, window: 1m, alert_at: 120%}]\n", ":2: rate limit alert_at '120%' is not a"),
     ],
 )
 def test_budgets_file_time_errors_name_the_line(

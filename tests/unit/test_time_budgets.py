@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from cycles_ledger import Decision, InvalidRequestError, Ledger, ReservationStatus
+from cycles_ledger import Decision, InvalidRequestError, Ledger, RateLimit, ReservationStatus
 from tests.conftest import FakeClock
 
 SUBJ = {"tenant": "t", "agent": "a"}
@@ -178,6 +178,59 @@ async def test_alert_thresholds_fire_once_per_period(ledger: Ledger, clock: Fake
     assert await ledger.verify() == []
 
 
+def burn_alerts(events: list[object]) -> list[dict[str, object]]:
+    return [e.data for e in events if e.type == "threshold_crossed" and e.data.get("kind") == "burn_rate"]  # type: ignore[attr-defined]
+
+
+async def test_burn_rate_alert_fires_once_per_window_and_again_after_it(ledger: Ledger, clock: FakeClock) -> None:
+    b = await ledger.set_budget(
+        TOP, "100usd", rate_limits=[{"amount": "0.05usd", "window": "10m", "on_exceed": "freeze", "alert_at": "80%"}]
+    )
+    assert b.rate_limits and b.rate_limits[0].alert_at == 80
+    for amount in ("0.02usd", "0.02usd", "0.01usd"):  # 2, 4 (80%: fires), 5 cents
+        assert (await ledger.reserve(SUBJ, ACT, amount)).allowed
+    fired = [e for e in await ledger.events() if e.type == "threshold_crossed"]
+    assert [e.data for e in fired] == [
+        {"kind": "burn_rate", "threshold": 80, "window_ms": 10 * MIN, "limit": 5 * E, "used": 4 * E}
+    ]
+    assert fired[0].amount == 4 * E and fired[0].scope == TOP and fired[0].reservation_id
+    clock.advance(10 * MIN)  # the window has emptied and a window length has passed since it fired
+    for _ in range(2):
+        await ledger.record_event(SUBJ, ACT, "0.02usd")  # debits count and fire too
+    assert [d["used"] for d in burn_alerts(await ledger.events())] == [4 * E, 4 * E]
+    assert (await ledger.balance(TOP)).status.value == "ACTIVE"  # an alert is not a denial
+    assert await ledger.verify() == []
+
+
+async def test_burn_rate_alert_never_fires_on_a_denied_reserve(ledger: Ledger, clock: FakeClock) -> None:
+    await ledger.set_budget(TOP, "100usd", rate_limits=[RateLimit(amount=5 * E, window_ms=MIN, alert_at=90)])
+    assert (await ledger.reserve(SUBJ, ACT, "0.04usd")).allowed  # 80%: below the alert
+    denied = await ledger.reserve(SUBJ, ACT, "0.02usd")  # would be 120%: denied, holds nothing
+    assert denied.reason_code == "RATE_EXCEEDED"
+    assert burn_alerts(await ledger.events()) == []
+    assert (await ledger.reserve(SUBJ, ACT, "0.01usd")).allowed  # 100%
+    assert [d["used"] for d in burn_alerts(await ledger.events())] == [5 * E]
+
+
+async def test_burn_rate_alert_in_shadow_fires_from_the_recorded_debit(ledger: Ledger, clock: FakeClock) -> None:
+    await ledger.set_budget(TOP, "100usd", rate_limits=[{"amount": "0.05usd", "window": "1m", "alert_at": 50}])
+    would = await ledger.reserve(SUBJ, ACT, "0.04usd", dry_run=True)
+    assert would.allowed and burn_alerts(await ledger.events()) == [], "a dry run holds nothing, so fires nothing"
+    await ledger.record_event(SUBJ, ACT, "0.04usd", overage_policy="RECORD_ALL")  # what shadow mode records
+    assert [d["used"] for d in burn_alerts(await ledger.events())] == [4 * E]
+
+
+async def test_changed_rate_limits_rearm_their_alerts(ledger: Ledger, clock: FakeClock) -> None:
+    await ledger.set_budget(TOP, "100usd", rate_limits=[{"amount": "0.05usd", "window": "1h", "alert_at": 50}])
+    await ledger.record_event(SUBJ, ACT, "0.03usd")
+    await ledger.set_budget(TOP, "100usd", rate_limits=[{"amount": "0.05usd", "window": "1h", "alert_at": 50}])
+    await ledger.record_event(SUBJ, ACT, "0.001usd")
+    assert len(burn_alerts(await ledger.events())) == 1, "the same limits set again keep when they fired"
+    await ledger.set_budget(TOP, "100usd", rate_limits=[{"amount": "0.05usd", "window": "1h", "alert_at": 60}])
+    await ledger.record_event(SUBJ, ACT, "0.001usd")
+    assert [d["threshold"] for d in burn_alerts(await ledger.events())] == [50, 60]
+
+
 async def test_expired_holds_leave_the_window(ledger: Ledger, clock: FakeClock) -> None:
     await ledger.set_budget(TOP, "100usd", rate_limits=[{"amount": "0.05usd", "window": "10m"}])
     r = await ledger.reserve(SUBJ, ACT, "0.05usd", ttl_ms=1_000, grace_period_ms=0)
@@ -197,6 +250,10 @@ async def test_expired_holds_leave_the_window(ledger: Ledger, clock: FakeClock) 
         {"rate_limits": [{"amount": "500tokens", "window": "1m"}]},
         {"rate_limits": [{"amount": "5usd", "window": "1m", "on_exceed": "explode"}]},
         {"rate_limits": [{"amount": "5usd", "window": "100d"}]},
+        {"rate_limits": [{"amount": "5usd", "window": "1m", "alert_at": 0}]},
+        {"rate_limits": [{"amount": "5usd", "window": "1m", "alert_at": "101%"}]},
+        {"rate_limits": [{"amount": "5usd", "window": "1m", "alert_at": "most"}]},
+        {"rate_limits": [{"amount": "5usd", "window": "1m", "alert_at": True}]},
         {"alerts": [0]},
         {"alerts": ["eighty"]},
         {"alerts": "80%"},
@@ -217,3 +274,18 @@ async def test_a_store_without_time_policies_refuses_them_clearly(db_url: str) -
         with pytest.raises(ConfigError, match="does not keep period"):
             await led.set_budget(TOP, "1usd", period="daily")
         assert await led.balances() == []
+
+
+def test_redis_time_texts_written_before_burn_rate_alerts_still_read() -> None:
+    """The Redis store reads a budget's time text with or without the burn-rate alert part, and alert_at."""
+    from cycles_ledger.stores import redis_format as fmt
+
+    field = "tenant:t|USD_MICROCENTS"
+    old = fmt.balance(field, "100 0 0 0 0 0 ACTIVE ~;;;5:60000:t;;;1000:5")
+    new = fmt.balance(field, "100 0 0 0 0 0 ACTIVE ~;;;5:60000:t:80,9:1000:f;;;1000,;1000:5:0")
+    assert old["rate_limits"] == [{"amount": 5, "window_ms": 60000, "on_exceed": "throttle"}]
+    assert new["rate_limits"] == [
+        {"amount": 5, "window_ms": 60000, "on_exceed": "throttle", "alert_at": 80},
+        {"amount": 9, "window_ms": 1000, "on_exceed": "freeze"},
+    ]
+    assert fmt.limits_text(new["rate_limits"]) == "5:60000:t:80,9:1000:f"

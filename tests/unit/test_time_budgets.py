@@ -265,15 +265,22 @@ async def test_bad_time_settings_are_typed_errors_and_change_nothing(ledger: Led
     assert await ledger.balances() == []
 
 
-async def test_a_store_without_time_policies_refuses_them_clearly(db_url: str) -> None:
-    from cycles_ledger import ConfigError, open_ledger
+async def test_a_store_without_time_policies_refuses_them_clearly() -> None:
+    """Every store here keeps them; a store class that does not (a third-party one, say) gets a clear refusal
+    from the Ledger, and nothing is written."""
+    from cycles_ledger import ConfigError, Ledger
+    from cycles_ledger.stores.memory import MemoryStore
 
-    async with open_ledger(db_url) as led:
-        if led.store.time_policies:
-            pytest.skip("this store keeps them")
-        with pytest.raises(ConfigError, match="does not keep period"):
-            await led.set_budget(TOP, "1usd", period="daily")
-        assert await led.balances() == []
+    class Untimed(MemoryStore):
+        time_policies = False
+
+    led = Ledger(Untimed())
+    for kwargs in ({"period": "daily"}, {"rate_limits": [{"amount": "1usd", "window": "1m"}]}, {"alerts": [50]}):
+        with pytest.raises(ConfigError, match="does not keep"):
+            await led.set_budget(TOP, "1usd", **kwargs)  # type: ignore[arg-type]
+    assert await led.balances() == []
+    await led.set_budget(TOP, "1usd")  # a plain budget is fine
+    await led.aclose()
 
 
 def test_redis_time_texts_written_before_burn_rate_alerts_still_read() -> None:

@@ -80,12 +80,14 @@ def logged(payload_log: Path, scope: str) -> list[tuple[str, dict[str, Any], dic
 
 @pytest.fixture(scope="module")
 def traffic(proxy: LiteLLMProxy) -> dict[str, httpx.Response]:
-    """One allowed, one denied, one shadow call and one Anthropic /v1/messages call, each its own tenant."""
+    """One allowed, one denied, one shadow, one streamed and one Anthropic /v1/messages call, each its own
+    tenant."""
     with proxy.ledger() as led:
         led.set_budget("tenant:obs-ok", "1usd")
         led.set_budget("tenant:obs-poor", "0.000001usd")
         led.set_budget("tenant:obs-shadow", "1usd")
         led.set_budget("tenant:obs-msg", "1usd")
+        led.set_budget("tenant:obs-stream", "1usd")
     messages = httpx.post(
         f"{proxy.url}/v1/messages",
         json={"model": "claude-haiku-4-5", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]},
@@ -97,14 +99,15 @@ def traffic(proxy: LiteLLMProxy) -> dict[str, httpx.Response]:
         "poor": chat(proxy, "obs-poor"),
         "shadow": chat(proxy, "obs-shadow"),
         "messages": messages,
+        "stream": chat(proxy, "obs-stream", stream=True, stream_options={"include_usage": True}),
     }
 
 
 def test_a_custom_logger_reads_each_decision_from_the_standard_logging_payload(
     proxy: LiteLLMProxy, traffic: dict[str, httpx.Response], payload_log: Path
 ) -> None:
-    """Allowed, denied (never reaching a provider), shadow and /v1/messages calls: each logged once with
-    decision, reason, scope, remaining, reservation id, estimate, committed amount and shadow flag."""
+    """Allowed, denied (never reaching a provider), shadow, streamed and /v1/messages calls: each logged once
+    with decision, reason, scope, remaining, reservation id, estimate, committed amount and shadow flag."""
     ok, poor, shadow = traffic["ok"], traffic["poor"], traffic["shadow"]
     assert (ok.status_code, poor.status_code, shadow.status_code, traffic["messages"].status_code) == (
         200,
@@ -137,8 +140,13 @@ def test_a_custom_logger_reads_each_decision_from_the_standard_logging_payload(
 
     [(event, fields, _)] = wait_until(lambda: logged(payload_log, "tenant:obs-msg"))  # `litellm_metadata` routes
     assert event == "success" and fields["decision"] == "ALLOW" and fields["committed"] > 0
+
+    assert traffic["stream"].status_code == 200 and "[DONE]" in traffic["stream"].text
+    [(event, fields, _)] = wait_until(lambda: logged(payload_log, "tenant:obs-stream"))  # set at the stream's end
+    assert event == "success" and fields["committed"] == ALLOWED
     time.sleep(0.5)  # nothing more arrives: one logged event per call
-    assert [len(logged(payload_log, f"tenant:obs-{t}")) for t in ("ok", "poor", "shadow", "msg")] == [1, 1, 1, 1]
+    tenants = ("ok", "poor", "shadow", "msg", "stream")
+    assert [len(logged(payload_log, f"tenant:obs-{t}")) for t in tenants] == [1, 1, 1, 1, 1]
 
 
 def _decision(span: Span) -> dict[str, Any] | None:

@@ -231,6 +231,14 @@ async def test_the_probe_writes_and_deletes_its_own_key(ledger: Ledger) -> None:
     assert await ledger.store.state_list("health:") == {}  # type: ignore[attr-defined]
 
 
+def test_readiness_false_leaves_litellms_readiness_alone() -> None:
+    """`readiness: false`: only /cycles/health says the ledger is down; LiteLLM's readiness answers as before."""
+    client = app_with(Settings(readiness=False), fail=True)
+    assert client.get("/cycles/health").status_code == 503
+    ready = client.get("/health/readiness")
+    assert ready.status_code == 200 and "cycles" not in ready.json()
+
+
 def test_readiness_passes_litellms_answer_through_while_the_ledger_answers() -> None:
     """With the ledger up, readiness is LiteLLM's own answer plus a `cycles` block."""
     client = app_with(Settings(), fail=False)

@@ -7,9 +7,10 @@ policy, releases, extensions, direct debits, notes, sweeps, the clock moved past
 replayed and mismatched idempotency keys, unit mismatches, unknown reservations; and time: periods fixed
 and calendar (time zones, daylight-saving days, month ends, the clock jumping across boundaries, months
 past the stored calendar boundaries, and back), rate limits that throttle or freeze (and their burn-rate
-alerts), alerts, debt). Each one is run through the memory store, the reference, and through the Redis store
-on a real redis-server, both on one hand-moved clock. After every command both must give the same answer (or the same error: code,
-message and details), the same balances and the same new events; at the end the same reservations,
+alerts), alerts, debt). Each one is run through the memory store, the reference, and through the Redis
+store on a real redis-server, both on one hand-moved clock. After every command both must give the same
+answer (or the same error: code, message and details), the same balances and the same new events; at the
+end the same reservations,
 and `verify()` finds nothing on either. The vectors are a few named ones (one rule each) and seeded
 random sequences, with and without time policies.
 

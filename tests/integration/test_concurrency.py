@@ -103,6 +103,10 @@ async def _worker_main(
     url: str, plan: Plan, go: Any, results: Any, index: int, clock_ms: int | None
 ) -> list[dict[str, Any]]:
     settings = {} if clock_ms is None else {"clock": functools.partial(_frozen_clock, clock_ms)}
+    if url.startswith("redis") and "timeout=" not in url:
+        # Eight fresh copies of a large pytest process connecting at once on a loaded 2-core machine can take
+        # longer than the default 2 s; what these tests check is admission and ids, not connect latency.
+        url += ("&" if "?" in url else "?") + "timeout=15"
     async with open_ledger(url, **settings) as ledger:
         results.put(("ready", index, None))
         # All workers start together, so their reservations really race on the SQLite write lock.

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import SettingsFile, find_settings, load_budgets, settings_section, store_url
+from .config import SettingsFile, apply_budgets, find_settings, load_budgets, settings_section, store_url
 from .errors import ConfigError, CyclesError
 from .ledger import Ledger, open_ledger
 from .models import Amount, Balance, LedgerEvent, Reservation, Unit, format_amount
@@ -146,16 +146,7 @@ def _line(row: list[Any], widths: list[int]) -> str:
 
 async def _apply(ledger: Ledger, args: argparse.Namespace) -> int:
     entries = load_budgets(args.file)
-    for e in entries:
-        await ledger.set_budget(
-            e.scope,
-            e.allocated,
-            overdraft_limit=e.overdraft_limit,
-            caps=e.caps,
-            period=e.period if e.period is not None else {},
-            rate_limits=e.rate_limits if e.rate_limits is not None else [],
-            alerts=e.alerts if e.alerts is not None else [],
-        )
+    await apply_budgets(ledger, entries)
     print(f"applied {len(entries)} budgets from {args.file}")
     print(_balances_table(await ledger.balances()))
     return 0

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -25,10 +25,16 @@ from .errors import ConfigError, CyclesError
 from .models import Amount, Caps, Unit, parse_scope
 from .timing import parse_alerts, parse_period, parse_rate_limits
 
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from .ledger import Ledger
+
 __all__ = [
     "DEFAULT_STORE_URL",
     "SETTINGS_ENV",
     "BudgetEntry",
+    "apply_budgets",
     "SettingsFile",
     "find_settings",
     "load_budgets",
@@ -169,6 +175,21 @@ def _amount(value: Any, unit: Unit | None, where: str, field: str) -> Amount:
         return Amount.parse(value, default_unit=unit)
     except CyclesError as exc:
         raise ConfigError(f"{where}: {field}: {exc.message}") from None
+
+
+async def apply_budgets(ledger: Ledger, entries: Sequence[BudgetEntry]) -> None:
+    """Set every budget as its entry says. The file is the truth: a period, rate limits or alerts an entry no
+    longer names are removed from its budget."""
+    for e in entries:
+        await ledger.set_budget(
+            e.scope,
+            e.allocated,
+            overdraft_limit=e.overdraft_limit,
+            caps=e.caps,
+            period=e.period if e.period is not None else {},
+            rate_limits=e.rate_limits if e.rate_limits is not None else [],
+            alerts=e.alerts if e.alerts is not None else [],
+        )
 
 
 def _strip_lines(value: Any) -> Any:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import BudgetEntry
+from .config import BudgetEntry, apply_budgets
 from .errors import CyclesError, NotFoundError, ReservationExpiredError
 from .ledger import Ledger, open_ledger
 from .models import Amount, Decision, OveragePolicy, ReserveResult, Unit, format_amount
@@ -133,19 +133,6 @@ class _Decision:
     allowed: bool
     result: ReserveResult | None = None
     error: str | None = None
-
-
-async def _apply(ledger: Ledger, budgets: Sequence[BudgetEntry]) -> None:
-    for e in budgets:
-        await ledger.set_budget(
-            e.scope,
-            e.allocated,
-            overdraft_limit=e.overdraft_limit,
-            caps=e.caps,
-            period=e.period if e.period is not None else {},
-            rate_limits=e.rate_limits if e.rate_limits is not None else [],
-            alerts=e.alerts if e.alerts is not None else [],
-        )
 
 
 def _budget_text(e: BudgetEntry) -> str:
@@ -287,8 +274,8 @@ async def replay(
     enforce = open_ledger("memory://", clock=clock, allow_unbudgeted=allow)
     shadow = open_ledger("memory://", clock=clock, allow_unbudgeted=allow)
     async with enforce, shadow:
-        await _apply(enforce, budgets)
-        await _apply(shadow, budgets)
+        await apply_budgets(enforce, budgets)
+        await apply_budgets(shadow, budgets)
         run = _Replayer(enforce, shadow, tokens, overage_policy)
         # Starts and ends in time order; an end at the same instant as a start goes first (its room is free).
         events: list[tuple[int, int, int]] = []

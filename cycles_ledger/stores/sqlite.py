@@ -100,14 +100,14 @@ CREATE TABLE IF NOT EXISTS reservations (
     settle_response TEXT,
     extra TEXT,  -- holds in other units: {"TOKENS": {"amount": n, "scopes": [...], "charged": m}}
     windowed INTEGER NOT NULL DEFAULT 0,  -- logged in some rate-limited budget's spend window
-    shape INTEGER,  -- shapes.id: subject, action and scopes, shared by every reservation of the same caller
+    shape BLOB,  -- shapes.id: subject, action and scopes, shared by every reservation of the same caller
     actual INTEGER  -- what the commit said it cost
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS shapes (  -- content-addressed: id = the first 8 bytes of sha256(text)
-    id INTEGER NOT NULL PRIMARY KEY,
+CREATE TABLE IF NOT EXISTS shapes (  -- content-addressed: id = the first 16 bytes of sha256(text)
+    id BLOB NOT NULL PRIMARY KEY,
     text TEXT NOT NULL,
     scope_path TEXT NOT NULL  -- for listing reservations under a scope
-);
+) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS shapes_scope ON shapes (scope_path);
 CREATE TABLE IF NOT EXISTS pruned_charges (  -- what pruned events charged, so verify() still adds up
     scope TEXT NOT NULL,
@@ -170,8 +170,8 @@ class _Conn(sqlite3.Connection):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.shapes_known: set[int] = set()
-        self.shapes_pending: list[int] = []
+        self.shapes_known: set[bytes] = set()
+        self.shapes_pending: list[bytes] = []
 
 
 def _shapes_committed(conn: sqlite3.Connection) -> None:
@@ -197,7 +197,7 @@ def _migrate(conn: sqlite3.Connection) -> None:
     if "windowed" not in cols:
         conn.execute("ALTER TABLE reservations ADD COLUMN windowed INTEGER NOT NULL DEFAULT 0")
     if "shape" not in cols:
-        conn.execute("ALTER TABLE reservations ADD COLUMN shape INTEGER")
+        conn.execute("ALTER TABLE reservations ADD COLUMN shape BLOB")
         conn.execute("ALTER TABLE reservations ADD COLUMN actual INTEGER")
     cols = {r[1] for r in conn.execute("PRAGMA table_info(budgets)")}
     if "timing" not in cols:
@@ -664,12 +664,14 @@ def _timing(b: rules.BudgetState) -> str | None:
 
 
 # Ids are content hashes, so neither cache can go stale: id -> decoded shape, and shape parts -> (id, text).
-_SHAPES: dict[int, tuple[Any, ...]] = {}
-_SHAPE_IDS: dict[tuple[Any, ...], tuple[int, str]] = {}
+_SHAPES: dict[bytes, tuple[Any, ...]] = {}
+_SHAPE_IDS: dict[tuple[Any, ...], tuple[bytes, str]] = {}
 
 
-def _shape_id(text: str) -> int:
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big", signed=True)
+def _shape_id(text: str) -> bytes:
+    """128 bits: subjects are partly client-chosen, and two texts under one id would decode one caller's
+    reservations as another's (64 bits could be forced by brute force; 128 cannot)."""
+    return hashlib.sha256(text.encode()).digest()[:16]
 
 
 def _default_settle_key(op: str | None, rid: str) -> str:
@@ -804,7 +806,7 @@ class SqliteTxn(Txn):
         row = self.conn.execute(f"SELECT {_RES_COLS} FROM reservations WHERE id=?", (reservation_id,)).fetchone()
         return None if row is None else self._reservation(row)
 
-    def _shape(self, r: rules.ReservationState) -> int:
+    def _shape(self, r: rules.ReservationState) -> bytes:
         parts = (
             r.subject_json,
             r.action_json,

@@ -62,3 +62,28 @@ async def test_committed_data_survives_with_deferred_checkpoints(tmp_path: Path)
     finally:
         conn.close()
     assert committed == 120
+
+
+async def test_each_callers_shape_decodes_to_its_own_subject(tmp_path: Path) -> None:
+    """Reservations keep subject, action and scopes in a shared, content-addressed shapes row: many callers
+    with client-chosen names (and two stores in one process sharing the decode cache) each read back their
+    own subject and budgeted scopes."""
+    for n in range(2):
+        async with open_ledger(f"sqlite:///{tmp_path / f'l{n}.db'}") as led:
+            await led.set_budget("tenant:t", "100usd")
+            await led.set_budget(f"tenant:t/agent:a{n}-7", "1usd")
+            ids = {}
+            for i in range(60):
+                subject = {"tenant": "t", "agent": f"a{n}-{i}"}
+                r = await led.reserve(subject, {"kind": "tool", "name": f"x{i % 3}"}, "0.01usd")
+                assert r.reservation_id
+                ids[r.reservation_id] = (f"a{n}-{i}", f"x{i % 3}")
+            r = await led.reserve({"tenant": "t", "agent": "fresh"}, {"kind": "tool", "name": "x0"}, "0.01usd")
+            ids[r.reservation_id or ""] = ("fresh", "x0")
+            for rid, (agent, name) in ids.items():
+                res = await led.get_reservation(rid)
+                assert (res.subject.agent, res.action.name) == (agent, name)
+                expected = ["tenant:t", f"tenant:t/agent:a{n}-7"] if agent == f"a{n}-7" else ["tenant:t"]
+                assert res.budgeted_scopes == expected
+            assert len(await led.list_reservations(scope=f"tenant:t/agent:a{n}-7")) == 1
+            assert await led.verify() == []

@@ -654,11 +654,14 @@ class Ledger:
         reservation_id: str | None = None,
         scope: str | None = None,
         newest: bool = False,
+        calls: bool = True,
     ) -> list[LedgerEvent]:
         """The audit log, oldest first, from `event_id > after` (page with the last id you saw); with
-        `newest`, the last `limit` events, newest first."""
-        if not isinstance(newest, bool):
-            raise InvalidRequestError("newest must be a bool")
+        `newest`, the last `limit` events, newest first. `calls=False` leaves `call_id`, `model` and `route`
+        as the event itself has them (a reservation's events then skip the read of their reservation): for
+        readers that only add amounts up, such as a burn rate."""
+        if not isinstance(newest, bool) or not isinstance(calls, bool):
+            raise InvalidRequestError("newest and calls must be bools")
         rows = await self.store.events(
             after=_int(after, "after", 0, INT64_MAX),
             limit=_int(limit, "limit", 1, 100_000),
@@ -666,9 +669,9 @@ class Ledger:
             scope_prefix=None if scope is None else _scope(scope),
             newest=newest,
         )
-        return await self._with_calls(rows)
+        return await self._with_calls(rows, join=calls)
 
-    async def _with_calls(self, rows: list[dict[str, Any]]) -> list[LedgerEvent]:
+    async def _with_calls(self, rows: list[dict[str, Any]], join: bool = True) -> list[LedgerEvent]:
         """Name the call, model and route behind each event. Decisions and debits carry their subject and
         action; a reservation's events (reserved, committed, released, expired) are joined with the
         reservation row, read once per reservation, so each event stays small in the log."""
@@ -683,7 +686,7 @@ class Ledger:
             model = data.get("model") or meta.get("model") or action.get("name")
             route = data.get("route") or meta.get("route") or action.get("kind")
             rid = row.get("reservation_id")
-            if rid and not (call and model and route):
+            if join and rid and not (call and model and route):
                 if rid not in found:
                     r = await self.store.get_reservation(rid)
                     if r is None:

@@ -135,13 +135,13 @@ class Burn:
 
     async def refresh(self, ledger: Ledger, now_ms: int) -> None:
         if self._after is None:
-            newest = await ledger.events(limit=_FIRST_READ, newest=True)
+            newest = await ledger.events(limit=_FIRST_READ, newest=True, calls=False)
             self._after = newest[0].event_id if newest else 0
             fresh = list(reversed(newest))
         else:
             fresh = []
             while True:
-                page = await ledger.events(after=self._after, limit=5000)
+                page = await ledger.events(after=self._after, limit=5000, calls=False)
                 fresh += page
                 if page:
                     self._after = page[-1].event_id
@@ -252,7 +252,7 @@ class LedgerView:
     async def _backlog(self, ledger: Ledger) -> dict[str, int]:
         if not self.webhooks or not isinstance(ledger.store, SupportsState):
             return {}
-        newest = await ledger.events(newest=True, limit=1)
+        newest = await ledger.events(newest=True, limit=1, calls=False)
         head = newest[0].event_id if newest else 0
         out = {}
         for name in self.webhooks:
@@ -264,11 +264,11 @@ class LedgerView:
         """Count the decisions logged since this exporter started (every proxy on the ledger)."""
         assert self.logged is not None
         if self._log_cursor is None:
-            newest = await ledger.events(newest=True, limit=1)
+            newest = await ledger.events(newest=True, limit=1, calls=False)
             self._log_cursor = newest[0].event_id if newest else 0
             return
         while True:
-            page = await ledger.events(after=self._log_cursor, limit=5000)
+            page = await ledger.events(after=self._log_cursor, limit=5000, calls=False)
             for e in page:
                 kind = _LOGGED_DECISIONS.get(e.type)
                 if kind is not None:

@@ -32,3 +32,30 @@ async def test_reservation_events_name_call_model_and_route(ledger: Ledger) -> N
     } <= got
     newest = await ledger.events(newest=True, limit=2)
     assert [e.call_id for e in newest] == ["call-4", "call-3"]
+
+
+async def test_events_without_calls_skip_the_reservation_read(ledger: Ledger) -> None:
+    """`calls=False` (burn-rate readers) returns the same events and amounts; a reservation's events then name
+    only what they carry themselves, so no reservation row is read for them."""
+    await ledger.set_budget("tenant:t", "1usd")
+    r = await ledger.reserve(SUBJ, ACT, "0.5usd", idempotency_key="call-9", metadata={"model": "m", "route": "x"})
+    await ledger.commit(r.reservation_id or "", "0.2usd")
+    reads = 0
+    original = ledger.store.get_reservation
+
+    async def counting(rid: str) -> object:
+        nonlocal reads
+        reads += 1
+        return await original(rid)
+
+    ledger.store.get_reservation = counting  # type: ignore[method-assign]
+    plain = await ledger.events(calls=False)
+    assert reads == 0
+    named = await ledger.events()
+    assert reads == 1  # once per reservation, however many of its events
+    assert [(e.event_id, e.type, e.amount, e.scope) for e in plain] == [
+        (e.event_id, e.type, e.amount, e.scope) for e in named
+    ]
+    committed = next(e for e in named if e.type == "committed")
+    assert (committed.call_id, committed.model) == ("call-9", "m")
+    assert next(e for e in plain if e.type == "committed").model is None

@@ -476,10 +476,14 @@ class Ledger:
         metrics: Mapping[str, Any] | None = None,
         metadata: Mapping[str, Any] | None = None,
         also: Sequence[AmountLike] = (),
+        coalesce: bool = False,
     ) -> CommitResult:
         """Charge `actual` and return the rest of the hold. The default key makes a retried commit safe.
 
-        `also`: the actual amounts in the hold's other units; one not named is charged what it held."""
+        `also`: the actual amounts in the hold's other units; one not named is charged what it held.
+        `coalesce=True`: nobody waits for this answer (a settle in the background), so the store may write it
+        in the transaction of its next operation, a few milliseconds later (SQLite: one transaction per call
+        instead of two); the answer comes once it is written."""
         rid = _reservation_id(reservation_id)
         amt = _amount(actual, "actual")
         unit = amt.unit.value
@@ -507,6 +511,7 @@ class Ledger:
             metrics=metrics_copy,
             metadata=metadata_copy,
             also=tuple((a["unit"], a["amount"]) for a in others),
+            coalesce=coalesce is True,
         )
         return CommitResult.model_validate(await self.store.commit(cmd))
 

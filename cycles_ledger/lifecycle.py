@@ -223,17 +223,21 @@ class Lifecycle:
         *,
         metrics: Mapping[str, Any] | None = None,
         also: Sequence[Amount] = (),
+        background: bool = False,
     ) -> None:
         """The work happened and cost `actual` (and `also` in other units): commit it, or debit it directly
         when nothing holds it any more (shadow, expired, given back). Retried while the ledger is unreachable;
-        never raises."""
+        never raises. `background`: the caller does not wait for it (the proxy, after its answer went out), so
+        the store may write it with its next operation (`Ledger.commit(coalesce=True)`)."""
         if hold.state in (HoldState.COMMITTED, HoldState.DEBITED, HoldState.DENIED):
             return
         self.stop_heartbeat(hold)
 
         async def attempt() -> None:
             ledger = await self.ledger()
-            if hold.state is HoldState.HELD and await self._commit_held(ledger, hold, actual, metrics, also):
+            if hold.state is HoldState.HELD and await self._commit_held(
+                ledger, hold, actual, metrics, also, background
+            ):
                 return
             # Shadow, released or expired: the work ran and nothing holds its cost. Shadow records every unit
             # (past the budget as debt); a real call is debited under its own overage policy.
@@ -266,13 +270,14 @@ class Lifecycle:
         actual: Amount,
         metrics: Mapping[str, Any] | None,
         also: Sequence[Amount] = (),
+        background: bool = False,
     ) -> bool:
         """Commit the reservation; False when it is gone unpaid (expired or released), so a debit must follow."""
         rid = hold.reservation_id
         assert rid is not None
         try:
             try:
-                await ledger.commit(rid, actual, metrics=metrics, also=also)
+                await ledger.commit(rid, actual, metrics=metrics, also=also, coalesce=background)
             except (BudgetExceededError, OverdraftLimitExceededError) as exc:
                 # The overage policy refuses the overage (REJECT, or an overdraft past its limit): charge
                 # what was held rather than leave the hold to expire with nothing charged.

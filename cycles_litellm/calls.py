@@ -16,8 +16,17 @@ def usd_to_microcents(value: Any) -> int:
     """LiteLLM reports costs as float USD: convert once, rounding up (never under-charge)."""
     if not value:
         return 0
+    if type(value) is float:
+        return _float_microcents(value)  # calls of one model and size cost the same: converted once
+    return _microcents(value)
+
+
+def _microcents(value: Any) -> int:
     # Drop float noise (0.00026250000000000004) below 1e-12 USD before rounding up to a microcent.
     return math.ceil(Decimal(str(value)).quantize(Decimal("1e-12")) * 10**8)
+
+
+_float_microcents = functools.lru_cache(maxsize=4096)(_microcents)
 
 
 _KINDS = {

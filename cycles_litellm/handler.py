@@ -176,12 +176,18 @@ def _route_name(data: Mapping[str, Any], call_type: str) -> str:
     return call_type
 
 
-def _router() -> Any:
+@functools.cache
+def _proxy_server() -> Any:
     try:
-        from litellm.proxy.proxy_server import llm_router
+        from litellm.proxy import proxy_server
     except Exception:  # noqa: BLE001 - outside the proxy there is no router
         return None
-    return llm_router
+    return proxy_server
+
+
+def _router() -> Any:
+    """The proxy's router, read on every call (a config reload replaces it); None outside the proxy."""
+    return getattr(_proxy_server(), "llm_router", None)
 
 
 class CyclesCallback(CustomLogger):
@@ -733,7 +739,9 @@ class CyclesCallback(CustomLogger):
             # No usage reported at all: the tokens held stand (the worst case), as for the dollars.
             also = [Amount(unit=Unit.TOKENS, amount=used if used > 0 else pending.tokens)]
         settling = time.perf_counter()
-        await self.lifecycle.commit(pending.hold, Amount(unit=_USD, amount=actual), metrics=metrics, also=also)
+        await self.lifecycle.commit(
+            pending.hold, Amount(unit=_USD, amount=actual), metrics=metrics, also=also, background=True
+        )
         self.stats.commit.observe(time.perf_counter() - settling)
 
     async def _release(self, pending: _Pending, reason: str) -> None:

@@ -60,6 +60,10 @@ class CommitCommand:
     metrics: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
     also: tuple[tuple[str, int], ...] = ()  # actuals in the hold's other units (unnamed: charged as held)
+    # Nobody is waiting on this answer (a settle in the background): a store may hold the commit back a few
+    # milliseconds and write it in the transaction of the next operation (SQLite), instead of a transaction
+    # of its own. Not part of the request's payload: a replay matches with or without it.
+    coalesce: bool = False
 
 
 @dataclass(frozen=True, slots=True)

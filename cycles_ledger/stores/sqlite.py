@@ -12,6 +12,12 @@ PASSIVE one every `checkpoint_every` write transactions and when idle (SQLite re
 meanwhile, so an event loop using the store keeps running). An autocheckpoint inside an inline COMMIT
 used to stall the caller's loop for several milliseconds every ~100 operations.
 
+A commit nobody waits for (`CommitCommand.coalesce`: the proxy settles in the background) is held
+back up to `coalesce_ms` and written in the transaction of the next operation of this process, or on
+its own when none comes: a proxy's call then costs one transaction instead of two. Its caller is
+answered after that COMMIT like any other; until then the commit is not on disk (a killed process
+loses it, and the hold expires with its TTL, as when the process dies before settling).
+
 Why not aiosqlite: it runs one statement per hop to its thread; a reservation is six statements, and
 batching whole operations into one transaction is what makes the throughput goal reachable.
 """
@@ -240,6 +246,48 @@ def _deliver(outcomes: list[tuple[_Job, Any, BaseException | None]]) -> None:
             job.future.set_result(result)
 
 
+def _hand_back(outcomes: list[tuple[_Job, Any, BaseException | None]], here: asyncio.AbstractEventLoop | None) -> None:
+    """Answer each job on its own loop: at once when that is the loop we run on, else with one wake-up."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Job, Any, BaseException | None]]] = {}
+    for outcome in outcomes:
+        by_loop.setdefault(outcome[0].loop, []).append(outcome)
+    for loop, items in by_loop.items():
+        if loop is here:
+            _deliver(items)
+        else:
+            with contextlib.suppress(RuntimeError):  # the caller's loop is already closed
+                loop.call_soon_threadsafe(_deliver, items)
+
+
+def _run_jobs(
+    conn: sqlite3.Connection, now: int, jobs: list[_Job], swept: int
+) -> tuple[list[tuple[_Job, Any, BaseException | None]], int]:
+    """Run jobs in the open transaction, each in its own SAVEPOINT so a failing one rolls back alone.
+    Returns their outcomes and what is left of `swept` (a sweep job reports the lazy pass's expiries)."""
+    outcomes: list[tuple[_Job, Any, BaseException | None]] = []
+    for j in jobs:
+        conn.execute("SAVEPOINT op")
+        mark = _shapes_mark(conn)
+        try:
+            result = j.fn(conn, now, *j.args)
+            if j.fn is _op_sweep:  # the lazy pass may already have expired what it was asked to
+                result, swept = result + swept, 0
+        except BaseException as exc:  # noqa: BLE001 - every error goes back to its caller
+            conn.execute("ROLLBACK TO op")
+            conn.execute("RELEASE op")
+            _shapes_rolled_back(conn, mark)
+            if isinstance(exc, sqlite3.Error):
+                exc = StoreUnavailableError(f"SQLite error: {exc}")
+            outcomes.append((j, None, exc))
+            continue
+        conn.execute("RELEASE op")
+        if isinstance(result, Failed):
+            outcomes.append((j, None, result.error))
+        else:
+            outcomes.append((j, result, None))
+    return outcomes, swept
+
+
 class _Writer(threading.Thread):
     """The one thread that talks to SQLite for this store; drains queued jobs into one transaction."""
 
@@ -369,26 +417,7 @@ class _Writer(threading.Thread):
             # Every write first expires overdue holds (one lookup on a partial index), so no write
             # ever counts budget that a crashed caller no longer holds.
             swept = _expire_due(conn, now, self.sweep_per_batch) if not readonly and self.sweep_per_batch else 0
-            for j in batch:
-                conn.execute("SAVEPOINT op")
-                mark = _shapes_mark(conn)
-                try:
-                    result = j.fn(conn, now, *j.args)
-                    if j.fn is _op_sweep:  # the lazy pass above may already have expired what it was asked to
-                        result, swept = result + swept, 0
-                except BaseException as exc:  # noqa: BLE001 - every error goes back to its caller
-                    conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
-                    _shapes_rolled_back(conn, mark)
-                    if isinstance(exc, sqlite3.Error):
-                        exc = StoreUnavailableError(f"SQLite error: {exc}")
-                    outcomes.append((j, None, exc))
-                    continue
-                conn.execute("RELEASE op")
-                if isinstance(result, Failed):
-                    outcomes.append((j, None, result.error))
-                else:
-                    outcomes.append((j, result, None))
+            outcomes, _ = _run_jobs(conn, now, batch, swept)
             conn.execute("COMMIT")
             _shapes_committed(conn)
             if not readonly:
@@ -401,12 +430,7 @@ class _Writer(threading.Thread):
             err = StoreUnavailableError(f"SQLite ledger unavailable: {exc}")
             outcomes = [(j, None, err) for j in batch]
         # Answer only after COMMIT returned, and wake each caller loop once per batch.
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Job, Any, BaseException | None]]] = {}
-        for outcome in outcomes:
-            by_loop.setdefault(outcome[0].loop, []).append(outcome)
-        for loop, items in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # the caller's loop is already closed
-                loop.call_soon_threadsafe(_deliver, items)
+        _hand_back(outcomes, None)
 
 
 class SqliteStore(Store, SupportsSweep, SupportsState):
@@ -427,6 +451,7 @@ class SqliteStore(Store, SupportsSweep, SupportsState):
         retention_ms: int | None = 7 * 24 * 3600 * 1000,
         inline: bool = True,
         checkpoint_every: int = 200,
+        coalesce_ms: float = 20.0,
     ) -> None:
         self.path = path
         self.clock: Clock = clock or _wall_clock_ms
@@ -452,6 +477,12 @@ class SqliteStore(Store, SupportsSweep, SupportsState):
         self._inline_lock = threading.Lock()
         self._arrivals = 0
         self._last_end = 0.0
+        # Commits nobody waits for, held back to ride in the next transaction (see the module docstring).
+        self._coalesce_s = max(float(coalesce_ms), 0.0) / 1000
+        self._deferred: list[_Job] = []
+        self._deferred_lock = threading.Lock()
+        self._flushes: set[asyncio.Task[Any]] = set()
+        self._flush_timer: asyncio.TimerHandle | None = None
         if inline and path != ":memory:":
             conn = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False, factory=_Conn)
             conn.execute("PRAGMA synchronous=NORMAL")
@@ -481,9 +512,12 @@ class SqliteStore(Store, SupportsSweep, SupportsState):
     async def _call(self, fn: Callable[..., Any], *args: Any, readonly: bool = False) -> Any:
         if self._closed:
             raise StoreUnavailableError("the SQLite store is closed")
+        if readonly and self._deferred:
+            readonly = False  # carry the held-back commits, so this process reads its own writes
         if self._inline is not None and await self._alone() and self._inline_lock.acquire(blocking=False):
+            carried = [] if readonly else self._take_deferred()
             try:
-                outcome = self._run_inline(self._inline, fn, args, readonly)
+                outcome = self._run_inline(self._inline, fn, args, readonly, carried)
             finally:
                 self._inline_lock.release()
             self._last_end = time.monotonic()
@@ -492,12 +526,50 @@ class SqliteStore(Store, SupportsSweep, SupportsState):
                 if error is not None:
                     raise error
                 return result
+            for held in carried:  # the write lock was taken: they go to the writer, ahead of this operation
+                self._writer.jobs.put(held)
         job = _Job(fn, args, readonly)
+        if not readonly:
+            for held in self._take_deferred():
+                self._writer.jobs.put(held)
         self._writer.jobs.put(job)
         try:
             return await job.future
         finally:
             self._last_end = time.monotonic()
+
+    def _take_deferred(self) -> list[_Job]:
+        if not self._deferred:
+            return []
+        with self._deferred_lock:
+            jobs, self._deferred = self._deferred, []
+            timer, self._flush_timer = self._flush_timer, None
+        if timer is not None:
+            timer.cancel()
+        return jobs
+
+    async def _defer(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Hold a write back until the next operation's transaction, or `coalesce_ms` at most."""
+        if self._closed:
+            raise StoreUnavailableError("the SQLite store is closed")
+        job = _Job(fn, args, False)
+        with self._deferred_lock:
+            self._deferred.append(job)
+            if self._flush_timer is None:
+                self._flush_timer = job.loop.call_later(self._coalesce_s, self._flush_deferred)
+        return await job.future
+
+    def _flush_deferred(self) -> None:
+        """No operation came along in time: write the held-back commits in a transaction of their own."""
+        self._flush_timer = None
+        if self._deferred and not self._closed:
+            task = asyncio.get_running_loop().create_task(self._flush())
+            self._flushes.add(task)
+            task.add_done_callback(self._flushes.discard)
+
+    async def _flush(self) -> None:
+        with contextlib.suppress(CyclesError):  # the commits carried have their own answers
+            await self._call(_op_nothing)
 
     async def _alone(self) -> bool:
         """True when this operation has the store to itself: then the inline path is fastest. Under
@@ -513,32 +585,46 @@ class SqliteStore(Store, SupportsSweep, SupportsState):
         return self._arrivals == mine and self._writer.idle()
 
     def _run_inline(
-        self, conn: sqlite3.Connection, fn: Callable[..., Any], args: tuple[Any, ...], readonly: bool
+        self,
+        conn: sqlite3.Connection,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        readonly: bool,
+        carried: list[_Job] | None = None,
     ) -> tuple[Any, BaseException | None] | None:
-        """One operation in its own transaction on the caller's thread; None if the write lock is taken."""
+        """One operation in its own transaction on the caller's thread, after the held-back commits
+        `carried` (answered once COMMIT returned); None if the write lock is taken (nothing ran)."""
         try:
             conn.execute("BEGIN" if readonly else "BEGIN IMMEDIATE")
         except sqlite3.OperationalError:
             return None
+        done: list[tuple[_Job, Any, BaseException | None]] = []
         try:
             now = self.clock()
             swept = _expire_due(conn, now, self._sweep_per_batch) if not readonly and self._sweep_per_batch else 0
-            if swept:  # keep those expiries even if the operation fails (rare: no savepoint otherwise)
+            if carried:
+                done, swept = _run_jobs(conn, now, carried, swept)
+            keep = bool(swept or carried)  # keep those writes even if the operation fails (else: no savepoint)
+            if keep:
                 conn.execute("SAVEPOINT op")
+            mark = _shapes_mark(conn)
             try:
                 result = fn(conn, now, *args)
             except BaseException as exc:  # noqa: BLE001 - its writes undone, the expiry pass kept
-                _shapes_rolled_back(conn)
-                if swept:
+                _shapes_rolled_back(conn, mark)
+                if keep:
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
                     conn.execute("COMMIT")
+                    _shapes_committed(conn)
+                    self._writer.wrote()
+                    _hand_back(done, asyncio.get_running_loop())
                 else:
                     conn.execute("ROLLBACK")
                 if isinstance(exc, sqlite3.Error):
                     return None, StoreUnavailableError(f"SQLite error: {exc}")
                 return None, exc
-            if swept:
+            if keep:
                 conn.execute("RELEASE op")
             if fn is _op_sweep:
                 result += swept
@@ -551,7 +637,11 @@ class SqliteStore(Store, SupportsSweep, SupportsState):
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
             _shapes_rolled_back(conn)
-            return None, StoreUnavailableError(f"SQLite ledger unavailable: {exc}")
+            error = StoreUnavailableError(f"SQLite ledger unavailable: {exc}")
+            _hand_back([(j, None, error) for j in carried or []], asyncio.get_running_loop())
+            return None, error
+        if done:
+            _hand_back(done, asyncio.get_running_loop())
         if isinstance(result, Failed):
             return None, result.error
         return result, None
@@ -563,6 +653,8 @@ class SqliteStore(Store, SupportsSweep, SupportsState):
         return await self._call(_op_decide, cmd, readonly=True)  # type: ignore[no-any-return]
 
     async def commit(self, cmd: CommitCommand) -> dict[str, Any]:
+        if cmd.coalesce and self._coalesce_s > 0 and self._inline is not None:
+            return await self._defer(_op_commit, cmd)  # type: ignore[no-any-return]
         return await self._call(_op_commit, cmd)  # type: ignore[no-any-return]
 
     async def release(self, cmd: ReleaseCommand) -> dict[str, Any]:
@@ -634,6 +726,8 @@ class SqliteStore(Store, SupportsSweep, SupportsState):
     async def aclose(self) -> None:
         if self._closed:
             return
+        if self._deferred:
+            await self._flush()  # held-back commits are written before the store closes
         self._closed = True
         if self._inline is not None:
             with self._inline_lock:
@@ -1137,6 +1231,10 @@ def _bind(op: Callable[..., Any]) -> Callable[..., Any]:
 
 def _expire_due(conn: sqlite3.Connection, now: int, limit: int) -> int:
     return operations.expire_due(SqliteTxn(conn, now), now, limit)
+
+
+def _op_nothing(conn: sqlite3.Connection, now: int) -> None:
+    """A write operation that writes nothing itself: it carries held-back commits."""
 
 
 _op_reserve = _bind(operations.reserve)

@@ -178,7 +178,8 @@ def _evaluate(tx: Txn, now: int, cmd: ReserveCommand, write: bool) -> tuple[rule
     if by_unit is None:
         ev = rules.Evaluation(Decision.DENY, reason_code="BUDGET_NOT_FOUND", scope=cmd.scopes[-1], unit=cmd.unit)
         return ev, []
-    soft = SoftLanding(**cmd.soft_landing) if cmd.soft_landing else None
+    # Validated by the Ledger, which dumped it into the command: rebuilt here without a second validation.
+    soft = SoftLanding.model_construct(**cmd.soft_landing) if cmd.soft_landing else None
     ev = rules.evaluate_units(by_unit, cmd.unit, cmd.estimate, soft, also)
     held = list(by_unit[cmd.unit])
     for unit in ev.also:

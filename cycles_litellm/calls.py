@@ -38,6 +38,7 @@ _KINDS = {
 }
 
 
+@functools.lru_cache(maxsize=256)
 def action_kind(kind: str) -> str:
     """The ledger action kind of a route kind (routes.py) or a LiteLLM call type."""
     for key, value in _KINDS.items():

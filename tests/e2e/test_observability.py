@@ -9,6 +9,7 @@ token; the fake upstream reports 25 prompt tokens and max_tokens completion toke
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -273,3 +274,30 @@ def test_readiness_follows_a_fail_closed_ledger(proxy_factory: ProxyFactory) -> 
         assert chat(proxy, "obs-health").status_code == 200
     finally:
         server.stop()
+
+
+def test_readiness_follows_a_sqlite_ledger_another_process_locks(proxy_factory: ProxyFactory) -> None:
+    """The embedded ledger's way of being down: another process holds the SQLite write lock (a stuck script, a
+    long `sqlite3` session). The health probe's write cannot land, so readiness turns 503 while the plugin
+    fails closed, and 200 again once the lock is let go, with no call in between."""
+    proxy = proxy_factory({"on_unavailable": "fail_closed"})
+    with proxy.ledger() as led:
+        led.set_budget("tenant:obs-lock", "1usd")
+
+    def ready() -> int:
+        return httpx.get(f"{proxy.url}/health/readiness", timeout=30).status_code
+
+    assert ready() == 200
+    assert chat(proxy, "obs-lock").status_code == 200
+    path = proxy.store_url.removeprefix("sqlite:///")
+    other = sqlite3.connect(path, isolation_level=None, timeout=10)
+    try:
+        other.execute("BEGIN EXCLUSIVE")
+        wait_until(lambda: ready() == 503, timeout=30)
+        body = httpx.get(f"{proxy.url}/cycles/health", timeout=30).json()
+        assert (body["status"], body["ledger"], body["serving"]) == ("unavailable", "unavailable", False)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    wait_until(lambda: ready() == 200, timeout=60)
+    assert chat(proxy, "obs-lock").status_code == 200

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cycles_ledger import Ledger, ReservationFinalizedError, open_ledger
+from cycles_ledger import CommitResult, Ledger, ReservationFinalizedError, open_ledger
 from cycles_ledger.stores.sqlite import SqliteStore
 
 from .test_ledger import check_invariant
@@ -27,6 +27,15 @@ def _count_commits(ledger: Ledger) -> list[str]:
     seen: list[str] = []
     store._inline.set_trace_callback(lambda sql: seen.append(sql) if sql == "COMMIT" else None)
     return seen
+
+
+async def _one_held_back(ledger: Ledger) -> asyncio.Future[CommitResult]:
+    """A $0.50 hold whose $0.20 commit is held back (the store's window is long in these tests)."""
+    await ledger.set_budget("tenant:c", "1usd")
+    r = await ledger.reserve(SUBJECT, ACTION, "0.5usd")
+    settle = asyncio.ensure_future(ledger.commit(r.reservation_id or "", "0.2usd", coalesce=True))
+    await asyncio.sleep(0.01)
+    return settle
 
 
 async def test_background_commits_ride_in_the_next_reserve(tmp_path: Path) -> None:
@@ -68,10 +77,7 @@ async def test_a_lone_commit_is_written_within_coalesce_ms(tmp_path: Path) -> No
 
 async def test_this_process_reads_its_held_back_commits(tmp_path: Path) -> None:
     async with open_ledger(f"sqlite:///{tmp_path / 'r.db'}", coalesce_ms=5000) as ledger:
-        await ledger.set_budget("tenant:c", "1usd")
-        r = await ledger.reserve(SUBJECT, ACTION, "0.5usd")
-        settle = asyncio.ensure_future(ledger.commit(r.reservation_id or "", "0.2usd", coalesce=True))
-        await asyncio.sleep(0.01)
+        settle = await _one_held_back(ledger)
         assert not settle.done()  # held back (the window is 5 s)
         balance = await ledger.balance("tenant:c")  # a read carries it: read-your-writes
         assert (balance.spent, balance.reserved) == (20_000_000, 0)
@@ -98,10 +104,7 @@ async def test_a_failing_held_back_commit_fails_alone(tmp_path: Path) -> None:
 async def test_held_back_commits_wait_for_a_write_lock_another_process_holds(tmp_path: Path) -> None:
     db = tmp_path / "k.db"
     async with open_ledger(f"sqlite:///{db}", coalesce_ms=5000) as ledger:
-        await ledger.set_budget("tenant:c", "1usd")
-        r = await ledger.reserve(SUBJECT, ACTION, "0.5usd")
-        settle = asyncio.ensure_future(ledger.commit(r.reservation_id or "", "0.2usd", coalesce=True))
-        await asyncio.sleep(0.01)
+        settle = await _one_held_back(ledger)
         other = sqlite3.connect(db, isolation_level=None)
         other.execute("BEGIN IMMEDIATE")  # another process writes: the inline path cannot take the lock
         nxt = asyncio.ensure_future(ledger.reserve(SUBJECT, ACTION, "0.1usd"))
@@ -118,10 +121,7 @@ async def test_held_back_commits_wait_for_a_write_lock_another_process_holds(tmp
 async def test_closing_writes_held_back_commits(tmp_path: Path) -> None:
     db = tmp_path / "x.db"
     ledger = open_ledger(f"sqlite:///{db}", coalesce_ms=60_000)
-    await ledger.set_budget("tenant:c", "1usd")
-    r = await ledger.reserve(SUBJECT, ACTION, "0.5usd")
-    settle = asyncio.ensure_future(ledger.commit(r.reservation_id or "", "0.2usd", coalesce=True))
-    await asyncio.sleep(0.01)
+    settle = await _one_held_back(ledger)
     await ledger.aclose()
     assert (await settle).charged.amount == 20_000_000
     async with open_ledger(f"sqlite:///{db}") as again:

@@ -739,8 +739,11 @@ class CyclesCallback(CustomLogger):
             # No usage reported at all: the tokens held stand (the worst case), as for the dollars.
             also = [Amount(unit=Unit.TOKENS, amount=used if used > 0 else pending.tokens)]
         settling = time.perf_counter()
+        # With no other call in flight, the commit rides in the next call's transaction (one SQLite transaction
+        # per call instead of two). With others in flight it goes now: the store's writer group-commits it with
+        # their reserves, which measured cheaper under concurrency than a reserve carrying it inline.
         await self.lifecycle.commit(
-            pending.hold, Amount(unit=_USD, amount=actual), metrics=metrics, also=also, background=True
+            pending.hold, Amount(unit=_USD, amount=actual), metrics=metrics, also=also, background=not self._pending
         )
         self.stats.commit.observe(time.perf_counter() - settling)
 

@@ -355,3 +355,32 @@ def load_settings_from(values: dict[str, Any], tmp_path: Path) -> Settings:
     path = tmp_path / "cycles.yaml"
     path.write_text(yaml.safe_dump(values))
     return load_settings(path)
+
+
+async def test_a_lone_calls_commit_rides_in_the_next_reserve(tmp_path: Path) -> None:
+    """One call at a time: its commit waits for the next call's transaction (the store's window is a minute
+    here, so only the next reserve can write it). With another call in flight it is written at once, for the
+    store's writer to group-commit with the others."""
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    with open_ledger_sync(url) as led:
+        led.set_budget("tenant:h", "1usd")
+    async with open_ledger(url, coalesce_ms=60_000) as ledger:
+        cb = CyclesCallback(Settings(), ledger=ledger)
+
+        async def success(call_id: str) -> None:
+            await cb.async_log_success_event({"litellm_call_id": call_id, "response_cost": 0.00001}, None, None, None)
+            await asyncio.sleep(0.05)
+
+        await cb.async_pre_call_hook(None, None, request("lone-1"), "acompletion")
+        await success("lone-1")
+        assert cb._tasks  # the settle waits: its commit is held back
+        assert (await ledger.balance("tenant:h")).spent == 1_000  # a read carries it (read-your-writes)
+        await asyncio.sleep(0.01)
+        assert not cb._tasks
+
+        await cb.async_pre_call_hook(None, None, request("busy-1"), "acompletion")
+        await cb.async_pre_call_hook(None, None, request("busy-2"), "acompletion")
+        await success("busy-1")  # busy-2 is in flight: written now, no other operation needed
+        assert not cb._tasks
+        await success("busy-2")  # the last one in flight: held back again
+        assert cb._tasks

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cycles_ledger import CommitResult, Ledger, ReservationFinalizedError, open_ledger
+from cycles_ledger import CommitResult, IdempotencyMismatchError, Ledger, ReservationFinalizedError, open_ledger
 from cycles_ledger.stores.sqlite import SqliteStore
 
 from .test_ledger import check_invariant
@@ -126,3 +126,21 @@ async def test_closing_writes_held_back_commits(tmp_path: Path) -> None:
     assert (await settle).charged.amount == 20_000_000
     async with open_ledger(f"sqlite:///{db}") as again:
         assert (await again.balance("tenant:c")).spent == 20_000_000
+
+
+async def test_a_held_back_commit_lands_when_the_operation_carrying_it_fails(tmp_path: Path) -> None:
+    """A client replaying a call id with another payload makes the next reserve fail; the commit it carried is
+    written all the same, and the failed reserve holds nothing."""
+    async with open_ledger(f"sqlite:///{tmp_path / 'm.db'}", coalesce_ms=5000) as ledger:
+        await ledger.set_budget("tenant:c", "1usd")
+        await ledger.reserve(SUBJECT, ACTION, "0.1usd", idempotency_key="client-id")
+        r = await ledger.reserve(SUBJECT, ACTION, "0.5usd")
+        settle = asyncio.ensure_future(ledger.commit(r.reservation_id or "", "0.2usd", coalesce=True))
+        await asyncio.sleep(0.01)
+        assert not settle.done()
+        with pytest.raises(IdempotencyMismatchError):
+            await ledger.reserve(SUBJECT, ACTION, "0.3usd", idempotency_key="client-id")
+        assert (await asyncio.wait_for(settle, 1)).charged.amount == 20_000_000
+        balance = await ledger.balance("tenant:c")
+        assert (balance.spent, balance.reserved) == (20_000_000, 10_000_000)
+        await check_invariant(ledger)

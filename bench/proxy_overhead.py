@@ -26,6 +26,12 @@ versions of the plugin, which separate runs (±25 % apart on this machine) canno
     .venv/bin/python bench/proxy_overhead.py --control           # A/A: both without callback = noise floor
     .venv/bin/python bench/proxy_overhead.py --also old:PYTHONPATH=/tmp/old   # and a proxy on another checkout
     .venv/bin/python bench/proxy_overhead.py --observability    # LiteLLM's otel + prometheus on A and B
+    .venv/bin/python bench/proxy_overhead.py --stand-in         # and a proxy whose callback does nothing
+
+`--stand-in` adds a proxy whose callback (`bench/stand_in_callback.py`) overrides the plugin's hooks and does
+nothing: what it costs over B is LiteLLM's own handling of such a callback, the share no change to the plugin
+can remove. Every proxy's CPU is also given for its main thread alone (the event loop, where every hook runs),
+apart from LiteLLM's and otel's worker threads.
 
 `--observability` runs both proxies with LiteLLM's `otel` callback (OTLP/HTTP to a sink on loopback that
 discards the spans) and its `prometheus` callback: what the plugin adds then includes its decision in every
@@ -81,6 +87,8 @@ MICROCENTS_PER_USD = 10**8
 GOAL_OVERHEAD_MS = 1.0
 GOAL_RATIO = 0.95
 GOAL_LINE = "goal: overhead <= 1 ms p50 and throughput ratio >= 0.95"
+STAND_IN = Path(__file__).resolve().parent / "stand_in_callback.py"
+STAND_IN_LABEL = "stand-in (hooks only)"
 
 
 @dataclass
@@ -101,9 +109,13 @@ class Side:
     wall_s: float = 0.0
     baseline: bool = False  # the proxy without the callback, which the others are compared with
     cpu_s: float = 0.0  # CPU time of the proxy's processes over the measured run (user + system)
+    main_cpu_s: float = 0.0  # ... of the proxy's main thread (its event loop), without LiteLLM's and otel's threads
 
     def cpu_ms_per_request(self) -> float | None:
         return self.cpu_s * 1000 / len(self.samples) if self.samples and self.cpu_s else None
+
+    def main_cpu_ms_per_request(self) -> float | None:
+        return self.main_cpu_s * 1000 / len(self.samples) if self.samples and self.main_cpu_s else None
 
     def statuses(self) -> Counter[int]:
         return Counter(s.status for s in self.samples)
@@ -165,6 +177,16 @@ def session_cpu_s(sid: int) -> float:
     return total * _TICK_S
 
 
+def main_thread_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid`'s main thread, where the event loop (and every hook) runs."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) * _TICK_S
+
+
 async def one_request(client: httpx.AsyncClient, body: dict[str, Any]) -> Sample:
     if body.get("vary"):  # a prompt no proxy has seen, so no cache keyed on the prompt flatters the result
         body = {k: v for k, v in body.items() if k != "vary"}
@@ -223,6 +245,7 @@ async def run_interleaved(
     }
     scratch = {side.label: Side(side.label, side.proxy) for side in sides}
     cpu_start = {side.label: session_cpu_s(side.proxy.process.pid) for side in sides if side.proxy is not None}
+    main_start = {side.label: main_thread_cpu_s(side.proxy.process.pid) for side in sides if side.proxy is not None}
     try:
         done = 0
         rnd = 0
@@ -248,6 +271,7 @@ async def run_interleaved(
             for side in sides:
                 if side.proxy is not None:
                     side.cpu_s = session_cpu_s(side.proxy.process.pid) - cpu_start[side.label]
+                    side.main_cpu_s = main_thread_cpu_s(side.proxy.process.pid) - main_start[side.label]
     finally:
         for client in clients.values():
             await client.aclose()
@@ -259,9 +283,11 @@ def start_all(
     control: bool = False,
     extras: dict[str, dict[str, str]] | None = None,
     observability: str | None = None,
+    stand_in: bool = False,
 ) -> tuple[LiteLLMProxy | Exception, LiteLLMProxy | Exception, dict[str, LiteLLMProxy | Exception]]:
-    """Start A (with the callback), B (without) and one more proxy with the callback per extra, in parallel;
-    with `observability` (an OTLP/HTTP endpoint) every proxy also runs LiteLLM's otel and prometheus callbacks."""
+    """Start A (with the callback), B (without) and one more proxy with the callback per extra, in parallel,
+    and with `stand_in` one with the stand-in callback (`bench/stand_in_callback.py`); with `observability`
+    (an OTLP/HTTP endpoint) every proxy also runs LiteLLM's otel and prometheus callbacks."""
     with_cb, no_cb = LITELLM_CONFIG, litellm_config_without_callbacks(tmp / "config")
     common: dict[str, str] = {}
     if observability is not None:
@@ -279,6 +305,9 @@ def start_all(
         a = pool.submit(start, "with-callback", no_cb if control else with_cb)
         b = pool.submit(start, "without-callback", no_cb)
         more = {label: pool.submit(start, f"extra-{n}", with_cb, env) for n, (label, env) in enumerate(extras.items())}
+        if stand_in:
+            config = stand_in_config(tmp / "stand-in-config", observability)
+            more[STAND_IN_LABEL] = pool.submit(start, "stand-in", config)
         return a.result(), b.result(), {label: f.result() for label, f in more.items()}
 
 
@@ -290,6 +319,20 @@ def observed_config(dest_dir: Path, plugin: bool) -> Path:
     settings["require_auth_for_metrics_endpoint"] = False  # no database to check a key against
     dest_dir.mkdir(parents=True, exist_ok=True)
     path = dest_dir / f"litellm-observed-{'plugin' if plugin else 'bare'}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def stand_in_config(dest_dir: Path, observability: str | None) -> Path:
+    """The baseline's config plus the stand-in callback (copied beside it, where LiteLLM looks for it first)."""
+    config = yaml.safe_load(LITELLM_CONFIG.read_text())
+    settings = config.setdefault("litellm_settings", {})
+    settings["callbacks"] = ["stand_in_callback.handler"] + (["otel", "prometheus"] if observability else [])
+    if observability:
+        settings["require_auth_for_metrics_endpoint"] = False
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(STAND_IN, dest_dir / STAND_IN.name)
+    path = dest_dir / "litellm-stand-in.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
@@ -386,7 +429,7 @@ def report(sides: list[Side], args: argparse.Namespace, out: Any) -> dict[str, A
     )
     print(
         f"{'':<26}{'req/s':>9}{'p50 ms':>9}{'mean ms':>9}{'p99 ms':>9}{'hook p50 ms':>13}{'cb-hdr p50 ms':>15}"
-        f"{'CPU ms/req':>12}  statuses",
+        f"{'CPU ms/req':>12}{'main ms/req':>13}  statuses",
         file=out,
     )
     result: dict[str, Any] = {
@@ -402,7 +445,8 @@ def report(sides: list[Side], args: argparse.Namespace, out: Any) -> dict[str, A
         print(
             f"{side.label:<26}{side.req_per_s():>9.1f}{percentile(lat, 50):>9.2f}{mean:>9.2f}"
             f"{percentile(lat, 99):>9.2f}{fmt(side.hook_ms_p50(), '.3f'):>13}"
-            f"{fmt(side.callback_ms_p50(), '.3f'):>15}{fmt(side.cpu_ms_per_request(), '.2f'):>12}  {statuses}",
+            f"{fmt(side.callback_ms_p50(), '.3f'):>15}{fmt(side.cpu_ms_per_request(), '.2f'):>12}"
+            f"{fmt(side.main_cpu_ms_per_request(), '.2f'):>13}  {statuses}",
             file=out,
         )
         result[side.label] = {
@@ -414,6 +458,7 @@ def report(sides: list[Side], args: argparse.Namespace, out: Any) -> dict[str, A
             "hook_ms_mean": side.hook_ms_mean(),
             "callback_header_p50_ms": side.callback_ms_p50(),
             "cpu_ms_per_request": side.cpu_ms_per_request(),
+            "main_thread_cpu_ms_per_request": side.main_cpu_ms_per_request(),
             "statuses": statuses,
         }
     base = next((side for side in sides if side.baseline), None)
@@ -458,7 +503,11 @@ def compare(a: Side, b: Side, out: Any, prefix: str = "") -> dict[str, Any]:
     cpu_a, cpu_b = a.cpu_ms_per_request(), b.cpu_ms_per_request()
     cpu_overhead = cpu_a - cpu_b if cpu_a is not None and cpu_b is not None else None
     if cpu_overhead is not None:
-        print(f"{prefix}proxy CPU per request: {cpu_overhead:+.2f} ms ({cpu_a:.2f} vs {cpu_b:.2f})", file=out)
+        print(f"{prefix}proxy CPU per request: {cpu_overhead:+.2f} ms ({cpu_a:.2f} vs {cpu_b:.2f})", end="", file=out)
+        main_a, main_b = a.main_cpu_ms_per_request(), b.main_cpu_ms_per_request()
+        if main_a is not None and main_b is not None:
+            print(f", of which the main thread {main_a - main_b:+.2f} ms", end="", file=out)
+        print(file=out)
     if abs(overhead - paired) > 5:
         print(
             f"{prefix}note: p50s disagree with the paired median by > 5 ms: the latency distribution is multi-modal "
@@ -507,6 +556,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="every proxy with LiteLLM's otel (to a loopback sink) and prometheus callbacks; /metrics scraped each s",
     )
+    parser.add_argument(
+        "--stand-in",
+        action="store_true",
+        help="one more proxy whose callback has the plugin's hooks and does nothing (LiteLLM's own share)",
+    )
     parser.add_argument("--json", action="store_true", help="also print the results as JSON on stdout")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (proxy logs, ledgers)")
     args = parser.parse_args(argv)
@@ -535,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"starting fake upstream {upstream.base_url} and two litellm proxies (logs in {tmp}) ...", file=out)
         t0 = time.perf_counter()
         with_cb, without_cb, extras = start_all(
-            upstream, tmp, control=args.control, extras=dict(args.also), observability=sink
+            upstream, tmp, control=args.control, extras=dict(args.also), observability=sink, stand_in=args.stand_in
         )
         proxies = [p for p in (with_cb, without_cb, *extras.values()) if isinstance(p, LiteLLMProxy)]
         if args.observability:
@@ -566,8 +620,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"NOT MEASURED: the extra proxy {label!r} did not start: {describe_start_failure(extra)}", file=out
                 )
                 continue
-            with open_ledger_sync(extra.store_url) as ledger:
-                ledger.set_budget(SCOPE, args.budget)
+            if label != STAND_IN_LABEL:
+                with open_ledger_sync(extra.store_url) as ledger:
+                    ledger.set_budget(SCOPE, args.budget)
             sides.append(Side(label, extra))
 
         asyncio.run(run_interleaved(sides, body, args.warmup, args.concurrency, args.block, record=False))

@@ -56,6 +56,7 @@ from .estimate import (
 )
 from .health import LedgerHealth, install_routes
 from .metrics import Collector, LedgerView, Stats, register
+from .metrics_workers import WorkerMetrics, workers_share_metrics
 from .observe import DecisionFields, attach, not_a_deployment_failure, record_committed, spare_prometheus
 from .routes import Route, classify
 from .settings import Settings, load_settings
@@ -215,13 +216,14 @@ class CyclesCallback(CustomLogger):
         self.health = LedgerHealth(self.ledger, self.settings)
         self.view = LedgerView(self.ledger, self.settings.metrics, [h.name for h in self.settings.webhooks()])
         self._prometheus_spared = spare_prometheus()
+        self._collector: Collector | None = None
         self._expose()
 
     def _expose(self) -> None:
         """Register the metrics collector (when prometheus_client is installed) and the health routes (when this
         process runs LiteLLM's proxy)."""
         try:
-            register(Collector(self.stats, self.view, self.health))
+            self._collector = register(Collector(self.stats, self.view, self.health))
         except CyclesError as exc:  # no prometheus_client: nothing can scrape metrics anyway
             log.debug("cycles: metrics not exposed: %s", exc.message)
         install_routes(self.health)
@@ -241,6 +243,8 @@ class CyclesCallback(CustomLogger):
                     self._ledger = led
                     self.view.loop = asyncio.get_running_loop()
                     self._spawn(self.health.run_forever())  # the sweeper, and the ledger's health
+                    if self._collector is not None and workers_share_metrics():  # LiteLLM with several workers
+                        self._spawn(WorkerMetrics(self._collector).run_forever())
                     self._start_notifier(led)
         elif self.view.loop is None:
             self.view.loop = asyncio.get_running_loop()

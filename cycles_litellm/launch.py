@@ -22,7 +22,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -170,8 +170,10 @@ def start_proxy(
     timeout: float = STARTUP_TIMEOUT_S,
     cwd: Path | None = None,
     cycles_config: Path | None = None,
+    args: Sequence[str] = (),
 ) -> LiteLLMProxy:
-    """Start `litellm --config ... --host 127.0.0.1 --port <free>` and wait until /health/liveliness answers.
+    """Start `litellm --config ... --host 127.0.0.1 --port <free> [args]` and wait until /health/liveliness
+    answers (`args`: more of LiteLLM's CLI options, e.g. `("--num_workers", "2")`).
 
     Writes `workdir/cycles.yaml` (configs/cycles.yaml deep-merged with `cycles_overrides`, with
     `store: sqlite:///<workdir>/ledger.db`) and passes it as $CYCLES_CONFIG; with `cycles_config` given,
@@ -219,7 +221,7 @@ def start_proxy(
     config_path = Path(litellm_config).resolve()
     log_path = workdir / "proxy.log"
     log_file = log_path.open("wb")
-    cmd = [litellm_executable(), "--config", str(config_path), "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [litellm_executable(), "--config", str(config_path), "--host", "127.0.0.1", "--port", str(port), *args]
     log_file.write(("$ " + " ".join(cmd) + "\n").encode())
     log_file.flush()
     process = subprocess.Popen(

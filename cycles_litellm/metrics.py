@@ -59,7 +59,7 @@ UNITS: dict[Unit, tuple[str, int]] = {
     Unit.CREDITS: ("credits", 1),
     Unit.RISK_POINTS: ("risk_points", 1),
 }
-_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _NOTIFY_CURSOR = "notify:cursor:"  # the Notifier's cursor per webhook, in the ledger's state (notify.py)
 # log event type -> (decision, shadow) for decisions counted from the log (`cycles metrics`)
 _LOGGED_DECISIONS = {
@@ -83,16 +83,20 @@ def prometheus() -> ModuleType:
 
 
 class Histogram:
-    """Latency buckets in plain Python: an observation is one bisect and two additions."""
+    """Latency buckets in plain Python: an observation is one bisect and two additions (and, with several
+    LiteLLM workers, one more into the prometheus_client histogram that shares it: metrics_workers.py)."""
 
-    def __init__(self, buckets: tuple[float, ...] = _BUCKETS) -> None:
+    def __init__(self, buckets: tuple[float, ...] = BUCKETS) -> None:
         self.buckets = buckets
         self.counts = [0] * (len(buckets) + 1)  # the last one is +Inf
         self.sum = 0.0
+        self.mirror: Any = None
 
     def observe(self, seconds: float) -> None:
         self.counts[bisect.bisect_left(self.buckets, seconds)] += 1
         self.sum += seconds
+        if self.mirror is not None:
+            self.mirror.observe(seconds)
 
     def cumulative(self) -> list[tuple[str, float]]:
         out, total = [], 0
@@ -300,12 +304,12 @@ class Collector:
 
     def describe(self) -> list[Any]:
         """Every family this collector can yield, without reading the ledger (registration calls this)."""
-        return list(self._families(None, describe=True))
+        return list(self.families(None, describe=True))
 
     def collect(self) -> Iterator[Any]:
-        yield from self._families(self.view.current() if self.view is not None else None)
+        yield from self.families(self.view.current() if self.view is not None else None)
 
-    def _families(self, snap: Snapshot | None, describe: bool = False) -> Iterator[Any]:
+    def families(self, snap: Snapshot | None, describe: bool = False) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
         stats = self.stats

@@ -17,10 +17,13 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
+from prometheus_client import multiprocess
 from prometheus_client.parser import text_string_to_metric_families
 
 from cycles_ledger.redis_server import RedisServer
-from cycles_litellm.launch import REPO_ROOT, LiteLLMProxy
+from cycles_litellm.fake_provider import FakeUpstream
+from cycles_litellm.launch import LITELLM_CONFIG, REPO_ROOT, LiteLLMProxy, start_proxy
 from tests.conftest import need_redis
 from tests.e2e.conftest import ProxyFactory
 from tests.support.otlp_receiver import OtlpReceiver, Span
@@ -301,3 +304,59 @@ def test_readiness_follows_a_sqlite_ledger_another_process_locks(proxy_factory: 
         other.close()
     wait_until(lambda: ready() == 200, timeout=60)
     assert chat(proxy, "obs-lock").status_code == 200
+
+
+def test_metrics_of_several_workers_add_up(
+    fake_upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """LiteLLM with two workers (`--num_workers 2`, PROMETHEUS_MULTIPROC_DIR set): its /metrics serves what the
+    workers wrote to the shared directory, and the plugin's families are there, added up over the workers."""
+    tmp = tmp_path_factory.mktemp("workers")
+    config = yaml.safe_load(LITELLM_CONFIG.read_text())
+    settings = config.setdefault("litellm_settings", {})
+    settings["callbacks"] = ["cycles_litellm.proxy_handler", "prometheus"]
+    settings["require_auth_for_metrics_endpoint"] = False
+    config_path = tmp / "litellm-workers.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    prom_dir = tmp / "prometheus"
+    prom_dir.mkdir()
+    proxy = start_proxy(
+        fake_upstream.base_url,
+        tmp / "proxy",
+        litellm_config=config_path,
+        env={"PROMETHEUS_MULTIPROC_DIR": str(prom_dir)},
+        args=("--num_workers", "2"),
+    )
+    try:
+        with proxy.ledger() as led:
+            led.set_budget("tenant:obs-workers", "1usd")
+        calls = 16
+        assert [chat(proxy, "obs-workers").status_code for _ in range(calls)] == [200] * calls  # a connection each
+        wait_until(lambda: total(scrape(proxy), "cycles_commit_duration_seconds_count") == calls)
+        with proxy.ledger() as led:
+            remaining = led.balance("tenant:obs-workers").remaining
+        assert remaining == 10**8 - calls * ALLOWED
+        metrics = wait_until(
+            lambda: (
+                (m := scrape(proxy))
+                and total(m, "cycles_budget_remaining_usd", scope="tenant:obs-workers") == remaining / 10**8
+                and m
+            )
+        )
+        assert total(metrics, "cycles_decisions_total", decision="ALLOW", shadow="false") == calls
+        assert total(metrics, "cycles_reserve_duration_seconds_count") == calls
+        assert total(metrics, "cycles_ledger_up") == 1
+        assert total(metrics, "litellm_proxy_total_requests_metric_total") >= calls  # LiteLLM's own, same scrape
+        per_worker = {
+            path.name: sum(
+                s.value
+                for family in multiprocess.MultiProcessCollector.merge([str(path)], accumulate=False)
+                if family.name == "cycles_decisions"
+                for s in family.samples
+            )
+            for path in prom_dir.glob("counter_*.db")
+        }
+        print("decisions per worker file:", per_worker)
+        assert sum(per_worker.values()) == calls
+    finally:
+        proxy.stop()

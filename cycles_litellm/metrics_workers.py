@@ -92,11 +92,19 @@ class WorkerMetrics:
     async def run_forever(self, interval_s: float = 1.0) -> None:
         """Every `interval_s`: read the ledger when the view is stale, then write this worker's numbers."""
         view = self.collector.view
+        failing = False
         while True:
             try:
                 if view is not None and time.monotonic() - view.snapshot.at > view.max_age_s:
-                    await view.refresh()
-                self.write()
+                    try:
+                        await view.refresh()
+                    finally:
+                        self.write()  # the ledger away: this worker's counts and `cycles_ledger_up` still go out
+                else:
+                    self.write()
+                failing = False
             except Exception as exc:  # noqa: BLE001 - the next round tries again; metrics never stop the proxy
-                log.warning("cycles metrics: could not write this worker's metrics (%s)", exc)
+                if not failing:  # once per spell, not every second while the ledger is away
+                    log.warning("cycles metrics: could not write this worker's metrics (%s)", exc)
+                failing = True
             await asyncio.sleep(interval_s)

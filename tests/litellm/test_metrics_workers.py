@@ -42,9 +42,17 @@ WORKER = textwrap.dedent(
                 raise StoreUnavailableError("this worker cannot reach the ledger")
             settings = Settings()
             stats = Stats()
-            view = LedgerView(source, settings.metrics)
+            view = LedgerView(away if down else source, settings.metrics)
             health = LedgerHealth(away if down else source, settings)
             shared = WorkerMetrics(Collector(stats, view, health))
+            if down:  # the plugin's own loop, with the ledger away for its reads and its sweeps
+                stats.decision("ALLOW", "LEDGER_UNAVAILABLE", False)
+                await health.sweep()
+                try:
+                    await asyncio.wait_for(shared.run_forever(0.1), 0.5)
+                except asyncio.TimeoutError:
+                    pass
+                return
             for _ in range(calls - 1):
                 stats.decision("ALLOW", None, False)
                 stats.reserve.observe(0.002)
@@ -118,7 +126,8 @@ def test_workers_add_up_on_the_shared_metrics(tmp_path: Path) -> None:
 
 
 def test_one_worker_unable_to_write_the_ledger_shows_it_down(tmp_path: Path) -> None:
-    """`cycles_ledger_up` is the lowest of the live workers: one that cannot write makes it 0."""
+    """`cycles_ledger_up` is the lowest of the live workers: one that cannot reach the ledger makes it 0, and
+    its loop still writes its counts while every read of the ledger fails."""
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     with open_ledger_sync(url) as led:
         led.set_budget("tenant:acme", "10usd")
@@ -126,8 +135,10 @@ def test_one_worker_unable_to_write_the_ledger_shows_it_down(tmp_path: Path) -> 
     prom_dir.mkdir()
     run_worker(url, 2, prom_dir)
     assert value(merged(prom_dir), "cycles_ledger_up") == 1
-    run_worker(url, 2, prom_dir, down=True)  # its sweeps cannot reach the ledger
-    assert value(merged(prom_dir), "cycles_ledger_up") == 0
+    run_worker(url, 2, prom_dir, down=True)  # its reads and sweeps cannot reach the ledger
+    got = merged(prom_dir)
+    assert value(got, "cycles_ledger_up") == 0
+    assert value(got, "cycles_decisions_total", reason="LEDGER_UNAVAILABLE") == 1  # its counts still go out
 
 
 def test_a_single_process_proxy_writes_no_shared_files(monkeypatch: pytest.MonkeyPatch) -> None:

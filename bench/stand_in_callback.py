@@ -2,7 +2,7 @@
 each doing nothing. A proxy with it against one without measures what LiteLLM itself spends on a registered
 callback with these hooks, the part of the plugin's overhead no change to the plugin can remove.
 
-`tests/unit/test_stand_in_callback.py` keeps its hook set equal to the plugin's.
+`tests/litellm/test_stand_in_callback.py` keeps its hook set equal to the plugin's.
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ from .estimate import (
 )
 from .health import LedgerHealth, install_routes
 from .metrics import Collector, LedgerView, Stats, register
-from .metrics_workers import WorkerMetrics, workers_share_metrics
+from .metrics_workers import for_collector, workers_share_metrics
 from .observe import DecisionFields, attach, not_a_deployment_failure, record_committed, spare_prometheus
 from .routes import Route, classify
 from .settings import Settings, load_settings
@@ -244,7 +244,9 @@ class CyclesCallback(CustomLogger):
                     self.view.loop = asyncio.get_running_loop()
                     self._spawn(self.health.run_forever())  # the sweeper, and the ledger's health
                     if self._collector is not None and workers_share_metrics():  # LiteLLM with several workers
-                        self._spawn(WorkerMetrics(self._collector).run_forever())
+                        writer = for_collector(self._collector)
+                        if writer.running is None or writer.running.done():
+                            writer.running = self._spawn(writer.run_forever())
                     self._start_notifier(led)
         elif self.view.loop is None:
             self.view.loop = asyncio.get_running_loop()
@@ -558,10 +560,11 @@ class CyclesCallback(CustomLogger):
         finally:
             self._flushing = False
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)  # keep a reference until done, or the task may be collected mid-flight
         task.add_done_callback(self._tasks.discard)
+        return task
 
     def _unavailable(
         self, call_id: str, data: dict[str, Any], exc: Exception, subject: Subject, call_type: str, shadow: bool

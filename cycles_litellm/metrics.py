@@ -8,7 +8,8 @@ counted from its event log, for every proxy sharing it).
 Recording costs no prometheus_client call on a request: counts and latency buckets live in plain Python
 (`Stats`), and prometheus_client is imported only to expose them (a missing package is an error naming
 the extra: `pip install 'cycles-litellm[metrics]'`). The ledger's numbers (remaining, burn rate, notifier
-backlog) are read when a scrape asks, at most every `max_age_s`, on the event loop the ledger lives on.
+backlog) are read when a scrape asks, at most every `max_age_s`, on the event loop the ledger lives on (with
+several LiteLLM workers, every `max_age_s` by each worker: metrics_workers.py).
 
 Families (names and labels by Prometheus conventions):
 

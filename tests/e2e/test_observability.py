@@ -330,8 +330,31 @@ def test_metrics_of_several_workers_add_up(
     try:
         with proxy.ledger() as led:
             led.set_budget("tenant:obs-workers", "1usd")
-        calls = 16
-        assert [chat(proxy, "obs-workers").status_code for _ in range(calls)] == [200] * calls  # a connection each
+
+        def per_worker() -> dict[str, float]:
+            """Decisions in each worker's counter file, as that worker last wrote them."""
+            return {
+                path.name: sum(
+                    s.value
+                    for family in multiprocess.MultiProcessCollector.merge([str(path)], accumulate=False)
+                    if family.name == "cycles_decisions"
+                    for s in family.samples
+                )
+                for path in prom_dir.glob("counter_*.db")
+            }
+
+        calls = 0
+        while calls < 64:  # a connection per call: the kernel spreads them over the two workers' accepts
+            assert [chat(proxy, "obs-workers").status_code for _ in range(8)] == [200] * 8
+            calls += 8
+            if calls < 16:
+                continue
+            wait_until(lambda n=calls: sum(per_worker().values()) == n, 10)  # each worker writes every second
+            if sum(1 for v in per_worker().values() if v) == 2:
+                break
+        split = per_worker()
+        print("decisions per worker file:", split)
+        assert sorted(bool(v) for v in split.values()) == [True, True], split  # both workers served calls
         wait_until(lambda: total(scrape(proxy), "cycles_commit_duration_seconds_count") == calls)
         with proxy.ledger() as led:
             remaining = led.balance("tenant:obs-workers").remaining
@@ -347,16 +370,5 @@ def test_metrics_of_several_workers_add_up(
         assert total(metrics, "cycles_reserve_duration_seconds_count") == calls
         assert total(metrics, "cycles_ledger_up") == 1
         assert total(metrics, "litellm_proxy_total_requests_metric_total") >= calls  # LiteLLM's own, same scrape
-        per_worker = {
-            path.name: sum(
-                s.value
-                for family in multiprocess.MultiProcessCollector.merge([str(path)], accumulate=False)
-                if family.name == "cycles_decisions"
-                for s in family.samples
-            )
-            for path in prom_dir.glob("counter_*.db")
-        }
-        print("decisions per worker file:", per_worker)
-        assert sum(per_worker.values()) == calls
     finally:
         proxy.stop()

@@ -17,7 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cycles_ledger import open_ledger_sync
 from cycles_litellm.launch import REPO_ROOT
-from cycles_litellm.metrics_workers import workers_share_metrics
+from cycles_litellm.metrics import Collector, Stats
+from cycles_litellm.metrics_workers import for_collector, workers_share_metrics
 
 USD = 10**8
 
@@ -141,6 +142,76 @@ def test_one_worker_unable_to_write_the_ledger_shows_it_down(tmp_path: Path) -> 
     assert value(got, "cycles_decisions_total", reason="LEDGER_UNAVAILABLE") == 1  # its counts still go out
 
 
+# A worker that read the ledger once, wrote, and then (its reads failing) writes again on a line from stdin.
+STALE_WORKER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from cycles_ledger import open_ledger
+    from cycles_litellm.metrics import Collector, LedgerView, Stats
+    from cycles_litellm.metrics_workers import WorkerMetrics
+    from cycles_litellm.settings import Settings
+
+    async def main(url):
+        async with open_ledger(url) as ledger:
+            async def source():
+                return ledger
+            view = LedgerView(source, Settings().metrics)
+            shared = WorkerMetrics(Collector(Stats(), view))
+            await view.refresh()
+            shared.write()
+            print("written", flush=True)
+            sys.stdin.readline()
+            shared.write()  # no new reading since the first write
+
+    asyncio.run(main(sys.argv[1]))
+    """
+)
+
+
+def test_a_worker_that_cannot_read_the_ledger_does_not_pass_old_numbers_off_as_new(tmp_path: Path) -> None:
+    """The ledger's gauges show the most recent reading of any worker: a worker writes them once per reading,
+    so one whose reads stopped does not outrank a fresher reading by writing its old one again."""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    with open_ledger_sync(url) as led:
+        led.set_budget("tenant:acme", "10usd")
+    prom_dir = tmp_path / "prom"
+    prom_dir.mkdir()
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(prom_dir), "PYTHONPATH": str(REPO_ROOT)}
+    with subprocess.Popen(
+        [sys.executable, "-c", STALE_WORKER, url], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as stale:
+        assert stale.stdin is not None and stale.stdout is not None
+        try:
+            assert stale.stdout.readline().strip() == "written"
+            assert value(merged(prom_dir), "cycles_budget_remaining_usd", scope="tenant:acme") == 10
+            with open_ledger_sync(url) as led:
+                led.fund("tenant:acme", "5usd")
+            run_worker(url, 1, prom_dir)  # a worker that reads the ledger now
+            assert value(merged(prom_dir), "cycles_budget_remaining_usd", scope="tenant:acme") == 15
+            stale.stdin.write("go\n")
+            stale.stdin.flush()
+            assert stale.wait(30) == 0
+        finally:
+            stale.kill()
+    assert value(merged(prom_dir), "cycles_budget_remaining_usd", scope="tenant:acme") == 15
+
+
 def test_a_single_process_proxy_writes_no_shared_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No directory, or one named after prometheus_client was imported (its values then live in memory)."""
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
     assert not workers_share_metrics()
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "/tmp")
+    assert not workers_share_metrics()
+
+
+def test_one_writer_per_collector_follows_the_stats_register_swaps_in() -> None:
+    """A second plugin instance in the process shares the registered collector: it gets the same writer, which
+    mirrors the histograms of whichever Stats the collector holds and counts them anew."""
+    first, second = Stats(), Stats()
+    collector = Collector(first)
+    writer = for_collector(collector)
+    assert first.reserve.mirror is not None
+    collector.stats = second  # what register() does for a later instance
+    writer.write()
+    assert for_collector(collector) is writer
+    assert second.reserve.mirror is first.reserve.mirror

@@ -68,7 +68,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import yaml
 
 from cycles_ledger import open_ledger_sync
 from cycles_litellm.fake_provider import FakeUpstream
@@ -76,6 +75,7 @@ from cycles_litellm.launch import (
     LITELLM_CONFIG,
     LiteLLMProxy,
     ProxyStartError,
+    litellm_config_with_callbacks,
     litellm_config_without_callbacks,
     start_proxy,
 )
@@ -313,28 +313,19 @@ def start_all(
 
 def observed_config(dest_dir: Path, plugin: bool) -> Path:
     """configs/litellm.yaml with LiteLLM's otel and prometheus callbacks, with or without the plugin."""
-    config = yaml.safe_load(LITELLM_CONFIG.read_text())
-    settings = config.setdefault("litellm_settings", {})
-    settings["callbacks"] = (["cycles_litellm.proxy_handler"] if plugin else []) + ["otel", "prometheus"]
-    settings["require_auth_for_metrics_endpoint"] = False  # no database to check a key against
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    path = dest_dir / f"litellm-observed-{'plugin' if plugin else 'bare'}.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+    callbacks = (["cycles_litellm.proxy_handler"] if plugin else []) + ["otel", "prometheus"]
+    name = f"litellm-observed-{'plugin' if plugin else 'bare'}.yaml"
+    return litellm_config_with_callbacks(dest_dir, name, callbacks, open_metrics=True)
 
 
 def stand_in_config(dest_dir: Path, observability: str | None) -> Path:
     """The baseline's config plus the stand-in callback (copied beside it, where LiteLLM looks for it first)."""
-    config = yaml.safe_load(LITELLM_CONFIG.read_text())
-    settings = config.setdefault("litellm_settings", {})
-    settings["callbacks"] = ["stand_in_callback.handler"] + (["otel", "prometheus"] if observability else [])
-    if observability:
-        settings["require_auth_for_metrics_endpoint"] = False
     dest_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy(STAND_IN, dest_dir / STAND_IN.name)
-    path = dest_dir / "litellm-stand-in.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+    callbacks = ["stand_in_callback.handler"] + (["otel", "prometheus"] if observability else [])
+    return litellm_config_with_callbacks(
+        dest_dir, "litellm-stand-in.yaml", callbacks, open_metrics=observability is not None
+    )
 
 
 @contextlib.contextmanager

@@ -97,6 +97,22 @@ def litellm_config_without_callbacks(dest_dir: Path, source: Path = LITELLM_CONF
     return path
 
 
+def litellm_config_with_callbacks(
+    dest_dir: Path, name: str, callbacks: Sequence[str], *, open_metrics: bool = False, source: Path = LITELLM_CONFIG
+) -> Path:
+    """Write `source` with `litellm_settings.callbacks` replaced by `callbacks` into dest_dir/name; with
+    `open_metrics`, /metrics answers without a key (LiteLLM checks keys against a database these proxies lack)."""
+    config = yaml.safe_load(source.read_text())
+    settings = config.setdefault("litellm_settings", {})
+    settings["callbacks"] = list(callbacks)
+    if open_metrics:
+        settings["require_auth_for_metrics_endpoint"] = False
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    path = dest_dir / name
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
 @dataclass
 class LiteLLMProxy:
     """A running `litellm` proxy subprocess (its own cycles.yaml and SQLite ledger in `workdir`)."""

@@ -17,13 +17,12 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 from prometheus_client import multiprocess
 from prometheus_client.parser import text_string_to_metric_families
 
 from cycles_ledger.redis_server import RedisServer
 from cycles_litellm.fake_provider import FakeUpstream
-from cycles_litellm.launch import LITELLM_CONFIG, REPO_ROOT, LiteLLMProxy, start_proxy
+from cycles_litellm.launch import REPO_ROOT, LiteLLMProxy, litellm_config_with_callbacks, start_proxy
 from tests.conftest import need_redis
 from tests.e2e.conftest import ProxyFactory
 from tests.support.otlp_receiver import OtlpReceiver, Span
@@ -312,12 +311,8 @@ def test_metrics_of_several_workers_add_up(
     """LiteLLM with two workers (`--num_workers 2`, PROMETHEUS_MULTIPROC_DIR set): its /metrics serves what the
     workers wrote to the shared directory, and the plugin's families are there, added up over the workers."""
     tmp = tmp_path_factory.mktemp("workers")
-    config = yaml.safe_load(LITELLM_CONFIG.read_text())
-    settings = config.setdefault("litellm_settings", {})
-    settings["callbacks"] = ["cycles_litellm.proxy_handler", "prometheus"]
-    settings["require_auth_for_metrics_endpoint"] = False
-    config_path = tmp / "litellm-workers.yaml"
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    callbacks = ["cycles_litellm.proxy_handler", "prometheus"]
+    config_path = litellm_config_with_callbacks(tmp, "litellm-workers.yaml", callbacks, open_metrics=True)
     prom_dir = tmp / "prometheus"
     prom_dir.mkdir()
     proxy = start_proxy(

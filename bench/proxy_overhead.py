@@ -27,11 +27,14 @@ versions of the plugin, which separate runs (±25 % apart on this machine) canno
     .venv/bin/python bench/proxy_overhead.py --also old:PYTHONPATH=/tmp/old   # and a proxy on another checkout
     .venv/bin/python bench/proxy_overhead.py --observability    # LiteLLM's otel + prometheus on A and B
     .venv/bin/python bench/proxy_overhead.py --stand-in         # and a proxy whose callback does nothing
+    .venv/bin/python bench/proxy_overhead.py --hook-cpu         # and the plugin's own CPU per call, by step
 
 `--stand-in` adds a proxy whose callback (`bench/stand_in_callback.py`) overrides the plugin's hooks and does
 nothing: what it costs over B is LiteLLM's own handling of such a callback, the share no change to the plugin
 can remove. Every proxy's CPU is also given for its main thread alone (the event loop, where every hook runs),
-apart from LiteLLM's and otel's worker threads.
+apart from LiteLLM's and otel's worker threads. `--hook-cpu` adds a proxy with the plugin whose own steps
+are timed (`bench/hook_cpu/sitecustomize.py`) and prints its thread CPU per call by hook and by part of
+the pre-call hook.
 
 `--observability` runs both proxies with LiteLLM's `otel` callback (OTLP/HTTP to a sink on loopback that
 discards the spans) and its `prometheus` callback: what the plugin adds then includes its decision in every
@@ -89,6 +92,8 @@ GOAL_RATIO = 0.95
 GOAL_LINE = "goal: overhead <= 1 ms p50 and throughput ratio >= 0.95"
 STAND_IN = Path(__file__).resolve().parent / "stand_in_callback.py"
 STAND_IN_LABEL = "stand-in (hooks only)"
+HOOK_CPU_DIR = Path(__file__).resolve().parent / "hook_cpu"
+HOOK_CPU_LABEL = "plugin, steps timed"
 
 
 @dataclass
@@ -316,6 +321,27 @@ def observed_config(dest_dir: Path, plugin: bool) -> Path:
     callbacks = (["cycles_litellm.proxy_handler"] if plugin else []) + ["otel", "prometheus"]
     name = f"litellm-observed-{'plugin' if plugin else 'bare'}.yaml"
     return litellm_config_with_callbacks(dest_dir, name, callbacks, open_metrics=True)
+
+
+def hook_cpu_table(path: Path, out: Any) -> dict[str, float]:
+    """The `--hook-cpu` proxy's thread CPU per call of each of the plugin's steps (bench/hook_cpu/), between
+    the first and the last of its dumps (one every 250 pre-call hooks)."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    if len(lines) < 2:
+        print("hook CPU: fewer than 500 calls reached the timed proxy; nothing to report", file=out)
+        return {}
+    first, last = json.loads(lines[0]), json.loads(lines[-1])
+    calls = last["async_pre_call_hook"][0] - first["async_pre_call_hook"][0]
+    table = {name: (ns - first.get(name, [0, 0])[1]) / calls / 1000 for name, (_, ns) in last.items()}
+    print(f"\n{HOOK_CPU_LABEL}: the plugin's own thread CPU per call inside the proxy ({calls} calls)", file=out)
+    for name, us in table.items():
+        print(f"  {name:<44}{us:>9.1f} us", file=out)
+    print(
+        f"  {'sum (the indented lines are within a hook)':<44}"
+        f"{sum(us for name, us in table.items() if not name.startswith(' ')):>9.1f} us",
+        file=out,
+    )
+    return table
 
 
 def stand_in_config(dest_dir: Path, observability: str | None) -> Path:
@@ -552,6 +578,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="one more proxy whose callback has the plugin's hooks and does nothing (LiteLLM's own share)",
     )
+    parser.add_argument(
+        "--hook-cpu",
+        action="store_true",
+        help="one more proxy with the plugin whose own steps are timed (bench/hook_cpu/): CPU per call by hook",
+    )
     parser.add_argument("--json", action="store_true", help="also print the results as JSON on stdout")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (proxy logs, ledgers)")
     args = parser.parse_args(argv)
@@ -579,8 +610,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"starting fake upstream {upstream.base_url} and two litellm proxies (logs in {tmp}) ...", file=out)
         t0 = time.perf_counter()
+        extra_envs = dict(args.also)
+        hook_cpu_file = tmp / "hook-cpu.jsonl"
+        if args.hook_cpu:
+            path = os.pathsep.join((str(HOOK_CPU_DIR), str(HOOK_CPU_DIR.parents[1])))
+            extra_envs[HOOK_CPU_LABEL] = {"PYTHONPATH": path, "CYCLES_HOOK_CPU_FILE": str(hook_cpu_file)}
         with_cb, without_cb, extras = start_all(
-            upstream, tmp, control=args.control, extras=dict(args.also), observability=sink, stand_in=args.stand_in
+            upstream, tmp, control=args.control, extras=extra_envs, observability=sink, stand_in=args.stand_in
         )
         proxies = [p for p in (with_cb, without_cb, *extras.values()) if isinstance(p, LiteLLMProxy)]
         if args.observability:
@@ -620,6 +656,8 @@ def main(argv: list[str] | None = None) -> int:
         spent_before = settle_ledger(with_cb).spent if isinstance(with_cb, LiteLLMProxy) and not args.control else 0
         asyncio.run(run_interleaved(sides, body, args.requests, args.concurrency, args.block))
         result = report(sides, args, out)
+        if args.hook_cpu:
+            result["hook_cpu_us_per_call"] = hook_cpu_table(hook_cpu_file, out)
 
         if isinstance(with_cb, LiteLLMProxy) and not args.control:
             balance = settle_ledger(with_cb)

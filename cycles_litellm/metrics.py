@@ -61,6 +61,11 @@ UNITS: dict[Unit, tuple[str, int]] = {
     Unit.RISK_POINTS: ("risk_points", 1),
 }
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# the latency histograms: (family, Stats attribute, help)
+HISTOGRAMS = (
+    ("cycles_reserve_duration_seconds", "reserve", "Time the ledger took to reserve for a call"),
+    ("cycles_commit_duration_seconds", "commit", "Time settling a call took (commit or debit)"),
+)
 _NOTIFY_CURSOR = "notify:cursor:"  # the Notifier's cursor per webhook, in the ledger's state (notify.py)
 # log event type -> (decision, shadow) for decisions counted from the log (`cycles metrics`)
 _LOGGED_DECISIONS = {
@@ -326,10 +331,8 @@ class Collector:
             decisions.add_metric([decision, reason, "true" if shadow else "false"], n)
         yield decisions
         if stats is not None:
-            for name, hist, what in (
-                ("cycles_reserve_duration_seconds", stats.reserve, "Time the ledger took to reserve for a call"),
-                ("cycles_commit_duration_seconds", stats.commit, "Time settling a call took (commit or debit)"),
-            ):
+            for name, attr, what in HISTOGRAMS:
+                hist = getattr(stats, attr)
                 family = HistogramMetricFamily(name, what)
                 if not describe:
                     family.add_metric([], hist.cumulative(), hist.sum)

@@ -19,7 +19,7 @@ import os
 import time
 from typing import Any
 
-from .metrics import BUCKETS, Collector, Stats, prometheus
+from .metrics import BUCKETS, HISTOGRAMS, Collector, Stats, prometheus
 
 __all__ = ["WorkerMetrics", "for_collector", "workers_share_metrics"]
 
@@ -52,11 +52,8 @@ class WorkerMetrics:
         self._metrics: dict[str, Any] = {}
         self._written: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
         self._histograms = {
-            name: client.Histogram(name, what, buckets=BUCKETS, registry=self._registry)
-            for name, what in (
-                ("cycles_reserve_duration_seconds", "Time the ledger took to reserve for a call"),
-                ("cycles_commit_duration_seconds", "Time settling a call took (commit or debit)"),
-            )
+            attr: client.Histogram(name, what, buckets=BUCKETS, registry=self._registry)
+            for name, attr, what in HISTOGRAMS
         }
         self._stats: Stats | None = None
         self._reading_at: float | None = None  # the ledger reading whose gauges were written last
@@ -71,8 +68,8 @@ class WorkerMetrics:
         self._stats = stats
         self._written.clear()
         if stats is not None:
-            stats.reserve.mirror = self._histograms["cycles_reserve_duration_seconds"]
-            stats.commit.mirror = self._histograms["cycles_commit_duration_seconds"]
+            for attr, mirror in self._histograms.items():
+                getattr(stats, attr).mirror = mirror
 
     def write(self) -> None:
         """Copy the counters and gauges of the collector's current families (histograms are mirrored). The

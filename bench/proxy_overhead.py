@@ -28,6 +28,7 @@ versions of the plugin, which separate runs (±25 % apart on this machine) canno
     .venv/bin/python bench/proxy_overhead.py --observability    # LiteLLM's otel + prometheus on A and B
     .venv/bin/python bench/proxy_overhead.py --stand-in         # and a proxy whose callback does nothing
     .venv/bin/python bench/proxy_overhead.py --hook-cpu         # and the plugin's own CPU per call, by step
+    .venv/bin/python bench/proxy_overhead.py --bounds           # and what other ledger designs could save
 
 `--stand-in` adds a proxy whose callback (`bench/stand_in_callback.py`) overrides the plugin's hooks and does
 nothing: what it costs over B is LiteLLM's own handling of such a callback, the share no change to the plugin
@@ -35,6 +36,11 @@ can remove. Every proxy's CPU is also given for its main thread alone (the event
 apart from LiteLLM's and otel's worker threads. `--hook-cpu` adds a proxy with the plugin whose own steps
 are timed (`bench/hook_cpu/sitecustomize.py`) and prints its thread CPU per call by hook and by part of
 the pre-call hook.
+
+`--bounds` adds two proxies running the plugin with part of its ledger work cut out (`bench/bounds/`, never for
+real traffic): `no-reserve` allows every call without a ledger operation and debits its cost when it settles
+(the best case of any design that decides in memory, such as per-process budget leases, and still writes each
+call's charge), `no-ledger` writes nothing at all (the plugin's own work: no ledger design can cost less).
 
 `--observability` runs both proxies with LiteLLM's `otel` callback (OTLP/HTTP to a sink on loopback that
 discards the spans) and its `prometheus` callback: what the plugin adds then includes its decision in every
@@ -94,6 +100,8 @@ STAND_IN = Path(__file__).resolve().parent / "stand_in_callback.py"
 STAND_IN_LABEL = "stand-in (hooks only)"
 HOOK_CPU_DIR = Path(__file__).resolve().parent / "hook_cpu"
 HOOK_CPU_LABEL = "plugin, steps timed"
+BOUNDS_DIR = Path(__file__).resolve().parent / "bounds"
+BOUNDS = ("no-reserve", "no-ledger")  # bench/bounds/sitecustomize.py
 
 
 @dataclass
@@ -583,6 +591,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="one more proxy with the plugin whose own steps are timed (bench/hook_cpu/): CPU per call by hook",
     )
+    parser.add_argument(
+        "--bounds",
+        action="store_true",
+        help="two more proxies with part of the plugin's ledger work cut out (bench/bounds/): what another ledger "
+        "design could save at best",
+    )
     parser.add_argument("--json", action="store_true", help="also print the results as JSON on stdout")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (proxy logs, ledgers)")
     args = parser.parse_args(argv)
@@ -615,6 +629,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.hook_cpu:
             path = os.pathsep.join((str(HOOK_CPU_DIR), str(HOOK_CPU_DIR.parents[1])))
             extra_envs[HOOK_CPU_LABEL] = {"PYTHONPATH": path, "CYCLES_HOOK_CPU_FILE": str(hook_cpu_file)}
+        if args.bounds:
+            path = os.pathsep.join((str(BOUNDS_DIR), str(BOUNDS_DIR.parents[1])))
+            for bound in BOUNDS:
+                extra_envs[f"bound: {bound}"] = {"PYTHONPATH": path, "CYCLES_BOUND": bound}
         with_cb, without_cb, extras = start_all(
             upstream, tmp, control=args.control, extras=extra_envs, observability=sink, stand_in=args.stand_in
         )

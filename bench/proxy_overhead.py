@@ -37,10 +37,11 @@ apart from LiteLLM's and otel's worker threads. `--hook-cpu` adds a proxy with t
 are timed (`bench/hook_cpu/sitecustomize.py`) and prints its thread CPU per call by hook and by part of
 the pre-call hook.
 
-`--bounds` adds two proxies running the plugin with part of its ledger work cut out (`bench/bounds/`, never for
+`--bounds` adds proxies running the plugin with part of its ledger work cut out (`bench/bounds/`, never for
 real traffic): `no-reserve` allows every call without a ledger operation and debits its cost when it settles
 (the best case of any design that decides in memory, such as per-process budget leases, and still writes each
-call's charge), `no-ledger` writes nothing at all (the plugin's own work: no ledger design can cost less).
+call's charge), `no-ledger` writes nothing at all (the plugin's own work: no ledger design can cost less), and
+`none` the whole plugin started the same way (PYTHONPATH, sitecustomize): compare the cuts with `none`.
 
 `--observability` runs both proxies with LiteLLM's `otel` callback (OTLP/HTTP to a sink on loopback that
 discards the spans) and its `prometheus` callback: what the plugin adds then includes its decision in every
@@ -101,7 +102,7 @@ STAND_IN_LABEL = "stand-in (hooks only)"
 HOOK_CPU_DIR = Path(__file__).resolve().parent / "hook_cpu"
 HOOK_CPU_LABEL = "plugin, steps timed"
 BOUNDS_DIR = Path(__file__).resolve().parent / "bounds"
-BOUNDS = ("no-reserve", "no-ledger")  # bench/bounds/sitecustomize.py
+BOUNDS = ("none", "no-reserve", "no-ledger")  # bench/bounds/sitecustomize.py; "none" cuts nothing (the control)
 
 
 @dataclass
@@ -632,7 +633,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.bounds:
             path = os.pathsep.join((str(BOUNDS_DIR), str(BOUNDS_DIR.parents[1])))
             for bound in BOUNDS:
-                extra_envs[f"bound: {bound}"] = {"PYTHONPATH": path, "CYCLES_BOUND": bound}
+                cut = {"CYCLES_BOUND": bound} if bound != "none" else {}
+                extra_envs[f"bound: {bound}"] = {"PYTHONPATH": path} | cut
         with_cb, without_cb, extras = start_all(
             upstream, tmp, control=args.control, extras=extra_envs, observability=sink, stand_in=args.stand_in
         )

@@ -154,7 +154,7 @@ def upstream(fake_upstream: FakeUpstream) -> FakeUpstream:
 
 
 def _one(up: FakeUpstream, path: str) -> RecordedRequest:
-    (rec,) = [r for r in up.requests if r.path == path]  # the proxy also polls /v1/models now and then
+    (rec,) = [r for r in up.requests if r.path == path]
     assert rec.status == 200 and rec.completed
     return rec
 

@@ -407,6 +407,11 @@ def scraping(proxies: list[LiteLLMProxy], interval_s: float = 1.0) -> Iterator[N
         thread.join(15)
 
 
+def loading(sitecustomize_dir: Path) -> str:
+    """PYTHONPATH for a proxy that loads the `sitecustomize.py` of `sitecustomize_dir` (and imports the repo)."""
+    return os.pathsep.join((str(sitecustomize_dir), str(sitecustomize_dir.parents[1])))
+
+
 def parse_extra(spec: str) -> tuple[str, dict[str, str]]:
     """`LABEL:NAME=VALUE[,NAME=VALUE...]` -> (label, env); e.g. `old:PYTHONPATH=/tmp/old-checkout`."""
     label, _, assignments = spec.partition(":")
@@ -628,13 +633,12 @@ def main(argv: list[str] | None = None) -> int:
         extra_envs = dict(args.also)
         hook_cpu_file = tmp / "hook-cpu.jsonl"
         if args.hook_cpu:
-            path = os.pathsep.join((str(HOOK_CPU_DIR), str(HOOK_CPU_DIR.parents[1])))
-            extra_envs[HOOK_CPU_LABEL] = {"PYTHONPATH": path, "CYCLES_HOOK_CPU_FILE": str(hook_cpu_file)}
+            timed = {"CYCLES_HOOK_CPU_FILE": str(hook_cpu_file)}
+            extra_envs[HOOK_CPU_LABEL] = {"PYTHONPATH": loading(HOOK_CPU_DIR)} | timed
         if args.bounds:
-            path = os.pathsep.join((str(BOUNDS_DIR), str(BOUNDS_DIR.parents[1])))
             for bound in BOUNDS:
                 cut = {"CYCLES_BOUND": bound} if bound != "none" else {}
-                extra_envs[f"bound: {bound}"] = {"PYTHONPATH": path} | cut
+                extra_envs[f"bound: {bound}"] = {"PYTHONPATH": loading(BOUNDS_DIR)} | cut
         with_cb, without_cb, extras = start_all(
             upstream, tmp, control=args.control, extras=extra_envs, observability=sink, stand_in=args.stand_in
         )

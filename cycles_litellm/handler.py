@@ -57,7 +57,7 @@ from .estimate import (
 from .health import LedgerHealth, install_routes
 from .metrics import Collector, LedgerView, Stats, register
 from .metrics_workers import for_collector, workers_share_metrics
-from .observe import DecisionFields, attach, not_a_deployment_failure, record_committed, spare_prometheus
+from .observe import DecisionFields, attach, not_a_deployment_failure, record_committed, scrub, spare_prometheus
 from .routes import Route, classify
 from .settings import Settings, load_settings
 from .subject import payer_from_request
@@ -83,6 +83,7 @@ class _Pending:
     streamed: list[str] = field(default_factory=list)
     tokens: int | None = None  # the tokens held next to the dollars (None: a route not counted in tokens)
     actual: tuple[int, dict[str, Any]] | None = None  # the charge and usage, once LiteLLM logs the success
+    fields: DecisionFields | None = None  # the decision as the loggers get it (observe.py)
 
 
 _ANTHROPIC_CALL_TYPES = frozenset({"anthropic_messages", "aanthropic_messages"})
@@ -277,6 +278,8 @@ class CyclesCallback(CustomLogger):
                 log.info(
                     "cycles: %s let through unmetered (unmetered_routes in cycles.yaml)", _route_name(data, call_type)
                 )
+            else:
+                scrub(data)  # nothing decided here: no decision a client wrote may pass for the plugin's
             return data
         call_id = data.get("litellm_call_id") or uuid.uuid4().hex
         data.setdefault("litellm_call_id", call_id)
@@ -450,7 +453,9 @@ class CyclesCallback(CustomLogger):
             self._remember_headers(
                 call_id, headers | ({"x-cycles-reservation-id": r.reservation_id} if r.reservation_id else {})
             )
-        self._pending[call_id] = _Pending(call_id, hold, est, group, route.kind, request_id, tokens=tokens)
+        self._pending[call_id] = _Pending(
+            call_id, hold, est, group, route.kind, request_id, tokens=tokens, fields=fields
+        )
         return data
 
     async def async_pre_call_deployment_hook(self, kwargs: dict[str, Any], call_type: Any) -> dict[str, Any] | None:
@@ -633,7 +638,8 @@ class CyclesCallback(CustomLogger):
             streamed = bool(pending.streamed) or bool(kwargs.get("stream"))
             if not streamed or kwargs.get("async_complete_streaming_response") is not None:
                 pending.actual = self._actual(pending, kwargs, result)
-                record_committed(kwargs, pending.actual[0])
+                if pending.fields is not None:
+                    record_committed(kwargs, pending.fields, pending.actual[0])
         return kwargs, result
 
     async def async_log_success_event(

@@ -39,6 +39,7 @@ __all__ = [
     "is_refusal",
     "not_a_deployment_failure",
     "record_committed",
+    "scrub",
     "spare_prometheus",
 ]
 
@@ -81,7 +82,14 @@ def _metadata(data: MutableMapping[str, Any]) -> MutableMapping[str, Any] | None
 
 
 def attach(data: MutableMapping[str, Any], fields: DecisionFields) -> None:
-    """Put `fields` under spend_logs_metadata.cycles of the request, replacing whatever a client sent there."""
+    """Put `fields` under spend_logs_metadata.cycles of the request, replacing whatever a client sent there.
+
+    On the routes where the proxy keeps its own metadata in `litellm_metadata` (/v1/messages, /v1/responses,
+    batches, files, ...), the client's `metadata` sits beside it and wins LiteLLM's merge of the two into the
+    logging payload: a `spend_logs_metadata` the client put there would replace the decision. An object there
+    gets the decision too (that dict may go on to the provider: the same JSON object, one pair more, where
+    an object was sent anyway); any other value is replaced only when the call is refused, since a refused
+    call goes nowhere (an allowed call's success payload gets the decision back in `record_committed`)."""
     metadata = _metadata(data)
     if metadata is None:
         return
@@ -89,6 +97,24 @@ def attach(data: MutableMapping[str, Any], fields: DecisionFields) -> None:
     logged = pairs if isinstance(pairs, _JsonDict) else _JsonDict(pairs if isinstance(pairs, Mapping) else {})
     logged[LOGGING_KEY] = fields
     metadata["spend_logs_metadata"] = logged
+    client = data.get("metadata")
+    if client is metadata or not isinstance(client, MutableMapping) or "spend_logs_metadata" not in client:
+        return
+    theirs = client["spend_logs_metadata"]
+    if isinstance(theirs, Mapping):
+        client["spend_logs_metadata"] = _JsonDict({**theirs, LOGGING_KEY: fields})
+    elif fields.get("decision") == "DENY" and not fields.get("shadow"):
+        client["spend_logs_metadata"] = logged
+
+
+def scrub(data: MutableMapping[str, Any]) -> None:
+    """Take a decision a client wrote under spend_logs_metadata.cycles out of a request the plugin does not
+    decide (a free route): no logger may read it as the plugin's."""
+    for key in ("litellm_metadata", "metadata"):
+        found = data.get(key)
+        pairs = found.get("spend_logs_metadata") if isinstance(found, Mapping) else None
+        if isinstance(pairs, MutableMapping):
+            pairs.pop(LOGGING_KEY, None)
 
 
 def fields_of(payload: Mapping[str, Any] | None) -> DecisionFields | None:
@@ -99,11 +125,18 @@ def fields_of(payload: Mapping[str, Any] | None) -> DecisionFields | None:
     return found if isinstance(found, dict) else None  # type: ignore[return-value]
 
 
-def record_committed(kwargs: Mapping[str, Any], amount: int) -> None:
-    """Write the amount charged into the payload LiteLLM is about to hand its loggers."""
-    fields = fields_of(kwargs.get("standard_logging_object"))
-    if fields is not None:
-        fields["committed"] = amount
+def record_committed(kwargs: Mapping[str, Any], fields: DecisionFields, amount: int) -> None:
+    """Write the amount charged into the call's decision, and that decision into the payload LiteLLM is about
+    to hand its loggers, wherever a client's metadata put something else in its place (see `attach`)."""
+    fields["committed"] = amount
+    payload = kwargs.get("standard_logging_object")
+    metadata = payload.get("metadata") if isinstance(payload, MutableMapping) else None
+    if not isinstance(metadata, MutableMapping) or fields_of(payload) is fields:
+        return
+    pairs = metadata.get("spend_logs_metadata")
+    logged = _JsonDict(pairs if isinstance(pairs, Mapping) else {})
+    logged[LOGGING_KEY] = fields
+    metadata["spend_logs_metadata"] = logged
 
 
 def is_refusal(exc: object) -> bool:

@@ -30,6 +30,7 @@ import gzip
 import json
 import math
 import os
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,8 @@ Estimates = Literal["auto", "logged", "actual"]
 # LiteLLM's Langfuse logger writes; a JSON string there (a logger that flattened it) is read as well.
 _LOGGED = f"metadata.spend_logs_metadata.{LOGGING_KEY}"
 _MASTER_USERS = frozenset({"default_user_id", "litellm_proxy_admin_name", "litellm_proxy_master_key"})
+_MAX_AMOUNT = 2**63 - 1  # the ledger's largest amount (and token count): a line above it is skipped
+_LAST_MS = 253_402_300_800_000  # 10000-01-01: a time after it is no time a log was written
 _TOKEN_KINDS = frozenset({"chat", "text", "messages", "responses", "embedding"})
 _GENERATION_TYPES = frozenset({"GENERATION", "EMBEDDING"})
 
@@ -107,6 +110,9 @@ def read_spend_logs(paths: Iterable[str | Path], options: ReadOptions | None = N
                 except _NoPayer as exc:
                     log.unattributed.append(SkippedLine(str(file), line, str(exc)))
                     continue
+                except (ValueError, ArithmeticError) as exc:  # a value no check above foresaw: never fatal
+                    log.skipped.append(SkippedLine(str(file), line, f"unusable: {type(exc).__name__}: {exc}"[:300]))
+                    continue
                 key = f"{fmt}:{rec.call_id}"
                 if key in seen:
                     log.duplicates += 1
@@ -131,10 +137,14 @@ def _is_log(p: Path) -> bool:
     return name.endswith((".json", ".jsonl", ".ndjson"))
 
 
-def _text(path: Path) -> str:
+def _text(path: Path) -> str | None:
+    """The file's text; None for a `.gz` that does not decompress (cut short, or not gzip at all)."""
     data = path.read_bytes()
     if path.suffix == ".gz" or data[:2] == b"\x1f\x8b":
-        data = gzip.decompress(data)
+        try:
+            data = gzip.decompress(data)
+        except (EOFError, zlib.error, gzip.BadGzipFile):
+            return None
     return data.decode("utf-8", errors="replace")
 
 
@@ -142,18 +152,21 @@ def _items(path: Path, log: SpendLog) -> Iterator[tuple[int, Any]]:
     """(line or item number, object) of a JSONL file or a JSON document (an array, `{"data": [...]}`, one
     object); a line that is not JSON becomes a SkippedLine."""
     text = _text(path)
+    if text is None:
+        log.skipped.append(SkippedLine(str(path), 0, "not a readable gzip file (cut short, or not gzip)"))
+        return
     stripped = text.lstrip()
     lines = text.splitlines()
     whole: Any = None
     if stripped.startswith("[") or (stripped.startswith("{") and sum(1 for x in lines if x.strip()) > 1):
         try:
             whole = json.loads(text)
-        except json.JSONDecodeError:
+        except ValueError:
             whole = None  # not one document: read it line by line
     if whole is None and len([x for x in lines if x.strip()]) == 1 and stripped.startswith("{"):
         try:
             whole = json.loads(text)
-        except json.JSONDecodeError:
+        except ValueError:
             whole = None
     if whole is not None:
         if isinstance(whole, Mapping) and isinstance(whole.get("data"), list):
@@ -168,6 +181,8 @@ def _items(path: Path, log: SpendLog) -> Iterator[tuple[int, Any]]:
             yield n, json.loads(raw)
         except json.JSONDecodeError as exc:
             log.skipped.append(SkippedLine(str(path), n, f"not JSON: {exc.msg} at column {exc.colno}"))
+        except ValueError as exc:  # an integer of more than 4,300 digits
+            log.skipped.append(SkippedLine(str(path), n, f"not usable JSON: {exc}"[:300]))
 
 
 def _expand(item: Any) -> Iterator[Any]:
@@ -258,8 +273,10 @@ def _key_info(meta: Mapping[str, Any]) -> _KeyInfo | None:
         end_user_id=s("user_api_key_end_user_id"),
     )
     named = info.org_id or info.team_id or info.key_alias
-    if not named and (info.user_id is None or info.user_id in _MASTER_USERS):
+    if not named and (info.token in _MASTER_USERS or info.user_id in _MASTER_USERS or not (info.token or info.user_id)):
         return None  # the master key (or no key): metadata and headers name the payer
+    # A key with no team, org, alias or user pays as itself (`tenant:key-<hash>`), as in the proxy: never
+    # as a header names it.
     return dataclasses.replace(info, api_key=info.token)
 
 
@@ -310,7 +327,7 @@ def _logged_estimate(record: Mapping[str, Any]) -> int | None:
     """The estimate the plugin held (USD_MICROCENTS), if the payload carries its decision."""
     fields = _json_object(_path(record, _LOGGED))
     est = fields.get("estimate") if fields.get("unit", "USD_MICROCENTS") == "USD_MICROCENTS" else None
-    return est if isinstance(est, int) and not isinstance(est, bool) and est >= 0 else None
+    return est if isinstance(est, int) and not isinstance(est, bool) and 0 <= est <= _MAX_AMOUNT else None
 
 
 def _epoch_ms(value: Any, what: str) -> int:
@@ -320,7 +337,10 @@ def _epoch_ms(value: Any, what: str) -> int:
     if isinstance(value, int | float):
         if not math.isfinite(value) or value <= 0:
             raise _Skip(f"{what} {value!r} is not a time")
-        return round(value * 1000) if value < 1e11 else int(value)  # seconds, or already milliseconds
+        ms = round(value * 1000) if value < 1e11 else int(value)  # seconds, or already milliseconds
+        if ms >= _LAST_MS:
+            raise _Skip(f"{what} {value!r} is not a time")
+        return ms
     try:
         parsed = dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
     except ValueError:
@@ -335,15 +355,26 @@ def _usd(value: Any, what: str) -> int:
         raise _Skip(f"{what} {value!r} is not a number")
     try:
         number = float(value)
-    except ValueError:
-        raise _Skip(f"{what} {value!r} is not a number") from None
+    except (ValueError, OverflowError):
+        raise _Skip(f"{what} {str(value)[:40]!r} is not a number") from None
     if not math.isfinite(number) or number < 0:
         raise _Skip(f"{what} {value!r} is not a cost")
-    return usd_to_microcents(str(value) if isinstance(value, str) else value)
+    try:
+        amount = usd_to_microcents(str(value) if isinstance(value, str) else value)
+    except ArithmeticError:
+        amount = _MAX_AMOUNT + 1
+    if amount > _MAX_AMOUNT:
+        raise _Skip(f"{what} {str(value)[:40]!r} is out of range")
+    return amount
 
 
 def _int(value: Any) -> int | None:
-    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0 else None
+    """A token count, None when absent or negative; a count no call can have makes the line unusable."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if not math.isfinite(value) or value > _MAX_AMOUNT:
+        raise _Skip(f"token count {str(value)[:40]!r} is out of range")
+    return int(value) if value >= 0 else None
 
 
 # --- LiteLLM -------------------------------------------------------------------------------------------------
@@ -529,7 +560,10 @@ class _Langfuse:
         if details:
             if "total" in details:
                 return _usd(details["total"], "cost_details.total")
-            return sum(_usd(v, f"cost_details.{k}") for k, v in details.items())
+            total = sum(_usd(v, f"cost_details.{k}") for k, v in details.items())
+            if total > _MAX_AMOUNT:
+                raise _Skip("cost_details add up to more than any call can cost")
+            return total
         usage = _json_object(obj.get("usage"))
         if usage.get("totalCost") is not None:
             return _usd(usage["totalCost"], "usage.totalCost")

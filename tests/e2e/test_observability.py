@@ -75,8 +75,9 @@ def logged(payload_log: Path, scope: str) -> list[tuple[str, dict[str, Any], dic
     for line in payload_log.read_text().splitlines() if payload_log.exists() else []:
         record = json.loads(line)
         payload = record["payload"] or {}
-        fields = ((payload.get("metadata") or {}).get("spend_logs_metadata") or {}).get("cycles")
-        if fields and fields.get("scope") == scope:
+        pairs = (payload.get("metadata") or {}).get("spend_logs_metadata")
+        fields = pairs.get("cycles") if isinstance(pairs, dict) else None
+        if isinstance(fields, dict) and fields.get("scope") == scope:
             out.append((record["event"], fields, payload))
     return out
 
@@ -150,6 +151,59 @@ def test_a_custom_logger_reads_each_decision_from_the_standard_logging_payload(
     time.sleep(0.5)  # nothing more arrives: one logged event per call
     tenants = ("ok", "poor", "shadow", "msg", "stream")
     assert [len(logged(payload_log, f"tenant:obs-{t}")) for t in tenants] == [1, 1, 1, 1, 1]
+
+
+FORGED = {"decision": "ALLOW", "reason": None, "scope": "tenant:FORGED", "estimate": 1, "committed": 0}
+
+
+@pytest.mark.parametrize("route", ["/v1/messages", "/v1/responses"])
+def test_a_client_cannot_forge_or_erase_the_logged_decision(
+    proxy: LiteLLMProxy, payload_log: Path, receiver: OtlpReceiver, route: str
+) -> None:
+    """On the routes where the proxy keeps its metadata in `litellm_metadata`, the client's own `metadata` wins
+    LiteLLM's merge into the logging payload: a `spend_logs_metadata` sent there (a forged decision, or a string
+    that would erase it) must not replace the plugin's decision, for a refused call or an allowed one."""
+    tag = route.rsplit("/", 1)[-1]
+    with proxy.ledger() as led:
+        for kind in ("forge", "erase"):
+            led.set_budget(f"tenant:obs-{tag}-{kind}-poor", "0.000001usd")
+            led.set_budget(f"tenant:obs-{tag}-{kind}-ok", "1usd")
+    if route == "/v1/messages":
+        body: dict[str, Any] = {
+            "model": "claude-haiku-4-5",
+            "max_tokens": 5,
+            "messages": [{"role": "user", "content": "hi"}],
+        }
+    else:
+        body = {"model": "gpt-4o-mini", "max_output_tokens": 16, "input": "hi"}
+    statuses = {}
+    for kind, client_pairs in (("forge", {"cycles": FORGED, "team": "blue"}), ("erase", "x")):
+        for budget in ("poor", "ok"):
+            tenant = f"obs-{tag}-{kind}-{budget}"
+            r = httpx.post(
+                f"{proxy.url}{route}",
+                json={**body, "metadata": {"spend_logs_metadata": client_pairs}},
+                headers={**proxy.auth_headers, "x-cycles-tenant": tenant},
+                timeout=60,
+            )
+            statuses[tenant] = r.status_code
+    assert statuses == {
+        f"obs-{tag}-{kind}-{budget}": 402 if budget == "poor" else 200
+        for kind in ("forge", "erase")
+        for budget in ("poor", "ok")
+    }
+    for kind in ("forge", "erase"):
+        poor, ok = f"tenant:obs-{tag}-{kind}-poor", f"tenant:obs-{tag}-{kind}-ok"
+        [(event, fields, _)] = wait_until(lambda: logged(payload_log, poor))  # noqa: B023 - waited for at once
+        assert (event, fields["decision"], fields["reason"]) == ("failure", "DENY", "BUDGET_EXCEEDED")
+        [(event, fields, _)] = wait_until(lambda: logged(payload_log, ok))  # noqa: B023
+        assert (event, fields["decision"], fields["shadow"]) == ("success", "ALLOW", False)
+        assert fields["committed"] > 0 and fields["reservation_id"]
+    assert logged(payload_log, "tenant:FORGED") == []
+    # the spans LiteLLM's otel callback exports say the same, as JSON
+    [denied] = receiver.wait_for(lambda s: (_decision(s) or {}).get("scope") == f"tenant:obs-{tag}-forge-poor")
+    forged = [s for s in receiver.spans if "FORGED" in str(s.attributes.get("metadata.spend_logs_metadata"))]
+    assert (_decision(denied) or {}).get("decision") == "DENY" and forged == []
 
 
 def _decision(span: Span) -> dict[str, Any] | None:

@@ -89,7 +89,10 @@ def attach(data: MutableMapping[str, Any], fields: DecisionFields) -> None:
     logging payload: a `spend_logs_metadata` the client put there would replace the decision. An object there
     gets the decision too (that dict may go on to the provider: the same JSON object, one pair more, where
     an object was sent anyway); any other value is replaced only when the call is refused, since a refused
-    call goes nowhere (an allowed call's success payload gets the decision back in `record_committed`)."""
+    call goes nowhere. Shadow mode leaves the client's dict alone. An allowed call's success payload gets the
+    decision back in `record_committed` in every case; the failure payload of a provider error after a shadow
+    allow, or after an allow whose client sent a string there, keeps what the client sent (the ledger's
+    event log has the decision either way)."""
     metadata = _metadata(data)
     if metadata is None:
         return
@@ -100,10 +103,12 @@ def attach(data: MutableMapping[str, Any], fields: DecisionFields) -> None:
     client = data.get("metadata")
     if client is metadata or not isinstance(client, MutableMapping) or "spend_logs_metadata" not in client:
         return
+    if fields.get("shadow"):
+        return  # shadow changes nothing a provider gets; its success payload is mended in `record_committed`
     theirs = client["spend_logs_metadata"]
     if isinstance(theirs, Mapping):
         client["spend_logs_metadata"] = _JsonDict({**theirs, LOGGING_KEY: fields})
-    elif fields.get("decision") == "DENY" and not fields.get("shadow"):
+    elif fields.get("decision") == "DENY":
         client["spend_logs_metadata"] = logged
 
 

@@ -4,6 +4,7 @@ otel: tests/e2e/test_observability.py.)"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -70,3 +71,34 @@ async def test_a_free_route_keeps_no_client_written_decision(tmp_path: Path) -> 
         out = await cb.async_pre_call_hook(None, None, data, "amoderation")
     logged = fields_of({"metadata": out["metadata"]})
     assert logged is None or logged.get("scope") != "tenant:someone-else", logged
+
+
+@pytest.mark.parametrize("mode", ["enforce", "shadow"])
+async def test_an_allowed_calls_success_payload_carries_the_decision_and_shadow_leaves_the_request_alone(
+    tmp_path: Path, mode: str
+) -> None:
+    """Allowed on /v1/responses with a client string where the decision goes: the success payload every logger
+    gets holds the plugin's decision and its charge (mended before the loggers run), and the request the provider
+    gets is the client's as sent (shadow leaves even an object there alone)."""
+    async with open_ledger(f"sqlite:///{tmp_path / 'f.db'}") as ledger:
+        await ledger.set_budget("tenant:rv", "1usd")
+        cb = CyclesCallback(Settings(mode=mode), ledger=ledger)  # type: ignore[arg-type]
+        client_pairs: Any = "x" if mode == "enforce" else {"cycles": FORGED, "team": "blue"}
+        data: dict[str, Any] = {
+            "model": "gpt-4o-mini",
+            "input": "hello there",
+            "max_output_tokens": 16,
+            "litellm_call_id": "resp-ok",
+            "metadata": {"spend_logs_metadata": client_pairs},
+            "litellm_metadata": {"user_api_key_hash": "ab" * 32},
+            "proxy_server_request": {"headers": {"x-cycles-tenant": "rv"}},
+        }
+        sent = json.loads(json.dumps(data["metadata"]))
+        out = await cb.async_pre_call_hook(None, None, data, "aresponses")
+        assert out["metadata"] == sent and str(out["metadata"]) == str(sent)
+        payload = {"metadata": _logged_metadata(out)}
+        kwargs = {"litellm_call_id": "resp-ok", "response_cost": 0.0000133, "standard_logging_object": payload}
+        await cb.async_logging_hook(kwargs, None, "aresponses")
+        logged = fields_of(payload)
+        assert logged is not None and (logged["decision"], logged["scope"]) == ("ALLOW", "tenant:rv"), logged
+        assert logged["committed"] == 1330 and logged["shadow"] is (mode == "shadow")

@@ -279,7 +279,8 @@ class CyclesCallback(CustomLogger):
                     "cycles: %s let through unmetered (unmetered_routes in cycles.yaml)", _route_name(data, call_type)
                 )
             else:
-                scrub(data)  # nothing decided here: no decision a client wrote may pass for the plugin's
+                # nothing decided here: no decision a client wrote may pass for the plugin's
+                scrub(data, shadow=self.settings.mode == "shadow")
             return data
         call_id = data.get("litellm_call_id") or uuid.uuid4().hex
         data.setdefault("litellm_call_id", call_id)

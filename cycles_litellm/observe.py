@@ -112,10 +112,13 @@ def attach(data: MutableMapping[str, Any], fields: DecisionFields) -> None:
         client["spend_logs_metadata"] = logged
 
 
-def scrub(data: MutableMapping[str, Any]) -> None:
+def scrub(data: MutableMapping[str, Any], shadow: bool = False) -> None:
     """Take a decision a client wrote under spend_logs_metadata.cycles out of a request the plugin does not
-    decide (a free route): no logger may read it as the plugin's."""
+    decide (a free route): no logger may read it as the plugin's. In shadow mode the client's own `metadata`
+    beside LiteLLM's `litellm_metadata` is left alone: it may go on to the provider."""
     for key in ("litellm_metadata", "metadata"):
+        if shadow and key == "metadata" and isinstance(data.get("litellm_metadata"), Mapping):
+            continue
         found = data.get(key)
         pairs = found.get("spend_logs_metadata") if isinstance(found, Mapping) else None
         if isinstance(pairs, MutableMapping):

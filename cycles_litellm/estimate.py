@@ -137,35 +137,84 @@ def _litellm_price(model: str, params: Mapping[str, Any] | None = None) -> Price
 
 
 _FALLBACK_KEYS = ("fallbacks", "context_window_fallbacks", "content_policy_fallbacks")
+_MAX_REQUEST_FALLBACKS = 16  # groups a request may name itself: a longer list is refused, never cut short
+
+# Fields the estimate reads, or that choose what a provider bills (the model, the prompt, how many answers of
+# how many tokens, server tools, stored context): they must sit at the top level of the request, where the
+# estimate reads them and a clamp is written. LiteLLM merges `extra_body` over the body it sends (the OpenAI
+# SDK's rule) and a request fallback entry over the call it falls back to, so there they would override what
+# was held; such a request is refused (400 REQUEST_INVALID) rather than reserved for less than it may cost.
+ESTIMATED_FIELDS = frozenset(
+    {
+        "model", "messages", "prompt", "suffix", "input", "instructions", "text", "system", "tools", "functions",
+        "tool_choice", "response_format", "output_format", "n", "best_of", "max_tokens", "max_completion_tokens",
+        "max_output_tokens", "service_tier", "modalities", "audio", "size", "quality", "query", "documents",
+        "file", "thinking", "reasoning", "reasoning_effort", "previous_response_id", "conversation",
+        "web_search_options", "extra_body", *_FALLBACK_KEYS,
+    }
+)  # fmt: skip
 
 
-def _fallback_groups(group: str, entries: Any) -> list[str]:
-    """Groups a fallback list names for `group`: `[{"gpt-4o": ["o1"]}]` (router and request form), or a
-    request's own `["o1", {"model": "o3"}]`."""
+def _overrides(where: str, value: Any, allowed: frozenset[str] = frozenset()) -> None:
+    """Refuse a mapping (extra_body, a fallback entry) that would override a field the estimate read."""
+    if value is None:
+        return
+    if not isinstance(value, Mapping):
+        raise RequestInvalid(f"{where} must be an object")
+    named = sorted(str(k) for k in value if k in ESTIMATED_FIELDS and k not in allowed)
+    if named:
+        raise RequestInvalid(
+            f"{where} may not set {', '.join(named)}: the budget estimate reads them at the top level of the "
+            "request, so send them there"
+        )
+
+
+def _names(group: str) -> set[str]:
+    """A group's name as LiteLLM matches fallback keys: as written and without its provider prefix."""
+    return {group, group.split("/", 1)[-1]}
+
+
+def _fallback_targets(group: str, entries: Any) -> list[str]:
+    """Groups a fallback list names for `group`: `[{"gpt-4o": ["o1"]}]` (router and request form; the generic
+    `"*"` entry, which `default_fallbacks` becomes, for every group), or a request's own `["o1", {"model": "o3"}]`."""
     out: list[str] = []
+    names = _names(group)
     for entry in entries if isinstance(entries, list) else []:
         if isinstance(entry, str):
             out.append(entry)
         elif isinstance(entry, Mapping):
             if isinstance(entry.get("model"), str):
                 out.append(entry["model"])
-            targets = entry.get(group)
-            out.extend(t for t in (targets if isinstance(targets, list) else [targets]) if isinstance(t, str))
+            for key, targets in entry.items():
+                if key == "*" or (isinstance(key, str) and _names(key) & names):
+                    out.extend(t for t in (targets if isinstance(targets, list) else [targets]) if isinstance(t, str))
     return out
 
 
 def fallback_groups(group: str, data: Mapping[str, Any], router: Any) -> list[str]:
-    """The group and every group LiteLLM may fall back to for this request: the router's fallbacks,
-    context-window and content-policy fallbacks, and the ones the request body names."""
+    """The group and every group LiteLLM may fall back to for this request: the request's own fallbacks and
+    the router's (fallbacks, context-window and content-policy fallbacks, `"*"` / default fallbacks), followed
+    from every group reached, since LiteLLM falls back from a fallback too."""
+    requested: list[str] = []
+    for key in _FALLBACK_KEYS:
+        entries = data.get(key)
+        if entries is None:
+            continue
+        if not isinstance(entries, list):
+            raise RequestInvalid(f"{key} must be a list")
+        for entry in entries:
+            if isinstance(entry, Mapping):
+                _overrides(f"an entry of {key}", entry, allowed=frozenset({"model"}))
+        requested += [g for g in _fallback_targets(group, entries) if g not in requested]
+    if len(requested) > _MAX_REQUEST_FALLBACKS:
+        raise RequestInvalid(f"{len(requested)} fallback models in one request; the plugin prices up to 16")
     sources = [getattr(router, key, None) for key in _FALLBACK_KEYS] if router is not None else []
-    sources += [data.get(key) for key in _FALLBACK_KEYS]
-    groups = [group]
-    for source in sources:
-        if source:
-            for g in _fallback_groups(group, source):
-                if g not in groups:
-                    groups.append(g)
-    return groups[:16]  # a hostile list cannot make pricing unbounded
+    groups = [group, *(g for g in requested if g != group)]
+    for g in groups:  # grows while it runs: the router's fallbacks of every group reached
+        for source in sources:
+            if source:
+                groups += [t for t in _fallback_targets(g, source) if t not in groups]
+    return groups
 
 
 def _deployments(group: str, router: Any) -> list[tuple[str, Mapping[str, Any]]]:
@@ -509,6 +558,7 @@ def estimate_call(group: str, data: Mapping[str, Any], kind: str, settings: Sett
     """Worst case of one request of a metered `kind` (see routes.py) in USD_MICROCENTS: every billed input
     x input price + every possible output x output price, at whichever deployment of the group or of a
     group it may fall back to costs most for this request."""
+    _overrides("extra_body", data.get("extra_body"))
     groups = fallback_groups(group, data, router)
     if kind in ("image", "speech", "transcription", "rerank"):
         return max((_unit_priced(g, data, kind, settings, router) for g in groups), key=lambda e: e.amount)

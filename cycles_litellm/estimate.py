@@ -38,6 +38,7 @@ __all__ = [
     "CAP_FIELDS",
     "token_hold",
     "IMAGE_TOKENS",
+    "image_tokens",
     "MIN_CAP",
     "Estimate",
     "Price",
@@ -357,10 +358,46 @@ def _text_tokens(model: str, text: str) -> int:
 _PER_ITEM_TOKENS = 4
 _PRIMING_TOKENS = 3
 IMAGE_TOKENS = 1_600
+# Models whose provider bills an image at more than IMAGE_TOKENS, at their most (a high-detail image of 8 tiles
+# or 1,536 patches). LiteLLM's counter prices every OpenAI image with gpt-4o's rule (85 + 170 a tile), but
+# OpenAI bills gpt-4o-mini 2,833 + 5,667 a tile, and the patch models 1,536 patches times a multiplier
+# (https://platform.openai.com/docs/guides/images-vision, "Calculating costs").
+_IMAGE_TOKENS_AT_MOST = {
+    "gpt-4o-mini": 2_833 + 8 * 5_667,
+    "gpt-4.1-mini": 2_489,
+    "gpt-4.1-nano": 3_779,
+    "o4-mini": 2_642,
+}
+
+
+@functools.lru_cache(maxsize=1024)
+def image_tokens(model: str) -> int:
+    """The most input tokens one image may bill on `model`."""
+    return max([IMAGE_TOKENS, *(n for name, n in _IMAGE_TOKENS_AT_MOST.items() if name in model)])
+
+
 _SKIP_KEYS = frozenset({"type", "role", "cache_control", "id", "call_id", "status", "tool_use_id", "detail"})
 _IMAGE_TYPES = frozenset({"image", "image_url", "input_image", "image_file"})
 _FILE_TYPES = frozenset({"file", "input_file", "document", "input_audio", "audio"})
 _FILE_BYTES_PER_UNIT = 100_000  # a file or document block: one image's worth of tokens per 100 kB of it
+# Content a request only points at (a file by id or URL, a video, a stored item or response, a cached context):
+# the provider bills all of it, the plugin cannot size it, so it counts as the model's whole input window
+# (`_UNSIZED_TOKENS`, cut to that window in `estimate_call`; refused when the window is unknown).
+_UNSIZED_TOKENS = 2**40
+_REFERENCE_KEYS = frozenset({"file_id", "file_url", "url", "uri", "file_uri"})
+_VIDEO_TYPES = frozenset({"video", "video_url", "input_video"})
+_SMALLEST_WINDOW = 2_048  # no priced model takes less input than this
+
+
+def _points_elsewhere(value: Any, depth: int = 0) -> bool:
+    """True when a file block names its content by id or URL instead of carrying it."""
+    if depth > 8:
+        return True
+    if isinstance(value, dict):
+        return any(k in _REFERENCE_KEYS or _points_elsewhere(v, depth + 1) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_points_elsewhere(v, depth + 1) for v in value)
+    return False
 
 
 def _media_units(block: Mapping[str, Any]) -> int:
@@ -370,21 +407,25 @@ def _media_units(block: Mapping[str, Any]) -> int:
     if kind in _IMAGE_TYPES:
         return 1
     if kind in _FILE_TYPES:
+        if _points_elsewhere(block):
+            return -(-_UNSIZED_TOKENS // IMAGE_TOKENS)
         return max(1, -(-len(_json_text(block)) // _FILE_BYTES_PER_UNIT))
+    if kind in _VIDEO_TYPES or kind == "item_reference":
+        return -(-_UNSIZED_TOKENS // IMAGE_TOKENS)
     return 0
 
 
-def _media_tokens(value: Any, depth: int = 0) -> int:
-    """IMAGE_TOKENS for every image-equivalent inside a request field (see _media_units)."""
+def _media_tokens(value: Any, per_image: int, depth: int = 0) -> int:
+    """`per_image` tokens for every image-equivalent inside a request field (see _media_units)."""
     if depth > 32:
         return 0
     if isinstance(value, dict):  # parsed JSON: concrete types (an ABC check costs more than the scan)
         units = _media_units(value)
         if units:
-            return IMAGE_TOKENS * units
-        return sum(_media_tokens(v, depth + 1) for v in value.values() if isinstance(v, dict | list))
+            return per_image * units
+        return sum(_media_tokens(v, per_image, depth + 1) for v in value.values() if isinstance(v, dict | list))
     if isinstance(value, list):
-        return sum(_media_tokens(v, depth + 1) for v in value if isinstance(v, dict | list))
+        return sum(_media_tokens(v, per_image, depth + 1) for v in value if isinstance(v, dict | list))
     return 0
 
 
@@ -434,7 +475,7 @@ def _walk_tokens(model: str, *fields: Any) -> int:
         items = field if isinstance(field, list) else [field]
         tokens += _PER_ITEM_TOKENS * sum(1 for item in items if item is not None)
         tokens += sum(_text_tokens(model, text) for text in _billable_texts(field, images) if text)
-    return tokens + IMAGE_TOKENS * images[0]
+    return tokens + image_tokens(model) * images[0]
 
 
 def _json_tokens(model: str, value: Any) -> int:
@@ -455,7 +496,7 @@ def _chat_tokens(model: str, data: Mapping[str, Any]) -> int:
         if isinstance(messages, list) and any(
             isinstance(m, dict) and not isinstance(m.get("content"), str | None) for m in messages
         ):
-            tokens += _media_tokens(messages)
+            tokens += _media_tokens(messages, image_tokens(model))
     except Exception:  # noqa: BLE001 - a shape LiteLLM's counter rejects is still counted, by walking it
         tokens = _walk_tokens(model, messages)
     return tokens + _json_tokens(model, data.get("tools")) + _json_tokens(model, data.get("functions"))
@@ -563,6 +604,7 @@ def estimate_call(group: str, data: Mapping[str, Any], kind: str, settings: Sett
     if kind in ("image", "speech", "transcription", "rerank"):
         return max((_unit_priced(g, data, kind, settings, router) for g in groups), key=lambda e: e.amount)
     candidates = [mp for g in groups for mp in prices_of_group(g, settings, router)]
+    cached = bool(data.get("cached_content"))  # a provider-side cache (Gemini) is billed, and not in the body
     tokens_by_model: dict[str, int] = {}
     best: Estimate | None = None
     for priced, price in candidates:
@@ -570,12 +612,29 @@ def estimate_call(group: str, data: Mapping[str, Any], kind: str, settings: Sett
         # `anthropic/claude-haiku-4-5`, which falls back to a generic encoding that counts fewer tokens).
         model = counting_model(priced)
         if model not in tokens_by_model:
-            tokens_by_model[model] = _input_tokens(model, data, kind)
-        est = _token_estimate(priced, price, tokens_by_model[model], data, kind)
+            tokens_by_model[model] = _input_tokens(model, data, kind) + (_UNSIZED_TOKENS if cached else 0)
+        est = _token_estimate(priced, price, _within_window(priced, tokens_by_model[model]), data, kind)
         if best is None or est.amount > best.amount:
             best = est
     assert best is not None
     return best
+
+
+def _within_window(priced: str, tokens: int) -> int:
+    """No provider bills more input than its model takes: a count above the window is cut to it. Content the
+    plugin could not size (`_UNSIZED_TOKENS`) needs that window, or the request is refused."""
+    if tokens <= _SMALLEST_WINDOW:  # the usual call: no lookup
+        return tokens
+    info = model_info(priced)
+    window = _positive_int(info.get("max_input_tokens")) or _positive_int(info.get("max_tokens"))
+    if window is not None and tokens > window:
+        return window
+    if tokens >= _UNSIZED_TOKENS:
+        raise RequestInvalid(
+            "this request points at content the plugin cannot size (a file by id or URL, a video, a stored "
+            f"response or cache), and {priced}'s input window is unknown: send the content, or price the model"
+        )
+    return tokens
 
 
 def _input_tokens(model: str, data: Mapping[str, Any], kind: str) -> int:
@@ -591,6 +650,9 @@ def _input_tokens(model: str, data: Mapping[str, Any], kind: str) -> int:
             return tokens + (_tool_prompt_tokens(model) if data.get("tools") else 0)
         if kind == "responses":
             tokens = _walk_tokens(model, data.get("instructions"), data.get("input"))
+            # a stored conversation or response, or a stored prompt, is billed in full: not in this body
+            if data.get("previous_response_id") or data.get("conversation") or isinstance(data.get("prompt"), dict):
+                tokens += _UNSIZED_TOKENS
             return tokens + _json_tokens(model, data.get("tools")) + _json_tokens(model, data.get("text"))
         if kind == "embedding":
             return sum(_prompt_tokens(model, i) for i in _prompts(data.get("input", "")))

@@ -147,7 +147,9 @@ async def test_a_request_fallback_entry_may_name_a_model_but_not_override_the_ca
     ],
     ids=["default_fallbacks", "generic-star", "chained"],
 )
-async def test_router_fallbacks_beyond_the_group_are_priced(config: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_router_fallbacks_beyond_the_group_are_priced(
+    config: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The Router reaches o1 (100x gpt-4o-mini's price) from `flaky` through the generic "*" entry (what
     `default_fallbacks` becomes) or through the fallbacks of a fallback: the estimate prices it too."""
     router = litellm.Router(model_list=_DEPLOYMENTS, num_retries=0, **config)
@@ -158,3 +160,77 @@ async def test_router_fallbacks_beyond_the_group_are_priced(config: dict[str, An
     assert calls[-1]["model"] == "openai/o1"
     dear = estimate_call("dear", req, "chat", Settings(), router)
     assert est.amount >= dear.amount, f"held {est.amount} ({est.model}); the call went to o1, worth {dear.amount}"
+
+
+# --- content the request only points at -------------------------------------------------------------------------
+
+
+def _window(model: str) -> int:
+    return int(litellm.get_model_info(model)["max_input_tokens"])
+
+
+@pytest.mark.parametrize(
+    "req",
+    [
+        {"previous_response_id": "resp_long"},  # OpenAI bills every input token of the stored chain
+        {"conversation": "conv_1"},
+        {"prompt": {"id": "pmpt_1", "version": "2"}},  # a stored prompt
+        {"input": [{"type": "item_reference", "id": "msg_1"}]},
+        {"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "file-1"}]}]},
+        {"input": [{"role": "user", "content": [{"type": "input_file", "file_url": "https://x/a.pdf"}]}]},
+    ],
+    ids=["previous-response", "conversation", "stored-prompt", "item-reference", "file-id", "file-url"],
+)
+def test_a_responses_call_pointing_at_stored_content_holds_the_whole_input_window(req: dict[str, Any]) -> None:
+    """The provider bills content the body only names (a stored response, a file by id or URL) in full, up to
+    the model's input window (1,047,576 tokens for gpt-4.1); the body says nothing of its size."""
+    est = estimate_call(
+        "gpt-4.1", {"model": "gpt-4.1", "input": "go on", "max_output_tokens": 16, **req}, "responses", Settings()
+    )
+    plain = estimate_call(
+        "gpt-4.1", {"model": "gpt-4.1", "input": "go on", "max_output_tokens": 16}, "responses", Settings()
+    )
+    assert est.input_tokens == _window("gpt-4.1") and plain.input_tokens < 100
+
+
+def test_files_by_reference_hold_the_window_and_inline_files_their_size() -> None:
+    """Gemini bills video at 263 tokens a second (an hour ~950,000): a video or document given by id or URL holds
+    the model's input window; one sent inline is sized by its bytes (an image's worth per 100 kB), as before; an
+    image is held at the most its model bills for one (gpt-4o-mini: 2,833 + 8 x 5,667, so it costs what gpt-4o's
+    does)."""
+    video = {"type": "file", "file": {"file_id": "https://example.com/talk.mp4", "format": "video/mp4"}}
+    doc = {"type": "document", "source": {"type": "url", "url": "https://example.com/a.pdf"}}
+    inline = {"type": "file", "file": {"file_data": "data:application/pdf;base64," + "A" * 1000, "filename": "a.pdf"}}
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/a.png", "detail": "high"}}
+
+    def held(model: str, block: dict[str, Any], kind: str = "chat") -> int:
+        msgs = [{"role": "user", "content": [{"type": "text", "text": "summarize"}, block]}]
+        return estimate_call(model, {"messages": msgs, "max_tokens": 10}, kind, Settings()).input_tokens
+
+    assert held("gemini/gemini-2.5-flash", video) == _window("gemini/gemini-2.5-flash")
+    assert held("claude-haiku-4-5", doc, "messages") == _window("claude-haiku-4-5")
+    assert held("gpt-4o", inline) < 10_000 and held("gemini/gemini-2.5-flash", inline) < 10_000
+    assert held("gpt-4o-mini", image) >= 2_833 + 8 * 5_667
+    assert 1_445 <= held("gpt-4o", image) < 2_000  # gpt-4o: 85 + 8 x 170 at most
+
+
+def test_content_nobody_can_size_on_a_model_without_a_known_window_is_refused() -> None:
+    """A deployment priced in its own litellm_params (no map entry, so no input window): a call pointing at a
+    stored response cannot be bounded, and is refused rather than held for the 8 tokens of its body."""
+    router = litellm.Router(
+        model_list=[
+            {
+                "model_name": "house",
+                "litellm_params": {
+                    "model": "openai/house-model",
+                    "api_key": "x",
+                    "input_cost_per_token": 0.000001,
+                    "output_cost_per_token": 0.000002,
+                },
+            }
+        ]
+    )
+    req = {"model": "house", "input": "go on", "max_output_tokens": 16}
+    assert estimate_call("house", req, "responses", Settings(), router).input_tokens < 100
+    with pytest.raises(RequestInvalid, match="cannot size"):
+        estimate_call("house", {**req, "previous_response_id": "resp_1"}, "responses", Settings(), router)

@@ -13,7 +13,7 @@ import pytest
 from litellm.types.utils import CallTypes
 
 from cycles_litellm.calls import chunk_text
-from cycles_litellm.estimate import PriceUnknown, RequestInvalid, estimate_call, price_of_group
+from cycles_litellm.estimate import PriceUnknown, RequestInvalid, estimate_call, image_tokens, price_of_group
 from cycles_litellm.fake_provider import wav_bytes
 from cycles_litellm.routes import FREE, METERED, classify
 from cycles_litellm.settings import Settings
@@ -151,8 +151,11 @@ def test_responses_count_instructions_and_input_items_and_read_max_output_tokens
 def test_images_in_content_count_as_images_not_base64_text() -> None:
     data_url = "data:image/png;base64," + "A" * 200_000
     msgs = [{"role": "user", "content": [{"type": "input_image", "image_url": data_url}]}]
-    est = estimate_call("gpt-4o-mini", {"input": msgs, "max_output_tokens": 1}, "responses", S)
+    est = estimate_call("gpt-4o", {"input": msgs, "max_output_tokens": 1}, "responses", S)
     assert 1_600 <= est.input_tokens < 2_000
+    # gpt-4o-mini bills an image at up to 2,833 + 8 x 5,667 tokens (so it costs what gpt-4o's does)
+    mini = estimate_call("gpt-4o-mini", {"input": msgs, "max_output_tokens": 1}, "responses", S)
+    assert image_tokens("gpt-4o-mini") == 48_169 <= mini.input_tokens < 48_169 + 400
 
 
 def test_rates_the_request_selects_are_held() -> None:

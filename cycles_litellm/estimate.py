@@ -9,6 +9,7 @@ lists it as free.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import itertools
 import json
@@ -151,7 +152,7 @@ ESTIMATED_FIELDS = frozenset(
         "tool_choice", "response_format", "output_format", "n", "best_of", "max_tokens", "max_completion_tokens",
         "max_output_tokens", "service_tier", "modalities", "audio", "size", "quality", "query", "documents",
         "file", "thinking", "reasoning", "reasoning_effort", "previous_response_id", "conversation",
-        "web_search_options", "extra_body", *_FALLBACK_KEYS,
+        "web_search_options", "max_tool_calls", "mcp_servers", "extra_body", *_FALLBACK_KEYS,
     }
 )  # fmt: skip
 
@@ -604,7 +605,9 @@ def estimate_call(group: str, data: Mapping[str, Any], kind: str, settings: Sett
     if kind in ("image", "speech", "transcription", "rerank"):
         return max((_unit_priced(g, data, kind, settings, router) for g in groups), key=lambda e: e.amount)
     candidates = [mp for g in groups for mp in prices_of_group(g, settings, router)]
-    cached = bool(data.get("cached_content"))  # a provider-side cache (Gemini) is billed, and not in the body
+    # a provider-side cache (Gemini) and what server tools fetch are billed, and not in the body
+    server, searches = server_tools(data) if kind in ("chat", "messages", "responses") else (False, 0)
+    cached = bool(data.get("cached_content")) or server
     tokens_by_model: dict[str, int] = {}
     best: Estimate | None = None
     for priced, price in candidates:
@@ -614,10 +617,46 @@ def estimate_call(group: str, data: Mapping[str, Any], kind: str, settings: Sett
         if model not in tokens_by_model:
             tokens_by_model[model] = _input_tokens(model, data, kind) + (_UNSIZED_TOKENS if cached else 0)
         est = _token_estimate(priced, price, _within_window(priced, tokens_by_model[model]), data, kind)
+        if searches:
+            est = _with_fee(est, searches * _search_fee(priced))
         if best is None or est.amount > best.amount:
             best = est
     assert best is not None
     return best
+
+
+# Tools the provider runs itself: what they fetch or compute is billed as input (the call holds the model's input
+# window, like content it only points at), and a web search also bills a fee per search
+# (`search_context_cost_per_query` in LiteLLM's map, at its dearest context size).
+_SERVER_TOOL_TYPES = ("web_search", "web_fetch", "code_execution", "file_search", "code_interpreter", "mcp")
+
+
+def server_tools(data: Mapping[str, Any]) -> tuple[bool, int]:
+    """(whether the provider runs tools itself, how many web searches it may bill). A web search tool must be
+    bounded: `max_uses` on the tool (Anthropic), `max_tool_calls` (/v1/responses); chat's `web_search_options`
+    is one search a request. An unbounded one is refused: its fees could not be held."""
+    tools = data.get("tools")
+    kinds = [str(t.get("type") or "") for t in tools if isinstance(t, dict)] if isinstance(tools, list) else []
+    server = any(k.startswith(_SERVER_TOOL_TYPES) for k in kinds) or bool(data.get("mcp_servers"))
+    searches = 1 if data.get("web_search_options") is not None else 0
+    bound = _positive_int(data.get("max_tool_calls"))
+    for tool in tools if isinstance(tools, list) else []:
+        if isinstance(tool, dict) and str(tool.get("type") or "").startswith("web_search"):
+            uses = _positive_int(tool.get("max_uses")) or bound
+            if uses is None:
+                raise RequestInvalid(
+                    "a web search tool without max_uses (max_tool_calls on /v1/responses) may search without "
+                    "limit, and each search is billed: name how many it may make"
+                )
+            searches += uses
+    return server or searches > 0, min(searches, bound) if bound and searches else searches
+
+
+def _search_fee(priced: str) -> int:
+    """USD_MICROCENTS per web search on `priced`, at its dearest search context size (0 when unpriced)."""
+    fees = model_info(priced).get("search_context_cost_per_query")
+    values = [v for v in fees.values() if isinstance(v, int | float)] if isinstance(fees, Mapping) else []
+    return math.ceil(Decimal(str(max(values))) * _MICROCENTS_PER_USD) if values else 0
 
 
 def _within_window(priced: str, tokens: int) -> int:
@@ -635,6 +674,11 @@ def _within_window(priced: str, tokens: int) -> int:
             f"response or cache), and {priced}'s input window is unknown: send the content, or price the model"
         )
     return tokens
+
+
+def _with_fee(est: Estimate, fee: int) -> Estimate:
+    """`est` plus a fee the call bills whatever it writes (held with the input: a soft landing cannot cut it)."""
+    return dataclasses.replace(est, amount=est.amount + fee, input_cost=est.input_cost + fee)
 
 
 def _input_tokens(model: str, data: Mapping[str, Any], kind: str) -> int:

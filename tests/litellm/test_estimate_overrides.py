@@ -13,6 +13,7 @@ import httpx
 import litellm
 import pytest
 from litellm.proxy._types import ProxyException
+from litellm.types.utils import ModelResponse, ServerToolUse, Usage
 from openai import AsyncOpenAI
 
 from cycles_ledger import open_ledger
@@ -234,3 +235,58 @@ def test_content_nobody_can_size_on_a_model_without_a_known_window_is_refused() 
     assert estimate_call("house", req, "responses", Settings(), router).input_tokens < 100
     with pytest.raises(RequestInvalid, match="cannot size"):
         estimate_call("house", {**req, "previous_response_id": "resp_1"}, "responses", Settings(), router)
+
+
+# --- tools the provider runs itself -------------------------------------------------------------------------------
+
+
+def _billed(model: str, prompt: int, completion: int, searches: int) -> int:
+    """What LiteLLM's cost calculator charges an Anthropic answer of this usage with `searches` web searches."""
+    usage = Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        server_tool_use=ServerToolUse(web_search_requests=searches),
+    )
+    answer = ModelResponse(
+        model=model,
+        usage=usage,
+        choices=[{"index": 0, "message": {"role": "assistant", "content": "x"}, "finish_reason": "end_turn"}],
+    )
+    return _microcents(
+        litellm.completion_cost(completion_response=answer, model=model, custom_llm_provider="anthropic")
+    )
+
+
+def test_a_server_web_search_holds_its_fees_and_what_it_reads() -> None:
+    """Anthropic's web search bills $0.01 a search (LiteLLM's map) and its results as input: with `max_uses: 3` the
+    hold covers three searches and the model's whole input window, which is what LiteLLM bills at most; without
+    `max_uses` the model may search without limit, so the request is refused (one search already cost 7x the
+    hold of the tool's JSON alone)."""
+    model = "claude-sonnet-4-5-20250929"
+    tool = {"type": "web_search_20250305", "name": "web_search"}
+    req = {"model": model, "max_tokens": 100, "messages": [{"role": "user", "content": "news?"}]}
+    with pytest.raises(RequestInvalid, match="max_uses"):
+        estimate_call(model, {**req, "tools": [tool]}, "messages", Settings())
+    est = estimate_call(model, {**req, "tools": [{**tool, "max_uses": 3}]}, "messages", Settings())
+    assert est.input_tokens == _window(model)
+    assert est.amount >= _billed(model, est.input_tokens, 100, 3) > _billed(model, est.input_tokens, 100, 2)
+    plain = estimate_call(model, req, "messages", Settings())
+    assert plain.input_tokens < 100  # a call without server tools holds what it sends, as before
+
+
+def test_openai_web_search_is_bounded_and_priced_per_search() -> None:
+    """/v1/responses' web search tool counts against `max_tool_calls` (refused without it); chat's
+    `web_search_options` is one search a request; each at $0.025 (LiteLLM's map for gpt-4.1)."""
+    fee = 2_500_000
+    base = {"model": "gpt-4.1", "input": "news?", "max_output_tokens": 16}
+    with pytest.raises(RequestInvalid, match="max_tool_calls"):
+        estimate_call("gpt-4.1", {**base, "tools": [{"type": "web_search_preview"}]}, "responses", Settings())
+    two = estimate_call(
+        "gpt-4.1", {**base, "tools": [{"type": "web_search_preview"}], "max_tool_calls": 2}, "responses", Settings()
+    )
+    window = estimate_call("gpt-4.1", {**base, "previous_response_id": "r"}, "responses", Settings())
+    assert two.amount == window.amount + 2 * fee
+    chat = {"model": "gpt-4o-mini", "messages": MSGS, "max_tokens": 10}
+    searched = estimate_call("gpt-4o-mini", {**chat, "web_search_options": {}}, "chat", Settings())
+    assert searched.input_tokens == _window("gpt-4o-mini") and searched.amount >= fee

@@ -42,6 +42,9 @@ class StandIn(CustomLogger):
     ) -> None:
         return None
 
+    async def async_post_call_success_hook(self, data: dict[str, Any], user_api_key_dict: Any, response: Any) -> Any:
+        return None
+
     async def async_post_call_failure_hook(
         self,
         request_data: dict[str, Any],

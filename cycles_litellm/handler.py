@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import functools
 import json
@@ -84,6 +85,7 @@ class _Pending:
     tokens: int | None = None  # the tokens held next to the dollars (None: a route not counted in tokens)
     actual: tuple[int, dict[str, Any]] | None = None  # the charge and usage, once LiteLLM logs the success
     fields: DecisionFields | None = None  # the decision as the loggers get it (observe.py)
+    answer: Any = None  # the provider's answer, before post-call guardrails judged it
 
 
 _ANTHROPIC_CALL_TYPES = frozenset({"anthropic_messages", "aanthropic_messages"})
@@ -204,6 +206,9 @@ class CyclesCallback(CustomLogger):
         self._pending: dict[str, _Pending] = {}
         self._headers: collections.OrderedDict[str, dict[str, str]] = collections.OrderedDict()
         self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()  # call ids our hook passed
+        # streams the client left, settled at what it saw: the proxy may still read them to the end and log
+        # what the provider billed in full (Anthropic /v1/messages), and the rest is charged then
+        self._aborted: collections.OrderedDict[str, tuple[_Pending, int]] = collections.OrderedDict()
         self._backlog: collections.deque[tuple[str, str, bool, dict[str, Any]]] = collections.deque(maxlen=10_000)
         self._flushing = False
         self.counters: collections.Counter[str] = collections.Counter()
@@ -646,8 +651,13 @@ class CyclesCallback(CustomLogger):
     async def async_log_success_event(
         self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
     ) -> None:
-        pending = self._pending.pop(str(kwargs.get("litellm_call_id")), None)
+        call_id = str(kwargs.get("litellm_call_id"))
+        pending = self._pending.pop(call_id, None)
         if pending is None:
+            aborted = self._aborted.pop(call_id, None)
+            if aborted is not None:  # a stream the client left, read to its end by the proxy: charge the rest
+                billed = (aborted[0].actual or self._actual(aborted[0], kwargs, response_obj))[0]
+                self._spawn(self._charge_rest(aborted[0], billed - aborted[1]))
             return
         actual, metrics = pending.actual or self._actual(pending, kwargs, response_obj)
         # Settle in the background: the client's answer never waits for the ledger's write.
@@ -675,6 +685,15 @@ class CyclesCallback(CustomLogger):
             actual = pending.estimate.amount
         return actual, {"tokens_input": prompt, "tokens_output": completion}
 
+    async def async_post_call_success_hook(self, data: dict[str, Any], user_api_key_dict: Any, response: Any) -> Any:
+        """LiteLLM hands every callback the provider's answer before post-call guardrails judge it. One that blocks
+        it ends the request with the failure hook and no success event, though the provider billed the call: the
+        answer is kept (a reference: this runs on every call) so that the failure hook charges what it cost."""
+        pending = self._pending.get(str(data.get("litellm_call_id")))
+        if pending is not None:
+            pending.answer = response
+        return None
+
     async def async_post_call_failure_hook(
         self,
         request_data: dict[str, Any],
@@ -682,13 +701,27 @@ class CyclesCallback(CustomLogger):
         user_api_key_dict: Any,
         traceback_str: str | None = None,
     ) -> None:
-        """The whole request failed (after retries and fallbacks): give the hold back now. A request this
-        plugin refused holds nothing, and must not release the hold of another request with its call id."""
+        """The whole request failed (after retries and fallbacks): give the hold back now; or, when the provider did
+        answer and something after it refused the answer (a post-call guardrail), charge what the answer cost. A
+        request this plugin refused holds nothing, and must not release the hold of another request with its id."""
         if getattr(original_exception, "cycles_refusal", False):
             return
         pending = self._pending.pop(str(request_data.get("litellm_call_id")), None)
-        if pending is not None:
-            await self._release(pending, f"call failed: {type(original_exception).__name__}")
+        if pending is None:
+            return
+        actual = pending.actual or self._answered(pending)
+        if actual is not None:
+            self._spawn(self._settle(pending, *actual))
+            return
+        await self._release(pending, f"call failed: {type(original_exception).__name__}")
+
+    def _answered(self, pending: _Pending) -> tuple[int, dict[str, Any]] | None:
+        """What the answer the provider gave cost, if one came and says what it used (a stream's does not)."""
+        hidden = getattr(pending.answer, "_hidden_params", None)
+        cost = hidden.get("response_cost") if isinstance(hidden, dict) else None
+        if pending.answer is None or not (cost or any(_usage({}, pending.answer))):
+            return None
+        return self._actual(pending, {"response_cost": cost}, pending.answer)
 
     async def async_log_failure_event(
         self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
@@ -697,18 +730,19 @@ class CyclesCallback(CustomLogger):
         if getattr(kwargs.get("exception"), "cycles_refusal", False):
             return  # our own refusal of a request: it holds nothing
         call_id = str(kwargs.get("litellm_call_id"))
-        if call_id in self._pending:
+        failed = self._pending.get(call_id)
+        if failed is not None:
             asyncio.get_running_loop().call_later(
-                _FAILURE_GRACE_S, lambda: asyncio.ensure_future(self._release_if_pending(call_id))
+                _FAILURE_GRACE_S, lambda: asyncio.ensure_future(self._release_if_pending(call_id, failed))
             )
 
-    async def _release_if_pending(self, call_id: str) -> None:
+    async def _release_if_pending(self, call_id: str, failed: _Pending) -> None:
         """No success within the grace after a failed attempt: give the hold back, but keep the call known.
         A retry or fallback that still succeeds later (a long Retry-After, a slow model) is then recorded as
         a direct debit of its real cost instead of being lost; the entry goes after the reservation TTL."""
         pending = self._pending.get(call_id)
-        if pending is None or pending.hold.state is not HoldState.HELD:
-            return
+        if pending is not failed or pending.hold.state is not HoldState.HELD:
+            return  # settled, or another request's since (an id a client sent again): not this timer's to free
         await self._release(pending, "call failed")  # from now on a success debits directly
 
         def forget() -> None:
@@ -733,16 +767,41 @@ class CyclesCallback(CustomLogger):
             finished = True
         finally:
             if not finished and pending is not None and self._pending.pop(call_id, None) is not None:
-                self._spawn(self._settle_aborted(pending))
+                self._settle_aborted(pending)
 
-    async def _settle_aborted(self, pending: _Pending) -> None:
+    def _settle_aborted(self, pending: _Pending) -> None:
+        """Charge a stream the client left at the prompt plus what it saw, and remember what was charged: the
+        proxy may still read the stream to its end and log its full cost (`async_log_success_event`)."""
         text = "".join(pending.streamed)
         out_tokens = _count_text(pending, text) if text else 0
         actual = pending.estimate.input_cost + _output_cost(pending, out_tokens)
         self.counters["aborted_streams"] += 1
-        await self._settle(
-            pending, actual, {"tokens_input": pending.estimate.input_tokens, "tokens_output": out_tokens}
-        )
+        self._aborted[pending.call_id] = (pending, actual)
+        while len(self._aborted) > 10_000:
+            self._aborted.popitem(last=False)
+        metrics = {"tokens_input": pending.estimate.input_tokens, "tokens_output": out_tokens}
+        self._spawn(self._settle(pending, actual, metrics))
+
+    async def _charge_rest(self, pending: _Pending, rest: int) -> None:
+        """Debit what a left stream cost beyond what was charged when the client left (once: its own key)."""
+        if rest <= 0:
+            return
+        hold = pending.hold
+        key = f"{hold.debit_key}:rest"[:256]
+
+        async def attempt() -> None:
+            ledger = await self.lifecycle.ledger()
+            await ledger.record_event(
+                hold.subject,
+                hold.action,
+                Amount(unit=_USD, amount=rest),
+                overage_policy=hold.overage_policy,
+                idempotency_key=key,
+                metadata={"model": pending.group, "route": pending.kind, "drained": True},
+            )
+
+        with contextlib.suppress(CyclesError):  # no budget any more: as for any debit, the lifecycle logs it
+            await self.lifecycle.retry("debit", hold.label, attempt)
 
     async def _settle(self, pending: _Pending, actual: int, metrics: dict[str, Any]) -> None:
         """Commit the actual cost (in shadow mode, or once the hold is gone: debit it), retrying while the

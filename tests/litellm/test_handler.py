@@ -192,7 +192,7 @@ async def test_a_retry_that_succeeds_after_the_failure_grace_is_still_paid(tmp_p
         cb = CyclesCallback(Settings(), ledger=ledger)
         await cb.async_pre_call_hook(None, None, request("slow-1"), "acompletion")
         assert (await ledger.balance("tenant:h")).reserved > 0
-        await cb._release_if_pending("slow-1")  # what the grace timer runs after a failed attempt
+        await cb._release_if_pending("slow-1", cb._pending["slow-1"])  # what the grace timer runs after a failure
         b = await ledger.balance("tenant:h")
         assert (b.reserved, b.spent) == (0, 0)
         await cb.async_log_success_event({"litellm_call_id": "slow-1", "response_cost": 0.0005}, None, None, None)

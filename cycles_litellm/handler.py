@@ -70,6 +70,7 @@ log = logging.getLogger("cycles_litellm")
 _USD = Unit.USD_MICROCENTS
 # Where refusals of requests without a payer are logged (no tenant could be told).
 UNIDENTIFIED_SCOPE = "tenant:_unidentified"
+_FAILURE_GRACE_ROUNDS = 120  # graces waited for an attempt still running (an hour): then it is given up
 _FAILURE_GRACE_S = 30.0  # a failed attempt may still be retried or fall back inside the same request
 
 
@@ -86,6 +87,8 @@ class _Pending:
     actual: tuple[int, dict[str, Any]] | None = None  # the charge and usage, once LiteLLM logs the success
     fields: DecisionFields | None = None  # the decision as the loggers get it (observe.py)
     answer: Any = None  # the provider's answer, before post-call guardrails judged it
+    attempts: int = 0  # provider attempts started (LiteLLM's deployment hook runs before each) ...
+    failures: int = 0  # ... and failed: while more started than failed, one is still running
 
 
 _ANTHROPIC_CALL_TYPES = frozenset({"anthropic_messages", "aanthropic_messages"})
@@ -468,7 +471,11 @@ class CyclesCallback(CustomLogger):
         """The last gate before a provider: a client request (one the proxy received) whose call type is
         metered but whose call id never passed the pre-call hook took a route that skips LiteLLM's hooks
         (/v1/threads/{id}/runs, ...): refused, like a call type the plugin cannot meter. Health checks and
-        LiteLLM's own calls carry no client request and pass."""
+        LiteLLM's own calls carry no client request and pass. Each attempt at a provider (a retry, a fallback)
+        passes here: counted, so a failed attempt's grace timer does not free the hold of one still running."""
+        pending = self._pending.get(str(kwargs.get("litellm_call_id")))
+        if pending is not None:
+            pending.attempts += 1
         if not kwargs.get("proxy_server_request"):
             return None
         name = str(getattr(call_type, "value", call_type))
@@ -732,17 +739,24 @@ class CyclesCallback(CustomLogger):
         call_id = str(kwargs.get("litellm_call_id"))
         failed = self._pending.get(call_id)
         if failed is not None:
-            asyncio.get_running_loop().call_later(
-                _FAILURE_GRACE_S, lambda: asyncio.ensure_future(self._release_if_pending(call_id, failed))
-            )
+            failed.failures += 1
+            self._grace(call_id, failed, _FAILURE_GRACE_ROUNDS)
 
-    async def _release_if_pending(self, call_id: str, failed: _Pending) -> None:
+    def _grace(self, call_id: str, failed: _Pending, rounds: int) -> None:
+        asyncio.get_running_loop().call_later(
+            _FAILURE_GRACE_S, lambda: asyncio.ensure_future(self._release_if_pending(call_id, failed, rounds))
+        )
+
+    async def _release_if_pending(self, call_id: str, failed: _Pending, rounds: int = 0) -> None:
         """No success within the grace after a failed attempt: give the hold back, but keep the call known.
         A retry or fallback that still succeeds later (a long Retry-After, a slow model) is then recorded as
         a direct debit of its real cost instead of being lost; the entry goes after the reservation TTL."""
         pending = self._pending.get(call_id)
         if pending is not failed or pending.hold.state is not HoldState.HELD:
             return  # settled, or another request's since (an id a client sent again): not this timer's to free
+        if pending.attempts > pending.failures and rounds > 0:
+            self._grace(call_id, pending, rounds - 1)  # a retry or fallback is still at a provider: wait for it
+            return
         await self._release(pending, "call failed")  # from now on a success debits directly
 
         def forget() -> None:

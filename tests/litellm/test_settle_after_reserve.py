@@ -2,9 +2,8 @@
 a provider ends up paid, and its hold is not freed while it runs. Each test drives the callback's hooks in the
 order LiteLLM calls them, on a real SQLite ledger.
 
-Three gaps are known and marked `xfail(strict=True)` (they pass once fixed, and then strict xfail fails the
-run, so the mark comes off): a failed attempt's grace timer frees the hold while a retry runs past it, a retry
-finishing after grace + TTL is not charged, and the heartbeat stops after the ledger's 10 extensions.
+One gap is known and marked `xfail(strict=True)` (it passes once fixed, and then strict xfail fails the run, so
+the mark comes off): the heartbeat stops after the ledger's 10 extensions.
 """
 
 from __future__ import annotations
@@ -64,47 +63,51 @@ class RateLimited(Exception):
     """A provider's 429 on one attempt: the router retries it."""
 
 
-@pytest.mark.xfail(
-    strict=True, reason="known gap: the grace timer after a failed attempt does not know a retry is running"
-)
 async def test_a_failed_attempt_does_not_free_the_hold_while_the_retry_still_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Router num_retries: attempt 1 gets a 429 (LiteLLM logs a failure event), attempt 2 runs longer than the
-    failure grace (a long stream, a slow model). The grace timer releases the hold while attempt 2 is still at
-    the provider: another request takes the freed budget, and attempt 2's cost, debited afterwards under
-    ALLOW_IF_AVAILABLE, is cut to what is left. The grace is shortened here (30 s in the code)."""
+    failure grace (a long stream, a slow model). LiteLLM's deployment hook runs before each attempt, so the
+    plugin knows one is still running: the hold stays (no other request can take its budget) until attempt 2
+    ends; when it fails too, the hold goes back after the grace. The grace is shortened here (30 s in the code)."""
     monkeypatch.setattr(handler_module, "_FAILURE_GRACE_S", 0.05)
     held = await hold_of(tmp_path, request("probe"))
     url = budget(tmp_path, "a.db", held * 3 // 2)  # room for one call in flight, not two
     async with open_ledger(url) as ledger:
         cb = CyclesCallback(Settings(), ledger=ledger)
-        await cb.async_pre_call_hook(None, None, request("retry-1"), "acompletion")
+        data = await cb.async_pre_call_hook(None, None, request("retry-1"), "acompletion")
         assert (await ledger.balance("tenant:h")).reserved == held
+        await cb.async_pre_call_deployment_hook(data, "acompletion")  # attempt 1
         await cb.async_log_failure_event(
             {"litellm_call_id": "retry-1", "exception": RateLimited("429")}, None, None, None
         )
+        await cb.async_pre_call_deployment_hook(data, "acompletion")  # attempt 2
         await asyncio.sleep(0.3)  # attempt 2 is still running at the provider
         assert (await ledger.balance("tenant:h")).reserved == held, "the hold was freed while a retry runs"
         with pytest.raises(ProxyException):  # no room for a second call while retry-1 is in flight
             await cb.async_pre_call_hook(None, None, request("other-1"), "acompletion")
+        await cb.async_log_failure_event(  # attempt 2 fails too: nothing runs any more
+            {"litellm_call_id": "retry-1", "exception": RateLimited("429")}, None, None, None
+        )
+        await asyncio.sleep(0.3)
+        assert (await ledger.balance("tenant:h")).reserved == 0, "a call that failed for good still holds"
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: a call is forgotten one TTL after its grace release")
 async def test_a_retry_that_succeeds_after_grace_plus_ttl_is_still_paid(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """After the grace release, the pending entry is forgotten after one reservation TTL. A retry or
-    fallback whose success is logged later than that (a long stream after a 429) finds no entry: its whole
-    cost is never recorded, not even as a debit."""
+    """A retry or fallback whose success is logged later than the grace plus one reservation TTL (a long stream
+    after a 429): its hold was kept (an attempt was running) and heartbeated, so its whole cost is committed."""
     monkeypatch.setattr(handler_module, "_FAILURE_GRACE_S", 0.05)
     url = budget(tmp_path, "b.db")
     async with open_ledger(url) as ledger:
         cb = CyclesCallback(Settings(ttl_ms=1_000), ledger=ledger)
-        await cb.async_pre_call_hook(None, None, request("late-1"), "acompletion")
+        data = await cb.async_pre_call_hook(None, None, request("late-1"), "acompletion")
+        await cb.async_pre_call_deployment_hook(data, "acompletion")  # attempt 1
         await cb.async_log_failure_event(
             {"litellm_call_id": "late-1", "exception": RateLimited("429")}, None, None, None
         )
+        await cb.async_pre_call_deployment_hook(data, "acompletion")  # attempt 2
         await asyncio.sleep(1.5)  # grace + TTL: attempt 2 (a long stream) is still running
         await cb.async_log_success_event({"litellm_call_id": "late-1", "response_cost": 0.0005}, None, None, None)
         await settled(ledger, cb)

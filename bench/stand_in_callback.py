@@ -42,7 +42,9 @@ class StandIn(CustomLogger):
     ) -> None:
         return None
 
-    async def async_post_call_success_hook(self, data: dict[str, Any], user_api_key_dict: Any, response: Any) -> Any:
+    async def async_post_call_success_deployment_hook(
+        self, request_data: dict[str, Any], response: Any, call_type: Any
+    ) -> Any:
         return None
 
     async def async_post_call_failure_hook(

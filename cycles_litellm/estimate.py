@@ -189,7 +189,10 @@ def _fallback_targets(group: str, entries: Any) -> list[str]:
                 out.append(entry["model"])
             for key, targets in entry.items():
                 if key == "*" or (isinstance(key, str) and _names(key) & names):
-                    out.extend(t for t in (targets if isinstance(targets, list) else [targets]) if isinstance(t, str))
+                    for t in targets if isinstance(targets, list) else [targets]:
+                        target = t.get("model") if isinstance(t, Mapping) else t  # {"model": ..., ...} targets too
+                        if isinstance(target, str):
+                            out.append(target)
     return out
 
 
@@ -207,10 +210,18 @@ def fallback_groups(group: str, data: Mapping[str, Any], router: Any) -> list[st
         for entry in entries:
             if isinstance(entry, Mapping):
                 _overrides(f"an entry of {key}", entry, allowed=frozenset({"model"}))
+                for targets in entry.values():  # router form, {"group": [{"model": ..., <params>}]}
+                    for t in targets if isinstance(targets, list) else [targets]:
+                        if isinstance(t, Mapping):
+                            _overrides(f"a target in {key}", t, allowed=frozenset({"model"}))
         requested += [g for g in _fallback_targets(group, entries) if g not in requested]
     if len(requested) > _MAX_REQUEST_FALLBACKS:
         raise RequestInvalid(f"{len(requested)} fallback models in one request; the plugin prices up to 16")
     sources = [getattr(router, key, None) for key in _FALLBACK_KEYS] if router is not None else []
+    # a key's or team's router_settings: the proxy moves their fallbacks into the call after this hook
+    override = data.get("router_settings_override")
+    if isinstance(override, Mapping):
+        sources += [override.get(key) for key in _FALLBACK_KEYS]
     groups = [group, *(g for g in requested if g != group)]
     for g in groups:  # grows while it runs: the router's fallbacks of every group reached
         for source in sources:
@@ -368,6 +379,8 @@ _IMAGE_TOKENS_AT_MOST = {
     "gpt-4.1-mini": 2_489,
     "gpt-4.1-nano": 3_779,
     "o4-mini": 2_642,
+    "gpt-5-mini": 2_489,
+    "gpt-5-nano": 3_779,
 }
 
 
@@ -665,7 +678,7 @@ def _within_window(priced: str, tokens: int) -> int:
     if tokens <= _SMALLEST_WINDOW:  # the usual call: no lookup
         return tokens
     info = model_info(priced)
-    window = _positive_int(info.get("max_input_tokens")) or _positive_int(info.get("max_tokens"))
+    window = _positive_int(info.get("max_input_tokens"))  # (`max_tokens` in LiteLLM's map is the output's)
     if window is not None and tokens > window:
         return window
     if tokens >= _UNSIZED_TOKENS:

@@ -692,11 +692,14 @@ class CyclesCallback(CustomLogger):
             actual = pending.estimate.amount
         return actual, {"tokens_input": prompt, "tokens_output": completion}
 
-    async def async_post_call_success_hook(self, data: dict[str, Any], user_api_key_dict: Any, response: Any) -> Any:
-        """LiteLLM hands every callback the provider's answer before post-call guardrails judge it. One that blocks
-        it ends the request with the failure hook and no success event, though the provider billed the call: the
-        answer is kept (a reference: this runs on every call) so that the failure hook charges what it cost."""
-        pending = self._pending.get(str(data.get("litellm_call_id")))
+    async def async_post_call_success_deployment_hook(
+        self, request_data: dict[str, Any], response: Any, call_type: Any
+    ) -> Any:
+        """LiteLLM runs this right after a provider answers, before post-call guardrails judge the answer (they
+        run first among the proxy's post-call hooks). One that blocks it ends the request with the failure hook
+        and no success event, though the provider billed the call: the answer is kept (a reference: this runs on
+        every call) so that the failure hook charges what it cost."""
+        pending = self._pending.get(str(request_data.get("litellm_call_id")))
         if pending is not None:
             pending.answer = response
         return None
@@ -790,6 +793,7 @@ class CyclesCallback(CustomLogger):
         out_tokens = _count_text(pending, text) if text else 0
         actual = pending.estimate.input_cost + _output_cost(pending, out_tokens)
         self.counters["aborted_streams"] += 1
+        pending.streamed = []  # counted: only what was charged is kept for the rest
         self._aborted[pending.call_id] = (pending, actual)
         while len(self._aborted) > 10_000:
             self._aborted.popitem(last=False)

@@ -18,7 +18,7 @@ from openai import AsyncOpenAI
 
 from cycles_ledger import open_ledger
 from cycles_litellm import CyclesCallback, Settings
-from cycles_litellm.estimate import RequestInvalid, estimate_call
+from cycles_litellm.estimate import RequestInvalid, estimate_call, image_tokens
 
 MSGS = [{"role": "user", "content": "hi"}]
 _USD = 10**8  # USD_MICROCENTS per dollar
@@ -290,3 +290,89 @@ def test_openai_web_search_is_bounded_and_priced_per_search() -> None:
     chat = {"model": "gpt-4o-mini", "messages": MSGS, "max_tokens": 10}
     searched = estimate_call("gpt-4o-mini", {**chat, "web_search_options": {}}, "chat", Settings())
     assert searched.input_tokens == _window("gpt-4o-mini") and searched.amount >= fee
+
+
+# --- fallback targets, key and team fallbacks, input windows, more image rules ------------------------------
+
+
+async def test_a_router_form_fallback_with_dict_targets_is_priced_or_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`[{"flaky": [{"model": "dear", "n": 5, "max_tokens": 16000}]}]`: LiteLLM's run_async_fallback does
+    kwargs.update(target) for a dict target, so the call goes to o1 with 5 answers of 16,000 tokens (the control):
+    a target carrying such fields is refused like an entry carrying them."""
+    router = litellm.Router(model_list=_DEPLOYMENTS, num_retries=0)
+    req: dict[str, Any] = {"model": "flaky", "messages": MSGS, "max_tokens": 10}
+    fallbacks = [{"flaky": [{"model": "dear", "n": 5, "max_tokens": 16000}]}]
+    calls = _spy(monkeypatch)
+    await router.acompletion(**req, fallbacks=fallbacks)
+    assert calls[-1] == {"model": "openai/o1", "n": 5, "max_tokens": 16000}  # the control: LiteLLM sends this
+    worst = estimate_call("dear", {**req, "n": 5, "max_tokens": 16000}, "chat", Settings(), router).amount
+    try:
+        held = estimate_call("flaky", {**req, "fallbacks": fallbacks}, "chat", Settings(), router).amount
+    except RequestInvalid:
+        return  # refused: fine
+    assert held >= worst, f"held {held}, the fallback LiteLLM makes may cost {worst}"
+
+
+def test_a_router_fallback_target_given_as_a_dict_is_priced() -> None:
+    """The router's own config may name a target as `{"model": "dear"}` (the form LiteLLM's
+    _get_fallback_target_model_group accepts): it is priced like a name."""
+    router = litellm.Router(model_list=_DEPLOYMENTS, num_retries=0, fallbacks=[{"flaky": [{"model": "dear"}]}])
+    req = {"model": "flaky", "messages": MSGS, "max_tokens": 10}
+    held = estimate_call("flaky", req, "chat", Settings(), router).amount
+    assert held >= estimate_call("dear", req, "chat", Settings(), router).amount
+
+
+def test_key_or_team_router_settings_fallbacks_are_priced() -> None:
+    """A key's or team's router_settings.fallbacks reach the request as `router_settings_override` before the
+    pre-call hooks; route_llm_request copies them into data["fallbacks"] afterwards, and the Router follows them:
+    the fallback group is priced."""
+    router = litellm.Router(model_list=_DEPLOYMENTS, num_retries=0)
+    req: dict[str, Any] = {"model": "flaky", "messages": MSGS, "max_tokens": 10}
+    data = {**req, "router_settings_override": {"fallbacks": [{"flaky": ["dear"]}]}}
+    held = estimate_call("flaky", data, "chat", Settings(), router).amount
+    assert held >= estimate_call("dear", req, "chat", Settings(), router).amount
+
+
+def _house_router() -> litellm.Router:
+    """A deployment priced in litellm_params whose model_info gives `max_tokens` (LiteLLM's map: "LEGACY parameter.
+    set to max_output_tokens if provider specifies it") and no max_input_tokens."""
+    return litellm.Router(
+        model_list=[
+            {
+                "model_name": "house",
+                "litellm_params": {
+                    "model": "openai/house-model",
+                    "api_key": "x",
+                    "input_cost_per_token": 0.000001,
+                    "output_cost_per_token": 0.000002,
+                },
+                "model_info": {"max_tokens": 4096},
+            }
+        ]
+    )
+
+
+def test_max_tokens_is_not_an_input_window() -> None:
+    """`max_tokens` in LiteLLM's map is the output's maximum, not an input window: a 20,000-token prompt on such a
+    deployment is held in full, not cut to 4,096."""
+    router = _house_router()
+    text = "hello world " * 10_000
+    req = {"model": "house", "messages": [{"role": "user", "content": text}], "max_tokens": 16}
+    est = estimate_call("house", req, "chat", Settings(), router)
+    assert est.input_tokens >= 15_000, f"held {est.input_tokens} input tokens for a ~20,000-token prompt"
+
+
+def test_unsized_content_on_a_model_with_only_max_tokens_is_refused() -> None:
+    """A stored response on that model: its input window is unknown, so the request is refused, as without
+    model_info, rather than held for 4,096 input tokens."""
+    router = _house_router()
+    req = {"model": "house", "input": "go on", "max_output_tokens": 16, "previous_response_id": "resp_1"}
+    with pytest.raises(RequestInvalid):
+        estimate_call("house", req, "responses", Settings(), router)
+
+
+@pytest.mark.parametrize(("model", "at_least"), [("gpt-5-mini", 1_843), ("gpt-5-nano", 2_304)])
+def test_patch_priced_gpt5_small_models_hold_their_image_cost(model: str, at_least: int) -> None:
+    """gpt-5-mini and gpt-5-nano bill images by 32 px patches (up to 1,536) times a multiplier: 1.62 / 2.46 in
+    OpenAI's vision guide, 1.2 / 1.5 as measured; either way more than IMAGE_TOKENS (1,600) at the cap."""
+    assert image_tokens(model) >= at_least

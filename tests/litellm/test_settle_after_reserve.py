@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import litellm
 import pytest
 from litellm.proxy._types import ProxyException
 
@@ -227,8 +228,65 @@ async def test_a_response_a_post_call_guardrail_blocks_is_still_paid(tmp_path: P
             choices=[Choices(index=0, message=Message(role="assistant", content="x " * 20), finish_reason="stop")],
             usage=Usage(prompt_tokens=10, completion_tokens=20, total_tokens=30),
         )
-        await cb.async_post_call_success_hook(data, None, response)  # the plugin's turn, before the guardrail's
+        await cb.async_post_call_success_deployment_hook(data, response, "acompletion")  # the provider answered
         await cb.async_post_call_failure_hook(data, GuardrailBlocked("output blocked"), None)
         await settled(ledger, cb)
         b = await ledger.balance("tenant:h")
         assert b.reserved == 0 and b.spent > 0, "a response the provider billed was released as if never made"
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # LiteLLM's proxy modules, on import
+async def test_a_response_a_real_post_call_guardrail_blocks_is_paid(tmp_path: Path) -> None:
+    """LiteLLM's ProxyLogging.post_call_success_hook runs guardrail callbacks FIRST and the other CustomLoggers
+    (this plugin) after them (_partition_post_call_callbacks): a guardrail that raises ends the loop before any
+    other callback sees the answer, and the deferred success logging is skipped (_flush_deferred_async_logging).
+    The plugin kept the answer when the provider gave it (async_post_call_success_deployment_hook, which LiteLLM's
+    call wrapper runs after every deployment call), so the failure hook charges it."""
+    from litellm.caching.dual_cache import DualCache
+    from litellm.integrations.custom_guardrail import CustomGuardrail
+    from litellm.proxy._types import UserAPIKeyAuth
+    from litellm.proxy.utils import ProxyLogging
+    from litellm.types.guardrails import GuardrailEventHooks
+    from litellm.types.utils import Choices, Message, ModelResponse, Usage
+
+    class Blocker(CustomGuardrail):
+        async def async_post_call_success_hook(self, data: dict, user_api_key_dict: Any, response: Any) -> Any:
+            raise ValueError("output blocked")
+
+    blocker = Blocker(guardrail_name="blocker", event_hook=GuardrailEventHooks.post_call, default_on=True)
+    url = f"sqlite:///{tmp_path / 'g.db'}"
+    async with open_ledger(url) as ledger:
+        await ledger.set_budget("tenant:h", "1usd")
+        cb = CyclesCallback(Settings(), ledger=ledger)
+        saved = list(litellm.callbacks)
+        litellm.callbacks = [cb, blocker]  # the plugin registered first, as in configs/litellm.yaml
+        try:
+            data = {
+                "model": "gpt-4o-mini",
+                "messages": MSGS,
+                "max_tokens": 20,
+                "litellm_call_id": "guard-real-1",
+                "proxy_server_request": {"headers": {"x-cycles-tenant": "h"}},
+                "metadata": {},
+            }
+            data = await cb.async_pre_call_hook(None, None, data, "acompletion")
+            response = ModelResponse(
+                model="gpt-4o-mini",
+                choices=[Choices(index=0, message=Message(role="assistant", content="x"), finish_reason="stop")],
+                usage=Usage(prompt_tokens=10, completion_tokens=20, total_tokens=30),
+            )
+            await cb.async_post_call_success_deployment_hook(data, response, "acompletion")  # the provider answered
+            proxy_logging = ProxyLogging(user_api_key_cache=DualCache())
+            with pytest.raises(ValueError, match="output blocked"):
+                await proxy_logging.post_call_success_hook(
+                    data=data, response=response, user_api_key_dict=UserAPIKeyAuth()
+                )
+            await cb.async_post_call_failure_hook(data, ValueError("output blocked"), UserAPIKeyAuth())
+        finally:
+            litellm.callbacks = saved
+        for _ in range(100):
+            if not cb._tasks:
+                break
+            await asyncio.sleep(0.02)
+        b = await ledger.balance("tenant:h")
+        assert b.reserved == 0 and b.spent > 0, f"a billed answer was released (spent {b.spent})"

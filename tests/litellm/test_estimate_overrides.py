@@ -215,22 +215,26 @@ def test_files_by_reference_hold_the_window_and_inline_files_their_size() -> Non
     assert 1_445 <= held("gpt-4o", image) < 2_000  # gpt-4o: 85 + 8 x 170 at most
 
 
+def _house_router(model_info: dict[str, Any] | None = None) -> litellm.Router:
+    """A deployment priced in its own litellm_params (no map entry); by default its model_info gives `max_tokens`
+    (LiteLLM's map: "LEGACY parameter. set to max_output_tokens if provider specifies it") and no max_input_tokens."""
+    deployment: dict[str, Any] = {
+        "model_name": "house",
+        "litellm_params": {
+            "model": "openai/house-model",
+            "api_key": "x",
+            "input_cost_per_token": 0.000001,
+            "output_cost_per_token": 0.000002,
+        },
+        "model_info": {"max_tokens": 4096} if model_info is None else model_info,
+    }
+    return litellm.Router(model_list=[deployment])
+
+
 def test_content_nobody_can_size_on_a_model_without_a_known_window_is_refused() -> None:
     """A deployment priced in its own litellm_params (no map entry, so no input window): a call pointing at a
     stored response cannot be bounded, and is refused rather than held for the 8 tokens of its body."""
-    router = litellm.Router(
-        model_list=[
-            {
-                "model_name": "house",
-                "litellm_params": {
-                    "model": "openai/house-model",
-                    "api_key": "x",
-                    "input_cost_per_token": 0.000001,
-                    "output_cost_per_token": 0.000002,
-                },
-            }
-        ]
-    )
+    router = _house_router({})
     req = {"model": "house", "input": "go on", "max_output_tokens": 16}
     assert estimate_call("house", req, "responses", Settings(), router).input_tokens < 100
     with pytest.raises(RequestInvalid, match="cannot size"):
@@ -331,25 +335,6 @@ def test_key_or_team_router_settings_fallbacks_are_priced() -> None:
     data = {**req, "router_settings_override": {"fallbacks": [{"flaky": ["dear"]}]}}
     held = estimate_call("flaky", data, "chat", Settings(), router).amount
     assert held >= estimate_call("dear", req, "chat", Settings(), router).amount
-
-
-def _house_router() -> litellm.Router:
-    """A deployment priced in litellm_params whose model_info gives `max_tokens` (LiteLLM's map: "LEGACY parameter.
-    set to max_output_tokens if provider specifies it") and no max_input_tokens."""
-    return litellm.Router(
-        model_list=[
-            {
-                "model_name": "house",
-                "litellm_params": {
-                    "model": "openai/house-model",
-                    "api_key": "x",
-                    "input_cost_per_token": 0.000001,
-                    "output_cost_per_token": 0.000002,
-                },
-                "model_info": {"max_tokens": 4096},
-            }
-        ]
-    )
 
 
 def test_max_tokens_is_not_an_input_window() -> None:

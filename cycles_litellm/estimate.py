@@ -619,7 +619,7 @@ def estimate_call(group: str, data: Mapping[str, Any], kind: str, settings: Sett
         return max((_unit_priced(g, data, kind, settings, router) for g in groups), key=lambda e: e.amount)
     candidates = [mp for g in groups for mp in prices_of_group(g, settings, router)]
     # a provider-side cache (Gemini) and what server tools fetch are billed, and not in the body
-    server, searches = server_tools(data) if kind in ("chat", "messages", "responses") else (False, 0)
+    server, searches = server_tools(data, kind) if kind in ("chat", "messages", "responses") else (False, 0)
     cached = bool(data.get("cached_content")) or server
     tokens_by_model: dict[str, int] = {}
     best: Estimate | None = None
@@ -644,7 +644,7 @@ def estimate_call(group: str, data: Mapping[str, Any], kind: str, settings: Sett
 _SERVER_TOOL_TYPES = ("web_search", "web_fetch", "code_execution", "file_search", "code_interpreter", "mcp")
 
 
-def server_tools(data: Mapping[str, Any]) -> tuple[bool, int]:
+def server_tools(data: Mapping[str, Any], kind: str = "chat") -> tuple[bool, int]:
     """(whether the provider runs tools itself, how many web searches it may bill). A web search tool must be
     bounded: `max_uses` on the tool (Anthropic), `max_tool_calls` (/v1/responses); chat's `web_search_options`
     is one search a request. An unbounded one is refused: its fees could not be held."""
@@ -652,7 +652,8 @@ def server_tools(data: Mapping[str, Any]) -> tuple[bool, int]:
     kinds = [str(t.get("type") or "") for t in tools if isinstance(t, dict)] if isinstance(tools, list) else []
     server = any(k.startswith(_SERVER_TOOL_TYPES) for k in kinds) or bool(data.get("mcp_servers"))
     searches = 1 if data.get("web_search_options") is not None else 0
-    bound = _positive_int(data.get("max_tool_calls"))
+    # only /v1/responses has max_tool_calls: elsewhere a provider may ignore it, so it bounds nothing
+    bound = _positive_int(data.get("max_tool_calls")) if kind == "responses" else None
     for tool in tools if isinstance(tools, list) else []:
         if isinstance(tool, dict) and str(tool.get("type") or "").startswith("web_search"):
             uses = _positive_int(tool.get("max_uses")) or bound

@@ -272,6 +272,8 @@ def test_a_server_web_search_holds_its_fees_and_what_it_reads() -> None:
     req = {"model": model, "max_tokens": 100, "messages": [{"role": "user", "content": "news?"}]}
     with pytest.raises(RequestInvalid, match="max_uses"):
         estimate_call(model, {**req, "tools": [tool]}, "messages", Settings())
+    with pytest.raises(RequestInvalid, match="max_uses"):  # only /v1/responses has max_tool_calls: no bound here
+        estimate_call(model, {**req, "tools": [tool], "max_tool_calls": 1}, "messages", Settings())
     est = estimate_call(model, {**req, "tools": [{**tool, "max_uses": 3}]}, "messages", Settings())
     assert est.input_tokens == _window(model)
     assert est.amount >= _billed(model, est.input_tokens, 100, 3) > _billed(model, est.input_tokens, 100, 2)

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncGenerator, Mapping
@@ -70,6 +71,7 @@ log = logging.getLogger("cycles_litellm")
 _USD = Unit.USD_MICROCENTS
 # Where refusals of requests without a payer are logged (no tenant could be told).
 UNIDENTIFIED_SCOPE = "tenant:_unidentified"
+_GATE_KEY = "cycles_pass"  # in the request metadata: the secret the deployment gate checks (see `_passed`)
 _FAILURE_GRACE_ROUNDS = 120  # graces waited for an attempt still running (an hour): then it is given up
 _FAILURE_GRACE_S = 30.0  # a failed attempt may still be retried or fall back inside the same request
 
@@ -208,7 +210,10 @@ class CyclesCallback(CustomLogger):
         self._ledger_lock = asyncio.Lock()
         self._pending: dict[str, _Pending] = {}
         self._headers: collections.OrderedDict[str, dict[str, str]] = collections.OrderedDict()
-        self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()  # call ids our hook passed
+        # call id -> the secret the pre-call hook wrote into the request it let through (`_GATE_KEY`): the
+        # deployment gate opens only for a call carrying it, which a client cannot forge (a denied or settled id,
+        # or one sent on a route that skips the pre-call hook, carries none)
+        self._passed: collections.OrderedDict[str, str] = collections.OrderedDict()
         # streams the client left, settled at what it saw: the proxy may still read them to the end and log
         # what the provider billed in full (Anthropic /v1/messages), and the rest is charged then
         self._aborted: collections.OrderedDict[str, tuple[_Pending, int]] = collections.OrderedDict()
@@ -275,6 +280,25 @@ class CyclesCallback(CustomLogger):
     async def async_pre_call_hook(
         self, user_api_key_dict: Any, cache: Any, data: dict[str, Any], call_type: str
     ) -> dict[str, Any]:
+        out = await self._pre_call(user_api_key_dict, data, call_type)
+        self._let_through(out)  # reached only for a request that goes on (a refusal raised)
+        return out
+
+    def _let_through(self, data: dict[str, Any]) -> None:
+        """Mark a request the pre-call hook lets through, so the deployment gate knows its attempts (LiteLLM
+        carries the metadata to every retry and fallback)."""
+        call_id = str(data.get("litellm_call_id"))
+        metadata = next((m for k in ("litellm_metadata", "metadata") if isinstance(m := data.get(k), dict)), None)
+        if metadata is None and data.get("proxy_server_request"):  # the proxy always has one; LiteLLM keeps it
+            metadata = data["metadata"] = {}
+        secret = os.urandom(8).hex() if metadata is not None else ""
+        if metadata is not None:
+            metadata[_GATE_KEY] = secret
+        self._passed[call_id] = secret
+        while len(self._passed) > 100_000:
+            self._passed.popitem(last=False)
+
+    async def _pre_call(self, user_api_key_dict: Any, data: dict[str, Any], call_type: str) -> dict[str, Any]:
         started = time.perf_counter()
         if not self._prometheus_spared:
             self._prometheus_spared = spare_prometheus()
@@ -292,9 +316,6 @@ class CyclesCallback(CustomLogger):
             return data
         call_id = data.get("litellm_call_id") or uuid.uuid4().hex
         data.setdefault("litellm_call_id", call_id)
-        self._seen[str(call_id)] = None
-        while len(self._seen) > 100_000:
-            self._seen.popitem(last=False)
         try:
             subject: Subject | None
             subject, unchosen = payer_from_request(data, user_api_key_dict, self.settings.subject)
@@ -480,11 +501,24 @@ class CyclesCallback(CustomLogger):
             return None
         name = str(getattr(call_type, "value", call_type))
         route = classify(name, self.settings.unmetered_routes)
-        if route.kind == "free" or str(kwargs.get("litellm_call_id")) in self._seen:
+        if route.kind == "free" or self._carries_pass(kwargs):
             return None
         # No key object reaches this hook, so the payer is unknown here; a client-named shadow scope must not
         # open the gate, so only a proxy wholly in shadow mode lets such a call through.
         return self._refuse_route(Route(name, "refused"), kwargs, self.settings.mode == "shadow")
+
+    def _carries_pass(self, kwargs: Mapping[str, Any]) -> bool:
+        """True for an attempt of a request the pre-call hook let through: its call id is known and it carries
+        that request's secret (or the hook had no metadata to write it in)."""
+        secret = self._passed.get(str(kwargs.get("litellm_call_id")))
+        if secret is None:
+            return False
+        if not secret:
+            return True
+        return any(
+            isinstance(m, Mapping) and m.get(_GATE_KEY) == secret
+            for m in (kwargs.get("metadata"), kwargs.get("litellm_metadata"))
+        )
 
     def _refuse_route(
         self, route: Route, data: dict[str, Any], shadow: bool, subject: Subject | None = None
@@ -511,7 +545,6 @@ class CyclesCallback(CustomLogger):
         # touches the other's hold.
         own = f"{call_id}#dup-{uuid.uuid4().hex[:8]}"
         data["litellm_call_id"] = own
-        self._seen[own] = None  # the deployment gate must know it
         logging_obj = data.get("litellm_logging_obj")  # made before the hook, with the shared id
         if logging_obj is not None and hasattr(logging_obj, "litellm_call_id"):
             logging_obj.litellm_call_id = own

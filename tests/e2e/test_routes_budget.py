@@ -583,3 +583,28 @@ def test_estimate_ratio_table(request: pytest.FixtureRequest) -> None:
     lines = [f"{name:20s} estimate {e:>10d}  bill {b:>10d}  ratio {e / b:.3f}" for name, (e, b) in ESTIMATES.items()]
     print("\n" + "\n".join(lines))
     assert all(e >= b for e, b in ESTIMATES.values())
+
+
+def test_a_denied_call_id_sent_on_a_route_without_the_pre_call_hook_is_refused_before_the_provider(
+    proxy: LiteLLMProxy, fake_upstream: FakeUpstream
+) -> None:
+    """/queue/chat/completions hands the client's body, its `litellm_call_id` included, to the router without
+    LiteLLM's pre-call hook. A call id the plugin just denied (or any other a client names) does not open the
+    deployment gate: only a request the pre-call hook let through carries the secret that does."""
+    t = tenant(ROUTES[0], "queue")
+    budget(proxy, f"tenant:{t}", 1)  # too little for any call
+    call_id = f"client-{uuid.uuid4().hex}"
+    fake_upstream.clear()
+    denied = _chat_with_call_id(proxy, t, call_id)
+    assert denied.status_code == 402, denied.text
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "litellm_call_id": call_id}
+    body["priority"] = 0
+    queued = httpx.post(
+        f"{proxy.url}/queue/chat/completions",
+        json=body,
+        headers={**proxy.auth_headers, "x-cycles-tenant": t},
+        timeout=60,
+    )
+    assert queued.status_code >= 400, queued.text
+    assert "ROUTE_NOT_METERED" in queued.text
+    assert [r.path for r in fake_upstream.requests] == []

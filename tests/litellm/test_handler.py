@@ -145,11 +145,11 @@ async def test_the_deployment_gate_refuses_a_client_request_that_skipped_the_pre
             await cb.async_pre_call_deployment_hook(dict(proxied), CallTypes.acompletion)
         assert info.value.code == "402" and "ROUTE_NOT_METERED" in str(info.value.to_dict())
         assert "/v1/threads/t/runs" in info.value.message
-        await cb.async_pre_call_hook(None, None, request("seen"), "acompletion")
-        assert (
+        seen = await cb.async_pre_call_hook(None, None, request("seen"), "acompletion")
+        attempt = {**proxied, "litellm_call_id": "seen", "metadata": seen["metadata"]}  # what LiteLLM carries on
+        assert await cb.async_pre_call_deployment_hook(attempt, CallTypes.acompletion) is None
+        with pytest.raises(ProxyException):  # the id alone (a client sending it on a hook-less route) is not enough
             await cb.async_pre_call_deployment_hook({**proxied, "litellm_call_id": "seen"}, CallTypes.acompletion)
-            is None
-        )
         assert await cb.async_pre_call_deployment_hook(dict(proxied), CallTypes.afile_retrieve) is None
         assert await cb.async_pre_call_deployment_hook({"litellm_call_id": "health"}, CallTypes.acompletion) is None
         shadow = CyclesCallback(Settings(mode="shadow"), ledger=ledger)

@@ -40,6 +40,7 @@ __all__ = [
     "token_hold",
     "IMAGE_TOKENS",
     "image_tokens",
+    "moderation_is_free",
     "MIN_CAP",
     "Estimate",
     "Price",
@@ -239,6 +240,21 @@ def _deployments(group: str, router: Any) -> list[tuple[str, Mapping[str, Any]]]
         params = dep.get("litellm_params", {})
         out.append((params.get("model", group), params))
     return out or [(group, {})]
+
+
+def moderation_is_free(group: str, settings: Settings, router: Any = None) -> bool:
+    """Moderation bills nothing at OpenAI; a group with any deployment elsewhere (Mistral bills its moderation,
+    though LiteLLM's map prices it at 0) is free only when cycles.yaml's `free_models` says so."""
+    if group in settings.free_models:
+        return True
+    for model, params in _deployments(group, router):
+        try:
+            provider = litellm.get_llm_provider(model, custom_llm_provider=params.get("custom_llm_provider"))[1]
+        except Exception:  # noqa: BLE001 - a name LiteLLM cannot place: its moderation call goes to OpenAI
+            provider = "openai"
+        if provider != "openai":
+            return False
+    return True
 
 
 _PRICE_TTL_S = 60.0  # deployments can change at runtime (proxy admin API): re-read them every minute

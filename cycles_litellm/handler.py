@@ -51,6 +51,7 @@ from .estimate import (
     cost_of_usage,
     counting_model,
     estimate_call,
+    moderation_is_free,
     price_of_group,
     set_cap,
     soft_landing,
@@ -71,6 +72,7 @@ log = logging.getLogger("cycles_litellm")
 _USD = Unit.USD_MICROCENTS
 # Where refusals of requests without a payer are logged (no tenant could be told).
 UNIDENTIFIED_SCOPE = "tenant:_unidentified"
+_MODERATION = frozenset({"moderation", "amoderation"})
 _GATE_KEY = "cycles_pass"  # in the request metadata: the secret the deployment gate checks (see `_passed`)
 _FAILURE_GRACE_ROUNDS = 120  # graces waited for an attempt still running (an hour): then it is given up
 _FAILURE_GRACE_S = 30.0  # a failed attempt may still be retried or fall back inside the same request
@@ -310,6 +312,12 @@ class CyclesCallback(CustomLogger):
                 log.info(
                     "cycles: %s let through unmetered (unmetered_routes in cycles.yaml)", _route_name(data, call_type)
                 )
+            elif call_type in _MODERATION and not moderation_is_free(
+                str(data.get("model", "")), self.settings, _router()
+            ):
+                # free at OpenAI only: another provider behind the group may bill it (refused, like any route the
+                # plugin cannot price; unmetered_routes or free_models let it through)
+                return self._refuse_route(Route(str(call_type), "refused"), data, self.settings.mode == "shadow")
             else:
                 # nothing decided here: no decision a client wrote may pass for the plugin's
                 scrub(data, shadow=self.settings.mode == "shadow")

@@ -61,7 +61,7 @@ METERED["aanthropic_messages"] = "messages"
 
 # Call types that never make a billable provider call: reading, listing, deleting or cancelling what
 # exists, uploading a file (a later batch or fine-tune that uses it is refused unless allowed),
-# counting tokens, and moderation (free at OpenAI; LiteLLM prices it at 0).
+# counting tokens, and moderation (free at OpenAI; elsewhere refused unless free_models says so: handler.py).
 FREE: frozenset[str] = frozenset(
     name
     for base in (

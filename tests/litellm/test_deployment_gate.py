@@ -98,3 +98,28 @@ async def test_a_settled_call_id_cannot_be_replayed_through_the_deployment_gate(
         assert gate.value.code == "402"
     finally:
         await ledger.aclose()
+
+
+@pytest.mark.parametrize(
+    ("model", "settings", "passes"),
+    [
+        ("omni-moderation-latest", Settings(), True),  # OpenAI's moderation bills nothing
+        ("text-moderation-latest", Settings(), True),  # a name LiteLLM cannot place goes to OpenAI
+        ("mistral/mistral-moderation-latest", Settings(), False),  # Mistral bills it; LiteLLM's map says 0
+        ("mistral/mistral-moderation-latest", Settings(free_models=["mistral/mistral-moderation-latest"]), True),
+        ("mistral/mistral-moderation-latest", Settings(unmetered_routes=["amoderation"]), True),
+    ],
+)
+async def test_moderation_is_free_at_openai_only(tmp_path: Path, model: str, settings: Settings, passes: bool) -> None:
+    """LiteLLM sends a moderation to whichever provider the model names, with that provider's key: free at OpenAI,
+    refused before the provider elsewhere (402 ROUTE_NOT_METERED) unless cycles.yaml lists the model as free or the
+    route as unmetered."""
+    async with open_ledger(f"sqlite:///{tmp_path / 'm.db'}") as ledger:
+        cb = CyclesCallback(settings, ledger=ledger)
+        data = {"model": model, "input": "hi", "proxy_server_request": {"headers": {"x-cycles-tenant": "h"}}}
+        if passes:
+            assert await cb.async_pre_call_hook(None, None, data, "amoderation") is data
+        else:
+            with pytest.raises(ProxyException) as refused:
+                await cb.async_pre_call_hook(None, None, data, "amoderation")
+            assert refused.value.to_dict()["code"] == "ROUTE_NOT_METERED"

@@ -239,21 +239,51 @@ class Lifecycle:
                 ledger, hold, actual, metrics, also, background
             ):
                 return
-            # Shadow, released or expired: the work ran and nothing holds its cost. Shadow records every unit
-            # (past the budget as debt); a real call is debited under its own overage policy.
-            policy = OveragePolicy.RECORD_ALL if hold.shadow else hold.overage_policy
-            with contextlib.suppress(IdempotencyMismatchError):  # debited before under this key: charged once
-                await ledger.record_event(
-                    hold.subject,
-                    hold.action,
-                    actual,
-                    overage_policy=policy,
-                    idempotency_key=hold.debit_key,
-                    metrics=metrics,
-                    also=also,
-                )
+            # Shadow, released or expired: the work ran and nothing holds its cost.
+            await self._debit(ledger, hold, actual, hold.debit_key, metrics, also)
             hold.state = HoldState.DEBITED
 
+        await self._settling(hold, actual, attempt)
+
+    async def debit_more(self, hold: Hold, more: Amount, *, metadata: Mapping[str, Any] | None = None) -> None:
+        """Work already settled turned out to cost `more` (the rest of a stream the client left, which the proxy
+        read to its end): debited once, under a key of its own, as any debit of the hold would be."""
+        if more.amount <= 0:
+            return
+
+        async def attempt() -> None:
+            ledger = await self.ledger()
+            await self._debit(ledger, hold, more, f"{hold.debit_key}:rest"[:256], None, (), metadata)
+
+        await self._settling(hold, more, attempt)
+
+    @staticmethod
+    async def _debit(
+        ledger: Ledger,
+        hold: Hold,
+        actual: Amount,
+        key: str,
+        metrics: Mapping[str, Any] | None,
+        also: Sequence[Amount],
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Debit what nothing holds. Shadow records every unit (past the budget as debt); a real call is debited
+        under its own overage policy."""
+        policy = OveragePolicy.RECORD_ALL if hold.shadow else hold.overage_policy
+        with contextlib.suppress(IdempotencyMismatchError):  # debited before under this key: charged once
+            await ledger.record_event(
+                hold.subject,
+                hold.action,
+                actual,
+                overage_policy=policy,
+                idempotency_key=key,
+                metrics=metrics,
+                metadata=metadata,
+                also=also,
+            )
+
+    async def _settling(self, hold: Hold, actual: Amount, attempt: Callable[[], Awaitable[object]]) -> None:
+        """Run a settle's `attempt` with retries; log and count what the ledger could not take, never raise."""
         try:
             if not await self.retry("settle", hold.label, attempt):
                 self.log.error("cycles: could not settle %s; its hold expires with the reservation TTL", hold.label)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import dataclasses
 import functools
 import json
@@ -843,24 +842,8 @@ class CyclesCallback(CustomLogger):
 
     async def _charge_rest(self, pending: _Pending, rest: int) -> None:
         """Debit what a left stream cost beyond what was charged when the client left (once: its own key)."""
-        if rest <= 0:
-            return
-        hold = pending.hold
-        key = f"{hold.debit_key}:rest"[:256]
-
-        async def attempt() -> None:
-            ledger = await self.lifecycle.ledger()
-            await ledger.record_event(
-                hold.subject,
-                hold.action,
-                Amount(unit=_USD, amount=rest),
-                overage_policy=hold.overage_policy,
-                idempotency_key=key,
-                metadata={"model": pending.group, "route": pending.kind, "drained": True},
-            )
-
-        with contextlib.suppress(CyclesError):  # no budget any more: as for any debit, the lifecycle logs it
-            await self.lifecycle.retry("debit", hold.label, attempt)
+        drained = {"model": pending.group, "route": pending.kind, "drained": True}
+        await self.lifecycle.debit_more(pending.hold, Amount(unit=_USD, amount=rest), metadata=drained)
 
     async def _settle(self, pending: _Pending, actual: int, metrics: dict[str, Any]) -> None:
         """Commit the actual cost (in shadow mode, or once the hold is gone: debit it), retrying while the

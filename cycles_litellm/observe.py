@@ -70,6 +70,13 @@ class _JsonDict(dict[str, Any]):
         return json.dumps(self, default=str, separators=(",", ":"))
 
 
+def _with_decision(pairs: Any, fields: DecisionFields) -> _JsonDict:
+    """The spend_logs_metadata pairs `pairs` (any other value: none) with the decision under LOGGING_KEY."""
+    logged = _JsonDict(pairs if isinstance(pairs, Mapping) else {})
+    logged[LOGGING_KEY] = fields
+    return logged
+
+
 def _metadata(data: MutableMapping[str, Any]) -> MutableMapping[str, Any] | None:
     """The request's metadata dict the way LiteLLM names it for this route (`litellm_metadata` on
     /v1/messages, /v1/responses and newer routes, `metadata` elsewhere). The proxy makes one for every
@@ -97,9 +104,9 @@ def attach(data: MutableMapping[str, Any], fields: DecisionFields) -> None:
     if metadata is None:
         return
     pairs = metadata.get("spend_logs_metadata")
-    logged = pairs if isinstance(pairs, _JsonDict) else _JsonDict(pairs if isinstance(pairs, Mapping) else {})
-    logged[LOGGING_KEY] = fields
-    metadata["spend_logs_metadata"] = logged
+    if isinstance(pairs, _JsonDict):
+        pairs[LOGGING_KEY] = fields
+    metadata["spend_logs_metadata"] = logged = pairs if isinstance(pairs, _JsonDict) else _with_decision(pairs, fields)
     client = data.get("metadata")
     if client is metadata or not isinstance(client, MutableMapping) or "spend_logs_metadata" not in client:
         return
@@ -107,7 +114,7 @@ def attach(data: MutableMapping[str, Any], fields: DecisionFields) -> None:
         return  # shadow changes nothing a provider gets; its success payload is mended in `record_committed`
     theirs = client["spend_logs_metadata"]
     if isinstance(theirs, Mapping):
-        client["spend_logs_metadata"] = _JsonDict({**theirs, LOGGING_KEY: fields})
+        client["spend_logs_metadata"] = _with_decision(theirs, fields)
     elif fields.get("decision") == "DENY":
         client["spend_logs_metadata"] = logged
 
@@ -141,10 +148,7 @@ def record_committed(kwargs: Mapping[str, Any], fields: DecisionFields, amount: 
     metadata = payload.get("metadata") if isinstance(payload, MutableMapping) else None
     if not isinstance(metadata, MutableMapping) or fields_of(payload) is fields:
         return
-    pairs = metadata.get("spend_logs_metadata")
-    logged = _JsonDict(pairs if isinstance(pairs, Mapping) else {})
-    logged[LOGGING_KEY] = fields
-    metadata["spend_logs_metadata"] = logged
+    metadata["spend_logs_metadata"] = _with_decision(metadata.get("spend_logs_metadata"), fields)
 
 
 def is_refusal(exc: object) -> bool:

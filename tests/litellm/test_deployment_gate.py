@@ -14,7 +14,7 @@ import pytest
 from litellm.proxy._types import ProxyException
 from litellm.types.utils import CallTypes
 
-from cycles_ledger import open_ledger, open_ledger_sync
+from cycles_ledger import open_ledger
 from cycles_litellm import CyclesCallback, Settings
 
 MSGS = [{"role": "user", "content": "hello there"}]
@@ -43,11 +43,8 @@ def _queued(call_id: str) -> dict[str, Any]:
 
 
 async def test_a_denied_call_id_does_not_open_the_deployment_gate(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'd.db'}"
-    with open_ledger_sync(url) as led:
-        led.set_budget("tenant:h", "0usd")
-    ledger = open_ledger(url)
-    try:
+    async with open_ledger(f"sqlite:///{tmp_path / 'd.db'}") as ledger:
+        await ledger.set_budget("tenant:h", "0usd")
         cb = CyclesCallback(Settings(), ledger=ledger)
         with pytest.raises(ProxyException) as denied:
             await cb.async_pre_call_hook(None, None, _request("client-x"), "acompletion")
@@ -57,17 +54,12 @@ async def test_a_denied_call_id_does_not_open_the_deployment_gate(tmp_path: Path
             await cb.async_pre_call_deployment_hook(_queued("client-x"), CallTypes.acompletion)
         assert gate.value.code == "402"
         assert await ledger.list_reservations() == []
-    finally:
-        await ledger.aclose()
 
 
 async def test_a_denied_call_id_does_not_open_the_gate_for_a_refused_call_type(tmp_path: Path) -> None:
     """/v1/threads/{id}/runs (arun_thread, no LiteLLM hook) is the README's known gap that the gate closes."""
-    url = f"sqlite:///{tmp_path / 't.db'}"
-    with open_ledger_sync(url) as led:
-        led.set_budget("tenant:h", "0usd")
-    ledger = open_ledger(url)
-    try:
+    async with open_ledger(f"sqlite:///{tmp_path / 't.db'}") as ledger:
+        await ledger.set_budget("tenant:h", "0usd")
         cb = CyclesCallback(Settings(), ledger=ledger)
         with pytest.raises(ProxyException):
             await cb.async_pre_call_hook(None, None, _request("client-y"), "acompletion")
@@ -75,16 +67,11 @@ async def test_a_denied_call_id_does_not_open_the_gate_for_a_refused_call_type(t
         with pytest.raises(ProxyException) as gate:
             await cb.async_pre_call_deployment_hook(run, CallTypes.arun_thread)
         assert gate.value.code == "402"
-    finally:
-        await ledger.aclose()
 
 
 async def test_a_settled_call_id_cannot_be_replayed_through_the_deployment_gate(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 's.db'}"
-    with open_ledger_sync(url) as led:
-        led.set_budget("tenant:h", "1usd")
-    ledger = open_ledger(url)
-    try:
+    async with open_ledger(f"sqlite:///{tmp_path / 's.db'}") as ledger:
+        await ledger.set_budget("tenant:h", "1usd")
         cb = CyclesCallback(Settings(), ledger=ledger)
         await cb.async_pre_call_hook(None, None, _request("client-z"), "acompletion")
         await cb.async_log_success_event({"litellm_call_id": "client-z", "response_cost": 0.00001}, None, None, None)
@@ -96,8 +83,6 @@ async def test_a_settled_call_id_cannot_be_replayed_through_the_deployment_gate(
         with pytest.raises(ProxyException) as gate:
             await cb.async_pre_call_deployment_hook(_queued("client-z"), CallTypes.acompletion)
         assert gate.value.code == "402"
-    finally:
-        await ledger.aclose()
 
 
 @pytest.mark.parametrize(

@@ -177,30 +177,75 @@ def _names(group: str) -> set[str]:
     return {group, group.split("/", 1)[-1]}
 
 
+def _entry_targets(targets: Any) -> Iterable[str]:
+    for t in targets if isinstance(targets, list) else [targets]:
+        target = t.get("model") if isinstance(t, Mapping) else t  # {"model": ..., ...} targets too
+        if isinstance(target, str):
+            yield target
+
+
+@dataclass(frozen=True)
+class _FallbackIndex:
+    """One fallback list, indexed: the targets of each name a key matches (as written and without its
+    provider prefix), and those of every group (`"*"`, a bare name, a `{"model": ...}` entry), each in
+    list order."""
+
+    by_name: Mapping[str, tuple[str, ...]]
+    everyone: tuple[str, ...]
+
+    @classmethod
+    def of(cls, entries: Any) -> _FallbackIndex:
+        by_name: dict[str, list[str]] = {}
+        everyone: list[str] = []
+        for entry in entries if isinstance(entries, list) else []:
+            if isinstance(entry, str):
+                everyone.append(entry)
+            elif isinstance(entry, Mapping):
+                if isinstance(entry.get("model"), str):
+                    everyone.append(entry["model"])
+                for key, targets in entry.items():
+                    if key == "*":
+                        everyone += _entry_targets(targets)
+                    elif isinstance(key, str):
+                        for name in _names(key):
+                            by_name.setdefault(name, []).extend(_entry_targets(targets))
+        return cls({k: tuple(v) for k, v in by_name.items()}, tuple(everyone))
+
+    def targets(self, group: str) -> list[str]:
+        out = [t for name in _names(group) for t in self.by_name.get(name, ())]
+        return out + list(self.everyone) if self.everyone else out
+
+
 def _fallback_targets(group: str, entries: Any) -> list[str]:
     """Groups a fallback list names for `group`: `[{"gpt-4o": ["o1"]}]` (router and request form; the generic
     `"*"` entry, which `default_fallbacks` becomes, for every group), or a request's own `["o1", {"model": "o3"}]`."""
-    out: list[str] = []
-    names = _names(group)
-    for entry in entries if isinstance(entries, list) else []:
-        if isinstance(entry, str):
-            out.append(entry)
-        elif isinstance(entry, Mapping):
-            if isinstance(entry.get("model"), str):
-                out.append(entry["model"])
-            for key, targets in entry.items():
-                if key == "*" or (isinstance(key, str) and _names(key) & names):
-                    for t in targets if isinstance(targets, list) else [targets]:
-                        target = t.get("model") if isinstance(t, Mapping) else t  # {"model": ..., ...} targets too
-                        if isinstance(target, str):
-                            out.append(target)
-    return out
+    return _FallbackIndex.of(entries).targets(group)
+
+
+_INDEX_TTL_S = 60.0  # like prices: the proxy admin API can change the router's fallbacks at runtime
+_index_cache: dict[int, tuple[float, Any, int, _FallbackIndex]] = {}
+
+
+def _router_index(source: Any) -> _FallbackIndex:
+    """The index of one of the router's fallback lists, built once a minute (the router keeps the list; the
+    request path only looks names up, whatever the size of the router's configuration). A list replaced
+    (LiteLLM's update_settings) or grown is read again at once."""
+    hit = _index_cache.get(id(source))
+    now = time.monotonic()
+    size = len(source) if isinstance(source, list) else -1
+    if hit is not None and hit[1] is source and hit[2] == size and now - hit[0] <= _INDEX_TTL_S:
+        return hit[3]
+    index = _FallbackIndex.of(source)
+    if len(_index_cache) > 64:
+        _index_cache.clear()
+    _index_cache[id(source)] = (now, source, size, index)
+    return index
 
 
 def fallback_groups(group: str, data: Mapping[str, Any], router: Any) -> list[str]:
     """The group and every group LiteLLM may fall back to for this request: the request's own fallbacks and
     the router's (fallbacks, context-window and content-policy fallbacks, `"*"` / default fallbacks), followed
-    from every group reached, since LiteLLM falls back from a fallback too."""
+    from every group reached, since LiteLLM falls back from a fallback too. Linear in the groups reached."""
     requested: list[str] = []
     for key in _FALLBACK_KEYS:
         entries = data.get(key)
@@ -218,16 +263,20 @@ def fallback_groups(group: str, data: Mapping[str, Any], router: Any) -> list[st
         requested += [g for g in _fallback_targets(group, entries) if g not in requested]
     if len(requested) > _MAX_REQUEST_FALLBACKS:
         raise RequestInvalid(f"{len(requested)} fallback models in one request; the plugin prices up to 16")
-    sources = [getattr(router, key, None) for key in _FALLBACK_KEYS] if router is not None else []
+    sources = [s for key in _FALLBACK_KEYS if (s := getattr(router, key, None))] if router is not None else []
+    indexes = [_router_index(s) for s in sources]
     # a key's or team's router_settings: the proxy moves their fallbacks into the call after this hook
     override = data.get("router_settings_override")
     if isinstance(override, Mapping):
-        sources += [override.get(key) for key in _FALLBACK_KEYS]
+        indexes += [_FallbackIndex.of(s) for key in _FALLBACK_KEYS if (s := override.get(key))]
     groups = [group, *(g for g in requested if g != group)]
+    seen = set(groups)
     for g in groups:  # grows while it runs: the router's fallbacks of every group reached
-        for source in sources:
-            if source:
-                groups += [t for t in _fallback_targets(g, source) if t not in groups]
+        for index in indexes:
+            for t in index.targets(g):
+                if t not in seen:
+                    seen.add(t)
+                    groups.append(t)
     return groups
 
 
@@ -633,7 +682,8 @@ def estimate_call(group: str, data: Mapping[str, Any], kind: str, settings: Sett
     groups = fallback_groups(group, data, router)
     if kind in ("image", "speech", "transcription", "rerank"):
         return max((_unit_priced(g, data, kind, settings, router) for g in groups), key=lambda e: e.amount)
-    candidates = [mp for g in groups for mp in prices_of_group(g, settings, router)]
+    # one estimate per distinct (model, price): a large router repeats a few models under many groups
+    candidates = dict.fromkeys(mp for g in groups for mp in prices_of_group(g, settings, router))
     # a provider-side cache (Gemini) and what server tools fetch are billed, and not in the body
     server, searches = server_tools(data, kind) if kind in ("chat", "messages", "responses") else (False, 0)
     cached = bool(data.get("cached_content")) or server

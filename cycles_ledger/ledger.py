@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import functools
 import hashlib
 import itertools
@@ -194,6 +195,12 @@ def _int(value: Any, what: str, lo: int, hi: int) -> int:
         raise InvalidRequestError(f"{what} must be between {lo} and {hi}, got {value}")
     return value
 
+
+class _Unset(enum.Enum):
+    UNSET = "unset"
+
+
+UNSET = _Unset.UNSET  # an argument not given (where None means something)
 
 _KEY_PREFIX = f"auto-{uuid.uuid4().hex[:16]}-"
 _KEY_COUNTER = itertools.count()
@@ -531,9 +538,15 @@ class Ledger:
         return ReleaseResult.model_validate(await self.store.release(cmd))
 
     async def extend(
-        self, reservation_id: str, extend_by_ms: int, *, idempotency_key: str | None = None
+        self,
+        reservation_id: str,
+        extend_by_ms: int,
+        *,
+        idempotency_key: str | None = None,
+        max_extensions: int | _Unset | None = UNSET,
     ) -> ExtendResult:
-        """Push the expiry of a live reservation (a heartbeat); counts from the current expiry, not now."""
+        """Push the expiry of a live reservation (a heartbeat); counts from the current expiry, not now.
+        `max_extensions`: this reservation's limit in place of the ledger's (None: no limit)."""
         rid = _reservation_id(reservation_id)
         by = _int(extend_by_ms, "extend_by_ms", 1, 86_400_000)
         cmd = ExtendCommand(
@@ -541,7 +554,13 @@ class Ledger:
             idempotency_key=_key(idempotency_key),
             payload_hash=_fingerprint({"reservation_id": rid, "extend_by_ms": by}),
             extend_by_ms=by,
-            max_extensions=self.max_extensions,
+            max_extensions=(
+                self.max_extensions
+                if isinstance(max_extensions, _Unset)
+                else None
+                if max_extensions is None
+                else _int(max_extensions, "max_extensions", 0, 10**9)
+            ),
         )
         return ExtendResult.model_validate(await self.store.extend(cmd))
 

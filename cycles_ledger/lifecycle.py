@@ -98,6 +98,7 @@ class Hold:
     overage_policy: OveragePolicy | str | None = None
     shadow: bool = False
     idempotency_key: str | None = None  # the reserve's, when the caller chose one
+    max_extensions: int | None = None  # the heartbeat's limit for this hold (None: the ledger's)
     _beat: int | None = field(default=None, repr=False)  # its entry in a heartbeat, while it beats
     _heart: _Heartbeat | None = field(default=None, repr=False)
 
@@ -176,10 +177,15 @@ class Lifecycle:
         soft_landing: SoftLanding | Mapping[str, Any] | None = None,
         metadata: Mapping[str, Any] | None = None,
         also: Sequence[Amount] = (),
+        max_hold_ms: int | None = None,
     ) -> Hold:
         """Hold `estimate` (a dry run when `shadow`), and `also` in other units in the same decision. A DENY is
         a Hold in state DENIED, not an error; ledger errors (unreachable, invalid input) are raised, since what
-        to do then is the edge's policy."""
+        to do then is the edge's policy.
+
+        `max_hold_ms`: how long the heartbeat may keep the hold alive in all (else the ledger's limit of
+        extensions decides: 10, about 6 TTLs). It bounds a hold whose work never settles, and must cover the
+        longest work, whose hold would otherwise expire while it runs."""
         ledger = await self.ledger()
         r = await ledger.reserve(
             subject,
@@ -212,6 +218,11 @@ class Lifecycle:
             shadow=shadow,
             idempotency_key=idempotency_key,
         )
+        if max_hold_ms is not None:
+            # held TTL at first, then half a TTL more per extension (`interval_s`)
+            step_ms = max(int(hold.interval_s * 1000), 1)
+            ttl = r.remaining_ttl_ms or 0
+            hold.max_extensions = max(-(-(max_hold_ms - ttl) // step_ms), 0)
         if heartbeat and state is HoldState.HELD:
             self._heartbeat().add(hold)
         return hold
@@ -470,7 +481,11 @@ class _Heartbeat:
         log = self._life.log
         try:
             ledger = await self._life.ledger()
-            await ledger.extend(hold.reservation_id, max(int(interval * 1000), 1))
+            by_ms = max(int(interval * 1000), 1)
+            if hold.max_extensions is None:
+                await ledger.extend(hold.reservation_id, by_ms)
+            else:
+                await ledger.extend(hold.reservation_id, by_ms, max_extensions=hold.max_extensions)
         except StoreUnavailableError as exc:
             log.warning("cycles: heartbeat for %s failed (%s); trying again in %.1f s", hold.label, exc, interval)
         except (ReservationFinalizedError, ReservationExpiredError):

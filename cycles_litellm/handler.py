@@ -399,6 +399,7 @@ class CyclesCallback(CustomLogger):
                 debit_key=debit_key,
                 label=call_id,
                 ttl_ms=self.settings.ttl_ms,
+                max_hold_ms=self.settings.max_hold_ms,
                 overage_policy=self.settings.overage_policy,
                 soft_landing=soft,
                 metadata=metadata,

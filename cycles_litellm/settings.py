@@ -6,6 +6,8 @@ on_unavailable: fail_closed         # default: fail_closed when enforcing, fail_
 shadow_scopes: [tenant:trial]       # shadow for these scopes (and below), enforce elsewhere
 subject: {...}                      # where tenant/workspace/... come from (see SubjectMapping)
 min_output_tokens: 256              # smallest useful answer when clamping max_tokens
+ttl_ms: 600000                      # a hold's TTL; the heartbeat extends it while the call runs...
+max_hold_ms: 21600000               # ...up to this in all (6 h; a call that never settles is freed then)
 prices: {my-model: {input_per_million: "0.15usd", output_per_million: "0.60usd"}}
 free_models: [local-llama]
 unmetered_routes: [pass_through_endpoint]   # call types let through unmetered (default: refused, 402)
@@ -130,6 +132,9 @@ class Settings(_Strict):
     subject: SubjectMapping = Field(default_factory=SubjectMapping)
     min_output_tokens: Annotated[int, Field(ge=1)] = 256
     ttl_ms: Annotated[int, Field(ge=1_000, le=86_400_000)] = 600_000
+    # How long a call may stay held while it runs: its heartbeat extends the hold by half a TTL every half TTL,
+    # up to this in all (a longer call's hold expires mid-call; a call that never settles frees its hold here).
+    max_hold_ms: Annotated[int, Field(ge=1_000, le=7 * 86_400_000)] = 6 * 3_600_000
     overage_policy: OveragePolicy = OveragePolicy.ALLOW_IF_AVAILABLE
     allow_unbudgeted: bool = False  # the older spelling of `unbudgeted: allow`
     # A payer with no budget at any of its scopes: deny (402 BUDGET_NOT_FOUND, the default), allow (pass,

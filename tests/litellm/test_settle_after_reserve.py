@@ -138,12 +138,10 @@ async def test_a_stale_failure_timer_never_releases_another_requests_hold(
         assert (await ledger.balance("tenant:h")).reserved == b_held, "A's timer released B's hold"
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: the ledger allows 10 extensions of a hold")
 async def test_the_heartbeat_keeps_a_long_call_held_past_ten_extensions(tmp_path: Path) -> None:
-    """Long work stays held (lifecycle.py): the heartbeat extends by half the TTL every half TTL. The ledger
-    allows 10 extensions (Ledger.max_extensions), after which the heartbeat stops silently: a stream longer
-    than 6 TTLs (an hour at the default 10 minutes) loses its hold mid-call; once it expires others take the
-    budget, and the stream's cost becomes a debit cut to what is left."""
+    """Long work stays held (lifecycle.py): the heartbeat extends by half the TTL every half TTL. The ledger's
+    own limit is 10 extensions (about 6 TTLs, an hour at the default 10 minutes); a call is held up to
+    `max_hold_ms` instead (6 h by default), so a long stream keeps its hold and nobody else takes its budget."""
     url = budget(tmp_path, "d.db")
     async with open_ledger(url) as ledger:
         cb = CyclesCallback(Settings(ttl_ms=1_000), ledger=ledger)
@@ -155,6 +153,23 @@ async def test_the_heartbeat_keeps_a_long_call_held_past_ten_extensions(tmp_path
             f"a call in flight is past its expiry: {res.extension_count} extensions, "
             f"expired {now_ms - res.expires_at_ms} ms ago"
         )
+        assert res.extension_count > 10
+
+
+async def test_a_call_that_never_settles_is_held_no_longer_than_max_hold(tmp_path: Path) -> None:
+    """`max_hold_ms` also bounds a hold whose call never settles (its process lives on): the heartbeat stops
+    there and the hold expires, giving its budget back. TTL 1 s, max_hold 2.5 s: 3 extensions of 0.5 s."""
+    url = budget(tmp_path, "m.db")
+    async with open_ledger(url) as ledger:
+        cb = CyclesCallback(Settings(ttl_ms=1_000, max_hold_ms=2_500), ledger=ledger)
+        await cb.async_pre_call_hook(None, None, request("stuck-1"), "acompletion")
+        [res] = await ledger.list_reservations()
+        started = res.created_at_ms
+        await asyncio.sleep(4.0)
+        [res] = await ledger.list_reservations()
+        assert res.extension_count == 3
+        assert res.expires_at_ms - started == 2_500
+        assert res.expires_at_ms < int(time.time() * 1000)  # expired: nothing keeps it alive any more
 
 
 ANTHROPIC = {

@@ -366,6 +366,28 @@ async def test_max_extensions(db_url: str, clock: FakeClock) -> None:
             await led.extend(r.reservation_id or "", 1_000)
 
 
+async def test_a_caller_sets_its_own_extension_limit(db_url: str, clock: FakeClock) -> None:
+    """`extend(max_extensions=n)` replaces the ledger's limit for that call (the proxy holds a call for up to
+    `max_hold_ms`, past the ledger's 10); None lifts it; a limit that is not a non-negative integer is refused
+    and changes nothing."""
+    async with open_ledger(db_url, clock=clock, max_extensions=1) as led:
+        await led.set_budget("tenant:t", "1usd")
+        r = await led.reserve(T, ACT, "0.1usd")
+        rid = r.reservation_id or ""
+        for _ in range(3):
+            await led.extend(rid, 1_000, max_extensions=3)
+        with pytest.raises(MaxExtensionsExceededError):
+            await led.extend(rid, 1_000, max_extensions=3)
+        before = await led.get_reservation(rid)
+        for bad in (-1, 1.5, "3", True):
+            with pytest.raises(InvalidRequestError):
+                await led.extend(rid, 1_000, max_extensions=bad)  # type: ignore[arg-type]
+        assert await led.get_reservation(rid) == before
+        await led.extend(rid, 1_000, max_extensions=None)
+        with pytest.raises(MaxExtensionsExceededError):
+            await led.extend(rid, 1_000)  # the ledger's own limit (1) again
+
+
 # --- idempotency -----------------------------------------------------------------------------------
 
 

@@ -695,6 +695,20 @@ class Ledger:
         )
         return await self._with_calls(rows, join=calls)
 
+    async def event_rows(self, *, after: int = 0, limit: int = 100, newest: bool = False) -> list[dict[str, Any]]:
+        """`events` as the store keeps them: dicts of event_id, ts_ms, type, scope, unit (its name), amount,
+        reservation_id, reason_code and data, with no call named and no model built, for readers of many
+        events that only add amounts up (a burn rate read on the proxy's event loop)."""
+        if not isinstance(newest, bool):
+            raise InvalidRequestError("newest must be a bool")
+        return await self.store.events(
+            after=_int(after, "after", 0, INT64_MAX),
+            limit=_int(limit, "limit", 1, 100_000),
+            reservation_id=None,
+            scope_prefix=None,
+            newest=newest,
+        )
+
     async def _with_calls(self, rows: list[dict[str, Any]], join: bool = True) -> list[LedgerEvent]:
         """Name the call, model and route behind each event. Decisions and debits carry their subject and
         action; a reservation's events (reserved, committed, released, expired) are joined with the

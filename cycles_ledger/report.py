@@ -14,7 +14,7 @@ import datetime as dt
 import io
 import json
 import textwrap
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,7 @@ __all__ = [
     "Sums",
     "build_report",
     "charges",
+    "row_charges",
     "day_of",
     "duration_text",
     "parse_by",
@@ -62,17 +63,35 @@ class Charge:
 
 def charges(event: LedgerEvent) -> list[Charge]:
     """The spend one event records: none unless it is `committed` or `debited`."""
-    if event.type not in ("committed", "debited") or event.unit is None:
+    if event.unit is None:
         return []
     base = (event.ts_ms, event.scope or "", event.model or "", event.route or "")
-    enforced = event.type == "committed"
-    out = [Charge(*base, event.unit, event.amount or 0, enforced)]
-    also = event.data.get("also")
-    for unit, value in (also if isinstance(also, dict) else {}).items():
+    return _charges(event.type, base, event.unit, event.amount, event.data)
+
+
+def row_charges(row: Mapping[str, Any]) -> list[Charge]:
+    """`charges` of an event as the store returns it (`Ledger.event_rows`), with no model or route: for
+    readers that only add amounts up, such as a burn rate, at a third of the cost of reading `LedgerEvent`s."""
+    unit = row.get("unit")
+    if unit not in Unit.__members__:
+        return []
+    base = (row["ts_ms"], row.get("scope") or "", "", "")
+    return _charges(row["type"], base, Unit(unit), row.get("amount"), row.get("data") or {})
+
+
+def _charges(
+    type_: str, base: tuple[int, str, str, str], unit: Unit, amount: int | None, data: Mapping[str, Any]
+) -> list[Charge]:
+    if type_ not in ("committed", "debited"):
+        return []
+    enforced = type_ == "committed"
+    out = [Charge(*base, unit, amount or 0, enforced)]
+    also = data.get("also")
+    for other, value in (also if isinstance(also, dict) else {}).items():
         # a commit logs {unit: charged}, a debit {unit: {"charged": n, "scopes": [...]}}
-        amount = value.get("charged", 0) if isinstance(value, dict) else value
-        if isinstance(amount, int) and amount and unit in Unit.__members__:
-            out.append(Charge(*base, Unit(unit), amount, enforced))
+        charged = value.get("charged", 0) if isinstance(value, dict) else value
+        if isinstance(charged, int) and charged and other in Unit.__members__:
+            out.append(Charge(*base, Unit(other), charged, enforced))
     return out
 
 

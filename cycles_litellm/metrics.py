@@ -43,7 +43,7 @@ from typing import Any
 
 from cycles_ledger import ConfigError, Ledger, Unit
 from cycles_ledger.models import Balance
-from cycles_ledger.report import charges
+from cycles_ledger.report import row_charges
 from cycles_ledger.stores.base import SupportsState
 
 from .health import LedgerHealth
@@ -129,6 +129,7 @@ class Stats:
 
 _MINUTE_MS = 60_000
 _FIRST_READ = 20_000  # newest events read on the first refresh; later refreshes read only what is new
+_PAGE = 2_000
 
 
 class Burn:
@@ -144,27 +145,31 @@ class Burn:
         return (now_ms // _MINUTE_MS - self.minutes + 1) * _MINUTE_MS
 
     async def refresh(self, ledger: Ledger, now_ms: int) -> None:
-        if self._after is None:
-            newest = await ledger.events(limit=_FIRST_READ, newest=True, calls=False)
-            self._after = newest[0].event_id if newest else 0
-            fresh = list(reversed(newest))
-        else:
-            fresh = []
-            while True:
-                page = await ledger.events(after=self._after, limit=5000, calls=False)
-                fresh += page
-                if page:
-                    self._after = page[-1].event_id
-                if len(page) < 5000:
-                    break
+        """Add the events logged since the last read. This runs on the proxy's event loop, so the events are
+        read as the store keeps them (no models) and added a page at a time, the loop free between pages."""
         first = self.start_ms(now_ms) // _MINUTE_MS
-        for e in fresh:
-            for c in charges(e):
-                minute = c.ts_ms // _MINUTE_MS
-                if minute >= first:
-                    self.buckets.setdefault(minute, collections.Counter())[(c.scope, c.unit)] += c.amount
+        if self._after is None:
+            newest = await ledger.event_rows(limit=_FIRST_READ, newest=True)
+            self._after = newest[0]["event_id"] if newest else 0
+            self._add(reversed(newest), first)
+        else:
+            while True:
+                page = await ledger.event_rows(after=self._after, limit=_PAGE)
+                if page:
+                    self._after = page[-1]["event_id"]
+                self._add(page, first)
+                if len(page) < _PAGE:
+                    break
+                await asyncio.sleep(0)  # a backlog of pages: let the requests waiting on the loop through
         for minute in [m for m in self.buckets if m < first]:
             del self.buckets[minute]
+
+    def _add(self, rows: Iterable[dict[str, Any]], first_minute: int) -> None:
+        for row in rows:
+            for c in row_charges(row):
+                minute = c.ts_ms // _MINUTE_MS
+                if minute >= first_minute:
+                    self.buckets.setdefault(minute, collections.Counter())[(c.scope, c.unit)] += c.amount
 
     def per_second(self, budgets: set[str], now_ms: int) -> dict[tuple[str, Unit], float]:
         """Spend at or below each budget scope over the window (its minutes so far), per second."""

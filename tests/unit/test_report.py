@@ -10,13 +10,15 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from cycles_ledger import LedgerEvent, Unit, open_ledger_sync
 from cycles_ledger.cli import main
+from cycles_ledger.errors import InvalidRequestError
 from cycles_ledger.models import format_amount
-from cycles_ledger.report import build_report, charges, render_table
+from cycles_ledger.report import build_report, charges, render_table, row_charges
 from tests.conftest import FakeClock
 
 DAY = 86_400_000
@@ -217,6 +219,28 @@ def test_html_report(store: tuple[str, Spend], tmp_path: Path, capsys: pytest.Ca
     shadow = next(c for c in CALLS if not c[4])
     if stack == "model":
         assert f"{DAYS[0]} · {shadow[1]} · debit {format_amount(shadow[2], Unit.USD_MICROCENTS)}" in titles
+
+
+def test_raw_event_rows_give_the_charges_of_the_events(db_url: str) -> None:
+    """`Ledger.event_rows` (what the proxy's burn rate reads on its event loop, without building models) gives,
+    through `row_charges`, the same spend as `events` through `charges` on every store: every unit, commits
+    and debits, nothing for reserves, releases or denials. Bad paging arguments are refused."""
+    build(db_url)
+    with open_ledger_sync(db_url) as led:
+        events = led.events(limit=10_000, calls=False)
+        rows = led.run(led.ledger.event_rows(limit=10_000))
+        for bad in ({"after": -1}, {"limit": 0}, {"newest": "yes"}):
+            with pytest.raises(InvalidRequestError):
+                led.run(led.ledger.event_rows(**bad))  # type: ignore[arg-type]
+        newest = led.run(led.ledger.event_rows(limit=3, newest=True))
+    assert [r["event_id"] for r in rows] == [e.event_id for e in events]
+    assert [r["event_id"] for r in newest] == [e.event_id for e in events[::-1][:3]]
+
+    def spend(cs: list[Any]) -> list[tuple[int, str, Unit, int, bool]]:
+        return [(c.ts_ms, c.scope, c.unit, c.amount, c.enforced) for c in cs]
+
+    assert spend([c for r in rows for c in row_charges(r)]) == spend([c for e in events for c in charges(e)])
+    assert {c.unit for r in rows for c in row_charges(r)} == {Unit.USD_MICROCENTS, Unit.TOKENS}
 
 
 def test_charges_read_both_shapes_of_also() -> None:

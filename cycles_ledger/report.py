@@ -73,7 +73,7 @@ def row_charges(row: Mapping[str, Any]) -> list[Charge]:
     """`charges` of an event as the store returns it (`Ledger.event_rows`), with no model or route: for
     readers that only add amounts up, such as a burn rate, at a third of the cost of reading `LedgerEvent`s."""
     unit = row.get("unit")
-    if unit not in Unit.__members__:
+    if not isinstance(unit, str) or unit not in Unit.__members__:
         return []
     base = (row["ts_ms"], row.get("scope") or "", "", "")
     return _charges(row["type"], base, Unit(unit), row.get("amount"), row.get("data") or {})

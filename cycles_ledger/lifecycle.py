@@ -40,6 +40,7 @@ from .errors import (
     BudgetExceededError,
     CyclesError,
     IdempotencyMismatchError,
+    InvalidRequestError,
     NotFoundError,
     OverdraftLimitExceededError,
     ReservationExpiredError,
@@ -71,6 +72,7 @@ ActionLike = Action | Mapping[str, Any]
 LedgerSource = Ledger | Callable[[], Awaitable[Ledger]]
 
 _KEY_MAX = 256
+_MAX_EXTENSIONS = 10**9  # the most Ledger.extend accepts as a limit
 
 
 class HoldState(enum.Enum):
@@ -185,7 +187,12 @@ class Lifecycle:
 
         `max_hold_ms`: how long the heartbeat may keep the hold alive in all (else the ledger's limit of
         extensions decides: 10, about 6 TTLs). It bounds a hold whose work never settles, and must cover the
-        longest work, whose hold would otherwise expire while it runs."""
+        longest work, whose hold would otherwise expire while it runs. A non-negative integer, or
+        InvalidRequestError before anything is held."""
+        if max_hold_ms is not None and (
+            isinstance(max_hold_ms, bool) or not isinstance(max_hold_ms, int) or max_hold_ms < 0
+        ):
+            raise InvalidRequestError(f"max_hold_ms must be a non-negative integer, got {max_hold_ms!r}")
         ledger = await self.ledger()
         r = await ledger.reserve(
             subject,
@@ -222,7 +229,7 @@ class Lifecycle:
             # held TTL at first, then half a TTL more per extension (`interval_s`)
             step_ms = max(int(hold.interval_s * 1000), 1)
             ttl = r.remaining_ttl_ms or 0
-            hold.max_extensions = max(-(-(max_hold_ms - ttl) // step_ms), 0)
+            hold.max_extensions = min(max(-(-(max_hold_ms - ttl) // step_ms), 0), _MAX_EXTENSIONS)
         if heartbeat and state is HoldState.HELD:
             self._heartbeat().add(hold)
         return hold

@@ -186,16 +186,18 @@ def _entry_targets(targets: Any) -> Iterable[str]:
 
 @dataclass(frozen=True)
 class _FallbackIndex:
-    """One fallback list, indexed: the targets of each name a key matches (as written and without its
-    provider prefix), and those of every group (`"*"`, a bare name, a `{"model": ...}` entry), each in
-    list order."""
+    """One fallback list, indexed: the targets of each key (in list order) under each name it matches (as
+    written and without its provider prefix), and those of every group (`"*"`, a bare name, a `{"model": ...}`
+    entry). Built for each request (linear in the list; a cached one could miss an edit made in place)."""
 
-    by_name: Mapping[str, tuple[str, ...]]
+    keyed: tuple[tuple[str, ...], ...]
+    by_name: Mapping[str, tuple[int, ...]]
     everyone: tuple[str, ...]
 
     @classmethod
     def of(cls, entries: Any) -> _FallbackIndex:
-        by_name: dict[str, list[str]] = {}
+        keyed: list[tuple[str, ...]] = []
+        by_name: dict[str, list[int]] = {}
         everyone: list[str] = []
         for entry in entries if isinstance(entries, list) else []:
             if isinstance(entry, str):
@@ -208,12 +210,14 @@ class _FallbackIndex:
                         everyone += _entry_targets(targets)
                     elif isinstance(key, str):
                         for name in _names(key):
-                            by_name.setdefault(name, []).extend(_entry_targets(targets))
-        return cls({k: tuple(v) for k, v in by_name.items()}, tuple(everyone))
+                            by_name.setdefault(name, []).append(len(keyed))
+                        keyed.append(tuple(_entry_targets(targets)))
+        return cls(tuple(keyed), {k: tuple(v) for k, v in by_name.items()}, tuple(everyone))
 
     def targets(self, group: str) -> list[str]:
-        out = [t for name in _names(group) for t in self.by_name.get(name, ())]
-        return out + list(self.everyone) if self.everyone else out
+        """The targets of every key matching `group`, each key once, then those of every group."""
+        matched = sorted({i for name in _names(group) for i in self.by_name.get(name, ())})
+        return [t for i in matched for t in self.keyed[i]] + list(self.everyone)
 
 
 def _fallback_targets(group: str, entries: Any) -> list[str]:
@@ -222,30 +226,11 @@ def _fallback_targets(group: str, entries: Any) -> list[str]:
     return _FallbackIndex.of(entries).targets(group)
 
 
-_INDEX_TTL_S = 60.0  # like prices: the proxy admin API can change the router's fallbacks at runtime
-_index_cache: dict[int, tuple[float, Any, int, _FallbackIndex]] = {}
-
-
-def _router_index(source: Any) -> _FallbackIndex:
-    """The index of one of the router's fallback lists, built once a minute (the router keeps the list; the
-    request path only looks names up, whatever the size of the router's configuration). A list replaced
-    (LiteLLM's update_settings) or grown is read again at once."""
-    hit = _index_cache.get(id(source))
-    now = time.monotonic()
-    size = len(source) if isinstance(source, list) else -1
-    if hit is not None and hit[1] is source and hit[2] == size and now - hit[0] <= _INDEX_TTL_S:
-        return hit[3]
-    index = _FallbackIndex.of(source)
-    if len(_index_cache) > 64:
-        _index_cache.clear()
-    _index_cache[id(source)] = (now, source, size, index)
-    return index
-
-
 def fallback_groups(group: str, data: Mapping[str, Any], router: Any) -> list[str]:
     """The group and every group LiteLLM may fall back to for this request: the request's own fallbacks and
     the router's (fallbacks, context-window and content-policy fallbacks, `"*"` / default fallbacks), followed
-    from every group reached, since LiteLLM falls back from a fallback too. Linear in the groups reached."""
+    from every group reached, since LiteLLM falls back from a fallback too. Linear in the lists and the groups
+    reached."""
     requested: list[str] = []
     for key in _FALLBACK_KEYS:
         entries = data.get(key)
@@ -264,7 +249,7 @@ def fallback_groups(group: str, data: Mapping[str, Any], router: Any) -> list[st
     if len(requested) > _MAX_REQUEST_FALLBACKS:
         raise RequestInvalid(f"{len(requested)} fallback models in one request; the plugin prices up to 16")
     sources = [s for key in _FALLBACK_KEYS if (s := getattr(router, key, None))] if router is not None else []
-    indexes = [_router_index(s) for s in sources]
+    indexes = [_FallbackIndex.of(s) for s in sources]
     # a key's or team's router_settings: the proxy moves their fallbacks into the call after this hook
     override = data.get("router_settings_override")
     if isinstance(override, Mapping):

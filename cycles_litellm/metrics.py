@@ -140,6 +140,7 @@ class Burn:
         self.minutes = minutes
         self.buckets: dict[int, collections.Counter[tuple[str, Unit]]] = {}
         self._after: int | None = None
+        self._reading = asyncio.Lock()  # a scrape's refresh and one already under way must not read twice
 
     def start_ms(self, now_ms: int) -> int:
         return (now_ms // _MINUTE_MS - self.minutes + 1) * _MINUTE_MS
@@ -147,6 +148,10 @@ class Burn:
     async def refresh(self, ledger: Ledger, now_ms: int) -> None:
         """Add the events logged since the last read. This runs on the proxy's event loop, so the events are
         read as the store keeps them (no models) and added a page at a time, the loop free between pages."""
+        async with self._reading:
+            await self._read(ledger, now_ms)
+
+    async def _read(self, ledger: Ledger, now_ms: int) -> None:
         first = self.start_ms(now_ms) // _MINUTE_MS
         if self._after is None:
             newest = await ledger.event_rows(limit=_FIRST_READ, newest=True)

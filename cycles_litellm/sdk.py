@@ -173,6 +173,7 @@ class Guard:
             "idempotency_key": key,
             "label": key,
             "ttl_ms": self.settings.ttl_ms,
+            "max_hold_ms": self.settings.max_hold_ms,
             "overage_policy": self.settings.overage_policy,
             "soft_landing": soft,
         }

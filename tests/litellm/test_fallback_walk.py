@@ -1,7 +1,7 @@
 """The estimate follows the router's fallbacks however large its configuration: a long chain is priced to its
 dearest end, and a fallback list the proxy's admin API replaces or grows is followed at once. The walk reads an
-index of each list (built once a minute), so its cost grows with the groups reached, not with their square
-(`bench/estimate_fallbacks.py` prints the figures)."""
+index of each list built for the request, so its cost grows with the configuration and the groups reached, not
+with their product (`bench/estimate_fallbacks.py` prints the figures)."""
 
 from __future__ import annotations
 

@@ -155,3 +155,16 @@ async def test_gate_meters_third_party_calls(store: str) -> None:
             )
     finally:
         litellm.callbacks = saved
+
+
+async def test_the_sdk_guard_holds_a_call_up_to_max_hold(store: str) -> None:
+    """`Guard` and `CyclesGate` read the same Settings as the proxy hook: a call's hold is extended up to
+    `max_hold_ms` (TTL 1 s + 3 x 0.5 s = 2.5 s), past the ledger's own 10 extensions and no further."""
+    guard = Guard(Settings(ttl_ms=1_000, max_hold_ms=2_500), store=store)
+    kwargs = {"model": "gpt-4o-mini", "messages": MSGS, "max_tokens": 20}
+    hold, _est, _group = await guard.reserve("acompletion", kwargs, {"tenant": "sdk"})
+    try:
+        assert hold.max_extensions == 3
+    finally:
+        await guard.lifecycle().release(hold, "test")
+        await guard.ledger().aclose()

@@ -4,8 +4,11 @@
 so an edge whose reserve and settle are separate callbacks (the LiteLLM proxy) uses the same object as
 one that wraps a call (`call`). The rules live here, once:
 
-- Settling never raises. A ledger that does not answer is retried with jittered back-off, then logged
-  (the hold expires with its TTL); a refusal is logged and counted. The caller's result or error wins.
+- Settling never raises. A ledger that does not answer is retried with jittered back-off; then the settle is
+  kept (per event loop, up to `backlog_max`, oldest first) and tried again until the ledger takes it, at the
+  latest every `backlog_wait_s` and at once after any reserve that reaches the ledger: an outage longer than
+  the retries (a Redis failover) loses no spend while the process lives. A refusal is logged and counted.
+  The caller's result or error wins.
 - Work that happened is paid. A hold that expired, or was given back, before the commit becomes a direct
   debit of the actual cost under one key per hold (a retry never charges twice); a commit the overage
   policy refuses charges what was held.
@@ -22,6 +25,7 @@ thread per call.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import hashlib
@@ -142,6 +146,8 @@ class Lifecycle:
     """Reserve, heartbeat and settle holds on one ledger (async driver); settling never raises."""
 
     backoff_s: float = 0.2  # the first retry waits ~0.2 s (x0.5-1.5 jitter), each next one twice as long
+    backlog_max: int = 100_000  # settles kept while the ledger is away; past it the oldest is given up
+    backlog_wait_s: float = 5.0  # the longest a kept settle waits between tries
 
     def __init__(
         self,
@@ -157,6 +163,7 @@ class Lifecycle:
         self.counters: Counter[str] = counters if counters is not None else Counter()
         self.log = log or logging.getLogger("cycles_ledger.lifecycle")
         self._hearts: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Heartbeat] = weakref.WeakKeyDictionary()
+        self._backlogs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Backlog] = weakref.WeakKeyDictionary()
 
     async def ledger(self) -> Ledger:
         source = self._source
@@ -207,6 +214,9 @@ class Lifecycle:
             metadata=metadata,
             also=also,
         )
+        backlog = self._backlogs.get(asyncio.get_running_loop())
+        if backlog is not None and backlog.items:
+            backlog.nudge()  # the ledger answers again: the settles kept for it go now
         if shadow:
             state = HoldState.SHADOW
         elif r.decision is Decision.DENY or r.reservation_id is None:
@@ -304,12 +314,18 @@ class Lifecycle:
         """Run a settle's `attempt` with retries; log and count what the ledger could not take, never raise."""
         try:
             if not await self.retry("settle", hold.label, attempt):
-                self.log.error("cycles: could not settle %s; its hold expires with the reservation TTL", hold.label)
-        except NotFoundError:
-            self.log.info("cycles: no budget for %s; spend of %s not recorded", hold.label, actual)
-        except CyclesError as exc:  # a frozen or closed budget, a refused debit: say so, never raise
-            self.counters["settle_refused"] += 1
-            self.log.error("cycles: the ledger refused the spend of %s (%s): %s", hold.label, exc.code, exc.message)
+                self.log.error("cycles: could not settle %s; kept, to settle when the ledger answers again", hold.label)
+                self._backlog().keep("settle", hold.label, attempt, actual)
+        except CyclesError as exc:
+            self._settle_refused(hold.label, actual, exc)
+
+    def _settle_refused(self, label: str, actual: Amount | None, exc: CyclesError) -> None:
+        if isinstance(exc, NotFoundError):
+            self.log.info("cycles: no budget for %s; spend of %s not recorded", label, actual)
+            return
+        # a frozen or closed budget, a refused debit: say so, never raise
+        self.counters["settle_refused"] += 1
+        self.log.error("cycles: the ledger refused the spend of %s (%s): %s", label, exc.code, exc.message)
 
     async def _commit_held(
         self,
@@ -370,7 +386,11 @@ class Lifecycle:
 
         try:
             if not await self.retry("release", hold.label, attempt):
-                self.log.error("cycles: could not release %s; its hold expires with the reservation TTL", hold.label)
+                self.log.error(
+                    "cycles: could not release %s; kept, to release when the ledger answers again (or it expires)",
+                    hold.label,
+                )
+                self._backlog().keep("release", hold.label, attempt, None)
         except CyclesError as exc:
             self.log.error("cycles: release of %s refused (%s): %s", hold.label, exc.code, exc.message)
 
@@ -413,6 +433,18 @@ class Lifecycle:
                     await asyncio.sleep(self.backoff_s * 2**n * random.uniform(0.5, 1.5))
         self.counters["settle_failures"] += 1
         return False
+
+    def backlog_size(self) -> int:
+        """Settles and releases kept for the ledger on this event loop."""
+        backlog = self._backlogs.get(asyncio.get_running_loop())
+        return len(backlog.items) if backlog is not None else 0
+
+    def _backlog(self) -> _Backlog:
+        loop = asyncio.get_running_loop()
+        backlog = self._backlogs.get(loop)
+        if backlog is None:
+            backlog = self._backlogs[loop] = _Backlog(self)
+        return backlog
 
     def stop_heartbeat(self, hold: Hold) -> None:
         """Stop extending `hold` (settling does this itself)."""
@@ -508,6 +540,70 @@ class _Heartbeat:
             return
         if seq in self._live:
             heapq.heappush(self._due, (asyncio.get_running_loop().time() + interval, seq))
+
+
+@dataclass
+class _Kept:
+    what: str  # settle | release
+    label: str
+    attempt: Callable[[], Awaitable[object]]
+    actual: Amount | None
+
+
+class _Backlog:
+    """Settles the ledger could not take after their retries, on one event loop: tried again oldest first, until
+    the ledger takes them, by one task that backs off to `backlog_wait_s` and is woken by `nudge`. An attempt is
+    safe to repeat (a commit's key, a debit's key per hold), so one that reached the ledger before its answer
+    was lost is charged once."""
+
+    def __init__(self, lifecycle: Lifecycle) -> None:
+        self._life = lifecycle
+        self.items: collections.deque[_Kept] = collections.deque()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def keep(self, what: str, label: str, attempt: Callable[[], Awaitable[object]], actual: Amount | None) -> None:
+        life = self._life
+        while len(self.items) >= life.backlog_max:
+            lost = self.items.popleft()
+            life.counters["settle_dropped"] += 1
+            life.log.error("cycles: too many settles wait for the ledger; %s of %s given up", lost.what, lost.label)
+        self.items.append(_Kept(what, label, attempt, actual))
+        life.counters["settle_backlog"] = len(self.items)
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="cycles-settle-backlog")
+
+    def nudge(self) -> None:
+        self._wake.set()
+
+    async def _run(self) -> None:
+        life = self._life
+        wait = life.backoff_s
+        while self.items:
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait * random.uniform(0.5, 1.5)):
+                    await self._wake.wait()
+            wait = min(wait * 2, life.backlog_wait_s)
+            while self.items:
+                kept = self.items[0]
+                try:
+                    await kept.attempt()
+                except StoreUnavailableError:
+                    break  # still away: wait, then try the oldest again
+                except CyclesError as exc:
+                    if kept.what == "settle":
+                        life._settle_refused(kept.label, kept.actual, exc)
+                    else:
+                        life.log.error("cycles: release of %s refused (%s): %s", kept.label, exc.code, exc.message)
+                except Exception:  # one kept settle's surprise must not keep the others waiting
+                    life.log.exception("cycles: %s of %s failed", kept.what, kept.label)
+                else:
+                    life.counters["settle_recovered"] += 1
+                    life.log.info("cycles: %s of %s done, the ledger answering again", kept.what, kept.label)
+                    wait = life.backoff_s
+                self.items.popleft()
+                life.counters["settle_backlog"] = len(self.items)
 
 
 def _twin(

@@ -18,7 +18,8 @@ Families (names and labels by Prometheus conventions):
     cycles_commit_duration_seconds                     histogram: settling a call (commit or debit, retries included)
     cycles_ledger_unavailable_total                    reserves that found the ledger unreachable
     cycles_fail_open_total                             ... of which let through (fail_open, or shadow)
-    cycles_settle_retries_total / cycles_settle_failures_total
+    cycles_settle_retries_total / cycles_settle_failures_total   settle attempts retried / settles kept after them
+    cycles_settle_backlog                              settles kept for a ledger that does not answer (see lifecycle)
     cycles_budget_remaining_<unit>{scope}              usd, tokens, credits, risk_points (USD as dollars)
     cycles_budget_burn_rate_<unit>_per_second{scope}   spend over the last burn_window_minutes / its length
     cycles_sweeper_lag_seconds                         since the last successful sweep of expired holds
@@ -351,9 +352,18 @@ class Collector:
                 ("cycles_ledger_unavailable", "ledger_unavailable", "Reserves that found the ledger unreachable"),
                 ("cycles_fail_open", "fail_open", "Calls let through unmetered because the ledger was unreachable"),
                 ("cycles_settle_retries", "settle_retries", "Settle attempts retried because the ledger was away"),
-                ("cycles_settle_failures", "settle_failures", "Settles given up (the hold expires with its TTL)"),
+                (
+                    "cycles_settle_failures",
+                    "settle_failures",
+                    "Settles whose retries ran out (kept to settle when the ledger answers again)",
+                ),
             ):
                 yield CounterMetricFamily(name, what, value=stats.counters[key])
+            yield GaugeMetricFamily(
+                "cycles_settle_backlog",
+                "Settles kept for a ledger that does not answer, settled when it does",
+                value=stats.counters["settle_backlog"],
+            )
         elif self.view is not None and self.view.logged is not None:
             unavailable = {k: n for k, n in self.view.logged.items() if k[1] == "LEDGER_UNAVAILABLE"}
             yield CounterMetricFamily(

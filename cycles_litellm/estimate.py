@@ -670,8 +670,8 @@ def estimate_call(group: str, data: Mapping[str, Any], kind: str, settings: Sett
     # one estimate per distinct (model, price): a large router repeats a few models under many groups
     candidates = dict.fromkeys(mp for g in groups for mp in prices_of_group(g, settings, router))
     # a provider-side cache (Gemini) and what server tools fetch are billed, and not in the body
-    server, searches = server_tools(data, kind) if kind in ("chat", "messages", "responses") else (False, 0)
-    cached = bool(data.get("cached_content")) or server
+    tools = server_tools(data, kind) if kind in ("chat", "messages", "responses") else _NO_SERVER_TOOLS
+    cached = bool(data.get("cached_content")) or tools.server
     tokens_by_model: dict[str, int] = {}
     best: Estimate | None = None
     for priced, price in candidates:
@@ -681,8 +681,11 @@ def estimate_call(group: str, data: Mapping[str, Any], kind: str, settings: Sett
         if model not in tokens_by_model:
             tokens_by_model[model] = _input_tokens(model, data, kind) + (_UNSIZED_TOKENS if cached else 0)
         est = _token_estimate(priced, price, _within_window(priced, tokens_by_model[model]), data, kind)
-        if searches:
-            est = _with_fee(est, searches * _search_fee(priced))
+        fee = _grounding_fee(priced, tools) if tools.grounded or tools.maps else 0
+        if tools.searches and not (fee and tools.searches == 1 and data.get("web_search_options") is not None):
+            fee += tools.searches * _search_fee(priced)  # (Gemini: web_search_options is its grounding)
+        if fee:
+            est = _with_fee(est, fee)
         if best is None or est.amount > best.amount:
             best = est
     assert best is not None
@@ -693,20 +696,57 @@ def estimate_call(group: str, data: Mapping[str, Any], kind: str, settings: Sett
 # window, like content it only points at), and a web search also bills a fee per search
 # (`search_context_cost_per_query` in LiteLLM's map, at its dearest context size).
 _SERVER_TOOL_TYPES = ("web_search", "web_fetch", "code_execution", "file_search", "code_interpreter", "mcp")
+# Gemini's own tools are keyed by name, not typed (LiteLLM's `search_tool_keys`). A search one grounds the answer
+# in Google Search, and Google Maps grounds it in Maps: LiteLLM bills either per grounded prompt (Gemini 2.x) or
+# per query (3.x, `web_search_billing_unit: per_query` in its map), at the map's price or Google's list price.
+_GEMINI_SEARCH_TOOLS = frozenset(
+    {
+        "googleSearch", "google_search", "googleSearchRetrieval", "google_search_retrieval", "enterpriseWebSearch",
+        "enterprise_web_search", "url_context", "urlContext",
+    }
+)  # fmt: skip
+_GEMINI_MAPS_TOOLS = frozenset({"googleMaps", "google_maps"})
+_GEMINI_SERVER_TOOLS = _GEMINI_SEARCH_TOOLS | _GEMINI_MAPS_TOOLS | {"code_execution", "codeExecution", "computerUse"}
+_GROUNDING_SEARCH_USD = Decimal("0.035")  # LiteLLM's default per grounded prompt (or per query)
+_GROUNDING_MAPS_USD = {"per_prompt": Decimal("0.025"), "per_query": Decimal("0.014")}
+# Gemini 3 runs as many search queries for one grounded prompt as it chooses, and a request cannot bound them:
+# held at this many (the one provider-side count the plugin has to assume; the commit charges what ran).
+GROUNDING_QUERIES_HELD = 10
 
 
-def server_tools(data: Mapping[str, Any], kind: str = "chat") -> tuple[bool, int]:
-    """(whether the provider runs tools itself, how many web searches it may bill). A web search tool must be
+@dataclass(frozen=True)
+class ServerTools:
+    """What a request's provider-run tools may bill beyond its tokens."""
+
+    server: bool = False  # the provider runs tools itself: what they fetch is billed as input
+    searches: int = 0  # web searches billed per search (OpenAI, Anthropic)
+    grounded: bool = False  # Gemini grounding with Google Search
+    maps: bool = False  # Gemini grounding with Google Maps
+
+
+_NO_SERVER_TOOLS = ServerTools()
+
+
+def server_tools(data: Mapping[str, Any], kind: str = "chat") -> ServerTools:
+    """The provider-run tools of a request and how many web searches it may bill. A web search tool must be
     bounded: `max_uses` on the tool (Anthropic), `max_tool_calls` (/v1/responses); chat's `web_search_options`
-    is one search a request. An unbounded one is refused: its fees could not be held."""
+    is one search a request (on Gemini: its grounding). An unbounded one is refused: its fees could not be held."""
     tools = data.get("tools")
-    kinds = [str(t.get("type") or "") for t in tools if isinstance(t, dict)] if isinstance(tools, list) else []
-    server = any(k.startswith(_SERVER_TOOL_TYPES) for k in kinds) or bool(data.get("mcp_servers"))
+    listed = [t for t in tools if isinstance(t, dict)] if isinstance(tools, list) else []
+    kinds = [str(t.get("type") or "") for t in listed]
+    named = {str(k) for t in listed for k in t}
+    grounded = bool(named & _GEMINI_SEARCH_TOOLS) or data.get("web_search_options") is not None
+    maps = bool(named & _GEMINI_MAPS_TOOLS)
+    server = (
+        any(k.startswith(_SERVER_TOOL_TYPES) for k in kinds)
+        or bool(named & _GEMINI_SERVER_TOOLS)
+        or bool(data.get("mcp_servers"))
+    )
     searches = 1 if data.get("web_search_options") is not None else 0
     # only /v1/responses has max_tool_calls: elsewhere a provider may ignore it, so it bounds nothing
     bound = _positive_int(data.get("max_tool_calls")) if kind == "responses" else None
-    for tool in tools if isinstance(tools, list) else []:
-        if isinstance(tool, dict) and str(tool.get("type") or "").startswith("web_search"):
+    for tool in listed:
+        if str(tool.get("type") or "").startswith("web_search"):
             uses = _positive_int(tool.get("max_uses")) or bound
             if uses is None:
                 raise RequestInvalid(
@@ -714,7 +754,31 @@ def server_tools(data: Mapping[str, Any], kind: str = "chat") -> tuple[bool, int
                     "limit, and each search is billed: name how many it may make"
                 )
             searches += uses
-    return server or searches > 0, min(searches, bound) if bound and searches else searches
+    searches = min(searches, bound) if bound and searches else searches
+    return ServerTools(server or searches > 0 or grounded or maps, searches, grounded, maps)
+
+
+def _grounding_fee(priced: str, tools: ServerTools) -> int:
+    """USD_MICROCENTS of Gemini's grounding on `priced` (0 for a model LiteLLM does not bill it on): one fee per
+    grounded prompt, or per query (held at GROUNDING_QUERIES_HELD) where the map says `per_query`."""
+    info = model_info(priced)
+    provider = str(info.get("litellm_provider") or priced.partition("/")[0])
+    if not (provider == "gemini" or provider.startswith("vertex_ai")) or "claude" in priced.lower():
+        return 0
+    per_query = info.get("web_search_billing_unit") == "per_query"
+    times = GROUNDING_QUERIES_HELD if per_query else 1
+    usd = Decimal(0)
+    if tools.grounded:
+        fees = info.get("search_context_cost_per_query")
+        medium = fees.get("search_context_size_medium") if isinstance(fees, Mapping) else None
+        usd += times * (Decimal(str(medium)) if isinstance(medium, int | float) else _GROUNDING_SEARCH_USD)
+    if tools.maps:
+        configured = info.get("google_maps_grounding_cost_per_query")
+        each = configured if isinstance(configured, int | float) else None
+        usd += times * (
+            Decimal(str(each)) if each is not None else _GROUNDING_MAPS_USD["per_query" if per_query else "per_prompt"]
+        )
+    return math.ceil(usd * _MICROCENTS_PER_USD)
 
 
 def _search_fee(priced: str) -> int:

@@ -13,12 +13,12 @@ import httpx
 import litellm
 import pytest
 from litellm.proxy._types import ProxyException
-from litellm.types.utils import ModelResponse, ServerToolUse, Usage
+from litellm.types.utils import ModelResponse, PromptTokensDetailsWrapper, ServerToolUse, Usage
 from openai import AsyncOpenAI
 
 from cycles_ledger import open_ledger
 from cycles_litellm import CyclesCallback, Settings
-from cycles_litellm.estimate import RequestInvalid, estimate_call, image_tokens
+from cycles_litellm.estimate import GROUNDING_QUERIES_HELD, RequestInvalid, estimate_call, image_tokens
 
 MSGS = [{"role": "user", "content": "hi"}]
 _USD = 10**8  # USD_MICROCENTS per dollar
@@ -363,3 +363,68 @@ def test_patch_priced_gpt5_small_models_hold_their_image_cost(model: str, at_lea
     """gpt-5-mini and gpt-5-nano bill images by 32 px patches (up to 1,536) times a multiplier: 1.62 / 2.46 in
     OpenAI's vision guide, 1.2 / 1.5 as measured; either way more than IMAGE_TOKENS (1,600) at the cap."""
     assert image_tokens(model) >= at_least
+
+
+def _gemini_billed(model: str, prompt: int, completion: int, searches: int = 0, maps: int = 0) -> int:
+    """What LiteLLM's cost calculator charges a Gemini answer grounded with `searches` Google Search queries and
+    `maps` Google Maps queries (the counts Gemini reports in its usage)."""
+    details = PromptTokensDetailsWrapper(
+        web_search_requests=searches or None, google_maps_grounding_requests=maps or None
+    )
+    usage = Usage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+        prompt_tokens_details=details,
+    )  # fmt: skip
+    answer = ModelResponse(
+        model=model,
+        usage=usage,
+        choices=[{"index": 0, "message": {"role": "assistant", "content": "x"}, "finish_reason": "stop"}],
+    )
+    return _microcents(litellm.completion_cost(completion_response=answer, model=model))
+
+
+@pytest.mark.parametrize(
+    ("model", "queries"),
+    [("gemini/gemini-2.5-flash", 25), ("vertex_ai/gemini-2.5-pro", 3), ("vertex_ai/gemini-3-flash-preview", 10)],
+    ids=["2.5-flash-per-prompt", "vertex-2.5-pro-per-prompt", "3-flash-per-query"],
+)
+@pytest.mark.parametrize(
+    "grounding",
+    [{"tools": [{"googleSearch": {}}]}, {"tools": [{"google_search": {}}]}, {"web_search_options": {}}],
+    ids=["googleSearch", "google_search", "web_search_options"],
+)
+def test_gemini_grounding_holds_what_litellm_bills(model: str, queries: int, grounding: dict[str, Any]) -> None:
+    """Gemini's own tools are keyed by name (`{"googleSearch": {}}`), and chat's `web_search_options` becomes
+    that tool. Grounding with Google Search bills $0.035 a grounded prompt on Gemini 2.x however many queries
+    ran, and per query on 3.x (`web_search_billing_unit: per_query`, held at GROUNDING_QUERIES_HELD): the hold
+    covers what LiteLLM charges an answer with that many queries, and the search results read as input. Before,
+    the tool was not recognised and the hold was the prompt's alone, 1/1,000 of one fee on gemini-2.5-flash."""
+    req = {"model": model, "messages": MSGS, "max_tokens": 100}
+    est = estimate_call(model, {**req, **grounding}, "chat", Settings())
+    assert queries <= GROUNDING_QUERIES_HELD or "3-" not in model
+    assert est.amount >= _gemini_billed(model, est.input_tokens, 100, searches=queries)
+    assert est.input_tokens == _window(model)
+    assert estimate_call(model, req, "chat", Settings()).amount * 10 < _gemini_billed(model, 10, 100, searches=1)
+
+
+@pytest.mark.parametrize("model", ["gemini/gemini-2.5-flash", "vertex_ai/gemini-3-flash-preview"])
+def test_gemini_maps_grounding_holds_what_litellm_bills(model: str) -> None:
+    """Grounding with Google Maps (`{"googleMaps": {}}`) bills $0.025 a grounded prompt on 2.x, $0.014 a query on
+    3.x (LiteLLM's list prices, or the map's `google_maps_grounding_cost_per_query`); with Google Search too,
+    both fees are held."""
+    req = {"model": model, "messages": MSGS, "max_tokens": 100}
+    maps = estimate_call(model, {**req, "tools": [{"googleMaps": {}}]}, "chat", Settings())
+    assert maps.amount >= _gemini_billed(model, maps.input_tokens, 100, maps=GROUNDING_QUERIES_HELD)
+    both = estimate_call(model, {**req, "tools": [{"googleMaps": {}}, {"googleSearch": {}}]}, "chat", Settings())
+    billed = _gemini_billed(model, both.input_tokens, 100, searches=GROUNDING_QUERIES_HELD, maps=GROUNDING_QUERIES_HELD)
+    assert both.amount >= billed > maps.amount
+
+
+def test_grounding_fees_are_gemini_s_alone() -> None:
+    """A tool keyed `googleSearch` on an OpenAI or a Claude model is no Gemini grounding: no grounding fee (the
+    call still holds the input window, as for any tool the provider might run)."""
+    for model in ("gpt-4o-mini", "claude-haiku-4-5"):
+        req = {"model": model, "messages": MSGS, "max_tokens": 100}
+        tool = estimate_call(model, {**req, "tools": [{"googleSearch": {}}]}, "chat", Settings())
+        window = estimate_call(model, {**req, "cached_content": "c"}, "chat", Settings())
+        assert tool.amount == window.amount

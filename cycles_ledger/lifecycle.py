@@ -262,10 +262,14 @@ class Lifecycle:
         self.stop_heartbeat(hold)
 
         async def attempt() -> None:
+            if hold.state in (HoldState.COMMITTED, HoldState.DEBITED):
+                return  # settled meanwhile: another commit of the hold went through, or a kept one
             ledger = await self.ledger()
             if hold.state is HoldState.HELD and await self._commit_held(
                 ledger, hold, actual, metrics, also, background
             ):
+                return
+            if hold.state in (HoldState.COMMITTED, HoldState.DEBITED):
                 return
             # Shadow, released or expired: the work ran and nothing holds its cost.
             await self._debit(ledger, hold, actual, hold.debit_key, metrics, also)
@@ -443,7 +447,7 @@ class Lifecycle:
         loop = asyncio.get_running_loop()
         backlog = self._backlogs.get(loop)
         if backlog is None:
-            backlog = self._backlogs[loop] = _Backlog(self)
+            backlog = self._backlogs[loop] = _Backlog(self, loop)
         return backlog
 
     def stop_heartbeat(self, hold: Hold) -> None:
@@ -554,56 +558,93 @@ class _Backlog:
     """Settles the ledger could not take after their retries, on one event loop: tried again oldest first, until
     the ledger takes them, by one task that backs off to `backlog_wait_s` and is woken by `nudge`. An attempt is
     safe to repeat (a commit's key, a debit's key per hold), so one that reached the ledger before its answer
-    was lost is charged once."""
+    was lost is charged once. Drained, it lets go of its loop; cancelled (its loop closing: `SyncLedger.close`,
+    the end of `asyncio.run`), it tries what it holds once more, for up to `_LAST_TRY_S`, and counts the rest
+    as given up."""
 
-    def __init__(self, lifecycle: Lifecycle) -> None:
+    def __init__(self, lifecycle: Lifecycle, loop: asyncio.AbstractEventLoop) -> None:
         self._life = lifecycle
+        self._loop = loop
         self.items: collections.deque[_Kept] = collections.deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     def keep(self, what: str, label: str, attempt: Callable[[], Awaitable[object]], actual: Amount | None) -> None:
         life = self._life
+        if life.backlog_max <= 0:  # keeping nothing: given up at once, as the TTL's last resort
+            self._give_up([_Kept(what, label, attempt, actual)], "no settle may wait for the ledger")
+            return
         while len(self.items) >= life.backlog_max:
-            lost = self.items.popleft()
-            life.counters["settle_dropped"] += 1
-            life.log.error("cycles: too many settles wait for the ledger; %s of %s given up", lost.what, lost.label)
+            self._give_up([self.items.popleft()], "too many settles wait for the ledger")
+            life.counters["settle_backlog"] -= 1
         self.items.append(_Kept(what, label, attempt, actual))
-        life.counters["settle_backlog"] = len(self.items)
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="cycles-settle-backlog")
+        life.counters["settle_backlog"] += 1  # summed over every loop's backlog
+        self._start()
 
     def nudge(self) -> None:
         self._wake.set()
+        self._start()
+
+    def _start(self) -> None:
+        if self.items and (self._task is None or self._task.done()):
+            self._task = self._loop.create_task(self._run(), name="cycles-settle-backlog")
+
+    def _give_up(self, lost: Sequence[_Kept], why: str) -> None:
+        for kept in lost:
+            self._life.counters["settle_dropped"] += 1
+            self._life.log.error("cycles: %s; %s of %s given up", why, kept.what, kept.label)
 
     async def _run(self) -> None:
         life = self._life
-        wait = life.backoff_s
-        while self.items:
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait * random.uniform(0.5, 1.5)):
-                    await self._wake.wait()
-            wait = min(wait * 2, life.backlog_wait_s)
+        try:
+            wait = life.backoff_s
             while self.items:
-                kept = self.items[0]
-                try:
-                    await kept.attempt()
-                except StoreUnavailableError:
-                    break  # still away: wait, then try the oldest again
-                except CyclesError as exc:
-                    if kept.what == "settle":
-                        life._settle_refused(kept.label, kept.actual, exc)
-                    else:
-                        life.log.error("cycles: release of %s refused (%s): %s", kept.label, exc.code, exc.message)
-                except Exception:  # one kept settle's surprise must not keep the others waiting
-                    life.log.exception("cycles: %s of %s failed", kept.what, kept.label)
-                else:
-                    life.counters["settle_recovered"] += 1
-                    life.log.info("cycles: %s of %s done, the ledger answering again", kept.what, kept.label)
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait * random.uniform(0.5, 1.5)):
+                        await self._wake.wait()
+                wait = life.backoff_s if self._wake.is_set() else min(wait * 2, life.backlog_wait_s)
+                if await self._try_all():
                     wait = life.backoff_s
-                self.items.popleft()
-                life.counters["settle_backlog"] = len(self.items)
+        except asyncio.CancelledError:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_LAST_TRY_S):
+                    await self._try_all()
+            left = list(self.items)
+            self.items.clear()
+            life.counters["settle_backlog"] -= len(left)
+            self._give_up(left, "the event loop is closing")
+            raise
+        finally:
+            if not self.items and life._backlogs.get(self._loop) is self:
+                del life._backlogs[self._loop]  # drained: nothing keeps the loop alive
+
+    async def _try_all(self) -> bool:
+        """Try the kept settles oldest first until the ledger is still away; True if any was made."""
+        life, made = self._life, False
+        while self.items:
+            kept = self.items[0]
+            try:
+                await kept.attempt()
+            except StoreUnavailableError:
+                return made  # still away: wait, then try the oldest again
+            except CyclesError as exc:
+                if kept.what == "settle":
+                    life._settle_refused(kept.label, kept.actual, exc)
+                else:
+                    life.log.error("cycles: release of %s refused (%s): %s", kept.label, exc.code, exc.message)
+            except Exception:  # one kept settle's surprise must not keep the others waiting
+                life.log.exception("cycles: %s of %s failed", kept.what, kept.label)
+            else:
+                made = True
+                life.counters["settle_recovered"] += 1
+                life.log.info("cycles: %s of %s done, the ledger answering again", kept.what, kept.label)
+            self.items.popleft()
+            life.counters["settle_backlog"] -= 1
+        return made
+
+
+_LAST_TRY_S = 2.0  # what a closing loop gives its kept settles
 
 
 def _twin(

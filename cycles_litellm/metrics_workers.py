@@ -26,7 +26,11 @@ __all__ = ["WorkerMetrics", "for_collector", "workers_share_metrics"]
 log = logging.getLogger("cycles_litellm.metrics")
 
 # how the gauges of several workers combine (prometheus_client's multiprocess modes); the rest: most recent
-_GAUGE_MODES = {"cycles_ledger_up": "livemin", "cycles_sweeper_lag_seconds": "livemin"}
+_GAUGE_MODES = {
+    "cycles_ledger_up": "livemin",
+    "cycles_sweeper_lag_seconds": "livemin",
+    "cycles_settle_backlog": "livesum",  # each worker's own backlog, written every round (the ledger may be away)
+}
 
 
 def workers_share_metrics() -> bool:

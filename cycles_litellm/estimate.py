@@ -681,9 +681,11 @@ def estimate_call(group: str, data: Mapping[str, Any], kind: str, settings: Sett
         if model not in tokens_by_model:
             tokens_by_model[model] = _input_tokens(model, data, kind) + (_UNSIZED_TOKENS if cached else 0)
         est = _token_estimate(priced, price, _within_window(priced, tokens_by_model[model]), data, kind)
-        fee = _grounding_fee(priced, tools) if tools.grounded or tools.maps else 0
-        if tools.searches and not (fee and tools.searches == 1 and data.get("web_search_options") is not None):
-            fee += tools.searches * _search_fee(priced)  # (Gemini: web_search_options is its grounding)
+        if _is_gemini(priced):  # every web search form reaches Gemini as its grounding (max_uses dropped)
+            grounded = tools.grounded or tools.searches > 0
+            fee = _grounding_fee(priced, grounded, tools.maps) if grounded or tools.maps else 0
+        else:
+            fee = tools.searches * _search_fee(priced)
         if fee:
             est = _with_fee(est, fee)
         if best is None or est.amount > best.amount:
@@ -719,34 +721,48 @@ class ServerTools:
     """What a request's provider-run tools may bill beyond its tokens."""
 
     server: bool = False  # the provider runs tools itself: what they fetch is billed as input
-    searches: int = 0  # web searches billed per search (OpenAI, Anthropic)
+    searches: int = 0  # web searches billed per search (OpenAI, Anthropic; on Gemini: its grounding)
     grounded: bool = False  # Gemini grounding with Google Search
     maps: bool = False  # Gemini grounding with Google Maps
 
 
 _NO_SERVER_TOOLS = ServerTools()
+# Grounding with Google Search or Maps: LiteLLM bills its fee and not what the search retrieved (it leaves Gemini's
+# tool-use prompt tokens out then), so these alone do not hold the input window; url_context does (its pages are
+# billed as input), as do code execution and computer use.
+_GROUNDING_ONLY = frozenset(_GEMINI_SEARCH_TOOLS - {"url_context", "urlContext"}) | _GEMINI_MAPS_TOOLS
+
+
+def _is_web_search(tool: Mapping[str, Any], kind: str) -> bool:
+    """A web search tool as LiteLLM tells one: typed `web_search…` (OpenAI, Anthropic), or on /v1/messages
+    Anthropic's legacy form, named `web_search` without an input schema."""
+    if str(tool.get("type") or "").startswith("web_search"):
+        return True
+    return kind == "messages" and tool.get("name") == "web_search" and "input_schema" not in tool
 
 
 def server_tools(data: Mapping[str, Any], kind: str = "chat") -> ServerTools:
-    """The provider-run tools of a request and how many web searches it may bill. A web search tool must be
-    bounded: `max_uses` on the tool (Anthropic), `max_tool_calls` (/v1/responses); chat's `web_search_options`
-    is one search a request (on Gemini: its grounding). An unbounded one is refused: its fees could not be held."""
-    tools = data.get("tools")
-    listed = [t for t in tools if isinstance(t, dict)] if isinstance(tools, list) else []
+    """The provider-run tools of a request (in `tools`, or the older `functions`, which LiteLLM maps the same way)
+    and how many web searches it may bill. A web search tool must be bounded: `max_uses` on the tool (Anthropic),
+    `max_tool_calls` (/v1/responses); chat's `web_search_options` is one search a request (on Gemini, every form
+    is its grounding). An unbounded one is refused: its fees could not be held."""
+    listed = [
+        t for key in ("tools", "functions") if isinstance(v := data.get(key), list) for t in v if isinstance(t, dict)
+    ]
     kinds = [str(t.get("type") or "") for t in listed]
-    named = {str(k) for t in listed for k in t}
-    grounded = bool(named & _GEMINI_SEARCH_TOOLS) or data.get("web_search_options") is not None
+    named = {k for t in listed for k in t if isinstance(k, str)}
+    grounded = bool(named & _GEMINI_SEARCH_TOOLS)
     maps = bool(named & _GEMINI_MAPS_TOOLS)
     server = (
         any(k.startswith(_SERVER_TOOL_TYPES) for k in kinds)
-        or bool(named & _GEMINI_SERVER_TOOLS)
+        or bool(named & (_GEMINI_SERVER_TOOLS - _GROUNDING_ONLY))
         or bool(data.get("mcp_servers"))
     )
     searches = 1 if data.get("web_search_options") is not None else 0
     # only /v1/responses has max_tool_calls: elsewhere a provider may ignore it, so it bounds nothing
     bound = _positive_int(data.get("max_tool_calls")) if kind == "responses" else None
     for tool in listed:
-        if str(tool.get("type") or "").startswith("web_search"):
+        if _is_web_search(tool, kind):
             uses = _positive_int(tool.get("max_uses")) or bound
             if uses is None:
                 raise RequestInvalid(
@@ -755,24 +771,27 @@ def server_tools(data: Mapping[str, Any], kind: str = "chat") -> ServerTools:
                 )
             searches += uses
     searches = min(searches, bound) if bound and searches else searches
-    return ServerTools(server or searches > 0 or grounded or maps, searches, grounded, maps)
+    return ServerTools(server or searches > 0, searches, grounded, maps)
 
 
-def _grounding_fee(priced: str, tools: ServerTools) -> int:
-    """USD_MICROCENTS of Gemini's grounding on `priced` (0 for a model LiteLLM does not bill it on): one fee per
-    grounded prompt, or per query (held at GROUNDING_QUERIES_HELD) where the map says `per_query`."""
+def _is_gemini(priced: str) -> bool:
+    """A model LiteLLM prices grounding on: Gemini at Google AI Studio or Vertex (Claude on Vertex is Anthropic's)."""
+    provider = str(model_info(priced).get("litellm_provider") or priced.partition("/")[0])
+    return (provider == "gemini" or provider.startswith("vertex_ai")) and "claude" not in priced.lower()
+
+
+def _grounding_fee(priced: str, search: bool, maps: bool) -> int:
+    """USD_MICROCENTS of Gemini's grounding on `priced`: one fee per grounded prompt, or per query (held at
+    GROUNDING_QUERIES_HELD) where the map bills per query (LiteLLM: any unit but `per_prompt`)."""
     info = model_info(priced)
-    provider = str(info.get("litellm_provider") or priced.partition("/")[0])
-    if not (provider == "gemini" or provider.startswith("vertex_ai")) or "claude" in priced.lower():
-        return 0
-    per_query = info.get("web_search_billing_unit") == "per_query"
+    per_query = (info.get("web_search_billing_unit") or "per_prompt") != "per_prompt"
     times = GROUNDING_QUERIES_HELD if per_query else 1
     usd = Decimal(0)
-    if tools.grounded:
+    if search:
         fees = info.get("search_context_cost_per_query")
         medium = fees.get("search_context_size_medium") if isinstance(fees, Mapping) else None
         usd += times * (Decimal(str(medium)) if isinstance(medium, int | float) else _GROUNDING_SEARCH_USD)
-    if tools.maps:
+    if maps:
         configured = info.get("google_maps_grounding_cost_per_query")
         each = configured if isinstance(configured, int | float) else None
         usd += times * (

@@ -397,14 +397,17 @@ def test_gemini_grounding_holds_what_litellm_bills(model: str, queries: int, gro
     """Gemini's own tools are keyed by name (`{"googleSearch": {}}`), and chat's `web_search_options` becomes
     that tool. Grounding with Google Search bills $0.035 a grounded prompt on Gemini 2.x however many queries
     ran, and per query on 3.x (`web_search_billing_unit: per_query`, held at GROUNDING_QUERIES_HELD): the hold
-    covers what LiteLLM charges an answer with that many queries, and the search results read as input. Before,
-    the tool was not recognised and the hold was the prompt's alone, 1/1,000 of one fee on gemini-2.5-flash."""
+    covers what LiteLLM charges an answer with that many queries (LiteLLM bills the fee, not what the search
+    read; `web_search_options` still holds the input window, as on any model). Before, the tool was not
+    recognised and the hold was the prompt's alone, 1/1,000 of one fee on gemini-2.5-flash."""
     req = {"model": model, "messages": MSGS, "max_tokens": 100}
     est = estimate_call(model, {**req, **grounding}, "chat", Settings())
     assert queries <= GROUNDING_QUERIES_HELD or "3-" not in model
     assert est.amount >= _gemini_billed(model, est.input_tokens, 100, searches=queries)
-    assert est.input_tokens == _window(model)
-    assert estimate_call(model, req, "chat", Settings()).amount * 10 < _gemini_billed(model, 10, 100, searches=1)
+    plain = estimate_call(model, req, "chat", Settings())
+    assert plain.amount * 10 < _gemini_billed(model, 10, 100, searches=1)
+    if "tools" in grounding:
+        assert est.input_tokens < 100  # the prompt and the tool, not the window
 
 
 @pytest.mark.parametrize("model", ["gemini/gemini-2.5-flash", "vertex_ai/gemini-3-flash-preview"])
@@ -421,10 +424,9 @@ def test_gemini_maps_grounding_holds_what_litellm_bills(model: str) -> None:
 
 
 def test_grounding_fees_are_gemini_s_alone() -> None:
-    """A tool keyed `googleSearch` on an OpenAI or a Claude model is no Gemini grounding: no grounding fee (the
-    call still holds the input window, as for any tool the provider might run)."""
+    """A tool keyed `googleSearch` on an OpenAI or a Claude model is no Gemini grounding: no grounding fee, the
+    hold is the prompt's and the tool's (a grounding fee is 3,500,000 USD_MICROCENTS)."""
     for model in ("gpt-4o-mini", "claude-haiku-4-5"):
         req = {"model": model, "messages": MSGS, "max_tokens": 100}
         tool = estimate_call(model, {**req, "tools": [{"googleSearch": {}}]}, "chat", Settings())
-        window = estimate_call(model, {**req, "cached_content": "c"}, "chat", Settings())
-        assert tool.amount == window.amount
+        assert tool.input_tokens < 100 and tool.amount < 100_000

@@ -683,7 +683,7 @@ def estimate_call(group: str, data: Mapping[str, Any], kind: str, settings: Sett
         est = _token_estimate(priced, price, _within_window(priced, tokens_by_model[model]), data, kind)
         if _is_gemini(priced):  # every web search form reaches Gemini as its grounding (max_uses dropped)
             grounded = tools.grounded or tools.searches > 0
-            fee = _grounding_fee(priced, grounded, tools.maps) if grounded or tools.maps else 0
+            fee = _grounding_fee(priced, grounded, tools.maps, est.outputs) if grounded or tools.maps else 0
         else:
             fee = tools.searches * _search_fee(priced)
         if fee:
@@ -780,12 +780,13 @@ def _is_gemini(priced: str) -> bool:
     return (provider == "gemini" or provider.startswith("vertex_ai")) and "claude" not in priced.lower()
 
 
-def _grounding_fee(priced: str, search: bool, maps: bool) -> int:
-    """USD_MICROCENTS of Gemini's grounding on `priced`: one fee per grounded prompt, or per query (held at
-    GROUNDING_QUERIES_HELD) where the map bills per query (LiteLLM: any unit but `per_prompt`)."""
+def _grounding_fee(priced: str, search: bool, maps: bool, answers: int = 1) -> int:
+    """USD_MICROCENTS of Gemini's grounding on `priced`: one fee per grounded prompt, or per query where the map
+    bills per query (LiteLLM: any unit but `per_prompt`), held at GROUNDING_QUERIES_HELD for each of the
+    `answers` the request asks for (each candidate may search on its own)."""
     info = model_info(priced)
     per_query = (info.get("web_search_billing_unit") or "per_prompt") != "per_prompt"
-    times = GROUNDING_QUERIES_HELD if per_query else 1
+    times = GROUNDING_QUERIES_HELD * answers if per_query else 1
     usd = Decimal(0)
     if search:
         fees = info.get("search_context_cost_per_query")

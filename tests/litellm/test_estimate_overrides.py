@@ -430,3 +430,15 @@ def test_grounding_fees_are_gemini_s_alone() -> None:
         req = {"model": model, "messages": MSGS, "max_tokens": 100}
         tool = estimate_call(model, {**req, "tools": [{"googleSearch": {}}]}, "chat", Settings())
         assert tool.input_tokens < 100 and tool.amount < 100_000
+
+
+def test_gemini_3_grounding_is_held_for_every_answer() -> None:
+    """On Gemini 3 each of `n` candidates may run its own search queries, and LiteLLM bills every distinct one:
+    the hold is GROUNDING_QUERIES_HELD per answer (Gemini 2.x bills one fee per grounded prompt, whatever n)."""
+    for model, per_answer in (("vertex_ai/gemini-3-flash-preview", True), ("gemini/gemini-2.5-flash", False)):
+        req = {"model": model, "messages": MSGS, "max_tokens": 100, "tools": [{"googleSearch": {}}]}
+        three = estimate_call(model, {**req, "n": 3}, "chat", Settings())
+        queries = 3 * GROUNDING_QUERIES_HELD if per_answer else 1
+        assert three.amount >= _gemini_billed(model, three.input_tokens, 300, searches=queries)
+        if per_answer:
+            assert three.amount < _gemini_billed(model, three.input_tokens, 300, searches=queries + 1)

@@ -681,13 +681,13 @@ def estimate_call(group: str, data: Mapping[str, Any], kind: str, settings: Sett
         if model not in tokens_by_model:
             tokens_by_model[model] = _input_tokens(model, data, kind) + (_UNSIZED_TOKENS if cached else 0)
         est = _token_estimate(priced, price, _within_window(priced, tokens_by_model[model]), data, kind)
-        if _is_gemini(priced):  # every web search form reaches Gemini as its grounding (max_uses dropped)
-            grounded = tools.grounded or tools.searches > 0
-            fee = _grounding_fee(priced, grounded, tools.maps, est.outputs) if grounded or tools.maps else 0
-        else:
-            fee = tools.searches * _search_fee(priced)
-        if fee:
-            est = _with_fee(est, fee)
+        if tools.searches or tools.grounded or tools.maps:  # (the usual call: no lookup)
+            if _is_gemini(priced):  # every web search form reaches Gemini as its grounding (max_uses dropped)
+                grounded = tools.grounded or tools.searches > 0
+                fee = _grounding_fee(priced, grounded, tools.maps, est.outputs) if grounded or tools.maps else 0
+            else:
+                fee = tools.searches * _search_fee(priced)
+            est = _with_fee(est, fee) if fee else est
         if best is None or est.amount > best.amount:
             best = est
     assert best is not None
@@ -746,6 +746,10 @@ def server_tools(data: Mapping[str, Any], kind: str = "chat") -> ServerTools:
     and how many web searches it may bill. A web search tool must be bounded: `max_uses` on the tool (Anthropic),
     `max_tool_calls` (/v1/responses); chat's `web_search_options` is one search a request (on Gemini, every form
     is its grounding). An unbounded one is refused: its fees could not be held."""
+    if not (data.get("tools") or data.get("functions") or data.get("mcp_servers")) and (
+        data.get("web_search_options") is None
+    ):
+        return _NO_SERVER_TOOLS  # the usual call
     listed = [
         t for key in ("tools", "functions") if isinstance(v := data.get(key), list) for t in v if isinstance(t, dict)
     ]

@@ -214,7 +214,7 @@ class Lifecycle:
             metadata=metadata,
             also=also,
         )
-        backlog = self._backlogs.get(asyncio.get_running_loop())
+        backlog = self._backlogs.get(asyncio.get_running_loop()) if self._backlogs else None
         if backlog is not None and backlog.items:
             backlog.nudge()  # the ledger answers again: the settles kept for it go now
         if shadow:

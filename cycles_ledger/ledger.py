@@ -684,28 +684,27 @@ class Ledger:
         `newest`, the last `limit` events, newest first. `calls=False` leaves `call_id`, `model` and `route`
         as the event itself has them (a reservation's events then skip the read of their reservation): for
         readers that only add amounts up, such as a burn rate."""
-        if not isinstance(newest, bool) or not isinstance(calls, bool):
-            raise InvalidRequestError("newest and calls must be bools")
-        rows = await self.store.events(
-            after=_int(after, "after", 0, INT64_MAX),
-            limit=_int(limit, "limit", 1, 100_000),
-            reservation_id=reservation_id,
-            scope_prefix=None if scope is None else _scope(scope),
-            newest=newest,
-        )
+        if not isinstance(calls, bool):
+            raise InvalidRequestError("calls must be a bool")
+        rows = await self._event_rows(after, limit, newest, reservation_id, scope)
         return await self._with_calls(rows, join=calls)
 
     async def event_rows(self, *, after: int = 0, limit: int = 100, newest: bool = False) -> list[dict[str, Any]]:
         """`events` as the store keeps them: dicts of event_id, ts_ms, type, scope, unit (its name), amount,
         reservation_id, reason_code and data, with no call named and no model built, for readers of many
         events that only add amounts up (a burn rate read on the proxy's event loop)."""
+        return await self._event_rows(after, limit, newest)
+
+    async def _event_rows(
+        self, after: int, limit: int, newest: bool, reservation_id: str | None = None, scope: str | None = None
+    ) -> list[dict[str, Any]]:
         if not isinstance(newest, bool):
             raise InvalidRequestError("newest must be a bool")
         return await self.store.events(
             after=_int(after, "after", 0, INT64_MAX),
             limit=_int(limit, "limit", 1, 100_000),
-            reservation_id=None,
-            scope_prefix=None,
+            reservation_id=reservation_id,
+            scope_prefix=None if scope is None else _scope(scope),
             newest=newest,
         )
 

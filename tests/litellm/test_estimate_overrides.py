@@ -13,12 +13,13 @@ import httpx
 import litellm
 import pytest
 from litellm.proxy._types import ProxyException
-from litellm.types.utils import ModelResponse, PromptTokensDetailsWrapper, ServerToolUse, Usage
+from litellm.types.utils import ModelResponse, ServerToolUse, Usage
 from openai import AsyncOpenAI
 
 from cycles_ledger import open_ledger
 from cycles_litellm import CyclesCallback, Settings
 from cycles_litellm.estimate import GROUNDING_QUERIES_HELD, RequestInvalid, estimate_call, image_tokens
+from tests.support.litellm_costs import gemini_billed
 
 MSGS = [{"role": "user", "content": "hi"}]
 _USD = 10**8  # USD_MICROCENTS per dollar
@@ -365,24 +366,6 @@ def test_patch_priced_gpt5_small_models_hold_their_image_cost(model: str, at_lea
     assert image_tokens(model) >= at_least
 
 
-def _gemini_billed(model: str, prompt: int, completion: int, searches: int = 0, maps: int = 0) -> int:
-    """What LiteLLM's cost calculator charges a Gemini answer grounded with `searches` Google Search queries and
-    `maps` Google Maps queries (the counts Gemini reports in its usage)."""
-    details = PromptTokensDetailsWrapper(
-        web_search_requests=searches or None, google_maps_grounding_requests=maps or None
-    )
-    usage = Usage(
-        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-        prompt_tokens_details=details,
-    )  # fmt: skip
-    answer = ModelResponse(
-        model=model,
-        usage=usage,
-        choices=[{"index": 0, "message": {"role": "assistant", "content": "x"}, "finish_reason": "stop"}],
-    )
-    return _microcents(litellm.completion_cost(completion_response=answer, model=model))
-
-
 @pytest.mark.parametrize(
     ("model", "queries"),
     [("gemini/gemini-2.5-flash", 25), ("vertex_ai/gemini-2.5-pro", 3), ("vertex_ai/gemini-3-flash-preview", 10)],
@@ -403,9 +386,9 @@ def test_gemini_grounding_holds_what_litellm_bills(model: str, queries: int, gro
     req = {"model": model, "messages": MSGS, "max_tokens": 100}
     est = estimate_call(model, {**req, **grounding}, "chat", Settings())
     assert queries <= GROUNDING_QUERIES_HELD or "3-" not in model
-    assert est.amount >= _gemini_billed(model, est.input_tokens, 100, searches=queries)
+    assert est.amount >= gemini_billed(model, est.input_tokens, 100, searches=queries)
     plain = estimate_call(model, req, "chat", Settings())
-    assert plain.amount * 10 < _gemini_billed(model, 10, 100, searches=1)
+    assert plain.amount * 10 < gemini_billed(model, 10, 100, searches=1)
     if "tools" in grounding:
         assert est.input_tokens < 100  # the prompt and the tool, not the window
 
@@ -417,9 +400,9 @@ def test_gemini_maps_grounding_holds_what_litellm_bills(model: str) -> None:
     both fees are held."""
     req = {"model": model, "messages": MSGS, "max_tokens": 100}
     maps = estimate_call(model, {**req, "tools": [{"googleMaps": {}}]}, "chat", Settings())
-    assert maps.amount >= _gemini_billed(model, maps.input_tokens, 100, maps=GROUNDING_QUERIES_HELD)
+    assert maps.amount >= gemini_billed(model, maps.input_tokens, 100, maps=GROUNDING_QUERIES_HELD)
     both = estimate_call(model, {**req, "tools": [{"googleMaps": {}}, {"googleSearch": {}}]}, "chat", Settings())
-    billed = _gemini_billed(model, both.input_tokens, 100, searches=GROUNDING_QUERIES_HELD, maps=GROUNDING_QUERIES_HELD)
+    billed = gemini_billed(model, both.input_tokens, 100, searches=GROUNDING_QUERIES_HELD, maps=GROUNDING_QUERIES_HELD)
     assert both.amount >= billed > maps.amount
 
 
@@ -439,6 +422,6 @@ def test_gemini_3_grounding_is_held_for_every_answer() -> None:
         req = {"model": model, "messages": MSGS, "max_tokens": 100, "tools": [{"googleSearch": {}}]}
         three = estimate_call(model, {**req, "n": 3}, "chat", Settings())
         queries = 3 * GROUNDING_QUERIES_HELD if per_answer else 1
-        assert three.amount >= _gemini_billed(model, three.input_tokens, 300, searches=queries)
+        assert three.amount >= gemini_billed(model, three.input_tokens, 300, searches=queries)
         if per_answer:
-            assert three.amount < _gemini_billed(model, three.input_tokens, 300, searches=queries + 1)
+            assert three.amount < gemini_billed(model, three.input_tokens, 300, searches=queries + 1)

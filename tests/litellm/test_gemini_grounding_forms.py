@@ -18,31 +18,14 @@ import litellm
 import pytest
 from litellm.llms.anthropic.pass_through.adapters.transformation import LiteLLMAnthropicMessagesAdapter
 from litellm.responses.litellm_completion_transformation.transformation import LiteLLMCompletionResponsesConfig
-from litellm.types.utils import ModelResponse, PromptTokensDetailsWrapper, Usage
 
 from cycles_litellm import Settings
 from cycles_litellm.estimate import GROUNDING_QUERIES_HELD, RequestInvalid, estimate_call
+from tests.support.litellm_costs import gemini_billed
 
 MSGS = [{"role": "user", "content": "hi"}]
 GEMINI_3 = "gemini/gemini-3-flash-preview"  # web_search_billing_unit: per_query
 GEMINI_25 = "gemini/gemini-2.5-flash"  # per grounded prompt
-
-
-def _billed(model: str, prompt: int, completion: int, searches: int = 0, maps: int = 0) -> int:
-    """USD_MICROCENTS LiteLLM's cost calculator charges a Gemini answer grounded with that many queries."""
-    details = PromptTokensDetailsWrapper(
-        web_search_requests=searches or None, google_maps_grounding_requests=maps or None
-    )
-    usage = Usage(
-        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-        prompt_tokens_details=details,
-    )  # fmt: skip
-    answer = ModelResponse(
-        model=model,
-        usage=usage,
-        choices=[{"index": 0, "message": {"role": "assistant", "content": "x"}, "finish_reason": "stop"}],
-    )
-    return int(litellm.completion_cost(completion_response=answer, model=model) * 10**8)
 
 
 def _gemini_tools(model: str, **params: Any) -> list[dict[str, Any]]:
@@ -113,7 +96,7 @@ def test_web_search_tools_sent_to_gemini_hold_its_grounding(form: Any, kind: str
     search prices."""
     req = form(model)
     est = estimate_call(model, {"model": model, **req}, kind, Settings())
-    assert est.amount >= _billed(model, est.input_tokens, 100, searches=_queries(model))
+    assert est.amount >= gemini_billed(model, est.input_tokens, 100, searches=_queries(model))
 
 
 # --- 2. the legacy `functions` parameter ---------------------------------------------------------------------------
@@ -128,7 +111,7 @@ def test_gemini_tools_in_functions_are_grounding(model: str) -> None:
     assert _gemini_tools(model, functions=functions) == [{"googleSearch": {}}]
     req = {"model": model, "messages": MSGS, "max_tokens": 100, "functions": functions}
     est = estimate_call(model, req, "chat", Settings())
-    assert est.amount >= _billed(model, est.input_tokens, 100, searches=_queries(model))
+    assert est.amount >= gemini_billed(model, est.input_tokens, 100, searches=_queries(model))
 
 
 # --- 3. /v1/messages: the legacy web search tool named `web_search` ------------------------------------------------
@@ -148,7 +131,7 @@ def test_messages_tool_named_web_search_is_grounding(model: str) -> None:
         estimate_call(model, req, "messages", Settings())
     bounded = {**req, "tools": [{"name": "web_search", "max_uses": 1}]}
     est = estimate_call(model, bounded, "messages", Settings())
-    assert est.amount >= _billed(model, est.input_tokens, 100, searches=_queries(model))
+    assert est.amount >= gemini_billed(model, est.input_tokens, 100, searches=_queries(model))
 
 
 # --- 4. grounding on a Gemini model without a known window -------------------------------------------
@@ -165,4 +148,4 @@ def test_grounding_on_a_gemini_model_without_a_known_window_is_priced_not_refuse
     req = {"model": model, "messages": MSGS, "max_tokens": 100, "tools": [tool]}
     est = estimate_call(model, req, "chat", Settings())
     maps = 1 if "googleMaps" in tool else 0
-    assert est.amount >= _billed(model, est.input_tokens, 100, searches=1 - maps, maps=maps)
+    assert est.amount >= gemini_billed(model, est.input_tokens, 100, searches=1 - maps, maps=maps)
